@@ -1,0 +1,335 @@
+"""Run configuration: one dataclass per concern, validated at construction.
+
+A run is described by a TOML file whose tables are named after the fields of `RunConfig`
+(`[model]`, `[parallel]`, `[loss]`, ...). `--set loss.method=sft` style overrides are applied on
+top; values are parsed as TOML literals (so `--set train.lr=1e-4`, `--set model.tie_embeddings=true`,
+`--set rollout.stop=["\\n"]`), falling back to a plain string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft")
+KL_METHODS = ("sft_kl", "asft")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 172
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA: number of KV heads; None = MHA
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // heads
+    vocab_size: int = 256
+    max_position_embeddings: int = 512
+    seq_length: int = 128
+    norm_epsilon: float = 1e-6
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # HF-style, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    tie_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    transformer_impl: str = "auto"  # auto | local | te
+    fp8: Optional[str] = None  # None | "hybrid" | "e4m3"
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
+            _check(getattr(self, name) > 0, f"model.{name} must be > 0")
+        groups = self.num_query_groups or self.num_attention_heads
+        _check(self.num_attention_heads % groups == 0,
+               f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+               f"model.num_query_groups ({groups})")
+        if self.kv_channels is None:
+            _check(self.hidden_size % self.num_attention_heads == 0,
+                   "model.hidden_size must be divisible by num_attention_heads (or set kv_channels)")
+        _check(self.seq_length <= self.max_position_embeddings,
+               f"model.seq_length ({self.seq_length}) exceeds max_position_embeddings "
+               f"({self.max_position_embeddings})")
+        _one_of("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
+        _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "te"))
+        _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
+        _one_of("model.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _one_of("model.rope_scaling.rope_type", kind, ("llama3", "default"))
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        _one_of("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        _check(self.context_parallel_size == 1,
+               "parallel.context_parallel_size > 1 is not supported yet (the sequence-level ratio "
+               "needs a CP reduction)")
+
+
+@dataclass
+class LossConfig:
+    """The loss family of RASFT.md: per-token loss w_t · ℓ_t summed, normalised once globally."""
+
+    method: str = "rasft"
+    ratio: str = "sequence"  # sequence | token | none: granularity of the clipped π_ref/π_θ
+    ratio_min: float = 0.4
+    ratio_max: float = 1.2
+    ratio_log_clamp: float = 20.0  # |log ratio| is clamped before exp (ref)
+    token_factor: str = "dft"  # dft (φ_t = q_t) | none (φ_t = 1); used by `rasft`
+    kl_coef: float = 0.1  # λ for sft_kl / asft
+    profit_threshold: float = 0.1
+
+    def __post_init__(self):
+        _one_of("loss.method", self.method, LOSS_METHODS)
+        _one_of("loss.ratio", self.ratio, ("sequence", "token", "none"))
+        _one_of("loss.token_factor", self.token_factor, ("dft", "none"))
+        _check(0 < self.ratio_min <= self.ratio_max,
+               f"loss.ratio_min ({self.ratio_min}) must be > 0 and <= ratio_max ({self.ratio_max})")
+        _check(self.kl_coef >= 0, "loss.kl_coef must be >= 0")
+        _check(0 <= self.profit_threshold <= 1, "loss.profit_threshold must be in [0, 1]")
+
+    @property
+    def needs_ref_logp(self) -> bool:
+        return self.method == "rasft" and self.ratio != "none"
+
+    @property
+    def needs_ref_logits(self) -> bool:
+        return self.method in KL_METHODS
+
+
+@dataclass
+class WeightingConfig:
+    scheme: str = "linear"  # linear | reference | constant
+    a_max: float = 1.0
+    a_min: float = 0.2
+    beta: float = 0.5  # correct rollouts together weigh beta * p
+    p_min: float = 0.0  # add correct rollouts only when p >= p_min
+    smoothing: Optional[tuple] = None  # Beta(a, b) smoothing of p = (k + a) / (K + a + b)
+
+    def __post_init__(self):
+        _one_of("weighting.scheme", self.scheme, ("linear", "reference", "constant"))
+        _check(self.a_min <= self.a_max, "weighting.a_min must be ≤ a_max")
+        _check(self.a_min >= 0, "weighting.a_min must be >= 0")
+        _check(self.beta >= 0, "weighting.beta must be >= 0")
+        _check(0 <= self.p_min <= 1, "weighting.p_min must be in [0, 1]")
+        if self.smoothing is not None:
+            self.smoothing = tuple(self.smoothing)
+            _check(len(self.smoothing) == 2 and min(self.smoothing) >= 0,
+                   "weighting.smoothing must be two non-negative numbers (a, b)")
+
+
+@dataclass
+class RolloutConfig:
+    server_url: Optional[str] = None  # attach to an external server instead of starting one
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    num_samples: int = 4  # K
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    repetition_penalty: float = 1.0
+    stop: list = field(default_factory=list)
+    seed: int = 1234
+    concurrency: int = 8
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    max_model_len: Optional[int] = None
+    kv_cache_gib: float = 1.0
+    dtype: str = "auto"
+    startup_timeout_s: float = 300.0
+    selection: str = "all"  # all | reference (NLL band)
+    verifier: str = "math"  # math | code
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int = 2
+
+    def __post_init__(self):
+        _check(self.num_samples >= 1, "rollout.num_samples must be >= 1")
+        _check(self.temperature >= 0, "rollout.temperature must be >= 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
+        _check(self.max_tokens >= 1, "rollout.max_tokens must be >= 1")
+        _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
+        _one_of("rollout.selection", self.selection, ("all", "reference"))
+        _one_of("rollout.verifier", self.verifier, ("math", "code"))
+
+
+@dataclass
+class TrainConfig:
+    data_path: Optional[str] = None  # problems JSONL; None = synthetic tokens (smoke runs)
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    answer_field: str = "answer"
+    prompt_template: str = "chat"  # chat | reference | plain
+    overlong: str = "truncate"  # truncate | drop
+    train_iters: int = 10
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    refresh_interval: int = 0  # optimizer steps between rollout rounds; 0 = no rounds
+    log_interval: int = 1
+    run_dir: str = "runs/default"
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+
+    def __post_init__(self):
+        _check(self.train_iters >= 1, "train.train_iters must be >= 1")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               "train.global_batch_size must be a multiple of micro_batch_size")
+        _check(self.lr >= 0 and self.min_lr >= 0, "train.lr and train.min_lr must be >= 0")
+        _check(self.min_lr <= self.lr, "train.min_lr must be <= train.lr")
+        _one_of("train.prompt_template", self.prompt_template, ("chat", "reference", "plain"))
+        _one_of("train.overlong", self.overlong, ("truncate", "drop"))
+        _check(self.refresh_interval >= 0, "train.refresh_interval must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    load: Optional[str] = None  # Megatron dist checkpoint to start from (converted HF model)
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        _check(self.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list = field(default_factory=list)
+    data_dir: Optional[str] = None
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    prompt_template: str = "chat"
+
+    def __post_init__(self):
+        _check(self.n >= 1, "eval.n must be >= 1")
+        _one_of("eval.prompt_template", self.prompt_template, ("chat", "qwen25-math-cot", "plain"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def pretty(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"  {k} = {v!r}" for k, v in values.items()]
+        return "\n".join(lines)
+
+
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass `cls` from a dict, rejecting unknown keys by name."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(sections)}")
+    built = {}
+    for name, factory in sections.items():
+        cls = type(factory())
+        built[name] = _build(cls, dict(data.get(name, {})), name)
+    return RunConfig(**built)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.lower() in ("none", "null"):
+            return None
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) < 2:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from e
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data)

