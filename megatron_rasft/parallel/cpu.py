@@ -107,28 +107,35 @@ class _Stream:
 
 def _patch_torch_cuda() -> None:
     c = torch.cuda
-    noop = lambda *a, **k: None  # noqa: E731
-    zero = lambda *a, **k: 0  # noqa: E731
+
+    # torch._dynamo keeps a rule per torch.cuda function object: each name needs its own function.
+    def noop():
+        return lambda *a, **k: None
+
+    def zero():
+        return lambda *a, **k: 0
+
     c.current_device = lambda: 0
-    c.set_device = noop
-    c.synchronize = noop
-    c.empty_cache = noop
+    c.set_device = noop()
+    c.synchronize = noop()
+    c.empty_cache = noop()
     c.Stream = _Stream
     c.Event = _Stream
     c.current_stream = lambda *a, **k: _Stream()
     c.default_stream = lambda *a, **k: _Stream()
     c.stream = lambda *a, **k: contextlib.nullcontext()
-    c.nvtx = types.SimpleNamespace(range_push=noop, range_pop=noop, mark=noop,
+    c.nvtx = types.SimpleNamespace(range_push=noop(), range_pop=noop(), mark=noop(),
                                    range=lambda *a, **k: contextlib.nullcontext())
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-        setattr(c, name, zero)
-    c.reset_peak_memory_stats = noop
-    c.reset_max_memory_allocated = noop
+        setattr(c, name, zero())
+    c.reset_peak_memory_stats = noop()
+    c.reset_max_memory_allocated = noop()
     # The RNG tracker forks/restores "the CUDA generator"; the CPU generator plays that role.
     c.get_rng_state = lambda device="cuda": torch.get_rng_state()
     c.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    c.manual_seed = lambda seed: torch.manual_seed(seed)
-    c.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+    c.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    c.manual_seed_all = noop()
     c.random.get_rng_state = c.get_rng_state
     c.random.set_rng_state = c.set_rng_state
     c.random.manual_seed = c.manual_seed

@@ -1,0 +1,164 @@
+"""Our model config → Megatron-Core `TransformerConfig` + layer spec → `GPTModel`, in one place.
+
+Layer specs: `local` (pure Megatron-Core modules; what runs on CPU) or `te` (Transformer Engine;
+required for FP8). `transformer_impl = "auto"` picks `te` on a GPU with TE importable and `local`
+otherwise. Asking for FP8 or `te` where TE or CUDA is missing fails here, naming what is missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rasft.config import ModelConfig, ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_impl(mcfg: ModelConfig) -> str:
+    """Which layer spec to use; raises a clear error when `te`/FP8 cannot run here."""
+    impl = mcfg.transformer_impl
+    want_te = impl == "te" or mcfg.fp8 is not None
+    if impl == "auto" and not want_te:
+        return "te" if (torch.cuda.is_available() and te_available()) else "local"
+    if want_te:
+        missing = []
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+        if not te_available():
+            missing.append("Transformer Engine (pip install 'megatron_rasft[te]' on a CUDA host)")
+        if missing:
+            what = f"model.fp8 = {mcfg.fp8!r}" if mcfg.fp8 else "model.transformer_impl = 'te'"
+            raise RuntimeError(f"{what} needs " + " and ".join(missing) +
+                               "; use model.transformer_impl = 'local' and model.fp8 = none on CPU")
+        if impl == "local":
+            raise ValueError("model.fp8 needs the Transformer Engine layer spec: set "
+                             "model.transformer_impl = 'te' (or 'auto')")
+        return "te"
+    return impl
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Vocabulary rounded up so every tensor-parallel shard has the same, aligned size."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, bf16: bool = False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    impl = resolve_impl(mcfg)
+    params_dtype = torch.bfloat16 if bf16 else _DTYPES[mcfg.params_dtype]
+    fp8 = {}
+    if mcfg.fp8 is not None:
+        fp8 = dict(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe, fp8_amax_history_len=mcfg.fp8_amax_history_len,
+                   fp8_amax_compute_algo=mcfg.fp8_amax_compute_algo)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=mcfg.num_layers,
+        hidden_size=mcfg.hidden_size,
+        ffn_hidden_size=mcfg.ffn_hidden_size,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_query_groups=mcfg.num_query_groups or mcfg.num_attention_heads,
+        kv_channels=mcfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=mcfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=mcfg.add_qkv_bias,
+        qk_layernorm=mcfg.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=mcfg.init_method_std,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=pcfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pcfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=pcfg.context_parallel_size,
+        sequence_parallel=pcfg.sequence_parallel and pcfg.tensor_model_parallel_size > 1,
+        # The loss returns (Σ w·ℓ, Σ tokens); the schedule divides once by the global count.
+        calculate_per_token_loss=True,
+        # Fusions that need CUDA kernels (or Apex/TE) are off unless we are on a GPU with TE.
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu and impl == "te",
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=not on_gpu,
+        cross_entropy_loss_fusion=False,
+        **fp8,
+    )
+
+
+def layer_spec(mcfg: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if resolve_impl(mcfg) == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=mcfg.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+
+
+def _rope_kwargs(mcfg: ModelConfig) -> dict:
+    rs = mcfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind != "llama3":
+        return {}
+    return dict(rope_scaling=True, rope_scaling_factor=float(rs.get("factor", 8.0)))
+
+
+def _fix_llama3_rope(model, mcfg: ModelConfig) -> None:
+    """Megatron applies llama3 scaling with fixed low/high factors and context (1, 4, 8192);
+    recompute the inverse frequencies with the checkpoint's own values."""
+    rs = mcfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) != "llama3" or not hasattr(model, "rotary_pos_emb"):
+        return
+    rope = model.rotary_pos_emb
+    dim = rope.inv_freq.numel() * 2
+    base = 1.0 / (mcfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base, factor=float(rs.get("factor", 8.0)), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+
+
+def build_model(mcfg: ModelConfig, pcfg: ParallelConfig, *, pg_collection=None, vp_stage: Optional[int] = None,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, bf16: bool = False):
+    """Build this rank's `GPTModel` chunk (call after `init_distributed`)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tcfg = transformer_config(mcfg, pcfg, bf16=bf16)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(mcfg),
+        vocab_size=padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by,
+                                     pcfg.tensor_model_parallel_size),
+        max_sequence_length=mcfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # keep logits vocab-sharded: the loss is vocab-parallel
+        share_embeddings_and_output_weights=mcfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(mcfg.rotary_base),
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+        **_rope_kwargs(mcfg),
+    )
+    _fix_llama3_rope(model, mcfg)
+    return model

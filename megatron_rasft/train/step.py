@@ -1,0 +1,94 @@
+"""One optimizer step through Megatron-Core's pipeline schedules.
+
+Batch tensors, all `[b, s]` (b = micro-batch size, s = sequence length):
+  tokens, position_ids, labels, loss_mask, and optionally seq_id (packing), seq_weight (A_s),
+  ref_logp (reference log-prob of each label), attention_mask (`[b, 1, s, s]`, True = masked; packing).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BATCH_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "seq_id", "seq_weight", "ref_logp",
+              "attention_mask")
+
+
+def make_forward_step(loss_func: Callable, ref_model: Optional[torch.nn.Module] = None):
+    """`forward_step(data_iterator, model)` for `get_forward_backward_func`.
+
+    `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)` returns
+    `(loss_sum, num_tokens, report)`. `ref_model` (frozen, same TP layout, PP=1) supplies
+    `ref_logits` for the KL baselines in the same step.
+    """
+
+    def forward_step(data_iterator: Iterator, model: torch.nn.Module):
+        batch = next(data_iterator)
+        logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        ref_logits = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logits = ref_model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        return logits, partial(loss_func, batch["labels"], batch["loss_mask"], batch.get("seq_id"),
+                               batch.get("seq_weight"), batch.get("ref_logp"), ref_logits)
+
+    return forward_step
+
+
+def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, pg_collection=None):
+    """Wrap each model chunk in Megatron DDP (fp32 grad buffers, no overlap: simple and exact)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = []
+    for i, chunk in enumerate(model_chunks):
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_cfg, module=chunk,
+                                               disable_bucketing=i > 0, pg_collection=pg_collection))
+    return wrapped
+
+
+def attach_schedule_hooks(model_chunks: list) -> None:
+    """Tell the schedule how to finalize grads (DP all-reduce, tied-embedding sync, 1/num_tokens)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    for chunk in model_chunks:
+        cfg = chunk.config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.no_sync_func = [c.no_sync for c in model_chunks] if len(model_chunks) > 1 else model_chunks[0].no_sync
+        cfg.grad_sync_func = None
+        cfg.param_sync_func = None
+
+
+def forward_backward(model_chunks: list, forward_step: Callable, batches: list[dict], *,
+                     seq_length: int, forward_only: bool = False) -> list[dict]:
+    """Run all micro-batches of one global step on this rank; returns the per-micro-batch reports
+    (non-empty on the last pipeline stage only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    num_micro = len(batches)
+    mbs = batches[0]["tokens"].shape[0]
+    iters = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_micro,
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
+    """Sum `[value_sum, count]` report pairs over micro-batches (and `group`, e.g. DP), then divide."""
+    import torch.distributed as dist
+
+    if not reports:
+        return {}
+    keys = sorted(reports[0])
+    totals = torch.stack([sum(r[k].double() for r in reports) for k in keys])  # [n_keys, 2]
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    return {k: (totals[i, 0] / totals[i, 1]).item() if totals[i, 1] > 0 else 0.0 for i, k in enumerate(keys)}
