@@ -7,11 +7,13 @@ the caller; a run that exceeds `timeout_s` is killed and reported, so no test ca
 """
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -33,7 +35,11 @@ def _entry(fn, rank, world_size, port, args, results):
 
         cpu.enable()
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Serialise by value: tensors sent through a multiprocessing queue are shared-memory handles
+        # that die with this process.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -74,7 +80,7 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5)
