@@ -1,0 +1,174 @@
+"""The RASFT loss family (docs/loss.md) as one pure function returning sums.
+
+Legend: B = micro-batch rows, S = sequence length, v = local vocab shard (V = v · tp_size global),
+G = sequence buckets (B·S packed-sequence slots plus one for padding).
+
+Every method is Σ_t mask_t · w_t · ℓ_t (+ λ · Σ_t mask_t · A_t · KL_t) with a detached per-token
+coefficient w_t; gradients flow only through ℓ_t = −log π_θ(label) and KL_t. The coefficient is
+built by multiplying the mask by each active factor in turn, so a factor that is exactly 1.0
+leaves the result bit-identical to plain SFT.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import KL_METHODS, LossConfig
+from megatron_rasft.loss.kernels import tp_size, vocab_parallel_kl, vocab_parallel_logprob
+
+
+def _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg):
+    if not isinstance(cfg, LossConfig):
+        raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [batch, seq, vocab_shard], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    BS = tuple(logits.shape[:2])
+    named = dict(labels=labels, loss_mask=loss_mask, seq_id=seq_id, seq_weight=seq_weight, ref_logp=ref_logp)
+    for name, t in named.items():
+        if t is not None and tuple(t.shape) != BS:
+            raise ValueError(f"{name} must have shape {BS} (logits' [batch, seq]), got {tuple(t.shape)}")
+    for name in ("labels", "seq_id"):
+        t = named[name]
+        if t is not None and (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if ref_logits is not None and ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(ref_logits.shape)}")
+    if cfg.needs_ref_logp and ref_logp is None:
+        raise ValueError(f"ref_logp is required for loss.method={cfg.method!r} with "
+                         f"loss.ratio={cfg.ratio!r} (set loss.ratio='none' to train without it)")
+    if cfg.needs_ref_logits and ref_logits is None:
+        raise ValueError(f"ref_logits is required for loss.method={cfg.method!r} (full-vocab KL)")
+
+
+def _check_values(checks: list) -> None:
+    """Raise for the first failed (ok, message) pair; one host sync for all of them. Every input
+    checked is identical on all tensor-parallel ranks (logits only via all-reduced statistics), so
+    either every rank raises or none does: no rank is left waiting in a collective."""
+    flags = torch.stack([ok for ok, _ in checks]).tolist()
+    for flag, (_, msg) in zip(flags, checks):
+        if not flag:
+            raise ValueError(msg)
+
+
+def _segments(seq_id_BS: Optional[torch.Tensor], B: int, S: int, device) -> torch.Tensor:
+    """Flat bucket index `[B·S]` of each token's sequence: row·S + seq_id, padding → B·S."""
+    row_BS = torch.arange(B, device=device)[:, None] * S
+    if seq_id_BS is None:
+        return row_BS.expand(B, S).reshape(-1)
+    seg_BS = torch.where(seq_id_BS >= 0, row_BS + seq_id_BS.long(), torch.full_like(row_BS, B * S))
+    return seg_BS.reshape(-1)
+
+
+def _clipped_ratio(log_r: torch.Tensor, cfg: LossConfig):
+    """clip(exp(clamp(log_r, −C, C)), r_min, r_max) and whether the clip engaged."""
+    raw = log_r.clamp(-cfg.ratio_log_clamp, cfg.ratio_log_clamp).exp()
+    return raw.clamp(cfg.ratio_min, cfg.ratio_max), (raw < cfg.ratio_min) | (raw > cfg.ratio_max)
+
+
+def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq_weight=None,
+                 ref_logp=None, ref_logits=None, tp_group: Optional[dist.ProcessGroup] = None):
+    """Loss numerator, token count and metric sums for one micro-batch.
+
+    logits `[B, S, v]` (local vocab shard of rank r: ids [r·v, (r+1)·v)); labels, loss_mask,
+    seq_id (packed-sequence number within the row, −1 = padding; None = one sequence per row),
+    seq_weight (A_s per token), ref_logp (reference log-prob of the label) all `[B, S]`;
+    ref_logits like logits (KL methods only). Returns `(loss_sum, num_tokens, metrics)`:
+    loss_sum a 0-d fp32 tensor with grad, num_tokens = Σ loss_mask (0-d fp32), metrics a dict of
+    detached 0-d sums (docs/loss.md defines each).
+    """
+    _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg)
+    B, S, v = logits.shape
+    N = B * S
+    logp_N, ent_N = vocab_parallel_logprob(logits.reshape(N, v), labels.reshape(N), tp_group,
+                                           return_entropy=True)
+    uses_kl = cfg.method in KL_METHODS
+    kl_N = vocab_parallel_kl(logits.reshape(N, v), ref_logits.reshape(N, v), tp_group) if uses_kl else None
+
+    mask_N = loss_mask.reshape(N).to(torch.float32)
+    on_N = mask_N > 0
+    V = v * tp_size(tp_group)
+    lab_N = labels.reshape(N)
+    checks = [
+        ((((lab_N >= 0) & (lab_N < V)) | ~on_N).all(),
+         f"labels must lie in [0, {V}) (the global vocab) where loss_mask is set"),
+        (((mask_N == 0) | (mask_N == 1)).all(), "loss_mask must contain only 0 and 1"),
+        (torch.isfinite(logp_N).all() & torch.isfinite(ent_N).all(), "logits contain NaN or Inf"),
+    ]
+    if seq_id is not None:
+        sid_N = seq_id.reshape(N)
+        checks.append((((sid_N >= -1) & (sid_N < S)).all() & ((sid_N >= 0) | ~on_N).all(),
+                       f"seq_id must be in [0, {S}) for tokens with loss_mask set, or -1 for padding"))
+    if seq_weight is not None:
+        checks.append(((torch.isfinite(seq_weight.reshape(N)) | ~on_N).all(),
+                       "seq_weight must be finite where loss_mask is set"))
+    if ref_logp is not None and cfg.needs_ref_logp:
+        checks.append(((torch.isfinite(ref_logp.reshape(N)) | ~on_N).all(),
+                       "ref_logp must be finite where loss_mask is set"))
+    if uses_kl:
+        checks.append((torch.isfinite(kl_N).all(), "ref_logits contain NaN or Inf"))
+    _check_values(checks)
+
+    lp_N = logp_N.detach()
+    seg_N = _segments(seq_id, B, S, logits.device)
+    count_G = torch.zeros(N + 1, device=logits.device).index_add_(0, seg_N, mask_N)
+    metrics = {
+        "num_tokens": mask_N.sum(),
+        "num_seqs": (count_G[:N] > 0).sum().float(),
+        "nll_sum": -(mask_N * lp_N).sum(),
+        "entropy_sum": (mask_N * ent_N).sum(),
+    }
+
+    w_N = mask_N
+    if seq_weight is not None:
+        # where(): a NaN weight on a masked-out token must not leak into the sum.
+        sw_N = seq_weight.reshape(N).detach().float()
+        w_N = w_N * torch.where(on_N, sw_N, torch.zeros_like(sw_N))
+    a_N = w_N  # mask · A: the coefficient of the KL term
+    phi_N = None
+    if cfg.method in ("dft", "asft") or (cfg.method == "rasft" and cfg.token_factor == "dft"):
+        phi_N = lp_N.exp()  # sg(q_t)
+        w_N = w_N * phi_N
+    elif cfg.method == "profit":
+        keep_N = on_N & (lp_N.exp() > cfg.profit_threshold)
+        any_kept = keep_N.any()
+        # No qualifying token in the micro-batch: fall back to plain SFT on every loss token.
+        phi_N = torch.where(any_kept, keep_N, on_N).float()
+        w_N = w_N * phi_N
+        metrics["profit_kept"] = keep_N.sum().float()
+        metrics["profit_fallback"] = (~any_kept).float()
+    if cfg.method == "rasft":
+        metrics["token_factor_sum"] = mask_N.sum() if phi_N is None else (mask_N * phi_N).sum()
+    elif phi_N is not None:
+        metrics["token_factor_sum"] = (mask_N * phi_N).sum()
+    if cfg.needs_ref_logp:
+        diff_N = torch.where(on_N, ref_logp.reshape(N).detach().float() - lp_N, torch.zeros_like(lp_N))
+        if cfg.ratio == "sequence":
+            # Mean over the masked tokens of each sequence of log π_ref − log π_θ.
+            diff_G = torch.zeros(N + 1, device=logits.device).index_add_(0, seg_N, diff_N)
+            r_G, clip_G = _clipped_ratio(diff_G / count_G.clamp(min=1), cfg)
+            live_G = count_G > 0
+            live_G[N] = False
+            r_N = r_G[seg_N]
+            metrics["ratio_sum"] = (r_G * live_G).sum()
+            metrics["ratio_count"] = metrics["num_seqs"]
+            metrics["ratio_clipped"] = (clip_G & live_G).sum().float()
+        else:
+            r_N, clip_N = _clipped_ratio(diff_N, cfg)
+            metrics["ratio_sum"] = (mask_N * r_N).sum()
+            metrics["ratio_count"] = metrics["num_tokens"]
+            metrics["ratio_clipped"] = (clip_N & on_N).sum().float()
+        w_N = w_N * r_N
+
+    loss_sum = (w_N * -logp_N).sum()
+    metrics["weight_sum"] = w_N.sum()
+    if uses_kl:
+        kl_term = (a_N * kl_N).sum()
+        loss_sum = loss_sum + cfg.kl_coef * kl_term
+        metrics["kl_sum"] = (mask_N * kl_N.detach()).sum()
+    metrics = {k: t.detach() for k, t in metrics.items()}
+    return loss_sum, metrics["num_tokens"].clone(), metrics

@@ -1,0 +1,60 @@
+"""Megatron-Core `loss_func` for the loss family, for `calculate_per_token_loss=True`.
+
+Contract (megatron-core 0.16.1, `pipeline_parallel/schedules.py::forward_step_calc_loss`): the
+forward step returns `(logits, partial(loss_func, <batch tensors>))`; on the last pipeline stage
+the schedule calls `loss_func(logits)` and, for a 3-tuple `(loss, num_tokens, report)`, backprops
+`loss` as is (with `calculate_per_token_loss=True`; otherwise it divides it in place by
+`num_tokens`), accumulates `num_tokens` (an int tensor) over micro-batches, and
+`finalize_model_grads` all-reduces that count over data-parallel ranks and scales the gradients
+by its inverse. `report` is appended to the returned list of per-micro-batch dicts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import LossConfig
+from megatron_rasft.loss.family import compute_loss
+
+# report name → (numerator metric, denominator metric); only names whose numerator exists for
+# the configured method are reported.
+_REPORT = {
+    "nll": ("nll_sum", "num_tokens"),
+    "entropy": ("entropy_sum", "num_tokens"),
+    "weight": ("weight_sum", "num_tokens"),
+    "token_factor": ("token_factor_sum", "num_tokens"),
+    "ratio": ("ratio_sum", "ratio_count"),
+    "ratio_clip_frac": ("ratio_clipped", "ratio_count"),
+    "kl": ("kl_sum", "num_tokens"),
+    "profit_kept_frac": ("profit_kept", "num_tokens"),
+    "seqs_per_microbatch": ("num_seqs", None),
+}
+
+
+def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None):
+    """Return `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)`.
+
+    Bind the batch with `functools.partial(loss_func, labels, loss_mask, seq_id, seq_weight,
+    ref_logp, ref_logits)` (None for the unused ones) and return `(logits, that partial)` from
+    the forward step. The result is `(loss_sum, num_tokens, report)`: loss_sum a 0-d tensor with
+    grad, num_tokens a torch.int 0-d tensor, report name → detached `[value_sum, count]` fp32
+    tensors; sum them over micro-batches and data-parallel ranks, then divide.
+    """
+    if not isinstance(cfg, LossConfig):
+        raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+
+    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+        loss_sum, num_tokens, metrics = compute_loss(
+            logits, labels, loss_mask, cfg=cfg, seq_id=seq_id, seq_weight=seq_weight,
+            ref_logp=ref_logp, ref_logits=ref_logits, tp_group=tp_group)
+        one = torch.ones((), device=num_tokens.device)
+        # New storage (stack) for every report entry: the schedule works on its tensors in place.
+        report = {"loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}
+        for name, (num, den) in _REPORT.items():
+            if num in metrics:
+                report[name] = torch.stack([metrics[num].float(), metrics[den].float() if den else one])
+        return loss_sum, num_tokens.round().to(torch.int), report
+
+    return loss_func
