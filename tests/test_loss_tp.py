@@ -1,0 +1,121 @@
+"""Tensor-parallel exactness: two gloo ranks, each holding half of the vocabulary, give the loss and
+the gradient (shards concatenated) of the single-process full-vocab computation, for every method.
+
+All cases run in ONE spawned job (starting processes costs seconds).
+"""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import LOSS_METHODS, LossConfig
+from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl
+from megatron_rasft.testing.distributed import spawn
+
+B, S, V, TP = 2, 10, 16, 2
+
+
+def _batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, S, V, generator=g) * 2
+    ref_logits = logits + torch.randn(B, S, V, generator=g) * 1.5
+    labels = torch.randint(0, V, (B, S), generator=g)  # ids of both halves of the vocab
+    seq_id = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    loss_mask = ((seq_id >= 0) & (torch.rand(B, S, generator=g) > 0.25)).float()
+    labels[seq_id < 0] = -100
+    seq_weight = torch.rand(B, S, generator=g).gather(1, seq_id.clamp(min=0))
+    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
+    return dict(logits=logits, labels=labels, loss_mask=loss_mask, seq_id=seq_id, seq_weight=seq_weight,
+                ref_logp=ref_logp, ref_logits=ref_logits)
+
+
+def _cases():
+    cases = [LossConfig(method=m) for m in LOSS_METHODS if m != "rasft"]
+    cases += [LossConfig(method="rasft", ratio=r, token_factor=f)
+              for r, f in itertools.product(("sequence", "token", "none"), ("dft", "none"))]
+    return [(cfg, _batch(i)) for i, cfg in enumerate(cases)]
+
+
+def _run(batch, cfg, lo, hi, group):
+    """Loss, gradient w.r.t. the logits columns [lo, hi) and metrics on one (shard of the) vocab."""
+    logits = batch["logits"][..., lo:hi].clone().requires_grad_()
+    loss, n, metrics = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=cfg,
+                                    seq_id=batch["seq_id"], seq_weight=batch["seq_weight"],
+                                    ref_logp=batch["ref_logp"], ref_logits=batch["ref_logits"][..., lo:hi].clone(),
+                                    tp_group=group)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), n, grad, metrics
+
+
+def _worker(rank, world_size, cases):
+    dist.init_process_group("gloo")
+    group = dist.new_group(list(range(world_size)))
+    v = V // world_size
+    lo, hi = rank * v, (rank + 1) * v
+    out = {"cases": [_run(batch, cfg, lo, hi, group) for cfg, batch in cases]}
+    batch = cases[0][1]
+    x, y = batch["logits"].reshape(-1, V)[:, lo:hi], batch["ref_logits"].reshape(-1, V)[:, lo:hi]
+    xg = x.clone().requires_grad_()
+    kl = vocab_parallel_kl(xg, y, group)
+    (kl_grad,) = torch.autograd.grad((kl * torch.arange(kl.numel())).sum(), xg)
+    out["kl"], out["kl_grad"], out["entropy"] = kl.detach(), kl_grad, vocab_parallel_entropy(x, group)
+    # Bad input seen by one rank only must make BOTH ranks raise (no rank left in a collective).
+    errors = []
+    for bad in (dict(logits=batch["logits"].clone().index_fill_(-1, torch.tensor([V - 1]), float("nan"))),
+                dict(labels=batch["labels"].masked_fill(batch["loss_mask"] > 0, V))):
+        try:
+            _run(dict(batch, **bad), LossConfig(method="sft"), lo, hi, group)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    cases = _cases()
+    return cases, spawn(_worker, TP, cases, timeout_s=240)
+
+
+def test_every_method_matches_single_process(tp_results):
+    cases, ranks = tp_results
+    for i, (cfg, batch) in enumerate(cases):
+        loss1, n1, grad1, m1 = _run(batch, cfg, 0, V, None)
+        for rank, out in enumerate(ranks):
+            loss, n, grad, metrics = out["cases"][i]
+            assert loss.item() != 0
+            torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6, msg=f"{cfg} rank {rank}")
+            assert n.item() == n1.item()
+            assert set(metrics) == set(m1)
+            for name in m1:
+                torch.testing.assert_close(metrics[name], m1[name], rtol=1e-5, atol=1e-5,
+                                           msg=f"{cfg} metric {name}")
+        grad_tp = torch.cat([out["cases"][i][2] for out in ranks], dim=-1)
+        torch.testing.assert_close(grad_tp, grad1, rtol=1e-5, atol=1e-6, msg=str(cfg))
+
+
+def test_kl_and_entropy_kernels_match_full_vocab(tp_results):
+    cases, ranks = tp_results
+    batch = cases[0][1]
+    x = batch["logits"].reshape(-1, V).double().requires_grad_()
+    ref_lsm = torch.log_softmax(batch["ref_logits"].reshape(-1, V).double(), -1)
+    kl = (ref_lsm.exp() * (ref_lsm - torch.log_softmax(x, -1))).sum(-1)
+    (kl_grad,) = torch.autograd.grad((kl * torch.arange(kl.numel())).sum(), x)
+    lsm = torch.log_softmax(x.detach(), -1)
+    entropy = -(lsm.exp() * lsm).sum(-1)
+    for out in ranks:
+        torch.testing.assert_close(out["kl"], kl.detach().float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["entropy"], entropy.float(), rtol=1e-5, atol=1e-6)
+    grad_tp = torch.cat([out["kl_grad"] for out in ranks], dim=-1)
+    torch.testing.assert_close(grad_tp, kl_grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises_on_every_rank(tp_results):
+    _, ranks = tp_results
+    for out in ranks:
+        nan_error, label_error = out["errors"]
+        assert nan_error is not None and "logits contain NaN" in nan_error
+        assert label_error is not None and f"labels must lie in [0, {V})" in label_error
