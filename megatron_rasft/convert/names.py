@@ -1,0 +1,326 @@
+"""HF ⇄ Megatron-Core: config mapping, a declarative name map and small named transforms.
+
+Everything here is pure: configs are dicts/dataclasses, transforms are functions on tensors (they
+also run on `meta` tensors, which is how shapes are planned without touching any data).
+
+Megatron names are *global* parameter names of the local layer spec at TP = PP = 1
+(`decoder.layers.{i}.self_attention.linear_qkv.weight`, ...). The logical (TP=1) layouts:
+- `linear_qkv` rows grouped per KV group: `[q heads of g; k_g; v_g]` for g = 0..G-1
+  (HF q/k are used as they are: both sides use the same non-interleaved RoPE).
+- `linear_fc1` = `[gate; up]`.
+- embedding / output layer: the vocabulary padded with zero rows to `padded_vocab` (trimmed on export).
+Legend: H hidden, V vocab, Vp padded vocab, N query heads, G KV groups, D head dim, F ffn hidden.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megatron_rasft.config import ModelConfig
+
+# ---------------------------------------------------------------------------------------------
+# Config mapping
+# ---------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_SUPPORTED_ROPE = ("default", "llama3")
+
+
+def _rope(hf: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None) from either the transformers-4 keys (`rope_theta`,
+    `rope_scaling`) or the transformers-5 `rope_parameters` dict."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind not in _SUPPORTED_ROPE:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {_SUPPORTED_ROPE}); "
+                         "converting would silently change the positional encoding")
+    if kind == "default":
+        return theta, None
+    scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    scaling["rope_type"] = kind
+    return theta, scaling
+
+
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """Our `ModelConfig` from a Hugging Face `config.json` dict. Anything that would change the
+    maths and that Megatron's local spec does not implement is refused by name."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or [ARCHITECTURES.get(model_type, "?")]
+    if model_type not in ARCHITECTURES or archs[0] != ARCHITECTURES[model_type]:
+        raise ValueError(f"unsupported architecture {archs} (model_type {model_type!r}); "
+                         f"supported: {sorted(ARCHITECTURES.values())}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu': SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ValueError("mlp_bias = true is not supported (Megatron's MLP here has no biases)")
+    if hf.get("attention_bias") and model_type != "qwen2":
+        raise ValueError(f"attention_bias = true is not supported for {model_type} (it also biases "
+                         "o_proj, which the local spec does not have)")
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", model_type == "mistral") and window is not None
+    if uses_window and window < hf.get("max_position_embeddings", 0):
+        raise ValueError(f"sliding_window = {window} (< max_position_embeddings "
+                         f"{hf.get('max_position_embeddings')}) is not supported: Megatron's local "
+                         "spec attends to the whole causal context")
+    if "layer_types" in hf and any(t != "full_attention" for t in hf["layer_types"]):
+        raise ValueError(f"layer_types {sorted(set(hf['layer_types']))} are not supported "
+                         "(only full_attention)")
+    theta, scaling = _rope(hf)
+    heads = hf["num_attention_heads"]
+    max_pos = hf.get("max_position_embeddings", 4096)
+    values = dict(
+        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"], max_position_embeddings=max_pos, seq_length=min(max_pos, 4096),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), rotary_base=theta, rope_scaling=scaling,
+        add_qkv_bias=model_type == "qwen2", qk_layernorm=model_type == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def family_of(mcfg: ModelConfig) -> str:
+    """The HF family whose maths our config describes (Mistral and Llama are the same maths)."""
+    if mcfg.qk_layernorm:
+        if mcfg.add_qkv_bias:
+            raise ValueError("qk_layernorm together with add_qkv_bias matches no supported HF family")
+        return "qwen3"
+    return "qwen2" if mcfg.add_qkv_bias else "llama"
+
+
+def hf_config_from_model_config(mcfg: ModelConfig, base: Optional[dict] = None,
+                                dtype: Optional[str] = None) -> dict:
+    """A Hugging Face `config.json` dict for `mcfg`. With `base` (the source checkpoint's config)
+    every key is kept and the shape keys are checked against `mcfg`; otherwise one is built."""
+    family = family_of(mcfg)
+    theta_params = {"rope_theta": float(mcfg.rotary_base), **(mcfg.rope_scaling or {"rope_type": "default"})}
+    shape = dict(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.ffn_hidden_size,
+        num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_query_groups or mcfg.num_attention_heads,
+        head_dim=mcfg.kv_channels or mcfg.hidden_size // mcfg.num_attention_heads,
+        tie_word_embeddings=mcfg.tie_embeddings,
+    )
+    if base is not None:
+        out = copy.deepcopy(base)
+        back = model_config_from_hf(base)
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm",
+                     "tie_embeddings", "rope_scaling"):
+            if getattr(back, name) != getattr(mcfg, name):
+                raise ValueError(f"--hf-config-from: {name} = {getattr(back, name)!r} there, "
+                                 f"{getattr(mcfg, name)!r} in the Megatron checkpoint")
+    else:
+        out = dict(architectures=[ARCHITECTURES[family]], model_type=family, hidden_act="silu",
+                   max_position_embeddings=mcfg.max_position_embeddings, rms_norm_eps=mcfg.norm_epsilon,
+                   rope_theta=float(mcfg.rotary_base), rope_parameters=theta_params,
+                   use_cache=True, **shape)
+        if family != "qwen2":
+            out.update(attention_bias=False, mlp_bias=False)
+        if mcfg.rope_scaling:
+            out["rope_scaling"] = dict(mcfg.rope_scaling)
+        if family in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=False, sliding_window=None)
+    if dtype is not None:
+        out["torch_dtype"] = dtype
+        out["dtype"] = dtype
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Name map + transforms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapContext:
+    """What the transforms need beyond the tensors."""
+
+    mcfg: ModelConfig
+    padded_vocab: int
+
+    @property
+    def groups(self) -> int:
+        return self.mcfg.num_query_groups or self.mcfg.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.mcfg.kv_channels or self.mcfg.hidden_size // self.mcfg.num_attention_heads
+
+
+def _identity_in(ts, ctx):
+    return ts[0]
+
+
+def _identity_out(t, ctx):
+    return [t]
+
+
+def _pad_vocab(ts, ctx):
+    """[V, H] → [Vp, H] with zero rows (padding logits never win: rows are zero, and the
+    vocab-parallel loss only sees real labels)."""
+    t = ts[0]
+    if t.shape[0] > ctx.padded_vocab:
+        raise ValueError(f"vocabulary {t.shape[0]} exceeds the padded size {ctx.padded_vocab}")
+    if t.shape[0] == ctx.padded_vocab:
+        return t
+    return torch.cat([t, t.new_zeros((ctx.padded_vocab - t.shape[0],) + tuple(t.shape[1:]))], dim=0)
+
+
+def _trim_vocab(t, ctx):
+    return [t[: ctx.mcfg.vocab_size]]
+
+
+def _qkv_in(ts, ctx):
+    """q [N·D, ...], k [G·D, ...], v [G·D, ...] → [G·(N/G + 2)·D, ...] grouped per KV group."""
+    q, k, v = ts
+    g, d = ctx.groups, ctx.head_dim
+    rest = tuple(q.shape[1:])
+    q = q.reshape((g, -1, d) + rest)  # [G, N/G, D, ...]
+    k = k.reshape((g, 1, d) + rest)
+    v = v.reshape((g, 1, d) + rest)
+    return torch.cat([q, k, v], dim=1).reshape((-1,) + rest)
+
+
+def _qkv_out(t, ctx):
+    g, d = ctx.groups, ctx.head_dim
+    per_group = ctx.mcfg.num_attention_heads // g
+    rest = tuple(t.shape[1:])
+    t = t.reshape((g, per_group + 2, d) + rest)
+    q, k, v = t.split([per_group, 1, 1], dim=1)
+    return [x.reshape((-1,) + rest) for x in (q, k, v)]
+
+
+def _glu_in(ts, ctx):
+    return torch.cat(ts, dim=0)  # [gate; up]: [2F, H]
+
+
+def _glu_out(t, ctx):
+    return list(t.chunk(2, dim=0))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor ⇄ one or more HF tensors. `{i}` in names is the layer index."""
+
+    mcore: str
+    hf: tuple
+    to_mcore: Callable = _identity_in
+    to_hf: Callable = _identity_out
+    when: Callable[[ModelConfig], bool] = lambda m: True
+
+
+_L = "decoder.layers.{i}."
+_H = "model.layers.{i}."
+LAYER_RULES = (
+    Rule(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",)),
+    Rule(_L + "self_attention.linear_qkv.weight",
+         tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"), _qkv_in, _qkv_out),
+    Rule(_L + "self_attention.linear_qkv.bias",
+         tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"), _qkv_in, _qkv_out,
+         when=lambda m: m.add_qkv_bias),
+    Rule(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",),
+         when=lambda m: m.qk_layernorm),
+    Rule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",),
+         when=lambda m: m.qk_layernorm),
+    Rule(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",)),
+    Rule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",)),
+    Rule(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
+         _glu_in, _glu_out),
+    Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",)),
+)
+PRE_RULES = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _pad_vocab, _trim_vocab),)
+POST_RULES = (
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("output_layer.weight", ("lm_head.weight",), _pad_vocab, _trim_vocab,
+         when=lambda m: not m.tie_embeddings),
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A concrete rule: Megatron name, HF names, layer (None outside the decoder layers)."""
+
+    mcore: str
+    hf: tuple
+    layer: Optional[int]
+    rule: Rule
+
+    def to_mcore(self, hf_tensors: list, ctx: MapContext) -> torch.Tensor:
+        return self.rule.to_mcore(hf_tensors, ctx)
+
+    def to_hf(self, tensor: torch.Tensor, ctx: MapContext) -> dict:
+        return dict(zip(self.hf, self.rule.to_hf(tensor, ctx)))
+
+
+def entries(mcfg: ModelConfig, layers: Optional[list] = None, pre: bool = True, post: bool = True) -> list:
+    """Concrete entries in HF file order: embedding, layers (all, or `layers`), final norm, head."""
+    out = []
+    if pre:
+        out += [Entry(r.mcore, r.hf, None, r) for r in PRE_RULES if r.when(mcfg)]
+    for i in (range(mcfg.num_layers) if layers is None else layers):
+        out += [Entry(r.mcore.format(i=i), tuple(h.format(i=i) for h in r.hf), i, r)
+                for r in LAYER_RULES if r.when(mcfg)]
+    if post:
+        out += [Entry(r.mcore, r.hf, None, r) for r in POST_RULES if r.when(mcfg)]
+    return out
+
+
+def mcore_shapes(ctx: MapContext) -> dict:
+    """Global (TP=1) shape of every Megatron tensor, by name, from the config alone."""
+    m, g, d = ctx.mcfg, ctx.groups, ctx.head_dim
+    h, n, f = m.hidden_size, m.num_attention_heads, m.ffn_hidden_size
+    per_layer = {
+        "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": ((n + 2 * g) * d, h),
+        "self_attention.linear_qkv.bias": ((n + 2 * g) * d,), "self_attention.q_layernorm.weight": (d,),
+        "self_attention.k_layernorm.weight": (d,), "self_attention.linear_proj.weight": (h, n * d),
+        "pre_mlp_layernorm.weight": (h,), "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f),
+    }
+    out = {}
+    for e in entries(m):
+        if e.layer is None:
+            out[e.mcore] = (h,) if "layernorm" in e.mcore else (ctx.padded_vocab, h)
+        else:
+            out[e.mcore] = per_layer[e.mcore.split(f"layers.{e.layer}.", 1)[1]]
+    return out
+
+
+def hf_shapes(ctx: MapContext, entries_: list) -> dict:
+    """HF tensor shapes, derived by running the transforms on meta tensors."""
+    shapes = mcore_shapes(ctx)
+    out = {}
+    for e in entries_:
+        for name, t in e.to_hf(torch.empty(shapes[e.mcore], device="meta"), ctx).items():
+            out[name] = tuple(t.shape)
+    return out
+
+
+def validate_parallel(mcfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+    """Clear errors for layouts Megatron cannot build with this model."""
+    groups = mcfg.num_query_groups or mcfg.num_attention_heads
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+    if mcfg.num_attention_heads % tp:
+        raise ValueError(f"--tp {tp} does not divide num_attention_heads {mcfg.num_attention_heads}")
+    if groups % tp:
+        raise ValueError(f"--tp {tp} does not divide the number of KV heads (num_key_value_heads) {groups}")
+    if mcfg.ffn_hidden_size % tp:
+        raise ValueError(f"--tp {tp} does not divide intermediate_size {mcfg.ffn_hidden_size}")
+    stages = pp * (vpp or 1)
+    if mcfg.num_layers % stages:
+        raise ValueError(f"num_hidden_layers {mcfg.num_layers} is not divisible by --pp {pp}"
+                         + (f" × --vpp {vpp}" if vpp else ""))
