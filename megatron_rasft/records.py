@@ -1,0 +1,209 @@
+"""Typed, versioned JSONL records exchanged between stages (problems → rollouts → verdicts → weights).
+
+Every line is one JSON object with `schema_version` and `type` plus the dataclass fields. Readers
+are strict: a malformed line, an unknown `type`, a wrong version, a missing required field or an
+unknown field raises `RecordError` naming the file and line number. The single exception is a last
+line without its trailing newline — what a killed writer leaves behind — which readers ignore with
+a warning and `RecordWriter` truncates before appending, so a restarted stage never loses finished
+records and never crashes on the torn tail.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+SCHEMA_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A record file (or one of its lines) is not what the schema says."""
+
+
+@dataclass
+class Problem:
+    """A training problem. `tests` (code) is a dict: {"format": "humaneval", "test": str,
+    "entry_point": str} or {"format": "mbpp", "asserts": [str, ...], "setup": str (optional)}."""
+
+    id: str
+    prompt: str
+    response: str  # the expert demonstration
+    answer: Optional[str] = None  # math ground truth; None = last \boxed{} of `response`
+    tests: Optional[dict] = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    problem_id: str
+    round: int
+    sample_index: int
+    text: str
+    token_ids: list
+    logprobs: Optional[list] = None
+    seed: Optional[int] = None
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Verdict:
+    problem_id: str
+    round: int
+    sample_index: int
+    correct: bool
+    reason: str  # correct|wrong|no_answer|timeout|error (math); passed|failed_test|... (code)
+    extracted: Optional[str] = None
+
+
+@dataclass
+class ProblemVerdicts:
+    """All verdicts of one problem in one round, self-contained for the `weigh` stage: the expert
+    response and, in sampling order, each rollout's text with its verdict
+    (`{"sample_index", "text", "correct", "reason", "extracted"}`)."""
+
+    problem_id: str
+    round: int
+    expert_response: str
+    rollouts: list
+
+
+@dataclass
+class Weight:
+    problem_id: str
+    round: int
+    kind: str  # "expert" | "rollout"
+    sample_index: Optional[int]  # None for the expert demonstration
+    weight: float
+    p: float
+    k: int
+    K: int
+
+
+RECORD_TYPES = {"problem": Problem, "rollout": Rollout, "verdict": Verdict,
+                "verdicts": ProblemVerdicts, "weight": Weight}
+_TYPE_OF = {cls: name for name, cls in RECORD_TYPES.items()}
+
+
+def to_dict(record) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "type": _TYPE_OF[type(record)], **dataclasses.asdict(record)}
+
+
+def to_line(record) -> str:
+    return json.dumps(to_dict(record), ensure_ascii=False) + "\n"
+
+
+def from_dict(data: Any, where: str, expect: Optional[type] = None):
+    """Build a record from a parsed JSON object; `where` ("file:line") prefixes every error."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema_version must be {SCHEMA_VERSION}, got {version!r}")
+    kind = data.get("type")
+    cls = RECORD_TYPES.get(kind)
+    if cls is None:
+        raise RecordError(f"{where}: unknown record type {kind!r}; known: {', '.join(RECORD_TYPES)}")
+    if expect is not None and cls is not expect:
+        raise RecordError(f"{where}: expected a {_TYPE_OF[expect]!r} record, got {kind!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k not in ("schema_version", "type")}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RecordError(f"{where}: unknown field(s) for {kind!r}: {', '.join(unknown)}")
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecordError(f"{where}: {kind!r} record is missing required field(s): {', '.join(missing)}")
+    return cls(**values)
+
+
+def read_records(path: str | Path, expect: Optional[type] = None) -> Iterator:
+    """Yield the records of a JSONL file in order. A torn last line (no trailing newline) is
+    skipped with a warning; any other bad line raises `RecordError` with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"record file not found: {path}")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    # split() leaves "" after a final newline; anything else there is a torn (unterminated) line.
+    tail = lines.pop()
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        yield _parse_line(raw, f"{path}:{lineno}", expect)
+    if tail.strip():
+        try:
+            yield _parse_line(tail, f"{path}:{len(lines) + 1}", expect)
+        except RecordError as e:
+            warnings.warn(f"ignoring a partially written last line ({e})", stacklevel=2)
+
+
+def _parse_line(raw: bytes, where: str, expect):
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(f"{where}: not valid JSON ({e})") from None
+    return from_dict(data, where, expect)
+
+
+def finished_problem_ids(path: str | Path, expect: type) -> set:
+    """Problem ids with a record in `path` (empty if the file does not exist) — resumable stages
+    skip them. Uses `problem_id`, or `id` for Problem records."""
+    if not Path(path).exists():
+        return set()
+    key = "id" if expect is Problem else "problem_id"
+    return {getattr(r, key) for r in read_records(path, expect)}
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Cut a file back to its last newline (the remains of a write interrupted by a kill)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        warnings.warn(f"{path}: truncating a partially written last line ({len(data) - keep} bytes)",
+                      stacklevel=3)
+        f.truncate(keep)
+
+
+class RecordWriter:
+    """Append records to a JSONL file; every `write_batch` is flushed and fsync'ed, so after a
+    kill at most the batch in flight is lost (and its torn line is truncated on the next open)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _truncate_torn_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write_batch(self, records: Iterable) -> None:
+        self._file.write("".join(to_line(r) for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_records(path: str | Path, records: Iterable) -> None:
+    """Write a whole file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(to_line(r) for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,84 @@
+"""Records: round trip, strict errors with line numbers, torn-tail recovery for resumable stages."""
+import json
+
+import pytest
+
+from megatron_rasft.records import (Problem, ProblemVerdicts, RecordError, RecordWriter, Rollout,
+                                    Verdict, Weight, finished_problem_ids, read_records, to_line,
+                                    write_records)
+
+
+def _examples():
+    return [Problem("p1", "Q?", "A \\boxed{1}", answer="1", meta={"src": "t"}),
+            Rollout("p1", 0, 0, "text", [1, 2, 3], logprobs=[-0.1, -0.2, -0.3], seed=7, finish_reason="stop"),
+            Verdict("p1", 0, 0, True, "correct", "1"),
+            ProblemVerdicts("p1", 0, "A", [{"sample_index": 0, "text": "t", "correct": True,
+                                            "reason": "correct", "extracted": "1"}]),
+            Weight("p1", 0, "expert", None, 0.6, 0.5, 1, 2)]
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "r.jsonl"
+    write_records(path, _examples())
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["schema_version"] == 1 and first["type"] == "problem"
+    assert list(read_records(path)) == _examples()
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", "not valid JSON"),
+    ('{"schema_version": 1, "type": "weight", "problem_id": "p"}', "missing required field"),
+    ('{"schema_version": 2, "type": "verdict"}', "schema_version must be 1"),
+    ('{"schema_version": 1, "type": "nope"}', "unknown record type"),
+    ('{"schema_version": 1, "type": "verdict", "problem_id": "p", "round": 0, "sample_index": 0, '
+     '"correct": true, "reason": "x", "colour": 1}', "unknown field"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_bad_line_is_reported_with_path_and_line(tmp_path, line, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(to_line(_examples()[2]) + "\n" + line + "\n" + to_line(_examples()[2]))
+    with pytest.raises(RecordError, match=match) as e:
+        list(read_records(path))
+    assert f"{path}:3:" in str(e.value)
+
+
+def test_missing_fields_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"schema_version": 1, "type": "rollout", "problem_id": "p", "round": 0}\n')
+    with pytest.raises(RecordError, match="sample_index, text, token_ids"):
+        list(read_records(path))
+
+
+def test_wrong_type_expected(tmp_path):
+    path = tmp_path / "w.jsonl"
+    write_records(path, [_examples()[0]])
+    with pytest.raises(RecordError, match="expected a 'verdict' record, got 'problem'"):
+        list(read_records(path, Verdict))
+
+
+def test_torn_tail_is_ignored_then_truncated_and_nothing_finished_is_lost(tmp_path):
+    path = tmp_path / "v.jsonl"
+    with RecordWriter(path) as w:
+        w.write_batch([Verdict("a", 0, 0, True, "correct"), Verdict("b", 0, 0, False, "wrong")])
+    torn = to_line(Verdict("c", 0, 0, True, "correct"))[:25]
+    with open(path, "a") as f:  # what a kill mid-write leaves behind
+        f.write(torn)
+    with pytest.warns(UserWarning, match="partially written"):
+        assert finished_problem_ids(path, Verdict) == {"a", "b"}
+    with pytest.warns(UserWarning, match="truncating"):
+        w = RecordWriter(path)
+    w.write_batch([Verdict("c", 0, 0, True, "correct")])
+    w.close()
+    assert [v.problem_id for v in read_records(path)] == ["a", "b", "c"]
+    # A bad line that is NOT the last one is an error, never skipped.
+    path.write_text(path.read_text().replace('"b"', '"b', 1))
+    with pytest.raises(RecordError, match=":2:"):
+        finished_problem_ids(path, Verdict)
+
+
+def test_finished_ids_of_missing_file_and_problems(tmp_path):
+    assert finished_problem_ids(tmp_path / "none.jsonl", Verdict) == set()
+    write_records(tmp_path / "p.jsonl", [_examples()[0]])
+    assert finished_problem_ids(tmp_path / "p.jsonl", Problem) == {"p1"}
+    with pytest.raises(FileNotFoundError, match="none.jsonl"):
+        list(read_records(tmp_path / "none.jsonl"))
