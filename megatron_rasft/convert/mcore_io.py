@@ -19,6 +19,7 @@ them itself when saving and loading).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -79,6 +80,21 @@ def read_model_config(mcore_dir: Path) -> tuple[ModelConfig, dict]:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _unwrapped_errors():
+    """DCP wraps every error in a CheckpointException; re-raise the original (clearer) one."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failure = next(iter(e.failures.values()), None)
+        original = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(original, BaseException):
+            raise original from e
+        raise
 
 
 def _extra_state_bytes() -> io.BytesIO:
@@ -145,7 +161,8 @@ def write_checkpoint(out_dir: Path, items: list, num_layers: int, produce: Calla
     out_dir.mkdir(parents=True, exist_ok=True)
     planner = _make_planner(items, num_layers, produce, on_tensor)
     writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, sync_files=False)
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    with _unwrapped_errors():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     torch.save({}, out_dir / "common.pt")
     (out_dir / "metadata.json").write_text(json.dumps(_MEGATRON_METADATA))
 
@@ -207,8 +224,9 @@ class McoreCheckpoint:
                 chunks[key] = ((layer,) + (0,) * len(shape), (1,) + shape)
             dests[key] = torch.empty(chunks[key][1], dtype=self.dtype(name))
             out[name] = dests[key]
-        dcp.load(dests, storage_reader=dcp.FileSystemReader(str(self.path)), planner=_chunk_load_planner(chunks),
-                 no_dist=True)
+        with _unwrapped_errors():
+            dcp.load(dests, storage_reader=dcp.FileSystemReader(str(self.path)),
+                     planner=_chunk_load_planner(chunks), no_dist=True)
         return {n: t.reshape(self.shape(n)) for n, t in out.items()}
 
 

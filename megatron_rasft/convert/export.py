@@ -1,0 +1,151 @@
+"""Export the in-memory Megatron model (sharded over TP/PP/VPP ranks) to a Hugging Face folder.
+
+Collective: every rank calls `export_to_hf`. Only the first data-parallel replica works: within it,
+each pipeline stage streams its own layers in order — the TP shards of one tensor are gathered to
+the stage's TP rank 0, mapped to HF names, and appended to that stage's safetensors shards — so no
+stage ever holds more than one full tensor, and stages write in parallel. Rank 0 then names the
+shards `model-0000k-of-0000n.safetensors` in stage order, writes the index, `config.json`,
+`generation_config.json` and tokenizer files, checks every file, and renames the folder into place.
+The output folder must be on a filesystem every writing rank sees.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import ModelConfig
+from megatron_rasft.convert import hf_io, layout, names
+from megatron_rasft.model.provider import padded_vocab_size
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module") and not hasattr(chunk, "sharded_state_dict"):
+        chunk = chunk.module
+    return chunk
+
+
+def _stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
+    """(entries this chunk owns in HF order, {global megatron name: local parameter})."""
+    to_global = layout.local_to_global_names(chunk)
+    params = {to_global[n]: p for n, p in chunk.named_parameters()}
+    layers = sorted({layout.layer_index(g) for g in params if layout.layer_index(g) is not None})
+    entries = names.entries(mcfg, layers=layers, pre=chunk.pre_process, post=chunk.post_process)
+    missing = [e.mcore for e in entries if e.mcore not in params]
+    if missing:
+        raise RuntimeError(f"export: the model has no parameter(s) {missing[:3]} that the config implies")
+    return entries, params
+
+
+def _gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
+    """The full (TP=1) tensor on TP rank 0 (None elsewhere)."""
+    if tp_size == 1 or layout.split_kind(name) == "replicated":
+        return local.detach() if tp_rank == 0 else None
+    local = local.detach().contiguous()  # gloo silently mis-gathers non-contiguous tensors
+    parts = [torch.empty_like(local) for _ in range(tp_size)] if tp_rank == 0 else None
+    dist.gather(local, parts, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+    return layout.unshard(name, parts) if tp_rank == 0 else None
+
+
+def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, *, hf_config: Optional[dict] = None,
+                 tokenizer_dir: Optional[str | Path] = None, dtype: Optional[str] = None,
+                 max_shard_size: str = "5GB") -> Optional[dict]:
+    """Write this rank's part of the model to `out_dir` (replacing it). Returns, on rank 0, a summary
+    dict (seconds, bytes, files); None elsewhere.
+
+    `hf_config` is the source checkpoint's config.json dict (keeps its family and extra keys);
+    `tokenizer_dir` a folder whose tokenizer files are copied; `dtype` "bf16" | "fp16" | "fp32"
+    (default: the parameters' dtype)."""
+    from megatron.core import parallel_state as ps
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    target = hf_io.DTYPES[dtype] if dtype else None
+    tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+
+    chunks = [_unwrap(c) for c in model_chunks]
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    first_replica = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    result = None
+    if first_replica:
+        per_chunk = [_stage_entries(c, mcfg) for c in chunks]
+        ctx = names.MapContext(mcfg, padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp_size))
+        plan = []
+        for entries, params in per_chunk:
+            shapes = names.hf_shapes(ctx, entries)
+            plan += [(n, shapes[n], target or params[e.mcore].dtype) for e in entries for n in e.hf]
+        writer = None
+        if tp_rank == 0:
+            writer = hf_io.ShardedWriter(tmp, plan, hf_io.parse_size(max_shard_size),
+                                         prefix=f"stage{ps.get_pipeline_model_parallel_rank():04d}")
+        try:
+            with torch.no_grad():
+                for entries, params in per_chunk:
+                    for e in entries:
+                        full = _gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
+                        if writer is not None:
+                            for n, t in e.to_hf(full, ctx).items():
+                                writer.write(n, t.to(target) if target is not None else t)
+                        del full
+        finally:
+            if writer is not None:
+                writer.abort()
+        if writer is not None:
+            result = (ps.get_pipeline_model_parallel_rank(), writer.finish(), writer.bytes_written)
+    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, result)
+    else:
+        gathered = [result]
+    summary, error = None, None
+    if rank == 0:
+        try:
+            summary = _finalize(gathered, tmp, out_dir, mcfg, chunks, target, hf_config, tokenizer_dir, t0)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RuntimeError(f"export_to_hf failed on rank 0: {error}")
+    return summary
+
+
+def _finalize(gathered, tmp, out_dir, mcfg, chunks, target, hf_config, tokenizer_dir, t0) -> dict:
+    """Rank 0: index, side files, completeness check, rename into place."""
+    parts = sorted((r for r in gathered if r is not None), key=lambda r: r[0])
+    shards = [s for _, stage_shards, _ in parts for s in stage_shards]
+    total = sum(b for _, _, b in parts)
+    out_dtype = target or next(chunks[0].parameters()).dtype
+    cfg = names.hf_config_from_model_config(mcfg, base=hf_config, dtype=hf_io.DTYPE_NAMES.get(out_dtype))
+    hf_io.write_index(tmp, shards, total)
+    hf_io.write_side_files(tmp, cfg, Path(tokenizer_dir) if tokenizer_dir else None)
+    expected = {n for e in names.entries(mcfg) for n in e.hf}
+    written = {n for _, ns in shards for n in ns}
+    if written != expected:
+        raise RuntimeError(f"export: tensors missing {sorted(expected - written)[:3]}, "
+                           f"unexpected {sorted(written - expected)[:3]}")
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return {"seconds": time.perf_counter() - t0, "bytes": total, "files": len(shards), "out": str(out_dir)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
