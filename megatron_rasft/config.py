@@ -186,6 +186,9 @@ class RolloutConfig:
 @dataclass
 class TrainConfig:
     data_path: Optional[str] = None  # problems JSONL; None = synthetic tokens (smoke runs)
+    tokenizer: Optional[str] = None  # HF tokenizer folder (required with data_path)
+    pack: bool = False  # pack several sequences per row (block-diagonal attention, local spec)
+    window_problems: int = 0  # problems per window when refresh_interval = 0 (0 = global_batch_size)
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
@@ -220,6 +223,9 @@ class TrainConfig:
         _one_of("train.prompt_template", self.prompt_template, ("chat", "reference", "plain"))
         _one_of("train.overlong", self.overlong, ("truncate", "drop"))
         _check(self.refresh_interval >= 0, "train.refresh_interval must be >= 0")
+        _check(self.window_problems >= 0, "train.window_problems must be >= 0")
+        if self.data_path is not None and self.tokenizer is None:
+            raise ValueError("train.tokenizer (an HF tokenizer folder) is required with train.data_path")
 
 
 @dataclass

@@ -1,0 +1,31 @@
+"""Train with the RASFT loss family on Megatron-Core (one process, or torchrun / srun + torchrun).
+
+  python -m megatron_rasft train --config run.toml [--set loss.method=sft ...] [--resume]
+  torchrun --nproc-per-node 8 -m megatron_rasft train --config run.toml
+
+Without CUDA the run uses gloo and Megatron-Core on CPU. See examples/ for configs.
+"""
+HELP = "train a model (RASFT loop, or any baseline loss) on Megatron-Core"
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="TOML run configuration (sections: model, parallel, loss, "
+                                    "weighting, rollout, train, checkpoint, eval)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.lr=1e-5")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt/latest if present")
+
+
+def main(args) -> int:
+    from megatron_rasft.config import load_config
+    from megatron_rasft.train.loop import NonFiniteLoss, train
+
+    overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        out = train(cfg)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", flush=True)
+        return 3
+    print(f"done: {out['step']} steps, {out['tokens']} tokens; checkpoint {out['checkpoint']}", flush=True)
+    return 0

@@ -1,0 +1,133 @@
+"""Training checkpoints: `RUN/ckpt/iter_NNNNNNN/{model/, optim/, rng_rank*.pt, state.json}`.
+
+- `model/` is a plain converter-compatible dist checkpoint (+ model_config.json): `mcore-to-hf`
+  exports it directly and the trainer reloads it at any TP/PP.
+- `optim/` holds the optimizer state (`dp_reshardable`, the sharding that resumes on CPU/gloo too)
+  and the LR scheduler.
+- `rng_rank*.pt` every rank's CPU/CUDA/Megatron-tracker RNG states; `state.json` the loop state
+  (step, data position, round state) written by rank 0.
+A checkpoint is written to `iter_N.tmp` and renamed when complete; `latest` is updated last, so a
+kill at any moment leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import ModelConfig
+
+_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _inner(chunks: list) -> list:
+    """The GPTModel chunks inside the DDP wrappers (whose state dict keys gain a `module.` prefix)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return [c.module if isinstance(c, DistributedDataParallel) else c for c in chunks]
+
+
+def _model_sharded_sd(chunks: list) -> dict:
+    from megatron_rasft.convert.mcore_io import _sharded_state_dict
+
+    return _sharded_state_dict(_inner(chunks))
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(s: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def latest(ckpt_root: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None."""
+    pointer = Path(ckpt_root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(ckpt_root) / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise RuntimeError(f"{pointer} names {path.name}, which is incomplete; remove `latest` to start over")
+    return path
+
+
+def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_state: dict, *,
+         model_config: ModelConfig, hf_config: Optional[dict], keep_last: int) -> Path:
+    """Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rasft.convert.mcore_io import save_model_as_mcore
+
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"iter_{step:07d}"
+    tmp = ckpt_root / f"iter_{step:07d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "optim").mkdir(parents=True)
+    _barrier()
+    save_model_as_mcore(_inner(chunks), tmp / "model", model_config, hf_config=hf_config)
+    model_sd = _model_sharded_sd(chunks)
+    optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_META)}
+    dist_checkpointing.save(optim_sd, str(tmp / "optim"))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (ckpt_root / "latest.tmp").write_text(final.name)
+        os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
+        old = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from `path`; returns the loop state. Collective."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rasft.convert.mcore_io import load_mcore_into_model
+
+    path = Path(path)
+    load_mcore_into_model(_inner(chunks), path / "model")
+    model_sd = _model_sharded_sd(chunks)
+    with torch.no_grad():  # the optimizer state must be created before loading (see DESIGN.md)
+        optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_META)}
+        state = dist_checkpointing.load(optim_sd, str(path / "optim"))
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming at a different world size: keep the fresh seeds
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "state.json").read_text())

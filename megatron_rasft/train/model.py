@@ -1,0 +1,85 @@
+"""Build the policy (DDP-wrapped, trainable) and the frozen reference with the same TP/PP layout."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_rasft.config import ModelConfig, RunConfig
+
+# Fields that describe how to run the model rather than what it is: the run config decides them.
+_RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "fp8", "fp8_recipe",
+                   "fp8_amax_history_len", "fp8_amax_compute_algo")
+
+
+@dataclass
+class Models:
+    policy: list  # DDP-wrapped model chunks (one per virtual pipeline stage)
+    reference: Optional[list]  # frozen chunks, same layout (for ref_logp), or None
+    kl_reference: Optional[torch.nn.Module]  # frozen model used inside the step (KL methods, PP=1)
+    model_config: ModelConfig
+    hf_config: Optional[dict]
+    num_params: int  # whole model (all ranks), for MFU
+
+
+def resolve_model_config(cfg: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
+    """The architecture comes from the checkpoint when one is loaded; runtime fields from the run."""
+    if cfg.checkpoint.load is None:
+        return cfg.model, None
+    from megatron_rasft.convert.mcore_io import read_model_config
+
+    ckpt_cfg, meta = read_model_config(cfg.checkpoint.load)
+    runtime = {f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS}
+    if runtime["seq_length"] > ckpt_cfg.max_position_embeddings:
+        raise ValueError(f"model.seq_length ({runtime['seq_length']}) exceeds the checkpoint's "
+                         f"max_position_embeddings ({ckpt_cfg.max_position_embeddings})")
+    return dataclasses.replace(ckpt_cfg, **runtime), meta.get("hf_config")
+
+
+def _chunks(mcfg, pcfg, pgs, bf16):
+    from megatron_rasft.model.provider import build_model
+
+    vpp = pcfg.virtual_pipeline_model_parallel_size
+    if vpp:
+        return [build_model(mcfg, pcfg, pg_collection=pgs, vp_stage=i, bf16=bf16) for i in range(vpp)]
+    return [build_model(mcfg, pcfg, pg_collection=pgs, bf16=bf16)]
+
+
+def build_policy_and_reference(cfg: RunConfig, pgs) -> Models:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.convert.mcore_io import load_mcore_into_model
+    from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
+
+    mcfg, hf_config = resolve_model_config(cfg)
+    bf16 = cfg.train.bf16
+    policy = _chunks(mcfg, cfg.parallel, pgs, bf16)
+    if cfg.checkpoint.load:
+        load_mcore_into_model(policy, cfg.checkpoint.load)
+    reference = None
+    if cfg.loss.needs_ref_logp or cfg.loss.needs_ref_logits:
+        reference = _chunks(mcfg, cfg.parallel, pgs, bf16)
+        if cfg.checkpoint.load:
+            load_mcore_into_model(reference, cfg.checkpoint.load)
+        else:  # no checkpoint: the reference is the policy's own initial weights
+            for src, dst in zip(policy, reference):
+                dst.load_state_dict(src.state_dict())
+        for chunk in reference:
+            chunk.eval()
+            chunk.requires_grad_(False)
+    kl_reference = None
+    if cfg.loss.needs_ref_logits:
+        if ps.get_pipeline_model_parallel_world_size() > 1 or len(reference) > 1:
+            raise ValueError(f"loss.method = {cfg.loss.method!r} needs the reference logits inside the "
+                             "training step, which is supported with pipeline_model_parallel_size = 1 only")
+        kl_reference = reference[0]
+    local = sum(p.numel() for c in policy for p in c.parameters())
+    n = torch.tensor([local], dtype=torch.float64)
+    if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
+        dist.all_reduce(n, group=ps.get_model_parallel_group())
+    policy = wrap_ddp(policy, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    attach_schedule_hooks(policy)
+    return Models(policy, reference, kl_reference, mcfg, hf_config, int(n.item()))

@@ -1,0 +1,108 @@
+"""Forward-only scoring: per-token log-probs of training sequences under a (frozen) model.
+
+Runs through Megatron's schedule with the model's own TP/PP layout; each DP rank scores its share,
+and the last pipeline stage's results are exchanged over the data-parallel group and the pipeline so
+that every rank ends with the scores of every sequence (they are small: one float per token).
+Used for the frozen reference (ref_logp for the ratio r_s, cached on disk per sequence) and for the
+`reference` selection's expert NLL under the current policy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
+
+
+def _logprob_loss_func(tp_group):
+    from megatron_rasft.loss.kernels import vocab_parallel_logprob
+
+    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+        b, s, v = logits.shape
+        logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), labels.reshape(-1),
+                                         tp_group=tp_group).view(b, s)
+        zero = logits.new_zeros(())
+        return zero, torch.tensor(0, dtype=torch.int), {"logp": logp_BS.detach().clone()}
+
+    return loss_func
+
+
+@torch.no_grad()
+def score(model_chunks: list, seqs: list[Seq], *, micro_batch_size: int, seq_length: int, pad_id: int,
+          tp_group, dp_group) -> dict[str, list]:
+    """`{seq.key: per-token log-probs of tokens[1:]}` for every sequence, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.train.step import forward_backward, make_forward_step
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mine = seqs[dp_rank::dp_size]
+    out: dict[str, list] = {}
+    for c in model_chunks:
+        c.eval()
+    step = make_forward_step(_logprob_loss_func(tp_group))
+    chunk = micro_batch_size * 16  # bound the number of micro-batches per schedule call
+    n_rounds = _max_over_dp(-(-len(mine) // chunk), dp_group)
+    for i in range(n_rounds):
+        part = mine[i * chunk:(i + 1) * chunk]
+        # Ranks with nothing left still run an (empty) schedule to keep collectives matched.
+        rows = make_rows(part, seq_length, pad_id, pack=False) if part else [_empty(seq_length, pad_id)]
+        batches = stack_microbatches(rows, micro_batch_size, seq_length, pad_id)
+        reports = forward_backward(model_chunks, step, batches, seq_length=seq_length, forward_only=True)
+        if reports:  # last pipeline stage
+            logp_NS = torch.cat([r["logp"] for r in reports])
+            for j, seq in enumerate(part):
+                out[seq.key] = logp_NS[j, :len(seq.tokens) - 1].tolist()
+    for c in model_chunks:
+        c.train()
+    return _share(out)
+
+
+def _empty(seq_length: int, pad_id: int) -> dict:
+    from megatron_rasft.data.batching import _row
+
+    return _row(seq_length, pad_id)
+
+
+def _max_over_dp(n: int, dp_group) -> int:
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp_group)
+    return int(t.item())
+
+
+def _share(local: dict) -> dict:
+    """Union of every rank's results (only last-stage ranks have any)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+class RefCache:
+    """Reference log-probs on disk: one `torch.save`d dict per group (experts, each round)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, group: str) -> Path:
+        return self.root / f"{group}.pt"
+
+    def load(self, group: str) -> dict | None:
+        p = self.path(group)
+        return torch.load(p, weights_only=False) if p.is_file() else None
+
+    def save(self, group: str, values: dict) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(group).with_suffix(".tmp")
+        torch.save(values, tmp)
+        tmp.replace(self.path(group))
