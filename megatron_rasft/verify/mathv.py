@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from megatron_rasft.verify.pool import TimeoutPool
 from megatron_rasft.verify.reference import last_boxed, reference_equal
 
-MODES = ("math", "reference")
+MODES = ("math", "math-verify", "reference")
 
 
 class _TimeoutFlag(logging.Handler):
@@ -48,7 +48,7 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
     """Grade one response against a gold answer string. Returns {"correct", "reason", "extracted"}.
 
     mode "math": math-verify equivalence of the boxed answers, or the normalised string rule
-    (either suffices); mode "reference": the normalised string rule only.
+    (either suffices); "math-verify": math-verify only; "reference": the normalised string rule only.
     `soft_timeout_s` is math-verify's own per-call limit (None disables it)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -58,7 +58,7 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
     pred = last_boxed(response)
     if pred is None or not pred.strip():
         return {"correct": False, "reason": "no_answer", "extracted": None}
-    if reference_equal(pred, gold):
+    if mode != "math-verify" and reference_equal(pred, gold):
         return {"correct": True, "reason": "correct", "extracted": pred}
     if mode == "reference":
         return {"correct": False, "reason": "wrong", "extracted": pred}
