@@ -192,3 +192,20 @@ def weight_records(pv: ProblemVerdicts, scheme: str, cfg: Optional[WeightingConf
     recs += [Weight(pv.problem_id, pv.round, "rollout", r["sample_index"], a, w.p, w.k, w.K)
              for r, a in zip(rolls, w.rollouts) if a > 0.0]
     return recs
+
+
+def round_summary(records: Sequence[Weight]) -> dict:
+    """Per-round statistics RASFT.md asks to log: p histogram (10 bins), fraction of problems with
+    k = 0 and k = K, rollouts added, mean A_E, effective sample size (Σw)²/Σw² over all sequences."""
+    experts = [r for r in records if r.kind == "expert"]
+    ws = [r.weight for r in records]
+    n = max(len(experts), 1)
+    hist = [0] * 10
+    for r in experts:
+        hist[min(int(r.p * 10), 9)] += 1
+    sq = sum(w * w for w in ws)
+    return {"problems": len(experts), "rollouts_added": len(records) - len(experts),
+            "mean_expert_weight": sum(r.weight for r in experts) / n,
+            "frac_k0": sum(r.K > 0 and r.k == 0 for r in experts) / n,
+            "frac_kK": sum(r.K > 0 and r.k == r.K for r in experts) / n,
+            "p_hist": hist, "ess": sum(ws) ** 2 / sq if sq > 0 else 0.0}

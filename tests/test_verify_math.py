@@ -99,3 +99,66 @@ def test_pool_kills_and_replaces_stuck_workers():
         assert time.monotonic() - t0 < 10 and pool.restarts == 2
         out = pool.map(int, ["3", "x"], timeout_s=5)
         assert out[0].value == 3 and out[1].status == "error" and "ValueError" in out[1].error
+
+
+# ---- the verify and weigh stages ------------------------------------------------------------
+def _run_dir(tmp_path):
+    from megatron_rasft.records import Problem, Rollout, write_records
+    probs = [Problem("a", "1+1?", r"so \boxed{2}"), Problem("b", "half?", "x", answer=r"\frac12"),
+             Problem("c", "add", "def add", tests={"format": "mbpp", "asserts": ["assert add(1, 2) == 3"]})]
+    rolls = [Rollout("a", 0, 1, r"\boxed{3}", [1]), Rollout("a", 0, 0, r"\boxed{2}", [1]),
+             Rollout("b", 0, 0, r"\boxed{0.5}", [1]), Rollout("b", 0, 1, "no idea", [1])]
+    write_records(tmp_path / "problems.jsonl", probs)
+    write_records(tmp_path / "rollouts" / "round_000.jsonl", rolls)
+    return tmp_path
+
+
+def test_verify_and_weigh_stages_resume(tmp_path, capsys):
+    from megatron_rasft.cli import main
+    from megatron_rasft.records import ProblemVerdicts, Weight, read_records, to_line
+    from megatron_rasft.weighting import weight_records
+
+    run = _run_dir(tmp_path)
+    out = run / "verdicts" / "round_000.jsonl"
+    # A previous run finished problem "a" (reason marked so we can tell it was not redone) and
+    # was killed while writing "b".
+    done = ProblemVerdicts("a", 0, r"so \boxed{2}", [
+        {"sample_index": 0, "text": r"\boxed{2}", "correct": True, "reason": "kept", "extracted": "2"},
+        {"sample_index": 1, "text": r"\boxed{3}", "correct": False, "reason": "kept", "extracted": "3"}])
+    out.parent.mkdir()
+    out.write_text(to_line(done) + to_line(done).replace('"a"', '"b"')[:30])
+    with pytest.warns(UserWarning):
+        assert main(["verify", "--run-dir", str(run), "--round", "0", "--no-progress"]) == 0
+    recs = {r.problem_id: r for r in read_records(out, ProblemVerdicts)}
+    assert set(recs) == {"a", "b"} and recs["a"] == done
+    assert [(e["sample_index"], e["correct"], e["reason"]) for e in recs["b"].rollouts] == \
+        [(0, True, "correct"), (1, False, "no_answer")]
+    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "linear"]) == 0
+    weights = list(read_records(run / "weights" / "round_000.jsonl", Weight))
+    assert weights == weight_records(recs["a"], "linear") + weight_records(recs["b"], "linear")
+    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "reference"]) == 0
+    assert "mean A_E 1.0000" in capsys.readouterr().out  # these toy rollouts are all "degenerate"
+
+
+def test_stage_errors_name_the_line(tmp_path, capsys):
+    from megatron_rasft.cli import main
+    run = _run_dir(tmp_path)
+    path = run / "rollouts" / "round_000.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = '{"schema_version": 1, "type": "rollout", "problem_id": "b"}\n'
+    path.write_text("".join(lines))
+    assert main(["verify", "--run-dir", str(run), "--round", "0", "--no-progress"]) == 2
+    assert f"{path}:3: 'rollout' record is missing required field(s): round, sample_index" in capsys.readouterr().out
+    assert main(["weigh", "--run-dir", str(run), "--round", "5"]) == 2
+    assert "round_005.jsonl" in capsys.readouterr().out
+
+
+def test_code_verifier_stage(tmp_path):
+    from megatron_rasft.records import Rollout
+    from megatron_rasft.verify.stage import verify_problems
+    from megatron_rasft.records import Problem
+    p = Problem("c", "add", "", tests={"format": "mbpp", "asserts": ["assert add(1, 2) == 3"]})
+    rolls = {"c": [Rollout("c", 1, 0, "```python\ndef add(a, b):\n    return a + b\n```", [1]),
+                   Rollout("c", 1, 1, "def add(a, b):\n    return 0\n", [1])]}
+    (pv,) = verify_problems([p], rolls, 1, verifier="code", timeout_s=5)
+    assert [(e["correct"], e["reason"]) for e in pv.rollouts] == [(True, "passed"), (False, "failed_test")]

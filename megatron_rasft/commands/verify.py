@@ -1,0 +1,39 @@
+"""Verify the rollouts of one round (resumable: problems already verified are skipped).
+
+  python -m megatron_rasft verify --run-dir RUN --round 0 [--verifier math|math-verify|reference|code]
+
+Reads RUN/problems.jsonl and RUN/rollouts/round_NNN.jsonl; appends one `verdicts` record per
+problem (expert response + every rollout's text, correctness and reason) to
+RUN/verdicts/round_NNN.jsonl. A killed run restarts where it stopped.
+"""
+HELP = "verify a round's rollouts (math answers or code tests) into RUN/verdicts/round_NNN.jsonl"
+
+
+def add_arguments(p):
+    p.add_argument("--run-dir", required=True, help="run directory (holds problems.jsonl, rollouts/)")
+    p.add_argument("--round", type=int, required=True, help="rollout round number N (round_NNN.jsonl)")
+    p.add_argument("--verifier", default="math", choices=("math", "math-verify", "reference", "code"),
+                   help="math: math-verify or normalised string match; math-verify: math-verify only; "
+                        "reference: the released code's normalised string match; code: test sandbox")
+    p.add_argument("--workers", type=int, default=2, help="parallel verifier processes (default 2)")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="per-rollout time limit (default 10)")
+    p.add_argument("--batch-problems", type=int, default=16, help="problems per flushed batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    from megatron_rasft.records import RecordError
+    from megatron_rasft.verify.stage import verify_round
+
+    if args.round < 0 or args.workers < 1 or args.timeout_s <= 0 or args.batch_problems < 1:
+        print("error: --round must be >= 0, --workers and --batch-problems >= 1, --timeout-s > 0")
+        return 2
+    try:
+        out = verify_round(args.run_dir, args.round, args.verifier, args.workers, args.timeout_s,
+                           args.batch_problems, progress=not args.no_progress)
+    except (RecordError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    print(f"verified {out['rollouts']} rollouts of {out['problems']} problems "
+          f"({out['skipped']} already done) -> {out['path']}; reasons {out['reasons']}", flush=True)
+    return 0
