@@ -295,6 +295,11 @@ def _layout_job(rank, world_size, tp, pp, jobs):
             export_to_hf([model], export_dir, mcfg, hf_config=meta["hf_config"],
                          tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")
         if save_dir is not None:
+            # Megatron's checkpoint writer forks worker processes, which a daemonic process (what
+            # `spawn` starts) may not; torchrun ranks are not daemonic.
+            import multiprocessing
+
+            multiprocessing.current_process()._config["daemon"] = False
             save_model_as_mcore([model], save_dir, mcfg, hf_config=meta["hf_config"])
     return out
 
