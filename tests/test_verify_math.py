@@ -127,8 +127,8 @@ def test_verify_and_weigh_stages_resume(tmp_path, capsys):
         {"sample_index": 1, "text": r"\boxed{3}", "correct": False, "reason": "kept", "extracted": "3"}])
     out.parent.mkdir()
     out.write_text(to_line(done) + to_line(done).replace('"a"', '"b"')[:30])
-    with pytest.warns(UserWarning):
-        assert main(["verify", "--run-dir", str(run), "--round", "0", "--no-progress"]) == 0
+    # (the torn-line warnings themselves are tested in test_records.py)
+    assert main(["verify", "--run-dir", str(run), "--round", "0", "--no-progress"]) == 0
     recs = {r.problem_id: r for r in read_records(out, ProblemVerdicts)}
     assert set(recs) == {"a", "b"} and recs["a"] == done
     assert [(e["sample_index"], e["correct"], e["reason"]) for e in recs["b"].rollouts] == \
