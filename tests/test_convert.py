@@ -354,54 +354,34 @@ def test_reshard_tp2_tp1_pp2_preserves_logits(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# vLLM (slow: starts a server, ~1 min on CPU)
+# vLLM (slow: restarts the session's vLLM server twice, ~1 min on CPU)
 # ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_vllm_serves_exported_folder_like_transformers(tmp_path):
-    import time
-    import urllib.request
-
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
-
-    tok = train_tokenizer(tmp_path / "tok")
-    src = make_tiny_model(tmp_path / "src", tok, num_hidden_layers=2)
-    pipeline.hf_to_mcore(src, tmp_path / "mc", tp=2, quiet=True)
-    pipeline.mcore_to_hf(tmp_path / "mc", tmp_path / "hf", quiet=True, max_shard_size="100KB")
+def test_vllm_serves_exported_folder_like_transformers(vllm_server, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_rasft.rollout.server import http_json
+
+    original = vllm_server.model_dir
+    pipeline.hf_to_mcore(original, tmp_path / "mc", tp=2, quiet=True)
+    pipeline.mcore_to_hf(tmp_path / "mc", tmp_path / "hf", quiet=True, max_shard_size="100KB")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    prompts = ["Q:12+34;A:", "Q:905+7;A:"]
-    port = 18000 + os.getpid() % 1000
-    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_LOOPBACK_IP="127.0.0.1", HF_HUB_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="1")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model",
-                               str(tmp_path / "hf"), "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
-                               "--dtype", "float32", "--max-model-len", "256"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vllm_server.restart(tmp_path / "hf")
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "vLLM server exited during start-up"
-                assert time.time() < deadline, "vLLM server did not start within 300 s"
-                time.sleep(2)
-        for prompt in prompts:
+        for prompt in ["Q:12+34;A:", "Q:905+7;A:", "Q:1+1;A:"]:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                want = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-            body = json.dumps({"model": str(tmp_path / "hf"), "prompt": ids[0].tolist(), "max_tokens": 8,
-                               "temperature": 0.0, "return_token_ids": True}).encode()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                         {"Content-Type": "application/json"})
-            choice = json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]
+                want = model.generate(ids, max_new_tokens=8, do_sample=False, top_k=0, top_p=1.0,
+                                      eos_token_id=None)[0, ids.shape[1]:].tolist()
+            status, reply = http_json(f"{vllm_server.url}/v1/completions", {
+                "model": vllm_server.model_name(), "prompt": ids[0].tolist(), "max_tokens": 8,
+                "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}, timeout=120)
+            assert status == 200, reply
+            choice = reply["choices"][0]
             got = choice.get("token_ids") or tokenizer(choice["text"], add_special_tokens=False).input_ids
-            assert got[: len(want)] == want[: len(got)] and got, (prompt, got, want)
+            assert got == want, (prompt, got, want)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        vllm_server.restart(original)

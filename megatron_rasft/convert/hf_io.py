@@ -114,16 +114,30 @@ class HFCheckpoint:
         return sum(v["data_offsets"][1] - v["data_offsets"][0] for h in self.headers.values() for v in h.values())
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """Read one tensor with plain file reads (not mmap: mapped pages of every tensor read would
+        stay resident and make the peak RSS grow with the model)."""
         if name not in self.file_of:
             raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
         f = self.file_of[name]
         if f not in self._handles:
-            self._handles[f] = safe_open(str(self.path / f), framework="pt")
-        return self._handles[f].get_tensor(name)
+            handle = open(self.path / f, "rb")
+            (n,) = struct.unpack("<Q", handle.read(8))
+            self._handles[f] = (handle, 8 + n)
+        handle, data_start = self._handles[f]
+        info = self.headers[f][name]
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        handle.seek(data_start + begin)
+        if handle.readinto(buf) != len(buf):
+            raise ValueError(f"{self.path / f}: short read for {name} (file truncated while reading?)")
+        dtype = _FROM_ST[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
     def close(self) -> None:
+        for handle, _ in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 

@@ -1,0 +1,124 @@
+"""Conversion throughput and memory on a synthetic Llama-shaped checkpoint, both directions.
+
+Makes a random bf16 checkpoint of N and 2N layers (written one tensor at a time, so the generator
+stays small), converts HF → Megatron → HF, each conversion in a fresh process, and reports wall
+time, GB/s and peak RSS — also as a ratio to the largest tensor and to the model size. Peak RSS
+should not grow with the number of layers. The work folder is removed at the end.
+
+  python benchmarks/bench_convert.py                      # ~0.75B and ~1.5B parameters
+  python benchmarks/bench_convert.py --layers 2 4 --hidden 512 --ffn 1408 --vocab 8000   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab: int, heads: int, kv_heads: int) -> dict:
+    from megatron_rasft.convert import hf_io
+
+    head_dim = hidden // heads
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab, hidden_size=hidden,
+               intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, head_dim=head_dim, hidden_act="silu", max_position_embeddings=4096,
+               rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
+    plan = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        plan += [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+                 (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                 (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                 (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
+                 (p + "post_attention_layernorm.weight", (hidden,)), (p + "mlp.gate_proj.weight", (ffn, hidden)),
+                 (p + "mlp.up_proj.weight", (ffn, hidden)), (p + "mlp.down_proj.weight", (hidden, ffn))]
+    plan += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    out.mkdir(parents=True)
+    writer = hf_io.ShardedWriter(out, [(n, s, torch.bfloat16) for n, s in plan], hf_io.parse_size("2GB"))
+    gen = torch.Generator().manual_seed(0)
+    for name, shape in plan:
+        writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
+    hf_io.write_index(out, writer.finish(), writer.bytes_written)
+    hf_io.write_side_files(out, cfg)
+    largest = max(hf_io._numel(s) for _, s in plan) * 2
+    return {"model_bytes": writer.bytes_written, "largest_tensor_bytes": largest,
+            "params": writer.bytes_written // 2}
+
+
+def child(args) -> None:
+    """One conversion in this fresh process; prints a JSON line."""
+    from megatron_rasft.convert import pipeline
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    t0 = time.perf_counter()
+    if args.child == "hf-to-mcore":
+        s = pipeline.hf_to_mcore(args.src, args.dst, tp=1, quiet=True)
+    else:
+        s = pipeline.mcore_to_hf(args.src, args.dst, quiet=True)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": s.bytes, "peak_rss": s.peak_rss_bytes,
+                      "base_rss": base}))
+
+
+def run(direction: str, src: Path, dst: Path) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--child", direction, "--src", str(src), "--dst", str(dst)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise RuntimeError(f"{direction} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--ffn", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--workdir", default="/work/tmp-bench-convert")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dst", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    work = Path(args.workdir)
+    if work.exists():
+        raise SystemExit(f"--workdir {work} exists; remove it or pick another")
+    rows = []
+    try:
+        for layers in args.layers:
+            hf, mc, back = work / f"hf{layers}", work / f"mc{layers}", work / f"back{layers}"
+            t0 = time.perf_counter()
+            info = make_checkpoint(hf, layers, args.hidden, args.ffn, args.vocab, args.heads, args.kv_heads)
+            gen_s = time.perf_counter() - t0
+            gen_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            for direction, src, dst in (("hf-to-mcore", hf, mc), ("mcore-to-hf", mc, back)):
+                r = run(direction, src, dst)
+                rows.append(dict(layers=layers, direction=direction, **info, **r))
+            shutil.rmtree(hf), shutil.rmtree(mc), shutil.rmtree(back)
+            print(f"[{layers} layers: {info['params'] / 1e9:.2f}B params, {info['model_bytes'] / 1e9:.2f} GB bf16, "
+                  f"generated in {gen_s:.0f}s, generator peak RSS so far {gen_rss / 2**20:.0f} MiB]", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("| layers | params | direction | wall s | GB/s | peak RSS MiB | peak − import RSS MiB | "
+          "÷ largest tensor | ÷ model size |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        extra = r["peak_rss"] - r["base_rss"]
+        print(f"| {r['layers']} | {r['params'] / 1e9:.2f}B | {r['direction']} | {r['seconds']:.1f} | "
+              f"{r['bytes'] / r['seconds'] / 1e9:.2f} | {r['peak_rss'] / 2**20:.0f} | {extra / 2**20:.0f} | "
+              f"{extra / r['largest_tensor_bytes']:.2f} | {extra / r['model_bytes']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
