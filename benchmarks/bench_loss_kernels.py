@@ -15,7 +15,7 @@ Memory is reported two ways, both honest about what they measure:
   saved  — bytes of new tensors held by autograd between forward and backward (inputs excluded),
            from saved_tensors_hooks; this is what decides memory when many micro-batches' graphs
            are alive at once (pipeline parallelism).
-Times are the median of `--repeats` runs after one warm-up.
+Times are the median of `--repeats` runs after one warm-up, the variants run round-robin.
 """
 from __future__ import annotations
 
@@ -90,26 +90,30 @@ def saved_bytes(fn, inputs):
     return sum(seen.values())
 
 
-def measure(step, leaf, others, repeats, device):
-    """step() runs forward and returns the scalar to backprop. Returns (median s, peak B, saved B)."""
-    def once():
+def measure(steps, leaf, inputs, repeats, device):
+    """steps: name → (fn running forward and returning the scalar to backprop). Repeats run the
+    steps round-robin, so slow drifts of a shared machine hit every step alike.
+    Returns name → (median s, peak B, saved B)."""
+    def once(step):
         leaf.grad = None
         step().backward()
         _sync(device)
-
-    once()  # warm-up
-    times = []
-    for _ in range(repeats):
         leaf.grad = None
-        _sync(device)
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    leaf.grad = None
-    with PeakMemory(device) as pm:
-        once()
-    leaf.grad = None
-    return statistics.median(times), pm.peak, saved_bytes(step, [leaf] + others)
+
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        once(step)  # warm-up
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            once(step)
+            times[name].append(time.perf_counter() - t0)
+    rows = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as pm:
+            once(step)
+        rows[name] = (statistics.median(times[name]), pm.peak, saved_bytes(step, [leaf] + inputs))
+    return rows
 
 
 def bench(n_tokens, vocab, repeats, device):
@@ -120,19 +124,20 @@ def bench(n_tokens, vocab, repeats, device):
     mask = torch.ones(1, n_tokens, device=device)
     with torch.no_grad():
         ref_logp = torch.log_softmax(y, -1).gather(-1, labels[:, None]).view(1, -1)
-    rows = {}
-    rows["kl ours"] = measure(lambda: vocab_parallel_kl(x, y).sum(), x, [y], repeats, device)
-    rows["kl naive"] = measure(lambda: naive_kl(x, y).sum(), x, [y], repeats, device)
 
     def loss(method):
         cfg = LossConfig(method=method)
         return lambda: compute_loss(x.view(1, n_tokens, vocab), labels.view(1, -1), mask, cfg=cfg,
                                     ref_logp=ref_logp)[0]
 
-    rows["loss rasft"] = measure(loss("rasft"), x, [ref_logp], repeats, device)
-    rows["loss sft"] = measure(loss("sft"), x, [], repeats, device)
-    rows["F.cross_entropy"] = measure(lambda: F.cross_entropy(x, labels, reduction="sum"), x, [], repeats, device)
-    return rows
+    steps = {
+        "kl ours": lambda: vocab_parallel_kl(x, y).sum(),
+        "kl naive": lambda: naive_kl(x, y).sum(),
+        "loss rasft": loss("rasft"),
+        "loss sft": loss("sft"),
+        "F.cross_entropy": lambda: F.cross_entropy(x, labels, reduction="sum"),
+    }
+    return measure(steps, x, [y, ref_logp], repeats, device)
 
 
 def main(argv=None):
