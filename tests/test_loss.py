@@ -131,6 +131,8 @@ def test_matches_float64_reference(method, ratio, token_factor, packed):
     torch.testing.assert_close(loss, ref_loss.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-6)
     assert n.item() == ref_m["num_tokens"]
+    ptrs = {value.data_ptr() for value in metrics.values()} | {n.data_ptr()}
+    assert len(ptrs) == len(metrics) + 1  # each can be all-reduced in place on its own
     for name, value in metrics.items():
         assert value.requires_grad is False and value.dim() == 0
         if name in ref_m:

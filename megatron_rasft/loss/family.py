@@ -170,5 +170,6 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         kl_term = (a_N * kl_N).sum()
         loss_sum = loss_sum + cfg.kl_coef * kl_term
         metrics["kl_sum"] = (mask_N * kl_N.detach()).sum()
-    metrics = {k: t.detach() for k, t in metrics.items()}
+    # Own storage per entry: callers all-reduce metrics in place, and some keys share a tensor.
+    metrics = {k: t.detach().clone() for k, t in metrics.items()}
     return loss_sum, metrics["num_tokens"].clone(), metrics
