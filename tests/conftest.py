@@ -21,3 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """ONE real vLLM (CPU) server per test session on a tiny random Llama (testing/tiny.py).
+
+    Yields the started `RolloutServer`: `.url`, `.model_dir` (HF checkpoint with tokenizer),
+    `.cfg`, `.log_file`. Tests that change its weights or kill it must put it back (refresh to
+    `.model_dir` / let the client restart it). Stopped (whole process group) at session end.
+    """
+    from megatron_rasft.testing.tiny import start_tiny_server
+
+    server = start_tiny_server(tmp_path_factory.mktemp("vllm_server"))
+    try:
+        yield server
+    finally:
+        server.stop()

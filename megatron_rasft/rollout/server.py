@@ -43,7 +43,10 @@ class ServerError(RuntimeError):
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on (host, port). SO_REUSEADDR, as the server itself sets it,
+    so that connections of a just-killed server lingering in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

