@@ -162,3 +162,32 @@ def start_tiny_server(work_dir: str | Path, seed: int = 0, log_file: Optional[st
     cfg = RolloutConfig(**{"kv_cache_gib": 0.25, "max_model_len": 512, "concurrency": 4,
                            **config_overrides})
     return RolloutServer(model_dir, cfg, log_file=log_file or work_dir / "vllm_server.log").start()
+
+
+class ScriptedGenerator:
+    """A fake of the `Generator` seam (`RolloutClient.generate`) for unit tests of the logic around
+    it: completion j of the prompt with key k is `script(prompt, k, j)` (text), its token ids are
+    the characters' code points, its log-probs -1.0 each. Records every call in `calls`."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def __call__(self, prompts, sampling, keys=None, on_result=None):
+        from megatron_rasft.rollout.client import Completion, prompt_seed
+
+        keys = list(range(len(prompts))) if keys is None else list(keys)
+        self.calls.append(list(keys))
+        out = []
+        for i, (prompt, key) in enumerate(zip(prompts, keys)):
+            seed = prompt_seed(sampling.seed, key)
+            comps = []
+            for j in range(sampling.n):
+                text = self.script(prompt, key, j)
+                comps.append(Completion(text, [ord(ch) for ch in text], [-1.0] * len(text), "stop", seed + j))
+            if on_result is not None:
+                on_result(i, comps)
+            out.append(comps)
+        return out
+
+    generate = __call__
