@@ -34,7 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_warnings() -> None:
+    """Megatron-Core warns at import about optional fused kernels (Apex/TE) and deprecated torch
+    collectives; none of it is actionable for a user of this CLI."""
+    import warnings
+
+    for module in (r"megatron\.", r"torch\.distributed", r"transformer_engine"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv=None) -> int:
+    _quiet_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

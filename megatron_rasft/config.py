@@ -180,7 +180,7 @@ class RolloutConfig:
         _check(self.max_tokens >= 1, "rollout.max_tokens must be >= 1")
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
         _one_of("rollout.selection", self.selection, ("all", "reference"))
-        _one_of("rollout.verifier", self.verifier, ("math", "code"))
+        _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
 
 
 @dataclass

@@ -85,7 +85,8 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = forward_backward(chunks, make_forward_step(loss_func), batches, seq_length=SEQ)
+    reports = forward_backward(chunks, make_forward_step(loss_func, vocab_size=mcfg.vocab_size), batches,
+                               seq_length=SEQ)
     loss = reduce_reports(reports, group=ps.get_data_parallel_group()).get("loss") if reports else None
     grads, init = {}, {}
     for local, p in model.named_parameters():

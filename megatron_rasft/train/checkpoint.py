@@ -68,6 +68,20 @@ def _set_rng_state(s: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's state (exp_avg, exp_avg_sq and `step`) so that the sharded optimizer state has
+    somewhere to load into: one step of the inner torch optimizer with zero gradients."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
+        if all(len(inner.state[p]) for p in params):
+            continue
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad()
+
+
 def latest(ckpt_root: Path) -> Optional[Path]:
     """The newest complete checkpoint, or None."""
     pointer = Path(ckpt_root) / "latest"
@@ -120,14 +134,22 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
 
     path = Path(path)
+    _materialize_optimizer_state(optimizer)  # before the weights load: it takes a (zero-grad) step
     load_mcore_into_model(_inner(chunks), path / "model")
     model_sd = _model_sharded_sd(chunks)
-    with torch.no_grad():  # the optimizer state must be created before loading (see DESIGN.md)
+    with torch.no_grad():
         optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_META)}
         state = dist_checkpointing.load(optim_sd, str(path / "optim"))
         optimizer.load_state_dict(state["optimizer"])
+    loop_state = json.loads((path / "state.json").read_text())
+    # Megatron restores Adam's `step` from the param groups of the state dict built at load time
+    # (torch Adam keeps it per parameter); every optimizer step of the loop is an Adam step.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(loop_state["step"]), dtype=st["step"].dtype)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():  # absent when resuming at a different world size: keep the fresh seeds
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    return loop_state

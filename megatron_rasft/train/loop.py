@@ -78,8 +78,8 @@ def train(cfg: RunConfig) -> dict:
     pool = {} if rounds is None else rounds.restore(state)  # rollout sequences still queued
 
     # -- the loop ------------------------------------------------------------------------------
-    loss_func = make_loss_func(cfg.loss, tp_group=pgs.tp)
-    forward_step = make_forward_step(loss_func, ref_model=models.kl_reference)
+    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=pgs.tp))
+    forward_step = make_forward_step(loss_func, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
     logger = Logger(run, rank0, tensorboard=tc.tensorboard, wandb_project=tc.wandb_project, config=cfg.to_dict())
     window_size = tc.window_problems or tc.global_batch_size
     if tc.refresh_interval:
@@ -120,6 +120,7 @@ def train(cfg: RunConfig) -> dict:
         if not math.isfinite(m.get("loss", float("nan"))):
             raise NonFiniteLoss(f"non-finite loss ({m.get('loss')}) at step {state.step}; the run stopped "
                                 f"before updating the weights. Last checkpoint: {last_saved or 'none'}")
+        lr = scheduler.get_lr(optimizer.param_groups[0])
         _, grad_norm, _ = optimizer.step()
         scheduler.step(1)
         for key, _ in items:
@@ -130,7 +131,7 @@ def train(cfg: RunConfig) -> dict:
         times["train"] += dt
         tokens = int(m.pop("tokens", 0))
         state.tokens_trained += tokens
-        m.update(kind="train", step=state.step, lr=scheduler.get_lr(optimizer.param_groups[0]),
+        m.update(kind="train", step=state.step, lr=lr,
                  grad_norm=float(grad_norm or 0.0), tokens=tokens, tokens_per_s=tokens / dt,
                  tokens_per_s_per_gpu=tokens / dt / world, window=state.window,
                  mfu=(fpt * tokens / dt / world / peak) if peak else None, **{f"time_{k}": v for k, v in times.items()})
@@ -161,7 +162,25 @@ def _score(ref_chunks, seqs, cfg, data, pgs) -> dict:
     from megatron.core import parallel_state as ps
 
     return score(ref_chunks, seqs, micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
-                 pad_id=data.pad_id, tp_group=pgs.tp, dp_group=ps.get_data_parallel_group())
+                 pad_id=data.pad_id, tp_group=pgs.tp, dp_group=ps.get_data_parallel_group(),
+                 vocab_size=cfg.model.vocab_size)
+
+
+def _nan_tolerant(loss_func):
+    """The loss refuses non-finite logits; in training, turn that into a NaN loss instead, so every
+    pipeline stage and DP replica finishes the step and the loop stops them all together."""
+
+    def guarded(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+        try:
+            return loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)
+        except ValueError as e:
+            if "NaN or Inf" not in str(e):
+                raise
+            nan = logits.float().sum() * float("nan")
+            count = loss_mask.sum()
+            return nan, count.round().to(torch.int), {"loss": torch.stack([nan.detach().clone(), count.float()])}
+
+    return guarded
 
 
 def _global_metrics(reports: list, pgs) -> dict:
@@ -171,11 +190,20 @@ def _global_metrics(reports: list, pgs) -> dict:
 
     out = None
     if reports:
-        keys = sorted(reports[0])
-        tot = torch.stack([sum(r[k].double() for r in reports) for k in keys])  # [keys, 2]
-        dist.all_reduce(tot, group=ps.get_data_parallel_group())
-        out = {k: (tot[i, 0] / tot[i, 1]).item() if tot[i, 1] > 0 else 0.0 for i, k in enumerate(keys)}
-        out["tokens"] = tot[keys.index("loss"), 1].item()
+        local: dict = {}
+        for r in reports:
+            for k, v in r.items():
+                num, den = local.get(k, (0.0, 0.0))
+                local[k] = (num + float(v[0]), den + float(v[1]))
+        parts = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+        tot: dict = {}
+        for part in parts:  # key sets can differ (a NaN micro-batch reports only the loss)
+            for k, (num, den) in part.items():
+                a, b = tot.get(k, (0.0, 0.0))
+                tot[k] = (a + num, b + den)
+        out = {k: num / den if den > 0 else 0.0 for k, (num, den) in tot.items()}
+        out["tokens"] = tot["loss"][1]
     if ps.get_pipeline_model_parallel_world_size() > 1:
         box = [out]
         last = ps.get_pipeline_model_parallel_last_rank()

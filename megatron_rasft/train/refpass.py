@@ -31,7 +31,7 @@ def _logprob_loss_func(tp_group):
 
 @torch.no_grad()
 def score(model_chunks: list, seqs: list[Seq], *, micro_batch_size: int, seq_length: int, pad_id: int,
-          tp_group, dp_group) -> dict[str, list]:
+          tp_group, dp_group, vocab_size: int | None = None) -> dict[str, list]:
     """`{seq.key: per-token log-probs of tokens[1:]}` for every sequence, on every rank."""
     from megatron.core import parallel_state as ps
 
@@ -42,7 +42,7 @@ def score(model_chunks: list, seqs: list[Seq], *, micro_batch_size: int, seq_len
     out: dict[str, list] = {}
     for c in model_chunks:
         c.eval()
-    step = make_forward_step(_logprob_loss_func(tp_group))
+    step = make_forward_step(_logprob_loss_func(tp_group), vocab_size=vocab_size)
     chunk = micro_batch_size * 16  # bound the number of micro-batches per schedule call
     n_rounds = _max_over_dp(-(-len(mine) // chunk), dp_group)
     for i in range(n_rounds):

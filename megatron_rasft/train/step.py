@@ -15,21 +15,51 @@ BATCH_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "seq_id", "seq_we
               "attention_mask")
 
 
-def make_forward_step(loss_func: Callable, ref_model: Optional[torch.nn.Module] = None):
+# Logit given to the padding rows of the vocabulary: exp() of it is exactly 0 in fp32 and bf16,
+# and it stays finite, so the KL kernel's p_ref·(log p_ref − log p_θ) is 0·finite = 0.
+PADDED_VOCAB_LOGIT = -1.0e4
+
+
+def mask_padded_vocab(logits_BSv: torch.Tensor, vocab_size: Optional[int], tp_rank: int) -> torch.Tensor:
+    """Take the vocabulary's padding rows (global id ≥ vocab_size; the embedding is padded so that
+    every TP shard has the same size) out of the softmax, in place: the model's distribution is
+    then the Hugging Face model's, whatever the padding (which depends on TP)."""
+    v = logits_BSv.shape[-1]
+    first_pad = (vocab_size - tp_rank * v) if vocab_size is not None else v
+    if first_pad < v:
+        logits_BSv[..., max(first_pad, 0):] = PADDED_VOCAB_LOGIT
+    return logits_BSv
+
+
+def _is_last_stage(model) -> bool:
+    while not hasattr(model, "post_process") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "post_process", True)
+
+
+def make_forward_step(loss_func: Callable, ref_model: Optional[torch.nn.Module] = None,
+                      vocab_size: Optional[int] = None):
     """`forward_step(data_iterator, model)` for `get_forward_backward_func`.
 
     `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)` returns
     `(loss_sum, num_tokens, report)`. `ref_model` (frozen, same TP layout, PP=1) supplies
-    `ref_logits` for the KL baselines in the same step.
+    `ref_logits` for the KL baselines in the same step. `vocab_size` (the unpadded vocabulary)
+    masks the padding rows of the logits.
     """
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
         logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if _is_last_stage(model):
+            logits = mask_padded_vocab(logits, vocab_size, tp_rank)
         ref_logits = None
         if ref_model is not None:
             with torch.no_grad():
                 ref_logits = ref_model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+                ref_logits = mask_padded_vocab(ref_logits, vocab_size, tp_rank)
         return logits, partial(loss_func, batch["labels"], batch["loss_mask"], batch.get("seq_id"),
                                batch.get("seq_weight"), batch.get("ref_logp"), ref_logits)
 
