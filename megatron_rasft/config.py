@@ -134,6 +134,7 @@ class WeightingConfig:
     a_min: float = 0.2
     beta: float = 0.5  # correct rollouts together weigh beta * p
     p_min: float = 0.0  # add correct rollouts only when p >= p_min
+    add_rollouts: bool = True  # False: rounds only set the expert weights (no rollouts trained on)
     smoothing: Optional[tuple] = None  # Beta(a, b) smoothing of p = (k + a) / (K + a + b)
 
     def __post_init__(self):
@@ -168,10 +169,11 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     dtype: str = "auto"
     startup_timeout_s: float = 300.0
-    selection: str = "all"  # all | reference (NLL band)
+    selection: str = "all"  # which problems of a window are rolled out
     verifier: str = "math"  # math | code
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
+    refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
 
     def __post_init__(self):
         _check(self.num_samples >= 1, "rollout.num_samples must be >= 1")
@@ -179,7 +181,7 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.max_tokens >= 1, "rollout.max_tokens must be >= 1")
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
-        _one_of("rollout.selection", self.selection, ("all", "reference"))
+        _one_of("rollout.selection", self.selection, ("all",))
         _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
 
 

@@ -8,33 +8,10 @@ index), so rounds, caches and checkpoints can refer to it across restarts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
-
-@dataclass
-class Problem:
-    id: str
-    prompt: str
-    response: str
-    answer: Optional[str] = None
-    tests: Any = None
-    meta: dict = field(default_factory=dict)
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last `\\boxed{...}` in `text` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
+from megatron_rasft.records import Problem
+from megatron_rasft.verify.reference import last_boxed
 
 
 def read_problems(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import ModelConfig
+from megatron_rasft.train.step import unwrap
 
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -36,17 +37,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _inner(chunks: list) -> list:
-    """The GPTModel chunks inside the DDP wrappers (whose state dict keys gain a `module.` prefix)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return [c.module if isinstance(c, DistributedDataParallel) else c for c in chunks]
-
-
 def _model_sharded_sd(chunks: list) -> dict:
     from megatron_rasft.convert.mcore_io import _sharded_state_dict
 
-    return _sharded_state_dict(_inner(chunks))
+    return _sharded_state_dict(unwrap(chunks))
 
 
 def _rng_state() -> dict:
@@ -107,7 +101,7 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optim").mkdir(parents=True)
     _barrier()
-    save_model_as_mcore(_inner(chunks), tmp / "model", model_config, hf_config=hf_config)
+    save_model_as_mcore(unwrap(chunks), tmp / "model", model_config, hf_config=hf_config)
     model_sd = _model_sharded_sd(chunks)
     optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_META)}
     dist_checkpointing.save(optim_sd, str(tmp / "optim"))
@@ -135,7 +129,7 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
 
     path = Path(path)
     _materialize_optimizer_state(optimizer)  # before the weights load: it takes a (zero-grad) step
-    load_mcore_into_model(_inner(chunks), path / "model")
+    load_mcore_into_model(unwrap(chunks), path / "model")
     model_sd = _model_sharded_sd(chunks)
     with torch.no_grad():
         optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPT_META)}

@@ -79,6 +79,13 @@ def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, pg_collecti
     return wrapped
 
 
+def unwrap(model_chunks: list) -> list:
+    """The GPTModel chunks inside DDP wrappers (whose state-dict keys gain a `module.` prefix)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return [c.module if isinstance(c, DistributedDataParallel) else c for c in model_chunks]
+
+
 def attach_schedule_hooks(model_chunks: list) -> None:
     """Tell the schedule how to finalize grads (DP all-reduce, tied-embedding sync, 1/num_tokens)."""
     from megatron.core.distributed import finalize_model_grads

@@ -1,0 +1,199 @@
+"""One rollout round per window of problems: export → refresh the server → roll out → verify →
+weigh → the correct rollouts become training sequences.
+
+Every stage reads and writes the run directory's records (`rollouts/`, `verdicts/`, `weights/`
+round_NNN.jsonl), each stage resumable by itself; `rounds/round_NNN.json` marks a finished round
+and holds what the trainer needs from it (expert weights, queued rollouts, summary), and
+`train_seqs/round_NNN.jsonl` holds the rollouts' token sequences. A resumed run never redoes a
+finished round, and a round killed half-way picks up where its stages stopped.
+Rank 0 drives the server and the stages; the export and the reference pass are collective.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_rasft.data.batching import Seq
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Rounds:
+    def __init__(self, cfg, run: Path, data, models, pgs):
+        if data.tokenizer is None:
+            raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
+        self.cfg, self.run, self.data, self.models, self.pgs = cfg, Path(run), data, models, pgs
+        self.server = self.client = None
+        self.summaries: list = []
+        if _rank0():
+            self._write_problems()
+        _barrier()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def _marker(self, r: int) -> Path:
+        return self.run / "rounds" / f"round_{r:03d}.json"
+
+    def _seq_file(self, r: int) -> Path:
+        return self.run / "train_seqs" / f"round_{r:03d}.jsonl"
+
+    def _write_problems(self) -> None:
+        """RUN/problems.jsonl: the problems with their prompts rendered as the model sees them."""
+        from megatron_rasft.records import write_records
+
+        path = self.run / "problems.jsonl"
+        if path.is_file():
+            return
+        tok, tmpl = self.data.tokenizer, self.cfg.train.prompt_template
+        from megatron_rasft.data.tokenize import render_prompt
+
+        recs = [type(p)(p.id, render_prompt(tok, p.prompt, tmpl), p.response, p.answer, p.tests, p.meta)
+                for p in self.data.problems.values()]
+        write_records(path, recs)
+
+    # -- resume --------------------------------------------------------------------------------
+    def restore(self, state) -> dict:
+        """Rollout sequences still in the queue of a resumed run; also the round summaries."""
+        self.summaries = list(state.rounds)
+        wanted = {key for key, _ in state.queue if key.startswith("r")}
+        pool: dict = {}
+        for path in sorted((self.run / "train_seqs").glob("round_*.jsonl")) if wanted else []:
+            for line in path.read_text().splitlines():
+                d = json.loads(line)
+                if d["key"] in wanted:
+                    pool[d["key"]] = Seq(**d)
+        return pool
+
+    # -- one round -----------------------------------------------------------------------------
+    def run(self, r: int, problem_ids: list, step: int, times: dict):
+        """-> (expert weight by problem id, [[rollout key, weight]], {key: Seq} of new rollouts)."""
+        if not self._marker(r).is_file():
+            t0 = time.time()
+            hf_dir = self._export()
+            times["refresh"] += time.time() - t0
+            probe = self._probe_expectation()
+            if _rank0():
+                self._stages(r, problem_ids, hf_dir, probe, times)
+            _barrier()
+        done = json.loads(self._marker(r).read_text())
+        seqs = {}
+        for line in self._seq_file(r).read_text().splitlines():
+            d = json.loads(line)
+            seqs[d["key"]] = Seq(**d)
+        if len(self.summaries) <= r:
+            self.summaries.append(done["summary"])
+        return done["expert_weight"], done["rollout_items"], seqs
+
+    def _export(self) -> Path:
+        from megatron_rasft.convert.export import export_to_hf
+        from megatron_rasft.train.step import unwrap
+
+        out = self.run / "hf" / "policy"
+        export_to_hf(unwrap(self.models.policy), out, self.cfg.model, hf_config=self.models.hf_config,
+                     tokenizer_dir=self.cfg.train.tokenizer)
+        return out
+
+    def _probe_expectation(self):
+        """(probe token ids, their log-probs under the policy just exported), by our own forward
+        pass: the refreshed server must reproduce them (proof that the new weights are live)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_rasft.train.refpass import score
+        from megatron_rasft.train.step import unwrap
+
+        pid = sorted(self.data.prompt_ids)[0]
+        ids = list(self.data.prompt_ids[pid])[: self.cfg.model.seq_length]
+        got = score(unwrap(self.models.policy), [Seq("probe", ids, 0)], micro_batch_size=1,
+                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id, tp_group=self.pgs.tp,
+                    dp_group=ps.get_data_parallel_group(), vocab_size=self.cfg.model.vocab_size)
+        return ids, got["probe"]
+
+    def _ensure_server(self, hf_dir: Path, probe, times: dict) -> None:
+        from megatron_rasft.rollout.client import RolloutClient
+        from megatron_rasft.rollout.refresh import refresh_weights
+        from megatron_rasft.rollout.server import RolloutServer
+
+        rc = self.cfg.rollout
+        t0 = time.time()
+        if self.server is None:
+            if rc.server_url:
+                self.server = RolloutServer.attach(rc.server_url, rc)
+            else:
+                self.server = RolloutServer(hf_dir, rc, log_file=self.run / "logs" / "vllm.log").start()
+            self.client = RolloutClient(self.server, rc)
+        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
+                              atol=rc.refresh_atol)
+        print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+              f"probe |Δ| {res.diff_expected:.2e})", flush=True)
+        times["refresh"] += time.time() - t0
+
+    def _stages(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict) -> None:
+        from megatron_rasft.data.tokenize import encode_prompt
+        from megatron_rasft.records import ProblemVerdicts, read_records, write_records
+        from megatron_rasft.rollout.client import SamplingParams
+        from megatron_rasft.rollout.stage import rollout_round
+        from megatron_rasft.verify.stage import round_path, verify_round
+        from megatron_rasft.weighting import round_summary, weight_records
+
+        rc, tok = self.cfg.rollout, self.data.tokenizer
+        self._ensure_server(hf_dir, probe, times)
+        t0 = time.time()
+        sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r)
+        rollout_round(self.run, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
+                      problem_ids=problem_ids)
+        times["rollout"] += time.time() - t0
+        verify_round(self.run, r, verifier=rc.verifier, workers=rc.verifier_workers,
+                     timeout_s=rc.verifier_timeout_s, progress=True)
+        weights = []
+        wanted = set(problem_ids)
+        for pv in read_records(round_path(self.run, "verdicts", r), ProblemVerdicts):
+            if pv.problem_id in wanted:
+                weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
+        if not self.cfg.weighting.add_rollouts:
+            weights = [w for w in weights if w.kind == "expert"]
+        write_records(round_path(self.run, "weights", r), weights)
+        rollouts = {(x.problem_id, x.sample_index): x
+                    for x in read_records(self.run / "rollouts" / f"round_{r:03d}.jsonl")}
+        seqs, items = [], []
+        max_len = self.cfg.model.seq_length + 1
+        for w in weights:
+            if w.kind != "rollout":
+                continue
+            ro = rollouts[(w.problem_id, w.sample_index)]
+            ids = list(ro.token_ids)
+            if ro.finish_reason == "stop" and (not ids or ids[-1] != self.data.eos_id):
+                ids.append(self.data.eos_id)
+            prompt = list(self.data.prompt_ids[w.problem_id])
+            tokens = (prompt + ids)[:max_len]
+            if len(tokens) <= len(prompt):
+                continue
+            key = f"r{r}/{w.problem_id}/{w.sample_index}"
+            seqs.append(Seq(key, tokens, len(prompt)))
+            items.append([key, w.weight])
+        summary = {"round": r, **round_summary(weights), "times": dict(times)}
+        self._seq_file(r).parent.mkdir(parents=True, exist_ok=True)
+        self._seq_file(r).write_text("".join(json.dumps(asdict(s)) + "\n" for s in seqs))
+        marker = {"expert_weight": {w.problem_id: w.weight for w in weights if w.kind == "expert"},
+                  "rollout_items": items, "summary": summary}
+        self._marker(r).parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._marker(r).with_suffix(".tmp")
+        tmp.write_text(json.dumps(marker))
+        tmp.replace(self._marker(r))
+        hist = " ".join(str(h) for h in summary["p_hist"])
+        print(f"[round {r}] {summary['problems']} problems, {summary['rollouts_added']} rollouts added, "
+              f"mean A_E {summary['mean_expert_weight']:.3f}, k=0 {summary['frac_k0']:.0%}, "
+              f"k=K {summary['frac_kK']:.0%}, p-hist [{hist}], ESS {summary['ess']:.1f}", flush=True)
+
+    def close(self) -> None:
+        if self.server is not None and self.server.managed:
+            self.server.stop()
