@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,7 +43,10 @@ def make_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab: int, h
     writer = hf_io.ShardedWriter(out, [(n, s, torch.bfloat16) for n, s in plan], hf_io.parse_size("2GB"))
     gen = torch.Generator().manual_seed(0)
     for name, shape in plan:
-        writer.write(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
+        t = torch.empty(shape, dtype=torch.bfloat16)
+        for rows in t.split(4096):  # fill in blocks: the generator holds one bf16 tensor
+            rows.copy_(torch.randn(rows.shape, generator=gen) * 0.02)
+        writer.write(name, t)
     hf_io.write_index(out, writer.finish(), writer.bytes_written)
     hf_io.write_side_files(out, cfg)
     largest = max(hf_io._numel(s) for _, s in plan) * 2
@@ -56,7 +58,7 @@ def child(args) -> None:
     """One conversion in this fresh process; prints a JSON line."""
     from megatron_rasft.convert import pipeline
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    base = pipeline.peak_rss_bytes()  # after imports
     t0 = time.perf_counter()
     if args.child == "hf-to-mcore":
         s = pipeline.hf_to_mcore(args.src, args.dst, tp=1, quiet=True)
@@ -100,7 +102,9 @@ def main() -> int:
             t0 = time.perf_counter()
             info = make_checkpoint(hf, layers, args.hidden, args.ffn, args.vocab, args.heads, args.kv_heads)
             gen_s = time.perf_counter() - t0
-            gen_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            from megatron_rasft.convert.pipeline import peak_rss_bytes
+
+            gen_rss = peak_rss_bytes()
             for direction, src, dst in (("hf-to-mcore", hf, mc), ("mcore-to-hf", mc, back)):
                 r = run(direction, src, dst)
                 rows.append(dict(layers=layers, direction=direction, **info, **r))

@@ -273,84 +273,108 @@ def _megatron_logits(model_chunks, tokens: torch.Tensor, mcfg) -> torch.Tensor |
     return captured[0] if last and captured else None
 
 
-def _layout_job(rank, world_size, tp, pp, jobs):
-    """For each (mcore_dir, tokens, export_dir, save_dir): build the model at (tp, pp), load, forward,
-    export to HF, optionally save with save_model_as_mcore. Returns logits per job (last stage)."""
+def _layout_job(rank, world_size, layouts):
+    """For each (tp, pp, jobs) in turn (model parallelism re-initialised in between; spare ranks are
+    data-parallel replicas), and each (mcore_dir, tokens, export_dir, save_dir) of `jobs`: build the
+    model, load, forward, export to HF and/or save with save_model_as_mcore. Returns, per layout,
+    the logits of each job on the last stage's TP rank 0 (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+
     from megatron_rasft.config import ParallelConfig
     from megatron_rasft.convert.export import export_to_hf
     from megatron_rasft.convert.mcore_io import load_mcore_into_model, read_model_config, save_model_as_mcore
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.groups import init_distributed
 
-    pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(pcfg)
-    out = []
-    for mcore_dir, tokens, export_dir, save_dir in jobs:
-        mcfg, meta = read_model_config(mcore_dir)
-        mcfg.transformer_impl = "local"
-        model = build_model(mcfg, pcfg).eval()
-        load_mcore_into_model([model], mcore_dir)
-        out.append(_megatron_logits([model], tokens, mcfg))
-        if export_dir is not None:
-            export_to_hf([model], export_dir, mcfg, hf_config=meta["hf_config"],
-                         tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")
-        if save_dir is not None:
-            # Megatron's checkpoint writer forks worker processes, which a daemonic process (what
-            # `spawn` starts) may not; torchrun ranks are not daemonic.
-            import multiprocessing
+    results = []
+    for tp, pp, jobs in layouts:
+        ps.destroy_model_parallel()
+        pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        init_distributed(pcfg)
+        out = []
+        for mcore_dir, tokens, export_dir, save_dir in jobs:
+            mcfg, meta = read_model_config(mcore_dir)
+            mcfg.transformer_impl = "local"
+            model = build_model(mcfg, pcfg).eval()
+            load_mcore_into_model([model], mcore_dir)
+            logits = _megatron_logits([model], tokens, mcfg)
+            out.append(logits if ps.get_data_parallel_rank() == 0 else None)
+            if export_dir is not None:
+                export_to_hf([model], export_dir, mcfg, hf_config=meta["hf_config"],
+                             tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")
+            if save_dir is not None:
+                # Megatron's checkpoint writer forks worker processes, which a daemonic process (what
+                # `spawn` starts) may not; torchrun ranks are not daemonic.
+                import multiprocessing
 
-            multiprocessing.current_process()._config["daemon"] = False
-            save_model_as_mcore([model], save_dir, mcfg, hf_config=meta["hf_config"])
-    return out
+                multiprocessing.current_process()._config["daemon"] = False
+                save_model_as_mcore([model], save_dir, mcfg, hf_config=meta["hf_config"])
+        results.append(out)
+    return results
 
 
-def _check_logits(results, refs, label):
-    final = None
-    for rank_out in results:
-        if rank_out[0] is not None:
-            final = rank_out
-    assert final is not None, "no rank returned logits"
-    for (key, ref), logits in zip(refs, final):
+def _check_logits(per_rank, refs, label):
+    final = [out for out in per_rank if out[0] is not None]
+    assert len(final) == 1, f"{label}: {len(final)} ranks returned logits (expected 1)"
+    for (key, ref), logits in zip(refs, final[0]):
         diff = (logits[..., :VOCAB] - ref).abs().max().item()
         assert diff <= 1e-4, f"{label} {key}: max |Δlogits| = {diff}"
         assert logits[..., VOCAB:].abs().max() == 0  # padded vocab rows are zero
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_logits_parity_and_export_at_layout(models, tmp_path, tp, pp):
+def _layout_jobs(models, tmp_path, tp, pp):
+    """Convert every model for (tp, pp); the spawned jobs, the references, the export pairs."""
     jobs, refs, exports = [], [], []
     for key, (hf_dir, ref, tokens) in models.items():
-        mc = tmp_path / f"{key[0]}{key[1]}-mc"
+        mc = tmp_path / f"{key[0]}{key[1]}-tp{tp}pp{pp}-mc"
         pipeline.hf_to_mcore(hf_dir, mc, tp=tp, pp=pp, quiet=True)
-        exp = tmp_path / f"{key[0]}{key[1]}-export"
+        exp = tmp_path / f"{key[0]}{key[1]}-tp{tp}pp{pp}-export"
         jobs.append((str(mc), tokens, str(exp), None))
         refs.append((key, ref))
         exports.append((hf_dir, exp))
-    results = spawn(_layout_job, tp * pp, tp, pp, jobs, timeout_s=600)
-    _check_logits(results, refs, f"tp{tp} pp{pp}")
-    for hf_dir, exp in exports:  # in-memory export of the sharded model is bit-exact
+    return (tp, pp, jobs), refs, exports
+
+
+def _check_exports(exports):
+    for hf_dir, exp in exports:  # the in-memory export of the sharded model is bit-exact
         _assert_same_tensors(hf_dir, exp)
         assert json.loads((exp / "config.json").read_text())["architectures"] == \
             json.loads((hf_dir / "config.json").read_text())["architectures"]
         assert (exp / "tokenizer_config.json").is_file()
 
 
-def test_reshard_tp2_tp1_pp2_preserves_logits(models, tmp_path):
+def test_logits_parity_export_and_reshard_on_two_ranks(models, tmp_path):
+    """TP1 (×DP2), TP2, PP2 for every model, then reshard TP2 → TP1 → PP2 and a TP2 checkpoint saved
+    by Megatron itself loaded at PP2 — all in one 2-process job."""
+    layouts, all_refs, all_exports = [], [], []
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        layout_, refs, exports = _layout_jobs(models, tmp_path, tp, pp)
+        layouts.append(layout_)
+        all_refs.append(refs)
+        all_exports += exports
     hf_dir, ref, tokens = models[("qwen2", True)]
-    pipeline.hf_to_mcore(hf_dir, tmp_path / "tp2", tp=2, quiet=True)
-    pipeline.reshard(tmp_path / "tp2", tmp_path / "tp1", tp=1, quiet=True)
-    pipeline.reshard(tmp_path / "tp1", tmp_path / "pp2", tp=1, pp=2, quiet=True)
-    meta = json.loads((tmp_path / "pp2" / "model_config.json").read_text())
-    assert meta["parallel"]["pipeline_model_parallel_size"] == 2
-    # TP2 model saved by Megatron itself (save_model_as_mcore), then read at PP2 and converted to HF.
-    results = spawn(_layout_job, 2, 2, 1, [(str(tmp_path / "tp2"), tokens, None, str(tmp_path / "saved"))],
-                    timeout_s=300)
-    _check_logits(results, [("tp2", ref)], "tp2")
-    results = spawn(_layout_job, 2, 1, 2, [(str(tmp_path / "pp2"), tokens, None, None),
-                                           (str(tmp_path / "saved"), tokens, None, None)], timeout_s=300)
-    _check_logits(results, [("resharded pp2", ref), ("megatron-saved tp2 → pp2", ref)], "pp2")
-    pipeline.mcore_to_hf(tmp_path / "saved", tmp_path / "hf", quiet=True)
-    _assert_same_tensors(hf_dir, tmp_path / "hf")
+    r = tmp_path / "reshard"
+    pipeline.hf_to_mcore(hf_dir, r / "tp2", tp=2, quiet=True)
+    pipeline.reshard(r / "tp2", r / "tp1", tp=1, quiet=True)
+    pipeline.reshard(r / "tp1", r / "pp2", tp=1, pp=2, quiet=True)
+    assert json.loads((r / "pp2" / "model_config.json").read_text())["parallel"]["pipeline_model_parallel_size"] == 2
+    layouts.append((2, 1, [(str(r / "tp2"), tokens, None, str(r / "saved"))]))
+    layouts.append((1, 2, [(str(r / "pp2"), tokens, None, None), (str(r / "saved"), tokens, None, None)]))
+    all_refs += [[("tp2", ref)], [("resharded tp2→tp1→pp2", ref), ("megatron-saved tp2 → pp2", ref)]]
+    per_rank = spawn(_layout_job, 2, layouts, timeout_s=600)
+    labels = ["tp1 dp2", "tp2", "pp2", "tp2 (save)", "pp2 (resharded)"]
+    for i, label in enumerate(labels):
+        _check_logits([out[i] for out in per_rank], all_refs[i], label)
+    _check_exports(all_exports)
+    pipeline.mcore_to_hf(r / "saved", r / "hf", quiet=True)
+    _assert_same_tensors(hf_dir, r / "hf")
+
+
+def test_logits_parity_and_export_tp2_pp2(models, tmp_path):
+    layout_, refs, exports = _layout_jobs(models, tmp_path, 2, 2)
+    per_rank = spawn(_layout_job, 4, [layout_], timeout_s=600)
+    _check_logits([out[0] for out in per_rank], refs, "tp2 pp2")
+    _check_exports(exports)
 
 
 # ------------------------------------------------------------------------------------------------
