@@ -60,7 +60,7 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

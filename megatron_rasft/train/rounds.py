@@ -33,7 +33,7 @@ class Rounds:
     def __init__(self, cfg, run: Path, data, models, pgs):
         if data.tokenizer is None:
             raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
-        self.cfg, self.run, self.data, self.models, self.pgs = cfg, Path(run), data, models, pgs
+        self.cfg, self.run_dir, self.data, self.models, self.pgs = cfg, Path(run), data, models, pgs
         self.server = self.client = None
         self.summaries: list = []
         if _rank0():
@@ -42,16 +42,16 @@ class Rounds:
 
     # -- paths ---------------------------------------------------------------------------------
     def _marker(self, r: int) -> Path:
-        return self.run / "rounds" / f"round_{r:03d}.json"
+        return self.run_dir / "rounds" / f"round_{r:03d}.json"
 
     def _seq_file(self, r: int) -> Path:
-        return self.run / "train_seqs" / f"round_{r:03d}.jsonl"
+        return self.run_dir / "train_seqs" / f"round_{r:03d}.jsonl"
 
     def _write_problems(self) -> None:
         """RUN/problems.jsonl: the problems with their prompts rendered as the model sees them."""
         from megatron_rasft.records import write_records
 
-        path = self.run / "problems.jsonl"
+        path = self.run_dir / "problems.jsonl"
         if path.is_file():
             return
         tok, tmpl = self.data.tokenizer, self.cfg.train.prompt_template
@@ -67,7 +67,7 @@ class Rounds:
         self.summaries = list(state.rounds)
         wanted = {key for key, _ in state.queue if key.startswith("r")}
         pool: dict = {}
-        for path in sorted((self.run / "train_seqs").glob("round_*.jsonl")) if wanted else []:
+        for path in sorted((self.run_dir / "train_seqs").glob("round_*.jsonl")) if wanted else []:
             for line in path.read_text().splitlines():
                 d = json.loads(line)
                 if d["key"] in wanted:
@@ -98,7 +98,7 @@ class Rounds:
         from megatron_rasft.convert.export import export_to_hf
         from megatron_rasft.train.step import unwrap
 
-        out = self.run / "hf" / "policy"
+        out = self.run_dir / "hf" / "policy"
         export_to_hf(unwrap(self.models.policy), out, self.cfg.model, hf_config=self.models.hf_config,
                      tokenizer_dir=self.cfg.train.tokenizer)
         return out
@@ -129,12 +129,12 @@ class Rounds:
             if rc.server_url:
                 self.server = RolloutServer.attach(rc.server_url, rc)
             else:
-                self.server = RolloutServer(hf_dir, rc, log_file=self.run / "logs" / "vllm.log").start()
+                self.server = RolloutServer(hf_dir, rc, log_file=self.run_dir / "logs" / "vllm.log").start()
             self.client = RolloutClient(self.server, rc)
         res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
                               atol=rc.refresh_atol)
         print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-              f"probe |Δ| {res.diff_expected:.2e})", flush=True)
+              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
         times["refresh"] += time.time() - t0
 
     def _stages(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict) -> None:
@@ -149,21 +149,21 @@ class Rounds:
         self._ensure_server(hf_dir, probe, times)
         t0 = time.time()
         sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r)
-        rollout_round(self.run, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
+        rollout_round(self.run_dir, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
                       problem_ids=problem_ids)
         times["rollout"] += time.time() - t0
-        verify_round(self.run, r, verifier=rc.verifier, workers=rc.verifier_workers,
+        verify_round(self.run_dir, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)
         weights = []
         wanted = set(problem_ids)
-        for pv in read_records(round_path(self.run, "verdicts", r), ProblemVerdicts):
+        for pv in read_records(round_path(self.run_dir, "verdicts", r), ProblemVerdicts):
             if pv.problem_id in wanted:
                 weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
         if not self.cfg.weighting.add_rollouts:
             weights = [w for w in weights if w.kind == "expert"]
-        write_records(round_path(self.run, "weights", r), weights)
+        write_records(round_path(self.run_dir, "weights", r), weights)
         rollouts = {(x.problem_id, x.sample_index): x
-                    for x in read_records(self.run / "rollouts" / f"round_{r:03d}.jsonl")}
+                    for x in read_records(self.run_dir / "rollouts" / f"round_{r:03d}.jsonl")}
         seqs, items = [], []
         max_len = self.cfg.model.seq_length + 1
         for w in weights:
