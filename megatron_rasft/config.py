@@ -68,6 +68,8 @@ class ModelConfig:
         _check(self.seq_length <= self.max_position_embeddings,
                f"model.seq_length ({self.seq_length}) exceeds max_position_embeddings "
                f"({self.max_position_embeddings})")
+        if self.fp8 in ("none", ""):
+            self.fp8 = None
         _one_of("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
         _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "te"))
         _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
@@ -309,9 +311,8 @@ def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        if text.lower() in ("none", "null"):
-            return None
-        return text
+        # `null` is None; `none` stays a string (it is a value of loss.ratio, loss.token_factor, ...).
+        return None if text == "null" else text
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
