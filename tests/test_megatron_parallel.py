@@ -100,7 +100,35 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
 
 def _single(rank, world):
     out = _run_layout(1, 1, 1, False)
+    out["packing"] = _packed_vs_padded()
     return out
+
+
+def _packed_vs_padded():
+    """Per-sequence logits of a packed row (block-diagonal mask, positions restarting) against the
+    same sequences each in its own padded row."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
+    from megatron_rasft.model.provider import build_model
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel()
+    model = build_model(ModelConfig(**MCFG), ParallelConfig()).eval()
+    g = torch.Generator().manual_seed(3)
+    seqs = [Seq(str(i), torch.randint(0, 250, (n,), generator=g).tolist(), 2) for i, n in enumerate([6, 5, 4])]
+    diffs = []
+    with torch.no_grad():
+        packed = stack_microbatches(make_rows(seqs, SEQ, 0, pack=True), 1, SEQ, 0)[0]
+        lp = model(packed["tokens"], packed["position_ids"], packed["attention_mask"])[0]
+        start = 0
+        for seq in seqs:
+            row = stack_microbatches(make_rows([seq], SEQ, 0, pack=False), 1, SEQ, 0)[0]
+            lu = model(row["tokens"], row["position_ids"], None)[0]
+            n = len(seq.tokens) - 1
+            diffs.append((lp[start:start + n] - lu[:n]).abs().max().item())
+            start += n
+    return max(diffs)
 
 
 def _parallel(rank, world, full_state):
@@ -132,6 +160,7 @@ def _merge(rank_results, key):
 
 def test_tp_pp_dp_step_matches_single_process():
     ref = spawn(_single, 1, timeout_s=300)[0]
+    assert ref["packing"] < 1e-5, ref["packing"]
     full_state = ref["init"]
     assert "output_layer.weight" not in full_state  # tied embeddings
     per_rank = spawn(_parallel, 2, full_state, timeout_s=600)

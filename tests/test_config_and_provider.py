@@ -1,0 +1,88 @@
+"""Config loading/validation, the model provider's spec choice and errors, and lazy imports."""
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rasft.config import LossConfig, ModelConfig, WeightingConfig, load_config
+
+
+def test_toml_and_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[loss]\nmethod = "sft"\n[train]\nlr = 1e-4\nrun_dir = "x"\n')
+    cfg = load_config(f, ["train.lr=3e-5", "loss.ratio=none", "model.tie_embeddings=true",
+                          "rollout.stop=[\"\\n\"]", "weighting.smoothing=[1, 1]"])
+    assert cfg.loss.method == "sft" and cfg.loss.ratio == "none"
+    assert cfg.train.lr == 3e-5 and cfg.model.tie_embeddings is True
+    assert cfg.rollout.stop == ["\n"] and cfg.weighting.smoothing == (1, 1)
+    cfg.save(tmp_path / "out" / "config.json")
+    assert '"method": "sft"' in (tmp_path / "out" / "config.json").read_text()
+    assert "[loss]" in cfg.pretty()
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (["loss.method=foo"], "loss.method must be one of"),
+    (["nope.x=1"], "unknown config section"),
+    (["train.bogus=1"], "unknown key(s) in [train]: bogus"),
+    (["train.global_batch_size=7", "train.micro_batch_size=2"], "multiple of micro_batch_size"),
+    (["model.num_attention_heads=6", "model.num_query_groups=4"], "multiple of"),
+    (["train.data_path=p.jsonl"], "train.tokenizer"),
+    (["loss.ratio_min=2.0"], "ratio_min"),
+    (["bad"], "section.key=value"),
+])
+def test_validation_errors(bad, msg):
+    with pytest.raises(ValueError, match=None) as e:
+        load_config(None, bad)
+    assert msg in str(e.value)
+
+
+def test_dataclass_validation():
+    with pytest.raises(ValueError, match="a_min must be ≤ a_max"):
+        WeightingConfig(scheme="linear", a_min=1.5)
+    with pytest.raises(ValueError, match="model.fp8"):
+        ModelConfig(fp8="e5m2")
+    assert LossConfig(method="rasft").needs_ref_logp and not LossConfig(method="sft").needs_ref_logp
+    assert LossConfig(method="asft").needs_ref_logits
+    with pytest.raises(FileNotFoundError):
+        load_config("/nonexistent.toml")
+
+
+def test_provider_spec_and_te_errors():
+    from megatron_rasft.model.provider import padded_vocab_size, resolve_impl
+
+    assert resolve_impl(ModelConfig()) == "local"  # no GPU here
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU .* and Transformer Engine"):
+        resolve_impl(ModelConfig(fp8="hybrid"))
+    with pytest.raises(RuntimeError, match="transformer_impl = 'te' needs"):
+        resolve_impl(ModelConfig(transformer_impl="te"))
+    assert padded_vocab_size(250, 128, 1) == 256 and padded_vocab_size(250, 128, 2) == 256
+    assert padded_vocab_size(257, 64, 2) == 384
+
+
+def test_transformer_config_passes_architecture_through():
+    from megatron_rasft.config import ParallelConfig
+    from megatron_rasft.model.provider import transformer_config
+
+    tc = transformer_config(ModelConfig(num_query_groups=2, qk_layernorm=True, add_qkv_bias=True,
+                                        num_layers=2, hidden_size=64, num_attention_heads=4),
+                            ParallelConfig(tensor_model_parallel_size=2))
+    assert tc.num_query_groups == 2 and tc.qk_layernorm and tc.add_qkv_bias
+    assert tc.gated_linear_unit and tc.normalization == "RMSNorm" and not tc.add_bias_linear
+    assert tc.calculate_per_token_loss and tc.tensor_model_parallel_size == 2
+
+
+def test_import_is_light():
+    """Importing the package and its pure modules loads neither vLLM, TE nor Megatron's model code."""
+    code = ("import sys, megatron_rasft, megatron_rasft.config, megatron_rasft.loss, megatron_rasft.weighting, "
+            "megatron_rasft.records, megatron_rasft.cli; megatron_rasft.cli.build_parser(); "
+            "bad = [m for m in ('vllm', 'transformer_engine', 'megatron.core.models') if m in sys.modules]; "
+            "print(bad); assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "megatron_rasft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("train", "serve", "rollout", "verify", "weigh"):
+        assert cmd in out.stdout
