@@ -127,6 +127,8 @@ def test_port_in_use_is_refused_before_starting(vllm_server):
         with pytest.raises(ServerError, match=f"port {port} .* already in use"):
             server.start()
         assert server.proc is None
+        from megatron_rasft.cli import main
+        assert main(["serve", "--model", vllm_server.model_dir, "--port", str(port)]) == 2
     with pytest.raises(ServerError, match="has no config.json"):
         RolloutServer(vllm_server.model_dir + "/missing", RolloutConfig()).start()
 
@@ -185,3 +187,23 @@ def test_rollout_stage_resumes_without_regenerating(vllm_server, tmp_path, capsy
         f.write("{not json\n")
     rc, stdout = _run_stage(capsys, tmp_path, vllm_server.url, vllm_server.model_dir)
     assert rc == 2 and "problems.jsonl:6" in stdout, stdout
+
+
+@pytest.mark.slow
+def test_refresh_falls_back_to_restart_when_shapes_change(vllm_server, tmp_path):
+    """In-place reload cannot change shapes: the refresh restarts the server on the new checkpoint
+    (and back). Two restarts, so `slow`."""
+    from megatron_rasft.testing.tiny import make_tiny_model
+
+    old_dir = vllm_server.model_dir
+    wide = make_tiny_model(tmp_path / "wide", old_dir, seed=5, intermediate_size=384)
+    client = _client(vllm_server)
+    ids = client.prompt_logprobs(PROMPTS[0])[0]
+    try:
+        result = refresh_weights(vllm_server, wide, client, probe=PROMPTS[0],
+                                 expected=hf_prompt_logprobs(wide, ids))
+        assert result.method == "restart" and result.max_abs_diff_expected <= 1e-2
+    finally:
+        back = refresh_weights(vllm_server, old_dir, client, probe=PROMPTS[0],
+                               expected=hf_prompt_logprobs(old_dir, ids))
+    assert back.max_abs_diff_expected <= 1e-2

@@ -105,7 +105,7 @@ class RolloutClient:
         self.server = server
         self.cfg = cfg
         self.progress = progress
-        self._model: Optional[str] = None
+        self._model: Optional[tuple] = None  # (served name, server.restarts when read)
         self.stats = {"requests": 0, "retries": 0, "restarts": 0, "tokens": 0, "seconds": 0.0}
         self._lock = threading.Lock()
 
@@ -118,9 +118,10 @@ class RolloutClient:
 
     @property
     def model(self) -> str:
-        if self._model is None:
-            self._model = self.server.model_name()
-        return self._model
+        """The served model name, re-read after every restart (it names the checkpoint served)."""
+        if self._model is None or self._model[1] != self.server.restarts:
+            self._model = (self.server.model_name(), self.server.restarts)
+        return self._model[0]
 
     # ----------------------------------------------------------------- the batch
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams,
@@ -131,8 +132,7 @@ class RolloutClient:
         keys: per-prompt seed keys (default: the prompt index). on_result(i, completions) is called
         in this thread as each prompt finishes (e.g. to write it out before the batch ends).
         """
-        self._model = None  # re-read the served name: a restart may serve another checkpoint
-        _ = self.model
+        _ = self.model  # resolved here, not concurrently in the worker threads
         keys = list(range(len(prompts))) if keys is None else list(keys)
         if len(keys) != len(prompts):
             raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts")
@@ -147,6 +147,7 @@ class RolloutClient:
                 lost = []
                 down = threading.Event()
                 pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+                drained = False
                 try:
                     futures = {pool.submit(self._one, prompts[i], sampling, seeds[i], down): i
                                for i in pending}
@@ -163,9 +164,12 @@ class RolloutClient:
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(tok_s=f"{tokens / (time.monotonic() - start):.0f}")
+                    drained = True
                 finally:
-                    down.set()  # on an exception here, queued requests return at once
-                    pool.shutdown(wait=True, cancel_futures=True)
+                    # On an exception (Ctrl-C included) queued requests return at once and we do
+                    # not wait for those in flight: stopping the server ends them.
+                    down.set()
+                    pool.shutdown(wait=drained, cancel_futures=True)
                 stalled = 0 if len(lost) < len(pending) else stalled + 1
                 pending = sorted(lost)
                 if pending:

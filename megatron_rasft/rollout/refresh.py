@@ -15,6 +15,7 @@ from the probe before the refresh whenever `expected` does.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
     """Make `server` serve the checkpoint in `hf_dir` (in place, else by restart) and verify it.
 
     expected: log π_new(probe_t | probe_<t) for t ≥ 1 (see `RolloutClient.prompt_logprobs`).
+    The in-place path is skipped when config.json differs from the served model's (vLLM does not
+    notice a shape change: it reloads what fits and serves garbage), and a restart follows an
+    in-place reload whose probe does not match `expected`.
     """
     hf_dir = check_checkpoint(hf_dir)
     client = client or RolloutClient(server, server.cfg, progress=False)
@@ -78,17 +82,23 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
     start = time.monotonic()
     method, reason = "inplace", None
     try:
+        if server.model_dir is not None and not same_architecture(server.model_dir, hf_dir):
+            raise ServerError(f"config.json of {hf_dir} differs from the served {server.model_dir}")
         reload_in_place(server, hf_dir)
+        after = client.prompt_logprobs(probe)[1]
+        if expected is not None and _max_abs_diff(after, expected) > atol:
+            raise ServerError(f"probe differs from the expected log-probs by "
+                              f"{_max_abs_diff(after, expected):.3g} after the in-place reload")
     except (ServerError, OSError) as e:
         if not (allow_restart and server.managed):
             raise ServerError(f"in-place refresh of {server.url} failed and no restart is possible "
                               f"({'external server' if not server.managed else 'allow_restart=False'}): {e}") from e
         method, reason = "restart", str(e)[:300]
-        print(f"[refresh] in-place reload failed ({reason}); restarting the server on {hf_dir}", flush=True)
+        print(f"[refresh] in-place reload not usable ({reason}); restarting the server on {hf_dir}", flush=True)
         server.restart(hf_dir)
+        after = client.prompt_logprobs(probe)[1]
     server.model_dir = str(hf_dir)  # a later restart must serve these weights, not the old ones
     seconds = time.monotonic() - start
-    after = client.prompt_logprobs(probe)[1]
     if not all(math.isfinite(x) for x in after):
         raise RefreshError(f"probe log-probs after refresh are not finite: {after}")
     diff_before = _max_abs_diff(after, before)
@@ -101,6 +111,17 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
         if _max_abs_diff(expected, before) > atol and diff_before <= atol:
             raise RefreshError(f"probe log-probs did not change after refreshing to {hf_dir} ({method})")
     return RefreshResult(method, seconds, after, diff_expected, diff_before, reason)
+
+
+# Keys of config.json that do not change what the served model computes with its weights.
+_CONFIG_NOISE = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache"}
+
+
+def same_architecture(dir_a: str | Path, dir_b: str | Path) -> bool:
+    """Whether two checkpoints' config.json agree (apart from bookkeeping keys)."""
+    a, b = (json.loads((Path(d) / "config.json").read_text()) for d in (dir_a, dir_b))
+    return {k: v for k, v in a.items() if k not in _CONFIG_NOISE} == \
+        {k: v for k, v in b.items() if k not in _CONFIG_NOISE}
 
 
 def _max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
