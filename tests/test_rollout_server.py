@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-from pathlib import Path
 
 import pytest
 
@@ -131,6 +130,14 @@ def test_port_in_use_is_refused_before_starting(vllm_server):
         assert main(["serve", "--model", vllm_server.model_dir, "--port", str(port)]) == 2
     with pytest.raises(ServerError, match="has no config.json"):
         RolloutServer(vllm_server.model_dir + "/missing", RolloutConfig()).start()
+
+
+def test_failed_start_shows_the_log_tail(vllm_server, tmp_path):
+    # A context longer than the model's max_position_embeddings (512): vLLM refuses at start-up.
+    server = RolloutServer(vllm_server.model_dir, RolloutConfig(max_model_len=4096), log_file=tmp_path / "log")
+    with pytest.raises(ServerError, match=r"(?s)exited with code .*max_model_len"):
+        server.start()
+    assert server.proc is None
 
 
 def test_attach_to_external_server(vllm_server):
