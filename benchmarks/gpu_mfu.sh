@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Tokens/s/GPU and MFU of a ~1B Llama-shaped training step on one GPU (at most ~5 minutes).
+#
+#   bash benchmarks/gpu_mfu.sh [gpu_mfu.py options, e.g. --impl local --micro-batch 4 --fp8 hybrid]
+#   bash benchmarks/gpu_mfu.sh --device cpu --tiny     # check the code path on a CPU machine
+#
+# Default shapes: Llama-3.2-1B (16 layers, hidden 2048, 32 heads / 8 KV heads, ffn 8192, vocab 128256),
+# seq 2048, bf16, Transformer Engine spec when importable; see benchmarks/gpu_mfu.py for the FLOP count.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+[[ -x .venv/bin/python && "$PYTHON" == python ]] && PYTHON=.venv/bin/python
+
+if [[ " $* " != *" --device cpu "* ]]; then
+    if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+        echo "error: no NVIDIA GPU here (nvidia-smi missing or failing). Run on a GPU node, or" \
+             "'bash benchmarks/gpu_mfu.sh --device cpu --tiny' to check the code path." >&2
+        exit 2
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n1
+fi
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# Hard cap: a hung NCCL/TE initialisation must not hold the machine.
+exec timeout --signal=TERM --kill-after=10 290 "$PYTHON" -W ignore benchmarks/gpu_mfu.py "$@"
