@@ -1,0 +1,79 @@
+"""Held-out evaluation of the demo's checkpoints: export to HF, refresh the server in place, sample
+n answers per problem (the same per-problem seeds for every checkpoint, so arms are compared on the
+same draws), grade with the math verifier, report avg@n with a standard error over problems."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _checkpoints(run_dir: Path) -> list:
+    return sorted((int(p.name.split("_")[1]), p / "model") for p in (run_dir / "ckpt").glob("iter_*")
+                  if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def avg_at_n(correct_by_problem: list) -> tuple:
+    """(avg@n, standard error over problems) from per-problem lists of 0/1 verdicts."""
+    per = [sum(c) / len(c) for c in correct_by_problem]
+    m = sum(per) / len(per)
+    var = sum((x - m) ** 2 for x in per) / max(len(per) - 1, 1)
+    return m, math.sqrt(var / len(per))
+
+
+def evaluate_model(client, problems: list, dc, tag: str, out_dir: Path) -> dict:
+    from megatron_rasft.rollout.client import SamplingParams
+    from megatron_rasft.verify.mathv import MathVerifier
+
+    sampling = SamplingParams(n=dc.eval_n, temperature=dc.eval_temperature, top_p=1.0, top_k=0,
+                              max_tokens=dc.max_tokens, seed=dc.seed + 424242)
+    comps = client.generate([p["prompt"] for p in problems], sampling, keys=[p["id"] for p in problems])
+    mv = MathVerifier(2, 10.0, mode="math")
+    try:
+        pairs = [(c.text, p["answer"]) for p, cs in zip(problems, comps) for c in cs]
+        verdicts = mv.grade(pairs)
+    finally:
+        mv.close()
+    by_problem, rows, i = [], [], 0
+    for p, cs in zip(problems, comps):
+        flags = []
+        for j, c in enumerate(cs):
+            v = verdicts[i]
+            i += 1
+            flags.append(int(v["correct"]))
+            rows.append({"id": p["id"], "digits": p["digits"], "sample": j, "completion": c.text,
+                         "extracted": v.get("extracted"), "correct": bool(v["correct"]), "reason": v["reason"]})
+        by_problem.append(flags)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    acc, se = avg_at_n(by_problem)
+    by_digits: dict = {}
+    for p, flags in zip(problems, by_problem):
+        by_digits.setdefault(p["digits"], []).append(sum(flags) / len(flags))
+    return {"avg_at_n": acc, "stderr": se, "n": dc.eval_n, "problems": len(problems),
+            "by_digits": {d: sum(v) / len(v) for d, v in sorted(by_digits.items())}}
+
+
+def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test: list, dc) -> dict:
+    """{arm: [{step, avg_at_n, stderr, ...}]}, step 0 being the shared warm-up checkpoint."""
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.refresh import refresh_weights
+
+    client = RolloutClient(server, server.cfg, progress=False)
+    refresh_weights(server, hf_warm, client)
+    start = {"step": 0, **evaluate_model(client, test, dc, "warmup", out / "eval")}
+    print(f"   step 0 (warm-up): avg@{dc.eval_n} = {start['avg_at_n']:.3f} ± {start['stderr']:.3f}", flush=True)
+    curves = {}
+    for arm, run_dir in arms.items():
+        curves[arm] = [start]
+        for step, mcore in _checkpoints(run_dir):
+            hf = out / "hf" / f"{arm.lower()}_{step:05d}"
+            if not (hf / "config.json").is_file():
+                mcore_to_hf(mcore, hf, hf_config_from=hf0, quiet=True, force=True)
+            refresh_weights(server, hf, client)
+            res = {"step": step, **evaluate_model(client, test, dc, f"{arm.lower()}_{step:05d}", out / "eval")}
+            curves[arm].append(res)
+            print(f"   {arm:>5} step {step}: avg@{dc.eval_n} = {res['avg_at_n']:.3f} ± {res['stderr']:.3f}", flush=True)
+    (out / "eval" / "curves.json").write_text(json.dumps(curves, indent=1))
+    return curves

@@ -1,0 +1,112 @@
+"""report.md and PNG plots for the demo, from the files the run wrote (nothing typed in by hand)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _rounds(rasft_dir: Path) -> list:
+    return [json.loads(p.read_text())["summary"] for p in sorted((rasft_dir / "rounds").glob("round_*.json"))]
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _plots(out: Path, curves: dict, rounds: list, n: int) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, pts in curves.items():
+        ax.errorbar([p["step"] for p in pts], [p["avg_at_n"] for p in pts], yerr=[p["stderr"] for p in pts],
+                    marker="o", capsize=3, label=arm)
+    ax.set_xlabel("optimizer step after warm-up")
+    ax.set_ylabel(f"held-out avg@{n}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_step.png", dpi=120)
+    plt.close(fig)
+    files.append("accuracy_per_step.png")
+    if rounds:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = [i / 10 + 0.05 for i in range(10)]
+        width = 0.8 / (10 * len(rounds))
+        for i, r in enumerate(rounds):
+            ax.bar([b - 0.04 + i * width for b in bins], r["p_hist"], width=width, label=f"round {r['round']}")
+        ax.set_xlabel("solvability p = k/K (bins of 0.1)")
+        ax.set_ylabel("problems")
+        if len(rounds) <= 8:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "p_histogram.png", dpi=120)
+        plt.close(fig)
+        files.append("p_histogram.png")
+    return files
+
+
+def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
+    rounds = _rounds(rasft_dir)
+    plots = _plots(out, curves, rounds, dc.eval_n)
+    n = dc.eval_n
+    final = {arm: pts[-1] for arm, pts in curves.items()}
+    lines = [
+        "# megatron_rasft demo: SFT vs RASFT on multi-digit addition",
+        "",
+        f"Task: {dc.train_problems} training / {dc.test_problems} held-out addition problems "
+        f"({dc.min_digits}–{dc.max_digits} digits, worked solutions ending in `\\boxed{{}}`). "
+        f"Model: a Llama-shaped transformer (hidden {dc.hidden}, {dc.layers} layers) with a "
+        f"{dc.vocab}-token BPE trained on the task, random init, converted to Megatron, warmed up with "
+        f"{dc.warmup_steps} SFT steps, then trained {dc.arm_steps} more steps two ways from that "
+        f"checkpoint. RASFT: K = {dc.samples} rollouts per problem through the vLLM (CPU) server, a round "
+        f"every {dc.refresh_interval} steps, `linear` weights, sequence ratio with DFT factor. "
+        f"Evaluation: avg@{n} at temperature {dc.eval_temperature} on the held-out split, the same "
+        f"per-problem sampling seeds for every checkpoint; ± is the standard error over problems. "
+        f"Seed {dc.seed}.",
+        "",
+        "## Result",
+        "",
+        f"| arm | avg@{n} at step {dc.arm_steps} | best over steps |",
+        "| --- | --- | --- |",
+    ]
+    for arm, pts in curves.items():
+        best = max(pts[1:] or pts, key=lambda p: p["avg_at_n"])
+        lines.append(f"| {arm} | {final[arm]['avg_at_n']:.3f} ± {final[arm]['stderr']:.3f} | "
+                     f"{best['avg_at_n']:.3f} (step {best['step']}) |")
+    lines.append(f"| warm-up (step 0) | {curves[next(iter(curves))][0]['avg_at_n']:.3f} ± "
+                 f"{curves[next(iter(curves))][0]['stderr']:.3f} | |")
+    arms = list(curves)
+    if len(arms) == 2:
+        d = final[arms[1]]["avg_at_n"] - final[arms[0]]["avg_at_n"]
+        lines += ["", f"Difference {arms[1]} − {arms[0]} at the last step: {d:+.3f} "
+                      f"(one seed; compare it with the standard errors before reading anything into it)."]
+    lines += ["", "## Accuracy per step", "", "| step | " + " | ".join(arms) + " |",
+              "| --- | " + " | ".join("---" for _ in arms) + " |"]
+    for i, pt in enumerate(curves[arms[0]]):
+        row = [f"{curves[a][i]['avg_at_n']:.3f}" if i < len(curves[a]) else "" for a in arms]
+        lines.append(f"| {pt['step']} | " + " | ".join(row) + " |")
+    lines += ["", "Accuracy by number of digits at the last step:", "",
+              "| digits | " + " | ".join(arms) + " |", "| --- | " + " | ".join("---" for _ in arms) + " |"]
+    for dgt in final[arms[0]]["by_digits"]:
+        lines.append(f"| {dgt} | " + " | ".join(f"{final[a]['by_digits'].get(dgt, float('nan')):.3f}" for a in arms) + " |")
+    lines += ["", "## RASFT rounds", "",
+              "| round | problems | p histogram (10 bins) | k=0 | k=K | mean A_E | rollouts added | ESS |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['problems']} | {' '.join(map(str, r['p_hist']))} | {r['frac_k0']:.2f} | "
+                     f"{r['frac_kK']:.2f} | {r['mean_expert_weight']:.3f} | {r['rollouts_added']} | {r['ess']:.1f} |")
+    tm = _last_metrics(rasft_dir)
+    lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in dc.times.items()]
+    lines += ["", "RASFT arm, inside the trainer (cumulative): " +
+              ", ".join(f"{k[5:]} {tm[k]:.1f}s" for k in sorted(tm) if k.startswith("time_")), ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"curves": curves, "rounds": rounds, "times": dc.times}, indent=1))
+    return path

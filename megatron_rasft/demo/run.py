@@ -1,0 +1,178 @@
+"""The embedded demo, stage by stage (each stage's output lands in the run directory):
+
+  task → tokenizer → tiny Llama (HF) → Megatron checkpoint → SFT warm-up → two arms from the same
+  checkpoint (plain SFT; RASFT with rollout rounds through the vLLM server) → evaluation of every
+  saved checkpoint of both arms on the held-out split (avg@n through the same server) → report.
+
+Training runs as `python -m megatron_rasft train` subprocesses (exactly what a user runs); one vLLM
+server serves the rollouts of the RASFT arm and every evaluation (weights refreshed in place).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    train_problems: int = 4000
+    test_problems: int = 200
+    min_digits: int = 1
+    max_digits: int = 5
+    hidden: int = 128
+    layers: int = 4
+    vocab: int = 128
+    seq_length: int = 96
+    warmup_steps: int = 400
+    arm_steps: int = 40
+    eval_every: int = 10
+    global_batch: int = 64
+    arm_global_batch: int = 32  # smaller for the arms: RASFT samples K rollouts per problem
+    micro_batch: int = 16
+    lr: float = 3e-3
+    arm_lr: float = 1e-3
+    samples: int = 4  # K rollouts per problem
+    refresh_interval: int = 5
+    eval_n: int = 4
+    eval_temperature: float = 1.0
+    max_tokens: int = 64
+    times: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoConfig":
+        base = dict(train_problems=1500, test_problems=60, layers=2, warmup_steps=60, arm_steps=12,
+                    eval_every=6, global_batch=32, micro_batch=16, refresh_interval=3, eval_n=2, samples=4)
+        return cls(**{**base, **kw})
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _stage(name: str, dc: DemoConfig):
+    class _Timer:
+        def __enter__(self):
+            _log(f"── {name}")
+            self.t0 = time.time()
+
+        def __exit__(self, *exc):
+            dc.times[name] = round(time.time() - self.t0, 1)
+            if exc[0] is None:
+                _log(f"   {name}: {dc.times[name]:.1f}s")
+
+    return _Timer()
+
+
+def _toml(values: dict) -> str:
+    lines = []
+    for section, kv in values.items():
+        lines.append(f"[{section}]")
+        for k, v in kv.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _train(config: Path, log: Path) -> None:
+    """Run one training phase as its own process, streaming its console to ours and to `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_rasft", "train", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(("step", "[round", "[resume", "done", "error", "[data")):
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"training failed (exit {proc.returncode}); see {log}")
+
+
+def run_demo(dc: DemoConfig) -> Path:
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.convert.pipeline import hf_to_mcore, mcore_to_hf
+    from megatron_rasft.demo import evaluate, report
+    from megatron_rasft.demo.task import make_problems, write_jsonl
+    from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+
+    out = Path(dc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps({k: v for k, v in vars(dc).items() if k != "times"}, indent=1))
+    t_start = time.time()
+
+    with _stage("task", dc):
+        train = make_problems(dc.train_problems, dc.seed, dc.min_digits, dc.max_digits, prefix="t")
+        test = make_problems(dc.test_problems, dc.seed + 10_000, dc.min_digits, dc.max_digits, prefix="h")
+        write_jsonl(train, out / "data" / "train.jsonl")
+        write_jsonl(test, out / "data" / "test.jsonl")
+        _log(f"   {len(train)} train / {len(test)} held-out problems, {dc.min_digits}-{dc.max_digits} digits")
+    with _stage("tokenizer", dc):
+        texts = [p["prompt"] + p["response"] for p in train]
+        tok_dir = train_tokenizer(out / "tokenizer", texts, vocab_size=dc.vocab)
+    with _stage("model", dc):
+        hf0 = make_tiny_model(out / "hf" / "init", tok_dir, seed=dc.seed, hidden_size=dc.hidden,
+                              intermediate_size=dc.hidden * 2, num_hidden_layers=dc.layers,
+                              initializer_range=0.02, max_position_embeddings=256)
+        mcore0 = out / "mcore" / "init"
+        if not (mcore0 / "model_config.json").is_file():
+            hf_to_mcore(hf0, mcore0, quiet=True, force=True)
+
+    common = {
+        "model": {"seq_length": dc.seq_length},
+        "rollout": {"num_samples": dc.samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": dc.max_tokens,
+                    "kv_cache_gib": 0.5, "max_model_len": 256, "seed": dc.seed},
+        "train": {"data_path": str(out / "data" / "train.jsonl"), "tokenizer": str(tok_dir),
+                  "prompt_template": "plain", "global_batch_size": dc.global_batch,
+                  "micro_batch_size": dc.micro_batch, "seed": dc.seed, "log_interval": 10, "pack": True},
+    }
+
+    def phase(name, method, steps, load, lr, extra=None):
+        cfg = json.loads(json.dumps(common))
+        cfg["loss"] = {"method": method}
+        cfg["train"].update(run_dir=str(out / name), train_iters=steps, lr=lr, min_lr=lr / 10,
+                            lr_warmup_iters=min(10, steps // 5),
+                            global_batch_size=dc.global_batch if name == "warmup" else dc.arm_global_batch)
+        cfg["checkpoint"] = {"load": str(load), "save_interval": dc.eval_every if name != "warmup" else 0,
+                             "keep_last": 100}
+        for section, kv in (extra or {}).items():
+            cfg.setdefault(section, {}).update(kv)
+        path = out / f"{name}.toml"
+        path.write_text(_toml(cfg))
+        _train(path, out / f"{name}.log")
+        return out / name
+
+    with _stage("warm-up SFT", dc):
+        warm = phase("warmup", "sft", dc.warmup_steps, mcore0, dc.lr)
+    warm_ckpt = warm / "ckpt" / (warm / "ckpt" / "latest").read_text().strip() / "model"
+
+    server = None
+    try:
+        with _stage("rollout server", dc):
+            hf_warm = out / "hf" / "warmup"
+            if not (hf_warm / "config.json").is_file():
+                mcore_to_hf(warm_ckpt, hf_warm, hf_config_from=hf0, quiet=True, force=True)
+            rc = RolloutConfig(kv_cache_gib=0.5, max_model_len=256, concurrency=8)
+            server = RolloutServer(hf_warm, rc, log_file=out / "logs" / "vllm.log").start()
+            _log(f"   vLLM (CPU) serving at {server.url}")
+        with _stage("arm: SFT", dc):
+            sft = phase("sft", "sft", dc.arm_steps, warm_ckpt, dc.arm_lr)
+        with _stage("arm: RASFT", dc):
+            rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
+                          {"rollout": {"server_url": server.url}, "train": {"refresh_interval": dc.refresh_interval}})
+        with _stage("evaluation", dc):
+            curves = evaluate.evaluate_arms(server, out, {"SFT": sft, "RASFT": rasft}, hf_warm, hf0, test, dc)
+    finally:
+        if server is not None:
+            server.stop()
+    dc.times["total"] = round(time.time() - t_start, 1)
+    path = report.write_report(out, dc, curves, rasft)
+    text = path.read_text()
+    print("\n## Result" + text.split("## Result", 1)[1].split("\n## ", 1)[0], flush=True)
+    _log(f"report: {path}  (total {dc.times['total']:.0f}s)")
+    return path
