@@ -171,7 +171,7 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     dtype: str = "auto"
     startup_timeout_s: float = 300.0
-    selection: str = "all"  # which problems of a window are rolled out
+    selection: str = "all"  # all | reference (the released code's expert-NLL band, see train/selection.py)
     verifier: str = "math"  # math | code
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
@@ -183,7 +183,7 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
         _check(self.max_tokens >= 1, "rollout.max_tokens must be >= 1")
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
-        _one_of("rollout.selection", self.selection, ("all",))
+        _one_of("rollout.selection", self.selection, ("all", "reference"))
         _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
 
 

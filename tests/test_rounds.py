@@ -120,9 +120,16 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     assert _losses(root / "degenerate") == _losses(root / "sft")
 
 
-def test_rounds_with_tensor_parallel(setup):
+def test_rounds_with_tensor_parallel_and_reference_selection(setup):
+    """TP=2 in 2 gloo processes, with the released code's NLL-band selection of what to roll out."""
     root, config = setup
-    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", nproc=2)
+    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection=reference",
+                     nproc=2)
     assert rc == 0, out
     assert (root / "tp2" / "rounds" / "round_001.json").is_file()
+    band = json.loads((root / "tp2" / "rounds" / "nll_band.json").read_text())
+    assert band["start_low"] <= band["start_high"] <= band["hard_ceiling"]
+    for r in (0, 1):
+        marker = json.loads((root / "tp2" / "rounds" / f"round_{r:03d}.json").read_text())
+        assert marker["summary"]["rolled_out"] <= 4  # a subset of the window's 4 problems (+ probes)
     assert len(_losses(root / "tp2")) == 2

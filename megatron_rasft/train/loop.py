@@ -95,7 +95,7 @@ def train(cfg: RunConfig) -> dict:
             ids = next_window_ids(state, problem_ids, window_size, tc.seed)
             expert_w, rollout_items = {}, []
             if rounds is not None:
-                expert_w, rollout_items, new = rounds.run(state.window, ids, state.step, times)
+                expert_w, rollout_items, new = rounds.run(state.window, ids, state, times)
                 pool.update(new)
                 if new and cfg.loss.needs_ref_logp:
                     t0 = time.time()

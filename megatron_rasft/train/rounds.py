@@ -11,6 +11,7 @@ Rank 0 drives the server and the stages; the export and the reference pass are c
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -75,17 +76,20 @@ class Rounds:
         return pool
 
     # -- one round -----------------------------------------------------------------------------
-    def run(self, r: int, problem_ids: list, step: int, times: dict):
-        """-> (expert weight by problem id, [[rollout key, weight]], {key: Seq} of new rollouts)."""
+    def run(self, r: int, problem_ids: list, state, times: dict):
+        """-> (expert weight by problem id, [[sequence key, weight]] to insert (rollouts, and
+        re-trained probe problems), {key: Seq} of new rollouts). Updates `state.hard_pool`."""
         if not self._marker(r).is_file():
             t0 = time.time()
             hf_dir = self._export()
             times["refresh"] += time.time() - t0
             probe = self._probe_expectation()
+            sel = self._select(r, problem_ids, state)
             if _rank0():
-                self._stages(r, problem_ids, hf_dir, probe, times)
+                self._stages(r, sel, hf_dir, probe, times)
             _barrier()
         done = json.loads(self._marker(r).read_text())
+        state.hard_pool = dict(done["hard_pool"])
         seqs = {}
         for line in self._seq_file(r).read_text().splitlines():
             d = json.loads(line)
@@ -118,6 +122,50 @@ class Rounds:
                     dp_group=ps.get_data_parallel_group(), vocab_size=self.cfg.model.vocab_size)
         return ids, got["probe"]
 
+    def _score_nll(self, chunks, ids: list) -> dict:
+        """Mean response NLL of the expert demonstrations of `ids` under `chunks` (collective)."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_rasft.train.refpass import score
+        from megatron_rasft.train.selection import mean_nll
+
+        seqs = [self.data.experts[f"e/{i}"] for i in ids]
+        got = score(chunks, seqs, micro_batch_size=self.cfg.train.micro_batch_size,
+                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id, tp_group=self.pgs.tp,
+                    dp_group=ps.get_data_parallel_group(), vocab_size=self.cfg.model.vocab_size)
+        return {i: mean_nll(got[s.key], s.prompt_len) for i, s in zip(ids, seqs)}
+
+    def _band(self):
+        """NLL thresholds from the initial model (the frozen reference), computed once per run."""
+        from megatron_rasft.train.selection import Band
+        from megatron_rasft.train.step import unwrap
+
+        path = self.run_dir / "rounds" / "nll_band.json"
+        if path.is_file():
+            return Band(**json.loads(path.read_text()))
+        initial = self.models.reference or unwrap(self.models.policy)  # no reference: before any step
+        ids = sorted(self.data.prompt_ids)
+        ids = random.Random(self.cfg.train.seed).sample(ids, min(len(ids), 1000))  # as calibrated (ref)
+        band = Band.calibrate(list(self._score_nll(initial, ids).values()))
+        if _rank0():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(asdict(band)))
+        _barrier()
+        return band
+
+    def _select(self, r: int, problem_ids: list, state) -> dict:
+        if self.cfg.rollout.selection == "all":
+            return {"rollout": list(problem_ids), "probes_retrain": [], "probes_rollout": [],
+                    "hard_pool": dict(state.hard_pool)}
+        from megatron_rasft.train.selection import select
+        from megatron_rasft.train.step import unwrap
+
+        band = self._band()
+        pool = dict(state.hard_pool)
+        sel = select(problem_ids, lambda ids: self._score_nll(unwrap(self.models.policy), ids), band,
+                     state.step, self.cfg.train.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}")
+        return {**sel, "hard_pool": pool}
+
     def _ensure_server(self, hf_dir: Path, probe, times: dict) -> None:
         from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.refresh import refresh_weights
@@ -137,13 +185,13 @@ class Rounds:
               f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
         times["refresh"] += time.time() - t0
 
-    def _stages(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict) -> None:
+    def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
         from megatron_rasft.data.tokenize import encode_prompt
-        from megatron_rasft.records import ProblemVerdicts, read_records, write_records
+        from megatron_rasft.records import ProblemVerdicts, read_records
         from megatron_rasft.rollout.client import SamplingParams
         from megatron_rasft.rollout.stage import rollout_round
         from megatron_rasft.verify.stage import round_path, verify_round
-        from megatron_rasft.weighting import round_summary, weight_records
+        from megatron_rasft.weighting import weight_records
 
         rc, tok = self.cfg.rollout, self.data.tokenizer
         self._ensure_server(hf_dir, probe, times)
@@ -161,9 +209,20 @@ class Rounds:
                 weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
         if not self.cfg.weighting.add_rollouts:
             weights = [w for w in weights if w.kind == "expert"]
-        write_records(round_path(self.run_dir, "weights", r), weights)
         rollouts = {(x.problem_id, x.sample_index): x
                     for x in read_records(self.run_dir / "rollouts" / f"round_{r:03d}.jsonl")}
+        return weights, rollouts
+
+    def _stages(self, r: int, sel: dict, hf_dir: Path, probe, times: dict) -> None:
+        from megatron_rasft.records import write_records
+        from megatron_rasft.verify.stage import round_path
+        from megatron_rasft.weighting import round_summary
+
+        problem_ids = sel["rollout"]
+        weights, rollouts = [], {}
+        if problem_ids:  # the `reference` selection can leave a window without rollouts
+            weights, rollouts = self._sample_verify_weigh(r, problem_ids, hf_dir, probe, times)
+        write_records(round_path(self.run_dir, "weights", r), weights)
         seqs, items = [], []
         max_len = self.cfg.model.seq_length + 1
         for w in weights:
@@ -180,11 +239,20 @@ class Rounds:
             key = f"r{r}/{w.problem_id}/{w.sample_index}"
             seqs.append(Seq(key, tokens, len(prompt)))
             items.append([key, w.weight])
-        summary = {"round": r, **round_summary(weights), "times": dict(times)}
+        expert_weight = {w.problem_id: w.weight for w in weights if w.kind == "expert"}
+        # Probed hard-pool problems come from earlier windows: their demonstrations are inserted
+        # again (A = 1 when they became easy, their new A_E when rolled out).
+        items += [[f"e/{pid}", 1.0] for pid in sel["probes_retrain"]]
+        items += [[f"e/{pid}", expert_weight[pid]] for pid in sel["probes_rollout"]]
+        solved = {w.problem_id for w in weights if w.kind == "expert" and w.k > 0}
+        hard_pool = {pid: n for pid, n in sel["hard_pool"].items() if pid not in solved}
+        summary = {"round": r, **round_summary(weights), "times": dict(times),
+                   "rolled_out": len(problem_ids), "probes": len(sel["probes_retrain"]) + len(sel["probes_rollout"]),
+                   "hard_pool": len(hard_pool)}
         self._seq_file(r).parent.mkdir(parents=True, exist_ok=True)
         self._seq_file(r).write_text("".join(json.dumps(asdict(s)) + "\n" for s in seqs))
-        marker = {"expert_weight": {w.problem_id: w.weight for w in weights if w.kind == "expert"},
-                  "rollout_items": items, "summary": summary}
+        marker = {"expert_weight": expert_weight, "rollout_items": items, "summary": summary,
+                  "hard_pool": hard_pool}
         self._marker(r).parent.mkdir(parents=True, exist_ok=True)
         tmp = self._marker(r).with_suffix(".tmp")
         tmp.write_text(json.dumps(marker))

@@ -22,6 +22,7 @@ class LoopState:
     queue: list = field(default_factory=list)  # [[seq key, weight], ...] not yet trained on
     rounds: list = field(default_factory=list)  # per-round summaries
     tokens_trained: int = 0
+    hard_pool: dict = field(default_factory=dict)  # `reference` selection: problem id -> times probed
 
     def to_json(self) -> dict:
         return asdict(self)

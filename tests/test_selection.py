@@ -1,0 +1,60 @@
+"""The `reference` selection (released code's expert-NLL band) and the training stream."""
+import numpy as np
+
+from megatron_rasft.train.selection import Band, mean_nll, select
+from megatron_rasft.train.state import LoopState, next_window_ids, window_items
+
+
+def test_band_quantiles_match_numpy_and_move_with_training():
+    vals = list(np.random.default_rng(0).gamma(2.0, 1.0, size=257))
+    band = Band.calibrate(vals)
+    for name, q in (("easy_floor", 0.1), ("start_low", 0.2), ("end_high", 0.75), ("hard_ceiling", 0.95)):
+        assert abs(getattr(band, name) - np.quantile(vals, q)) < 1e-12
+    assert band.window(0, 100) == (band.start_low, band.start_high)
+    assert band.window(100, 100) == (band.end_low, band.end_high)
+    lo, hi = band.window(50, 100)
+    assert abs(lo - (band.start_low + band.end_low) / 2) < 1e-12 and abs(hi - (band.start_high + band.end_high) / 2) < 1e-12
+
+
+def test_mean_nll_covers_the_response_only():
+    assert mean_nll([-9.0, -9.0, -1.0, -3.0], prompt_len=3) == 2.0
+
+
+def test_select_routes_by_band_and_probes_the_hard_pool():
+    band = Band(easy_floor=0.5, start_low=1.0, start_high=2.0, end_low=1.0, end_high=2.0, hard_ceiling=4.0)
+    nll = {f"m{i}": 1.5 for i in range(20)}  # 20 candidates in the band -> ceil(35 %) = 7 rolled out
+    nll.update({"easy": 0.1, "hard": 3.0, "never": 9.0, "old_easy": 0.2, "old_mid": 3.5})
+    ids = sorted(k for k in nll if not k.startswith("old"))
+    pool = {"old_easy": 0, "old_mid": 2}
+    scored = []
+
+    def score(which):
+        scored.append(list(which))
+        return {i: nll[i] for i in which}
+
+    # PROBE_RATIO · 2 rounds down to 0 -> at least one probe
+    out = select(ids, score, band, 0, 10, pool, seed="s")
+    assert len([i for i in out["rollout"] if i.startswith("m")]) == 7
+    assert "easy" not in out["rollout"] and "never" not in out["rollout"] and "hard" not in out["rollout"]
+    assert "hard" in pool and "never" not in pool  # above the band, within the ceiling -> hard pool
+    probed = out["probes_retrain"] + out["probes_rollout"]
+    assert len(probed) == 1 and set(scored[0]) >= set(ids) | set(probed)
+    if probed == ["old_easy"]:
+        assert out["probes_retrain"] == ["old_easy"] and "old_easy" not in pool
+    else:
+        assert out["probes_rollout"] == ["old_mid"] and "old_mid" in out["rollout"]
+    again = select(ids, score, band, 0, 10, dict(pool), seed="s")  # deterministic given the seed
+    assert again["rollout"] == select(ids, score, band, 0, 10, dict(pool), seed="s")["rollout"]
+
+
+def test_stream_windows_are_deterministic_and_expert_order_ignores_rollouts():
+    ids = [str(i) for i in range(10)]
+    s1, s2 = LoopState(), LoopState()
+    w1 = [next_window_ids(s1, ids, 4, seed=1) for _ in range(3)]
+    w2 = [next_window_ids(s2, ids, 4, seed=1) for _ in range(3)]
+    assert w1 == w2 and sorted(w1[0] + w1[1] + w1[2][:2]) == ids  # one epoch, then the next
+    assert (s1.epoch, s1.cursor) == (1, 2)
+    plain = window_items(0, w1[0], {}, [], seed=1)
+    mixed = window_items(0, w1[0], {w1[0][0]: 0.3}, [["r0/x/0", 0.1], ["r0/x/1", 0.1]], seed=1)
+    assert [k for k, _ in mixed if k.startswith("e/")] == [k for k, _ in plain]
+    assert dict(map(tuple, mixed))[f"e/{w1[0][0]}"] == 0.3 and len(mixed) == 6
