@@ -25,7 +25,7 @@ def pass_keys(results: dict) -> list[str]:
 def markdown(results: dict, meta: dict) -> str:
     """One row per benchmark plus the macro average; metrics in percent."""
     passes = pass_keys(results)
-    n = meta.get("sampling", {}).get("n")
+    n = (meta.get("sampling") or {}).get("n") or (min(r["n"] for r in results.values()) if results else None)
     head = ["benchmark", "problems", "samples", _label("avg@n", n)] + passes + [_label("maj@n", n),
                                                                               "no answer / failed", "mean tokens", "truncated"]
     lines = [_intro(meta), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -66,9 +66,10 @@ def bar_chart(results: dict, path: Path, title: str = "") -> None:
     if len(rows) > 1:
         rows["macro"] = macro(results)
     passes = pass_keys(results)
-    series = [("avg@n", "avg@n")] + ([(passes[-1], passes[-1])] if len(passes) > 1 else [])
+    n = min(r["n"] for r in results.values())
+    series = [("avg@n", f"avg@{n}")] + ([(passes[-1], passes[-1])] if len(passes) > 1 else [])
     if any("maj@n" in r for r in results.values()):
-        series.append(("maj@n", "maj@n"))
+        series.append(("maj@n", f"maj@{n}"))
     names = list(rows)
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 1), 3.8))
