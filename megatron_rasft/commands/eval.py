@@ -105,7 +105,7 @@ def _main(args) -> int:
         raise ValueError("give --model, --server-url, --responses or --compare")
     from megatron_rasft.config import RolloutConfig
     from megatron_rasft.eval.runner import evaluate
-    from megatron_rasft.rollout.client import SamplingParams
+    from megatron_rasft.rollout.client import RolloutError, SamplingParams
     from megatron_rasft.rollout.server import ServerError
 
     problems = _load_all(specs, args.data_dir, args.limit)
@@ -119,8 +119,8 @@ def _main(args) -> int:
                            template=args.prompt_template, tokenizer=args.tokenizer, workers=args.workers,
                            math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, rollout_cfg=cfg,
                            progress=not args.no_progress)
-    except ServerError as e:
-        raise ValueError(str(e)) from None
+    except (ServerError, RolloutError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
     _print_summary(results, args.out)
     return 0
 
