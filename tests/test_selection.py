@@ -2,7 +2,7 @@
 import numpy as np
 
 from megatron_rasft.train.selection import Band, mean_nll, select
-from megatron_rasft.train.state import LoopState, next_window_ids, window_items
+from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 
 def test_band_quantiles_match_numpy_and_move_with_training():
@@ -54,7 +54,10 @@ def test_stream_windows_are_deterministic_and_expert_order_ignores_rollouts():
     w2 = [next_window_ids(s2, ids, 4, seed=1) for _ in range(3)]
     assert w1 == w2 and sorted(w1[0] + w1[1] + w1[2][:2]) == ids  # one epoch, then the next
     assert (s1.epoch, s1.cursor) == (1, 2)
-    plain = window_items(0, w1[0], {}, [], seed=1)
-    mixed = window_items(0, w1[0], {w1[0][0]: 0.3}, [["r0/x/0", 0.1], ["r0/x/1", 0.1]], seed=1)
-    assert [k for k, _ in mixed if k.startswith("e/")] == [k for k, _ in plain]
-    assert dict(map(tuple, mixed))[f"e/{w1[0][0]}"] == 0.3 and len(mixed) == 6
+    p0 = w1[0][0]
+    plain = window_groups(0, w1[0], {}, [], seed=1)
+    mixed = window_groups(0, w1[0], {p0: 0.3}, [[f"r0/{p0}/0", 0.1], [f"r0/{p0}/1", 0.1], ["e/old", 1.0]], seed=1)
+    assert [g[0] for g in mixed[:4]] == [[k, 0.3 if k == f"e/{p0}" else 1.0] for (k, _), in plain]
+    assert mixed[4] == [["e/old", 1.0]]  # a re-trained probe: a group of its own, after the window
+    group = next(g for g in mixed if g[0][0] == f"e/{p0}")
+    assert [k for k, _ in group] == [f"e/{p0}", f"r0/{p0}/0", f"r0/{p0}/1"]  # rollouts ride with their problem

@@ -55,8 +55,10 @@ def _causal_block_mask(seq_id_S: torch.Tensor) -> torch.Tensor:
     return ~(causal & same)[None]
 
 
-def make_rows(seqs: list[Seq], seq_length: int, pad_id: int, *, pack: bool) -> list[dict]:
-    """One row per sequence (padded), or sequences packed first-fit in order (packed)."""
+def make_rows(seqs: list[Seq], seq_length: int, pad_id: int, *, pack: bool,
+              placements: Optional[list] = None) -> list[dict]:
+    """One row per sequence (padded), or sequences packed first-fit in order (packed).
+    `placements`, if given, receives `(row, offset)` of each sequence."""
     for seq in seqs:
         if len(seq.tokens) - 1 > seq_length:
             raise ValueError(f"sequence {seq.key} has {len(seq.tokens)} tokens, more than "
@@ -67,6 +69,8 @@ def make_rows(seqs: list[Seq], seq_length: int, pad_id: int, *, pack: bool) -> l
             row = _row(seq_length, pad_id)
             _place(row, seq, 0, 0)
             rows.append(row)
+            if placements is not None:
+                placements.append((len(rows) - 1, 0))
         return rows
     free: list[int] = []
     counts: list[int] = []
@@ -78,6 +82,8 @@ def make_rows(seqs: list[Seq], seq_length: int, pad_id: int, *, pack: bool) -> l
             free.append(0)
             counts.append(0)
             i = len(rows) - 1
+        if placements is not None:
+            placements.append((i, free[i]))
         free[i] = _place(rows[i], seq, free[i], counts[i])
         counts[i] += 1
     for row in rows:
@@ -86,10 +92,11 @@ def make_rows(seqs: list[Seq], seq_length: int, pad_id: int, *, pack: bool) -> l
 
 
 def stack_microbatches(rows: list[dict], micro_batch_size: int, seq_length: int, pad_id: int) -> list[dict]:
-    """Group rows into `[b, s]` micro-batches; the last one is filled with empty (fully masked) rows."""
+    """Group rows into `[b, s]` micro-batches; the last one is filled with empty (fully masked) rows
+    (and a rank with no rows at all still gets one micro-batch, to take part in the collectives)."""
     rows = list(rows)
     packed = any("attention_mask" in r for r in rows)
-    while len(rows) % micro_batch_size:
+    while len(rows) % micro_batch_size or not rows:
         empty = _row(seq_length, pad_id)
         if packed:
             empty["attention_mask"] = _causal_block_mask(empty["seq_id"])

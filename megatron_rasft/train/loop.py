@@ -20,7 +20,7 @@ from megatron_rasft.train import checkpoint
 from megatron_rasft.train.data import load_dataset
 from megatron_rasft.train.log import Logger, flops_per_token, peak_flops
 from megatron_rasft.train.refpass import RefCache, score
-from megatron_rasft.train.state import LoopState, next_window_ids, window_items
+from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,14 +62,10 @@ def train(cfg: RunConfig) -> dict:
         if rank0:
             print(f"[resume] from {last} at step {state.step}", flush=True)
 
-    # -- reference log-probs of the expert demonstrations (once, cached in the run dir) ----------
+    # Reference log-probs: every sequence is scored once, when its window (or round) arrives, and
+    # cached in the run directory.
     ref_cache = RefCache(run / "ref_logp")
-    ref_logp: dict = {}
-    if cfg.loss.needs_ref_logp:
-        ref_logp = ref_cache.load("experts") or {}
-        if not ref_logp:
-            ref_logp = _score(models.reference, list(data.experts.values()), cfg, data, pgs)
-            ref_cache.save("experts", ref_logp)
+    ref_logp: dict = ref_cache.load_all() if cfg.loss.needs_ref_logp else {}
     rounds = None
     if tc.refresh_interval > 0 and cfg.loss.method == "rasft":
         from megatron_rasft.train.rounds import Rounds
@@ -93,23 +89,27 @@ def train(cfg: RunConfig) -> dict:
         # New window (and rollout round) when the queue cannot fill the next global batch.
         while len(state.queue) < tc.global_batch_size:
             ids = next_window_ids(state, problem_ids, window_size, tc.seed)
-            expert_w, rollout_items = {}, []
+            expert_w, rollout_items, new = {}, [], {}
             if rounds is not None:
                 expert_w, rollout_items, new = rounds.run(state.window, ids, state, times)
                 pool.update(new)
-                if new and cfg.loss.needs_ref_logp:
+            if cfg.loss.needs_ref_logp:
+                todo = [data.experts[f"e/{i}"] for i in ids if f"e/{i}" not in ref_logp]
+                todo += [data.experts[k] for k, _ in rollout_items if k.startswith("e/") and k not in ref_logp]
+                todo += [s for k, s in new.items() if k not in ref_logp]
+                if todo:
                     t0 = time.time()
-                    scores = _score(models.reference, list(new.values()), cfg, data, pgs)
-                    ref_cache.save(f"round_{state.window:03d}", scores)
+                    scores = _score(models.reference, list({s.key: s for s in todo}.values()), cfg, data, pgs)
+                    ref_cache.save(f"window_{state.window:05d}", scores)
                     ref_logp.update(scores)
                     times["reference"] += time.time() - t0
-            state.queue += window_items(state.window, ids, expert_w, rollout_items, tc.seed)
+            state.queue += window_groups(state.window, ids, expert_w, rollout_items, tc.seed)
             state.window += 1
 
         t0 = time.time()
-        items, state.queue = state.queue[:tc.global_batch_size], state.queue[tc.global_batch_size:]
-        per_rank = tc.global_batch_size // dp_size
-        seqs = [_seq(key, w, data, pool, ref_logp) for key, w in items[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
+        groups, state.queue = state.queue[:tc.global_batch_size], state.queue[tc.global_batch_size:]
+        items = [it for g in groups for it in g]
+        seqs = [_seq(key, w, data, pool, ref_logp) for key, w in items[dp_rank::dp_size]]
         rows = make_rows(seqs, cfg.model.seq_length, data.pad_id, pack=tc.pack)
         batches = stack_microbatches(rows, tc.micro_batch_size, cfg.model.seq_length, data.pad_id)
         for chunk in models.policy:

@@ -48,22 +48,17 @@ def score(model_chunks: list, seqs: list[Seq], *, micro_batch_size: int, seq_len
     for i in range(n_rounds):
         part = mine[i * chunk:(i + 1) * chunk]
         # Ranks with nothing left still run an (empty) schedule to keep collectives matched.
-        rows = make_rows(part, seq_length, pad_id, pack=False) if part else [_empty(seq_length, pad_id)]
+        where: list = []  # packed: several sequences per row, each attending only to itself
+        rows = make_rows(part, seq_length, pad_id, pack=True, placements=where)
         batches = stack_microbatches(rows, micro_batch_size, seq_length, pad_id)
         reports = forward_backward(model_chunks, step, batches, seq_length=seq_length, forward_only=True)
         if reports:  # last pipeline stage
             logp_NS = torch.cat([r["logp"] for r in reports])
-            for j, seq in enumerate(part):
-                out[seq.key] = logp_NS[j, :len(seq.tokens) - 1].tolist()
+            for seq, (row, start) in zip(part, where):
+                out[seq.key] = logp_NS[row, start:start + len(seq.tokens) - 1].tolist()
     for c in model_chunks:
         c.train()
     return _share(out)
-
-
-def _empty(seq_length: int, pad_id: int) -> dict:
-    from megatron_rasft.data.batching import _row
-
-    return _row(seq_length, pad_id)
 
 
 def _max_over_dp(n: int, dp_group) -> int:
@@ -87,10 +82,17 @@ def _share(local: dict) -> dict:
 
 
 class RefCache:
-    """Reference log-probs on disk: one `torch.save`d dict per group (experts, each round)."""
+    """Reference log-probs on disk: one `torch.save`d dict per group (each window's experts, each
+    round's rollouts), so every sequence is scored once, when it is first needed."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def load_all(self) -> dict:
+        merged: dict = {}
+        for p in sorted(self.root.glob("*.pt")):
+            merged.update(torch.load(p, weights_only=False))
+        return merged
 
     def path(self, group: str) -> Path:
         return self.root / f"{group}.pt"

@@ -66,7 +66,7 @@ class Rounds:
     def restore(self, state) -> dict:
         """Rollout sequences still in the queue of a resumed run; also the round summaries."""
         self.summaries = list(state.rounds)
-        wanted = {key for key, _ in state.queue if key.startswith("r")}
+        wanted = {key for group in state.queue for key, _ in group if key.startswith("r")}
         pool: dict = {}
         for path in sorted((self.run_dir / "train_seqs").glob("round_*.jsonl")) if wanted else []:
             for line in path.read_text().splitlines():

@@ -1,11 +1,14 @@
 """The loop's resumable state and the deterministic training stream.
 
 Problems are consumed in windows: an epoch is a seeded permutation of the problem ids, and each
-window takes the next `W` of them. A window's sequences (its expert demonstrations, in a seeded
-order, plus any correct rollouts inserted at seeded positions) are appended to a queue, and every
-optimizer step takes the next global batch from the queue. A new window (and rollout round) starts
-when the queue cannot fill the next batch. The expert order never depends on rollouts, so a run
-whose rounds add nothing sees exactly the sequences, in exactly the order, of a plain SFT run.
+window takes the next `W = refresh_interval × global_batch_size` of them. A window becomes a queue
+of groups, one per problem in a seeded order: the expert demonstration followed by that problem's
+correct rollouts from the window's round. Every optimizer step trains the next `global_batch_size`
+groups, so a round happens exactly every `refresh_interval` steps and a rollout is trained in the
+same step as its problem's demonstration (on-policy, never left waiting in a queue). The number
+of sequences per step therefore varies; the loss is normalised by the global token count either
+way. The expert order never depends on rollouts, so a run whose rounds add nothing sees exactly
+the sequences, in exactly the order, of a plain SFT run.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ class LoopState:
     epoch: int = 0
     cursor: int = 0  # position in the epoch's permutation
     window: int = 0  # windows (rounds) started so far
-    queue: list = field(default_factory=list)  # [[seq key, weight], ...] not yet trained on
+    queue: list = field(default_factory=list)  # groups not yet trained on: [[[seq key, weight], ...], ...]
     rounds: list = field(default_factory=list)  # per-round summaries
     tokens_trained: int = 0
     hard_pool: dict = field(default_factory=dict)  # `reference` selection: problem id -> times probed
@@ -45,14 +48,19 @@ def next_window_ids(state: LoopState, problem_ids: list[str], size: int, seed: i
     return out
 
 
-def window_items(window: int, problem_ids: list[str], expert_weight: dict, rollout_items: list,
-                 seed: int) -> list[list]:
-    """Queue entries for one window: experts shuffled by one seeded RNG, rollouts inserted at
-    positions drawn from a second one (so the expert order is the same with or without them)."""
-    experts = [[f"e/{pid}", float(expert_weight.get(pid, 1.0))] for pid in problem_ids]
-    random.Random(f"{seed}/window/{window}/experts").shuffle(experts)
-    rng = random.Random(f"{seed}/window/{window}/rollouts")
-    items = list(experts)
-    for key, w in rollout_items:
-        items.insert(rng.randint(0, len(items)), [key, float(w)])
-    return items
+def window_groups(window: int, problem_ids: list[str], expert_weight: dict, extra_items: list,
+                  seed: int) -> list[list]:
+    """Queue groups for one window, in a seeded order of the window's problems. `extra_items`
+    (`[key, weight]`) are rollouts (`r<round>/<problem>/<j>`, joined to their problem's group) and
+    re-trained probe demonstrations (`e/<problem>` of an earlier window, a group of their own,
+    appended after the window's problems)."""
+    order = list(problem_ids)
+    random.Random(f"{seed}/window/{window}/experts").shuffle(order)
+    groups = {pid: [[f"e/{pid}", float(expert_weight.get(pid, 1.0))]] for pid in order}
+    tail = []
+    for key, w in extra_items:
+        if key.startswith("e/"):
+            tail.append([[key, float(w)]])
+        else:
+            groups[key.split("/")[1]].append([key, float(w)])
+    return [groups[pid] for pid in order] + tail
