@@ -16,7 +16,9 @@ What each method costs inside the step:
               timed on its own and reported as `ref pass`);
   sft_kl      + a forward of the frozen reference in every micro-batch and the full-vocabulary KL.
 Times: median of --repeats after one warm-up, methods run round-robin (a shared, noisy machine
-drifts alike for all). Ratios are against `sft` from the same run.
+drifts alike for all); wall-clock and process CPU time (all threads). On a shared CPU box run
+with `--threads 1`: CPU time then measures the work of the step and hardly moves with the load
+of other processes, while wall time does. Ratios are against `sft` from the same run.
 Memory: peak bytes of tensors alive at once during one step above the level before it (weights,
 grads and optimizer state that exist before the step are not counted; activations, logits, their
 gradients and temporaries are). GPU: torch.cuda.max_memory_allocated. CPU: the running sum of the
@@ -208,15 +210,17 @@ def main(argv=None):
     runs = {m: (lambda fs=fs: train_step(chunks, optimizer, fs, batches, args.seq)) for m, fs in steps.items()}
     runs["ref pass"] = ref_pass
     times = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
     for fn in runs.values():  # warm-up
         fn()
     for _ in range(args.repeats):
         for k, fn in runs.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
     peaks = {}
     for k, fn in runs.items():
         with PeakMemory() as pm:
@@ -230,12 +234,13 @@ def main(argv=None):
           f"micro-batch {args.micro_batch} → {len(batches)} micro-batches, {loss_tokens} loss tokens; "
           f"median of {args.repeats}; first ref pass {ref_first:.2f}s")
     mib = 2 ** 20
-    base_t, base_m = statistics.median(times["sft"]), peaks["sft"]
-    print(f"  {'':10s} {'step s':>8s} {'× sft':>6s} {'tok/s':>8s} {'min..max s':>13s} {'peak MiB':>9s} {'× sft':>6s}")
+    base_t, base_c, base_m = statistics.median(times["sft"]), statistics.median(cpu["sft"]), peaks["sft"]
+    print(f"  {'':10s} {'wall s':>8s} {'× sft':>6s} {'min..max s':>15s} {'cpu s':>8s} {'× sft':>6s} "
+          f"{'tok/cpu-s':>9s} {'peak MiB':>9s} {'× sft':>6s}")
     for k in runs:
-        t = statistics.median(times[k])
-        print(f"  {k:10s} {t:8.3f} {t / base_t:6.2f} {loss_tokens / t:8.0f} "
-              f"{min(times[k]):6.3f}..{max(times[k]):6.3f} {peaks[k] / mib:9.1f} {peaks[k] / max(base_m, 1):6.2f}")
+        t, c = statistics.median(times[k]), statistics.median(cpu[k])
+        print(f"  {k:10s} {t:8.3f} {t / base_t:6.2f} {min(times[k]):7.3f}..{max(times[k]):6.3f} {c:8.3f} "
+              f"{c / base_c:6.2f} {loss_tokens / c:9.0f} {peaks[k] / mib:9.1f} {peaks[k] / max(base_m, 1):6.2f}")
     destroy_distributed()
 
 

@@ -18,8 +18,12 @@ masked, weights A_s in [0.2, 1].
           (`train.refpass.score`) that the trainer runs once per sequence: timed with each step too
           (`ours+ref`), which is the fair per-step comparison when every sequence is trained once.
 Each side runs in its own process (Megatron-Core's CPU mode patches torch process-wide), the sides
-alternate for --rounds rounds of 1 warm-up + --steps steps; reported: median step time over all
-steps, loss tokens per second, and the ratio. The first step's mean NLL of both sides is printed:
+alternate for --rounds rounds of 1 warm-up + --steps steps; reported: median step wall time and
+process CPU time over all steps, loss tokens per CPU-second, and the speed ratios to hf
+(> 1: ours is faster). On a shared box use `--threads 1` and read the CPU-time columns (wall time
+moves with the other processes' load). `positions` = tokens the model processed (padding included):
+hf pads each micro-batch to its longest sequence, ours pads every row to seq_length (Megatron's
+pipeline schedule needs one shape) or packs. The first step's mean NLL of both sides is printed:
 same weights and data give the same value (a check that the comparison is like for like).
 Time split of a real RASFT round (rollout, weight refresh, reference pass, training) is not
 measured here: the trainer logs it cumulatively in RUN/metrics.jsonl (time_rollout, time_refresh,
@@ -87,9 +91,9 @@ def worker_hf(d: Path, args) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     seqs = _load_seqs(d)
     mbs = hf_micro_batches(seqs, args.micro_batch)
-    times, first_nll = [], None
+    times, cpu, first_nll = [], [], None
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         nll_sum = tok = 0.0
         for tokens, labels, mask, w in mbs:
             loss, ce = hf_rasft_loss(policy, reference, tokens, labels, mask, w)
@@ -103,7 +107,8 @@ def worker_hf(d: Path, args) -> dict:
             first_nll = nll_sum / tok
         else:
             times.append(time.perf_counter() - t0)
-    return {"times": times, "first_nll": first_nll, "loss_tokens": tok,
+            cpu.append(time.process_time() - c0)
+    return {"times": times, "cpu": cpu, "first_nll": first_nll, "loss_tokens": tok,
             "processed_tokens": sum(t.numel() for t, *_ in mbs)}
 
 
@@ -128,21 +133,23 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
     forward_step = make_forward_step(make_loss_func(LossConfig(method="rasft"), tp_group=pgs.tp),
                                      vocab_size=mcfg.vocab_size)
     seqs = _load_seqs(d)
-    times, ref_times, first_nll = [], [], None
+    times, ref_times, cpu, ref_cpu, first_nll = [], [], [], [], None
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ref_logp = score([reference], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
                          tp_group=pgs.tp, dp_group=None, vocab_size=mcfg.vocab_size)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         batches = batches_of(seqs, ref_logp, args.seq, args.micro_batch, pack, device())
         reports = train_step(chunks, optimizer, forward_step, batches, args.seq)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if step == 0:
             first_nll = reduce_reports(reports)["nll"]
         else:
             times.append(t2 - t1)
             ref_times.append(t2 - t0)
-    out = {"times": times, "times_with_ref": ref_times, "first_nll": first_nll,
+            cpu.append(c2 - c1)
+            ref_cpu.append(c2 - c0)
+    out = {"times": times, "times_with_ref": ref_times, "cpu": cpu, "cpu_with_ref": ref_cpu, "first_nll": first_nll,
            "loss_tokens": float(sum(b["loss_mask"].sum() for b in batches)),
            "processed_tokens": sum(b["tokens"].numel() for b in batches)}
     destroy_distributed()
@@ -222,20 +229,23 @@ def main(argv=None):
           f"micro-batch {args.micro_batch}; fp32, cpu {torch.get_num_threads()} threads; "
           f"{args.rounds} rounds × {args.steps} steps per side")
     rows = {}
+    names = {"hf": "hf (policy+ref fwd)", "ours": "ours padded", "ours_packed": "ours packed"}
     for s in sides:
         r0 = results[s][0]
-        for key in ("times", "times_with_ref"):
+        for key, ckey, suffix in (("times", "cpu", " step" if s != "hf" else ""),
+                                  ("times_with_ref", "cpu_with_ref", " +ref pass")):
             if key in r0:
-                name = {"hf": "hf (policy+ref fwd)", "ours": "ours padded", "ours_packed": "ours packed"}[s]
-                name += " +ref pass" if key == "times_with_ref" else (" step" if s != "hf" else "")
                 ts = [t for r in results[s] for t in r[key]]
-                rows[name] = (statistics.median(ts), min(ts), max(ts), r0["loss_tokens"], r0["processed_tokens"])
+                cs = [t for r in results[s] for t in r[ckey]]
+                rows[names[s] + suffix] = (statistics.median(ts), min(ts), max(ts), statistics.median(cs),
+                                           r0["loss_tokens"], r0["processed_tokens"])
         print(f"  first-step mean NLL {s:12s} {r0['first_nll']:.6f}")
-    base = rows["hf (policy+ref fwd)"][0]
-    print(f"  {'':28s} {'step s':>8s} {'min..max s':>15s} {'loss tok/s':>11s} {'speed÷hf':>8s} {'rows×len':>9s}")
-    for name, (t, lo, hi, lt, pt) in rows.items():
-        print(f"  {name:28s} {t:8.3f} {lo:7.3f}..{hi:6.3f} {lt / t:11.0f} {base / t:8.2f} {pt:9d}")
-
+    base_t, base_c = rows["hf (policy+ref fwd)"][0], rows["hf (policy+ref fwd)"][3]
+    print(f"  {'':24s} {'wall s':>7s} {'min..max s':>15s} {'×hf speed':>9s} {'cpu s':>7s} {'×hf speed':>9s} "
+          f"{'loss tok/cpu-s':>14s} {'positions':>9s}")
+    for name, (t, lo, hi, c, lt, pt) in rows.items():
+        print(f"  {name:24s} {t:7.3f} {lo:7.3f}..{hi:6.3f} {base_t / t:9.2f} {c:7.3f} {base_c / c:9.2f} "
+              f"{lt / c:14.0f} {pt:9d}")
 
 if __name__ == "__main__":
     main()
