@@ -35,5 +35,6 @@ def test_quick_demo_end_to_end(tmp_path):
     # The RASFT arm really went through the stages, with its records on disk.
     for sub in ("rollouts", "verdicts", "weights"):
         assert (out / "rasft" / sub / "round_000.jsonl").is_file()
-    evals = sorted((out / "eval").glob("*.jsonl"))
-    assert len(evals) == 5  # warm-up + 2 checkpoints per arm
+    evals = sorted((out / "eval").glob("*/samples/addition.jsonl"))
+    assert len(evals) == 5  # warm-up + 2 checkpoints per arm, each through `megatron_rasft.eval`
+    assert all((p.parent.parent / "results.json").is_file() for p in evals)

@@ -1,6 +1,6 @@
 """Held-out evaluation of the demo's checkpoints: export to HF, refresh the server in place, sample
 n answers per problem (the same per-problem seeds for every checkpoint, so arms are compared on the
-same draws), grade with the math verifier, report avg@n with a standard error over problems."""
+same draws) through `megatron_rasft.eval`, report avg@n with a standard error over problems."""
 from __future__ import annotations
 
 import json
@@ -21,40 +21,29 @@ def avg_at_n(correct_by_problem: list) -> tuple:
     return m, math.sqrt(var / len(per))
 
 
-def evaluate_model(client, problems: list, dc, tag: str, out_dir: Path) -> dict:
+def evaluate_model(server, problems: list, dc, tag: str, out_dir: Path, tokenizer_dir) -> dict:
+    """Through the project's evaluation path (`megatron_rasft.eval`): prompts as token ids like the
+    trainer's, n samples per problem with per-problem seeds, math-verify grading, samples + reports
+    in `out_dir/tag/`."""
+    from megatron_rasft.eval.runner import evaluate, read_samples, sample_path
     from megatron_rasft.rollout.client import SamplingParams
-    from megatron_rasft.verify.mathv import MathVerifier
 
     sampling = SamplingParams(n=dc.eval_n, temperature=dc.eval_temperature, top_p=1.0, top_k=0,
                               max_tokens=dc.max_tokens, seed=dc.seed + 424242)
-    comps = client.generate([p["prompt"] for p in problems], sampling, keys=[p["id"] for p in problems])
-    mv = MathVerifier(2, 10.0, mode="math")
-    try:
-        pairs = [(c.text, p["answer"]) for p, cs in zip(problems, comps) for c in cs]
-        verdicts = mv.grade(pairs)
-    finally:
-        mv.close()
-    by_problem, rows, i = [], [], 0
-    for p, cs in zip(problems, comps):
-        flags = []
-        for j, c in enumerate(cs):
-            v = verdicts[i]
-            i += 1
-            flags.append(int(v["correct"]))
-            rows.append({"id": p["id"], "digits": p["digits"], "sample": j, "completion": c.text,
-                         "extracted": v.get("extracted"), "correct": bool(v["correct"]), "reason": v["reason"]})
-        by_problem.append(flags)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate(server, {"addition": problems}, sampling, out_dir / tag, template="plain", tokenizer=tokenizer_dir)
+    flags: dict = {}
+    for row in read_samples(sample_path(out_dir / tag, "addition")):
+        flags.setdefault(row["id"], []).append(int(row["correct"]))
+    by_problem = [flags[p["id"]] for p in problems]
     acc, se = avg_at_n(by_problem)
     by_digits: dict = {}
-    for p, flags in zip(problems, by_problem):
-        by_digits.setdefault(p["digits"], []).append(sum(flags) / len(flags))
+    for p, f in zip(problems, by_problem):
+        by_digits.setdefault(p["digits"], []).append(sum(f) / len(f))
     return {"avg_at_n": acc, "stderr": se, "n": dc.eval_n, "problems": len(problems),
             "by_digits": {d: sum(v) / len(v) for d, v in sorted(by_digits.items())}}
 
 
-def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test: list, dc) -> dict:
+def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test: list, dc, tokenizer_dir) -> dict:
     """{arm: [{step, avg_at_n, stderr, ...}]}, step 0 being the shared warm-up checkpoint."""
     from megatron_rasft.convert.pipeline import mcore_to_hf
     from megatron_rasft.rollout.client import RolloutClient
@@ -62,7 +51,7 @@ def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test:
 
     client = RolloutClient(server, server.cfg, progress=False)
     refresh_weights(server, hf_warm, client)
-    start = {"step": 0, **evaluate_model(client, test, dc, "warmup", out / "eval")}
+    start = {"step": 0, **evaluate_model(server, test, dc, "warmup", out / "eval", tokenizer_dir)}
     print(f"   step 0 (warm-up): avg@{dc.eval_n} = {start['avg_at_n']:.3f} ± {start['stderr']:.3f}", flush=True)
     curves = {}
     for arm, run_dir in arms.items():
@@ -72,7 +61,7 @@ def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test:
             if not (hf / "config.json").is_file():
                 mcore_to_hf(mcore, hf, hf_config_from=hf0, quiet=True, force=True)
             refresh_weights(server, hf, client)
-            res = {"step": step, **evaluate_model(client, test, dc, f"{arm.lower()}_{step:05d}", out / "eval")}
+            res = {"step": step, **evaluate_model(server, test, dc, f"{arm.lower()}_{step:05d}", out / "eval", tokenizer_dir)}
             curves[arm].append(res)
             print(f"   {arm:>5} step {step}: avg@{dc.eval_n} = {res['avg_at_n']:.3f} ± {res['stderr']:.3f}", flush=True)
     (out / "eval" / "curves.json").write_text(json.dumps(curves, indent=1))

@@ -30,14 +30,14 @@ class DemoConfig:
     layers: int = 4
     vocab: int = 128
     seq_length: int = 96
-    warmup_steps: int = 400
+    warmup_steps: int = 250
     arm_steps: int = 40
     eval_every: int = 10
     global_batch: int = 64
     arm_global_batch: int = 32  # smaller for the arms: RASFT samples K rollouts per problem
     micro_batch: int = 16
     lr: float = 3e-3
-    arm_lr: float = 1e-3
+    arm_lr: float = 3e-4  # where the warm-up's cosine schedule ended (lr / 10)
     samples: int = 4  # K rollouts per problem
     refresh_interval: int = 5
     eval_n: int = 4
@@ -101,6 +101,9 @@ def run_demo(dc: DemoConfig) -> Path:
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the model save's own bar; our stages report progress
     out = Path(dc.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps({k: v for k, v in vars(dc).items() if k != "times"}, indent=1))
@@ -166,7 +169,8 @@ def run_demo(dc: DemoConfig) -> Path:
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
                           {"rollout": {"server_url": server.url}, "train": {"refresh_interval": dc.refresh_interval}})
         with _stage("evaluation", dc):
-            curves = evaluate.evaluate_arms(server, out, {"SFT": sft, "RASFT": rasft}, hf_warm, hf0, test, dc)
+            curves = evaluate.evaluate_arms(server, out, {"SFT": sft, "RASFT": rasft}, hf_warm, hf0, test, dc,
+                                            tok_dir)
     finally:
         if server is not None:
             server.stop()
