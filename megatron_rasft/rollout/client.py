@@ -44,6 +44,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list = field(default_factory=list)
     seed: int = 1234
+    # Token ids that end a sample besides the model's EOS (e.g. a chat model's <|im_end|>, which a
+    # stop *string* cannot match because special tokens are not detokenised).
+    stop_token_ids: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.n < 1 or self.max_tokens < 1:
@@ -208,7 +211,7 @@ class RolloutClient:
         return {"model": self.model, "prompt": prompt, "n": sampling.n,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                 "max_tokens": sampling.max_tokens, "repetition_penalty": sampling.repetition_penalty,
-                "stop": list(sampling.stop), "seed": seed,
+                "stop": list(sampling.stop), "stop_token_ids": list(sampling.stop_token_ids), "seed": seed,
                 # logprobs=0: the sampled token's log-prob only; return_token_ids: the ids themselves.
                 "logprobs": 0, "return_token_ids": True}
 

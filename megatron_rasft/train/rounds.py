@@ -196,7 +196,11 @@ class Rounds:
         rc, tok = self.cfg.rollout, self.data.tokenizer
         self._ensure_server(hf_dir, probe, times)
         t0 = time.time()
-        sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r)
+        stop_ids = [self.data.eos_id]
+        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        if im_end is not None:  # ChatML models end a turn with it (a special token: no stop string)
+            stop_ids.append(im_end)
+        sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r, stop_token_ids=stop_ids)
         rollout_round(self.run_dir, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
                       problem_ids=problem_ids)
         times["rollout"] += time.time() - t0
