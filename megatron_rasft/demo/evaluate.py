@@ -40,7 +40,8 @@ def evaluate_model(server, problems: list, dc, tag: str, out_dir: Path, tokenize
     for p, f in zip(problems, by_problem):
         by_digits.setdefault(p["digits"], []).append(sum(f) / len(f))
     return {"avg_at_n": acc, "stderr": se, "n": dc.eval_n, "problems": len(problems),
-            "by_digits": {d: sum(v) / len(v) for d, v in sorted(by_digits.items())}}
+            "by_digits": {d: sum(v) / len(v) for d, v in sorted(by_digits.items())},
+            "per_problem": [sum(f) / len(f) for f in by_problem]}
 
 
 def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test: list, dc, tokenizer_dir) -> dict:

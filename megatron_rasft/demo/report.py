@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+
+def paired_difference(a: list, b: list) -> tuple:
+    """Mean of per-problem differences a − b and its standard error."""
+    diffs = [x - y for x, y in zip(a, b)]
+    m = sum(diffs) / len(diffs)
+    var = sum((x - m) ** 2 for x in diffs) / max(len(diffs) - 1, 1)
+    return m, math.sqrt(var / len(diffs))
 
 
 def _rounds(rasft_dir: Path) -> list:
@@ -82,9 +91,9 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
                  f"{curves[next(iter(curves))][0]['stderr']:.3f} | |")
     arms = list(curves)
     if len(arms) == 2:
-        d = final[arms[1]]["avg_at_n"] - final[arms[0]]["avg_at_n"]
-        lines += ["", f"Difference {arms[1]} − {arms[0]} at the last step: {d:+.3f} "
-                      f"(one seed; compare it with the standard errors before reading anything into it)."]
+        d, se = paired_difference(final[arms[1]]["per_problem"], final[arms[0]]["per_problem"])
+        lines += ["", f"Difference {arms[1]} − {arms[0]} at the last step: {d:+.3f} ± {se:.3f} (paired over "
+                      f"the same held-out problems and sampling seeds; one training seed)."]
     lines += ["", "## Accuracy per step", "", "| step | " + " | ".join(arms) + " |",
               "| --- | " + " | ".join("---" for _ in arms) + " |"]
     for i, pt in enumerate(curves[arms[0]]):
