@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
 from megatron_rasft.data.problems import read_problems

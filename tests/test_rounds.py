@@ -6,14 +6,12 @@ samples, verifies with math-verify, weighs, and trains on the expert demonstrati
 rollouts. Every test puts the server's original weights back.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
+from megatron_rasft.testing.runs import run_train, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,29 +54,7 @@ save_interval = 1
 
 
 def _train(config, run_dir, *sets, nproc=1):
-    args = ["-m", "megatron_rasft", "train", "--config", str(config), "--set", f"train.run_dir={run_dir}"]
-    for s in sets:
-        args += ["--set", s]
-    prefix = [sys.executable]
-    if nproc > 1:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        prefix += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(port)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run(prefix + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    return p.returncode, p.stdout + p.stderr
-
-
-def _losses(run_dir):
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return run_train(config, run_dir, *sets, nproc=nproc)
 
 
 def test_two_rounds_single_process_then_resume_without_redoing(setup):
@@ -95,7 +71,7 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
     assert "server serves the step's weights (inplace" in out
     marker = json.loads((run / "rounds" / "round_000.json").read_text())
     assert set(marker["expert_weight"]) and marker["summary"]["problems"] == 4
-    assert len(_losses(run)) == 2
+    assert len(step_losses(run)) == 2
 
     # Resume into a longer run: rounds 0-1 are not redone (their files stay as they were).
     before = {p: p.stat().st_mtime_ns for p in run.glob("*/round_00[01].json*")}
@@ -104,7 +80,7 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
     assert "[resume] from" in out and "[round 0]" not in out and "[round 1]" not in out
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (run / "rounds" / "round_002.json").is_file()
-    assert sorted(_losses(run)) == [1, 2, 3]
+    assert sorted(step_losses(run)) == [1, 2, 3]
 
 
 def test_degenerate_rasft_equals_sft_with_rounds(setup):
@@ -117,7 +93,7 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
                      "loss.ratio=none", "loss.token_factor=none")
     assert rc == 0, out
     assert "[round 1]" in out  # the rounds really ran
-    assert _losses(root / "degenerate") == _losses(root / "sft")
+    assert step_losses(root / "degenerate") == step_losses(root / "sft")
 
 
 def test_rounds_with_tensor_parallel_and_reference_selection(setup):
@@ -132,4 +108,4 @@ def test_rounds_with_tensor_parallel_and_reference_selection(setup):
     for r in (0, 1):
         marker = json.loads((root / "tp2" / "rounds" / f"round_{r:03d}.json").read_text())
         assert marker["summary"]["rolled_out"] <= 4  # a subset of the window's 4 problems (+ probes)
-    assert len(_losses(root / "tp2")) == 2
+    assert len(step_losses(root / "tp2")) == 2

@@ -1,13 +1,12 @@
 """The training entry end to end on CPU: exact resume after kill -9, a NaN stop, TP=2 and PP=2 runs."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from megatron_rasft.testing.runs import run_train, start_train, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.toml"
@@ -28,46 +27,16 @@ def init_ckpt(tmp_path_factory):
 
 
 def _train(run_dir, *sets, nproc=1, wait=True):
-    args = ["-m", "megatron_rasft", "train", "--config", str(CONFIG), "--set", f"train.run_dir={run_dir}"]
-    for s in sets:
-        args += ["--set", s]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port", str(_free_port())] + args
-    else:
-        cmd = [sys.executable] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(run_dir):
-    """step -> loss, keeping the last record of each step (a resumed run rewrites the steps it redid)."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+        return start_train(CONFIG, run_dir, *sets, nproc=nproc)
+    return run_train(CONFIG, run_dir, *sets, nproc=nproc, timeout_s=600)
 
 
 def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
     sets = [init_ckpt, "train.train_iters=12", "checkpoint.save_interval=2", "loss.method=rasft"]
     rc, out = _train(tmp_path / "full", *sets)
     assert rc == 0, out
-    full = _losses(tmp_path / "full")
+    full = step_losses(tmp_path / "full")
     assert sorted(full) == list(range(1, 13))
 
     killed = tmp_path / "killed"
@@ -80,12 +49,12 @@ def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = _losses(killed)
+    partial = step_losses(killed)
     assert 5 <= len(partial) < 12, partial
     rc, out = _train(killed, *sets, "checkpoint.resume=true")
     assert rc == 0, out
     assert "[resume] from" in out
-    resumed = _losses(killed)
+    resumed = step_losses(killed)
     assert sorted(resumed) == list(range(1, 13))
     assert resumed == full  # bit-identical per-step losses
 
@@ -109,12 +78,12 @@ def test_tp2_and_pp2_runs_match_single_process(tmp_path, init_ckpt):
     sets = [init_ckpt, "train.train_iters=3", "loss.method=rasft", "train.lr=1e-3"]
     rc, out = _train(tmp_path / "one", *sets)
     assert rc == 0, out
-    ref = _losses(tmp_path / "one")
+    ref = step_losses(tmp_path / "one")
     for name, layout in {"tp2": "parallel.tensor_model_parallel_size=2",
                          "pp2": "parallel.pipeline_model_parallel_size=2"}.items():
         rc, out = _train(tmp_path / name, *sets, layout, nproc=2)
         assert rc == 0, out
-        got = _losses(tmp_path / name)
+        got = step_losses(tmp_path / name)
         assert sorted(got) == [1, 2, 3]
         for step, loss in ref.items():
             assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (name, step, got[step], loss)
