@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from megatron_rasft.eval import prompts as P
 from megatron_rasft.eval.benchmarks import BenchmarkError, EvalProblem, problems_from_dicts
