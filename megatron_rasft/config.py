@@ -65,9 +65,6 @@ class ModelConfig:
         if self.kv_channels is None:
             _check(self.hidden_size % self.num_attention_heads == 0,
                    "model.hidden_size must be divisible by num_attention_heads (or set kv_channels)")
-        _check(self.seq_length <= self.max_position_embeddings,
-               f"model.seq_length ({self.seq_length}) exceeds max_position_embeddings "
-               f"({self.max_position_embeddings})")
         if self.fp8 in ("none", ""):
             self.fp8 = None
         _one_of("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
@@ -269,6 +266,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        # With a checkpoint, the architecture (max_position_embeddings included) comes from its
+        # model_config.json and the check is made against that when the run starts.
+        if self.checkpoint.load is None:
+            _check(self.model.seq_length <= self.model.max_position_embeddings,
+                   f"model.seq_length ({self.model.seq_length}) exceeds model.max_position_embeddings "
+                   f"({self.model.max_position_embeddings})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
