@@ -5,7 +5,8 @@ sampling order; it returns `(A_E, [A_j per rollout])`, 0.0 for rollouts not trai
 
 - `constant`: A_E = 1, every correct rollout 1 (plain SFT on expert + correct samples).
 - `linear` (default): A_E = a_max − (a_max − a_min)·p; each correct rollout β·p/k when p ≥ p_min.
-- `reference`: the released code's group-normalised rule with its rollout filters (below).
+- `reference`: the released code's group-normalised rule with its rollout filters (below; the
+  rules are listed in docs/verify_and_weighting.md).
 """
 from __future__ import annotations
 
@@ -17,39 +18,44 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import WeightingConfig
 from megatron_rasft.records import ProblemVerdicts, Weight
-from megatron_rasft.verify.reference import last_boxed
+from megatron_rasft.verify.reference import last_boxed_braced
 
 
 @dataclass(frozen=True)
 class ReferenceFilters:
-    """Constants of the `reference` scheme. The first block is from RASFT.md (ref); the degenerate-
-    rollout thresholds are this project's concrete choice for the filters RASFT.md names."""
+    """Constants of the `reference` scheme, all the released code's values."""
 
-    dup_jaccard: float = 0.82  # (ref) word-3-gram Jaccard at which a rollout is a near duplicate
-    neg_jaccard: float = 0.88  # (ref) a negative this close to a positive is dropped
-    max_negatives: int = 3  # (ref)
-    symbol_share: float = 0.42  # (ref) max share of non-alphanumeric, non-space characters
-    max_corrections: int = 1  # (ref: ">= 2 self-correction markers" is degenerate)
-    min_chars: int = 40  # fewer non-whitespace characters = too short
-    min_line_chars: int = 10  # lines at least this long count for repetition
-    max_line_repeats: int = 2  # a line repeated more often than this = degenerate
-    ngram_min_count: int = 20  # with at least this many word 4-grams ...
-    ngram_min_distinct: float = 0.5  # ... fewer than this share distinct = degenerate
-    min_words_before_box: int = 5  # shortcut: fewer words before the first \boxed
-    z_eps: float = 1e-6  # (ref)
-    tanh_scale: float = 0.4  # (ref)
-    rollout_scale: float = 0.25  # (ref)
-    rollout_clip: tuple = (0.02, 0.15)  # (ref)
+    dup_jaccard: float = 0.82  # word-3-gram Jaccard at which a rollout is a near duplicate
+    neg_jaccard: float = 0.88  # a negative this close to a positive rollout is dropped
+    neg_target_sim: float = 0.45  # negatives are ranked by |max_sim - this|
+    max_negatives: int = 3
+    min_chars: int = 20  # stripped length below this = too short (and gibberish)
+    min_sentence_chars: int = 12  # sentences at least this long count for repetition
+    max_repeats: int = 3  # a sentence / 8-word window seen this often = a loop
+    window_words: int = 8
+    window_min_words: int = 30  # the window test needs at least this many words
+    max_corrections: int = 2  # this many distinct correction markers = collapsed
+    symbol_share: float = 0.42  # share of non-alphanumeric, non-space characters above this = gibberish
+    shortcut_choice_chars: int = 180  # a choice-like box in a text shorter than this = shortcut
+    shortcut_chars: int = 120  # any box in a text shorter than this = shortcut
+    format_min_chars: int = 80
+    z_eps: float = 1e-6
+    tanh_scale: float = 0.4
+    rollout_scale: float = 0.25
+    rollout_clip: tuple = (0.02, 0.15)
 
 
 REFERENCE = ReferenceFilters()
-CORRECTION_MARKERS = re.compile(
-    r"\b(wait|actually|hmm+|oops|on second thought|let me re(?:check|consider|do|think|calculate|evaluate)"
-    r"|i made a mistake|that'?s (?:not right|wrong|incorrect)|correction)\b", re.IGNORECASE)
-REASONING_MARKERS = re.compile(
-    r"(\b(because|since|therefore|thus|hence|so|then|step|first|we have|we get|implies|gives)\b"
-    r"|=|\\implies|\\therefore|\\Rightarrow)", re.IGNORECASE)
-SHORTCUT_OPENINGS = ("the answer is", "answer:", "final answer")
+CORRECTION_MARKERS = ("let me correct", "correcting the calculation", "i need to correct", "rechecking",
+                      "let's correct", "wait,", "however, this is incorrect", "the previous reasoning was wrong")
+SHORTCUT_PATTERNS = [re.compile(p) for p in (
+    r"according to the problem[, ]+the correct answer is",
+    r"based on the given information[, ]+we know that the correct answer is",
+    r"the correct answer is\s*[:：]?\s*\\boxed",
+    r"therefore[, ]+the correct answer is",
+    r"thus[, ]+the correct answer is")]
+SHORT_CHOICE = re.compile(r"[A-Da-d①-⑨0-9,， ]{1,12}")  # choice letters, circled digits, digits, commas
+FORMAT_MARKERS = ("=", "therefore", "thus", "hence", "so ", "let ", "we have", "we get", "substitute", "solve")
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Weights:
     p: float
     k: int
     K: int
+    negatives: tuple = ()  # `reference`: indices of the rollouts in the group as negatives, in group order
 
 
 def solvability(k: int, K: int, smoothing: Optional[tuple] = None) -> float:
@@ -71,48 +78,82 @@ def solvability(k: int, K: int, smoothing: Optional[tuple] = None) -> float:
     return (k + a) / (K + a + b)
 
 
-def _words(text: str) -> list:
-    return text.lower().split()
+def normalise(text: str) -> str:
+    """Lower-cased, runs of whitespace collapsed to one space, stripped."""
+    return " ".join(text.lower().split())
 
 
 def ngrams(text: str, n: int = 3) -> set:
-    """Word n-grams (lower-cased, whitespace split); a text shorter than n is one gram."""
-    w = _words(text)
-    if len(w) < n:
-        return {tuple(w)} if w else set()
+    """Word n-grams of the normalised text; empty for a text of fewer than n words."""
+    w = normalise(text).split()
     return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
 def jaccard(a: set, b: set) -> float:
+    """|a ∩ b| / |a ∪ b|; two empty sets are identical (1.0), one empty set shares nothing (0.0)."""
     if not a and not b:
         return 1.0
+    if not a or not b:
+        return 0.0
     return len(a & b) / len(a | b)
 
 
-def degenerate_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
-    """Why a rollout is degenerate under the reference filters, or None."""
-    chars = re.sub(r"\s", "", text)
-    if len(chars) < f.min_chars:
+def gibberish_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+    """Why a text is gibberish or collapsed (a loop, self-corrections, symbols), or None."""
+    if len(text.strip()) < f.min_chars:
         return "too_short"
-    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= f.min_line_chars]
-    if lines and max(Counter(lines).values()) > f.max_line_repeats:
-        return "repeated_lines"
-    w = _words(text)
-    grams = [tuple(w[i:i + 4]) for i in range(len(w) - 3)]
-    if len(grams) >= f.ngram_min_count and len(set(grams)) / len(grams) < f.ngram_min_distinct:
-        return "repeated_ngrams"
-    if len(CORRECTION_MARKERS.findall(text)) > f.max_corrections:
+    t = normalise(text)
+    sentences = [s.strip() for s in re.split(r"[.\n]", t)]
+    counts = Counter(s for s in sentences if len(s) >= f.min_sentence_chars)
+    if counts and max(counts.values()) >= f.max_repeats:
+        return "repeated_sentence"
+    w = t.split()
+    if len(w) >= f.window_min_words:
+        n = f.window_words
+        windows = Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+        if max(windows.values()) >= f.max_repeats:
+            return "repeated_window"
+    if sum(m in t for m in CORRECTION_MARKERS) >= f.max_corrections:
         return "self_corrections"
-    if sum(not (c.isalnum()) for c in chars) / len(chars) > f.symbol_share:
+    if sum(not c.isalnum() and not c.isspace() for c in t) / len(t) > f.symbol_share:
         return "symbols"
-    box = re.search(r"\\(boxed|fbox)\b", text)
-    if box is None or last_boxed(text) is None:
+    return None
+
+
+def shortcut_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+    """Why a text answers without working (a stock phrase, or a box in a very short text), or None."""
+    low = text.lower()
+    if any(p.search(low) for p in SHORTCUT_PATTERNS):
+        return "shortcut_phrase"
+    box = last_boxed_braced(text)
+    n = len(text.strip())
+    if box is not None and SHORT_CHOICE.fullmatch(box.strip()) and n < f.shortcut_choice_chars:
+        return "shortcut_choice"
+    if box is not None and n < f.shortcut_chars:
+        return "shortcut_short"
+    return None
+
+
+def format_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+    """Why a text is not a boxed worked solution (short, gibberish, no box, no reasoning), or None."""
+    if len(text.strip()) < f.format_min_chars:
+        return "format_short"
+    if gibberish_reason(text, f) is not None:
+        return "format_gibberish"
+    if last_boxed_braced(text) is None:
         return "no_boxed"
-    if text.strip().lower().startswith(SHORTCUT_OPENINGS) or len(text[:box.start()].split()) < f.min_words_before_box:
-        return "shortcut"
-    if not REASONING_MARKERS.search(text[:box.start()]):
+    low = text.lower()
+    if not any(m in low for m in FORMAT_MARKERS):
         return "no_reasoning_marker"
     return None
+
+
+def degenerate_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+    """Why a rollout is filtered out by the reference rules, or None; checked in the released
+    code's order: too short, gibberish/collapsed, shortcut, format."""
+    if len(text.strip()) < f.min_chars:
+        return "too_short"
+    return gibberish_reason(text, f) or shortcut_reason(text, f) or format_reason(text, f)
 
 
 def _linear(rollouts, cfg: WeightingConfig) -> Weights:
@@ -125,39 +166,44 @@ def _linear(rollouts, cfg: WeightingConfig) -> Weights:
     return Weights(a_e, [per if c else 0.0 for _, c in rollouts], p, k, K)
 
 
-def _reference(expert_response: str, rollouts, f: ReferenceFilters = REFERENCE) -> Weights:
+def reference_weights(rollouts, f: ReferenceFilters = REFERENCE) -> Weights:
+    """The `reference` scheme on [(text, correct)]; `f` exists for tests (e.g. de-dup disabled)."""
     n = len(rollouts)
     grams = [ngrams(t) for t, _ in rollouts]
     kept = []  # indices surviving de-duplication, in sampling order
     for j in range(n):
         if all(jaccard(grams[j], grams[i]) < f.dup_jaccard for i in kept):
             kept.append(j)
-    K_tot = len(kept)
+    K_tot = len(kept)  # filtered rollouts stay in K_tot: they count as failures
     ok = [j for j in kept if degenerate_reason(rollouts[j][0], f) is None]
     pos = [j for j in ok if rollouts[j][1]]
     k = len(pos)
     fallback = Weights(1.0, [0.0] * n, k / K_tot if K_tot else 0.0, k, K_tot)
     if not ok or k == 0:
         return fallback
-    # Failures (wrong or filtered) are the negatives; near copies of a positive are dropped. The
-    # positives here include the expert demonstration: rollouts are already de-duplicated at 0.82
-    # among themselves, so only the expert makes this 0.88 test bite.
-    positive_grams = [ngrams(expert_response)] + [grams[i] for i in pos]
-    neg = [j for j in kept if j not in pos
-           and all(jaccard(grams[j], g) < f.neg_jaccard for g in positive_grams)][:f.max_negatives]
-    d = 1.0 - k / K_tot
-    r = [1.0 + 2.0 * d] + [1.0] * k + [0.0] * len(neg)
+    # Negatives are wrong survivors only; a near copy of a positive rollout (the expert is not
+    # compared) is dropped, and the rest are ranked by closeness of their similarity to 0.45.
+    negs = []
+    for j in ok:
+        if not rollouts[j][1]:
+            sim = max(jaccard(grams[j], grams[i]) for i in pos)
+            if sim < f.neg_jaccard:
+                negs.append((abs(sim - f.neg_target_sim), j))
+    negs = sorted(negs, key=lambda x: x[0])[:f.max_negatives]  # stable: ties keep sampling order
+    r = [1.0 + 2.0 * (1.0 - k / K_tot)] + [1.0] * k + [0.0] * len(negs)
+    # numpy.allclose's test against the first reward (atol 1e-8, rtol 1e-5).
+    if len(r) < 2 or all(abs(x - r[0]) <= 1e-8 + 1e-5 * abs(r[0]) for x in r):
+        return fallback
+    # The released code computes this in float32; float64 here (differences ~1e-7).
     mean = sum(r) / len(r)
     std = math.sqrt(sum((x - mean) ** 2 for x in r) / len(r))
-    if std == 0.0:
-        return fallback
     s = [math.tanh(f.tanh_scale * (x - mean) / (std + f.z_eps)) for x in r]
     sigma = 1.0 / (1 + k)
     lo, hi = f.rollout_clip
     out = [0.0] * n
-    for pos_j, s_j in zip(pos, s[1:1 + k]):
-        out[pos_j] = f.rollout_scale * min(max(s_j * sigma, lo), hi)
-    return Weights(s[0] * sigma, out, k / K_tot, k, K_tot)
+    for j, s_j in zip(pos, s[1:1 + k]):
+        out[j] = f.rollout_scale * min(max(s_j * sigma, lo), hi)
+    return Weights(s[0] * sigma, out, k / K_tot, k, K_tot, tuple(j for _, j in negs))
 
 
 def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
@@ -172,14 +218,15 @@ def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
     if scheme == "linear":
         return _linear(rollouts, cfg)
     if scheme == "reference":
-        return _reference(str(expert_response), rollouts)
+        return reference_weights(rollouts)
     raise ValueError(f"weighting scheme must be one of ('linear', 'reference', 'constant'), got {scheme!r}")
 
 
 def weigh(scheme: str, expert_response: str, rollouts: Sequence[tuple],
           cfg: Optional[WeightingConfig] = None) -> tuple:
-    """-> (A_E, [A_j for each rollout]) — see the module docstring. `expert_response` is part of
-    `reference` uses it to drop negatives that copy it."""
+    """-> (A_E, [A_j for each rollout]) — see the module docstring. The correctness flags are the
+    caller's (the verifier's verdicts). `expert_response` is part of the interface; no current
+    scheme reads it (`reference` compares negatives with the positive rollouts only)."""
     w = weigh_detailed(scheme, expert_response, rollouts, cfg)
     return w.expert, w.rollouts
 

@@ -7,7 +7,9 @@ import pytest
 
 from megatron_rasft.verify.mathv import MathVerifier, gold_answer, grade_math
 from megatron_rasft.verify.pool import TimeoutPool
-from megatron_rasft.verify.reference import last_boxed, normalize_answer, reference_equal
+from megatron_rasft.verify import reference
+from megatron_rasft.verify.reference import (extract_answer, is_correct, last_boxed, normalize_answer,
+                                             reference_equal)
 
 MATH500 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks", "math500.jsonl")
 
@@ -50,18 +52,85 @@ def test_battery(verifier):
     assert [v["reason"] for v in out] == ["correct" if w else "wrong" for w in want]
 
 
-def test_reasons_and_reference_mode():
+def test_reasons():
     assert grade_math("no box", "1")["reason"] == "no_answer"
     assert grade_math(r"\boxed{}", "1")["reason"] == "no_answer"
     assert grade_math(r"\boxed{1}", None)["reason"] == "error"
-    # reference: normalised strings only — equal after normalisation, but no algebra.
-    assert grade_math(r"\boxed{\dfrac12}", "0.5", mode="reference")["correct"]
-    assert not grade_math(r"\boxed{2\sqrt{2}}", r"\sqrt{8}", mode="reference")["correct"]
     assert grade_math(r"\boxed{2\sqrt{2}}", r"\sqrt{8}", mode="math")["correct"]
     assert normalize_answer(r"\left( 3, \frac12 \right)") == r"(3,\frac{1}{2})"
     assert reference_equal("1,000", "1000") and not reference_equal("(1,000)", "1000")
     # The ground truth falls back to the expert's last box.
     assert gold_answer(None, r"... \boxed{7}") == "7" and gold_answer("8", r"\boxed{7}") == "8"
+
+
+# ---- the released code's rules (`reference` mode) ---------------------------------------------
+def test_extract_answer():
+    assert extract_answer(r"a \boxed{1} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
+    assert extract_answer("so $\\boxed{\\left( 3,\\!4 \\right).}$") == "( 3,4 )"  # wrappers, trailing dot
+    # The last box unclosed: no fallback to an earlier box; the last-number rule reads "2".
+    assert reference.last_boxed_braced(r"\boxed{1} then \boxed{2") is None
+    assert extract_answer(r"\boxed{1} then \boxed{2") == "2"
+    assert extract_answer("The final answer is 42.\nThe answer is 7") == "42"
+    assert extract_answer("So the answer is 3/4!\nmore 9") == "3/4"
+    assert extract_answer("Therefore x is 12;\nand 5") == "12"
+    assert extract_answer("Thus the sum is -3.5\n") == "-3.5"
+    assert extract_answer("we got 3 then 1/2 and 2.5 finally") == "2.5"  # the last number
+    assert extract_answer("no digits at all") is None
+    assert gold_answer("9", r"so \boxed{7}", mode="reference") == "7"  # the expert's answer first
+    assert gold_answer("9", "no answer here", mode="reference") == "9"
+
+
+REF_EQUAL = [
+    ("42", " 42 "), ("0.5", "0.50"), ("1e-9", "0"),  # strings, floats within 1e-8
+    (r"\frac{1}{2}", "0.5"), (r"\frac{3}{4}", "3/4"), (r"\frac{\frac{1}{2}}{2}", "0.25"),  # fractions
+    (r"\sqrt{16}", "4"), (r"\sqrt{2}^{2}", "2"),  # sqrt
+    ("2^{10}", "1024"), ("x^2 - 1", "(x-1)*(x+1)"),  # powers, algebra
+]
+REF_NOT_EQUAL = [
+    ("1/3", "0.33"), ("5", "6"), ("x^2", "x^3"), (r"\frac{1}{3}", "0.3333"),
+    (r"\pi", "3.14159"),  # `\pi` survives the plain-text route: sympify fails -> not equal
+    ("(1, 2)", "(1,2)"),  # tuples: no string match, and sympy cannot subtract them
+]
+
+
+def test_is_correct_battery():
+    bad = [(g, p) for g, p in REF_EQUAL if not is_correct(g, p)]
+    bad += [(g, p) for g, p in REF_NOT_EQUAL if is_correct(g, p)]
+    assert bad == []
+    assert not is_correct(None, "1") and not is_correct("1", None)
+
+
+def test_latex_parse_failure_falls_back_to_plain_text(monkeypatch):
+    calls = []
+
+    def failing(s):
+        calls.append(s)
+        raise RuntimeError("parser unavailable")
+
+    monkeypatch.setattr(reference, "_parse_latex", failing)
+    assert is_correct(r"\frac{1}{2}", "0.5") and calls == [r"\frac{1}{2}"]
+    assert is_correct(r"\sqrt{9}", r"\frac{6}{2}")
+    assert not is_correct(r"2\sqrt{2}", r"\sqrt{8}")  # "2sqrt(2)": sympify rejects implicit products
+    # A parser that succeeds is used as is (no plain-text route).
+    import sympy
+    monkeypatch.setattr(reference, "_parse_latex", lambda s: sympy.Integer(7))
+    assert is_correct(r"\anything", "7") and not is_correct(r"\anything", "8")
+
+
+def test_reference_mode():
+    g = lambda resp, gold: grade_math(resp, gold, mode="reference")  # noqa: E731
+    assert g(r"... \boxed{\dfrac{1}{2}}", "0.5")["reason"] == "wrong"  # \dfrac is not rewritten
+    assert g(r"... \boxed{\frac{1}{2}}", "0.5") == {"correct": True, "reason": "correct", "extracted": r"\frac{1}{2}"}
+    assert g(r"... so $\boxed{3/4}$.", r"\frac{3}{4}")["correct"]
+    assert g("The final answer is 12.", "12")["correct"]  # no box: the phrase rule
+    assert g("no number at all", "12")["reason"] == "no_answer"
+    assert g(r"\boxed{7}", r"\left(7\right)")["correct"]  # wrappers stripped from the gold too
+
+
+def test_reference_mode_in_the_pool():
+    with MathVerifier(num_workers=1, timeout_s=10, mode="reference") as v:
+        out = v.grade([(r"so \boxed{\frac{1}{2}}", "0.5"), (r"so \boxed{x^2}", "x^3"), ("nothing", "1")])
+    assert [o["reason"] for o in out] == ["correct", "wrong", "no_answer"]
 
 
 def test_math500_self_consistency():

@@ -1,4 +1,4 @@
-"""Math verifier: last-`\\boxed{}` extraction, then math-verify (sympy) or the `reference` rule.
+"""Math verifier: last-`\\boxed{}` extraction, then math-verify (sympy); or the released code's rules.
 
 `grade_math` runs in the calling process and must be called from a main thread (math-verify's
 timeouts use signal.alarm). `MathVerifier` runs it in a `TimeoutPool`: each item in a worker's main
@@ -13,7 +13,8 @@ import logging
 from typing import Optional, Sequence
 
 from megatron_rasft.verify.pool import TimeoutPool
-from megatron_rasft.verify.reference import last_boxed, reference_equal
+from megatron_rasft.verify.reference import (extract_answer, is_correct, last_boxed, reference_equal,
+                                             strip_wrappers)
 
 MODES = ("math", "math-verify", "reference")
 
@@ -36,8 +37,11 @@ _mv_logger.addHandler(_FLAG)
 _mv_logger.propagate = False
 
 
-def gold_answer(answer: Optional[str], expert_response: str) -> Optional[str]:
-    """The ground truth: the explicit answer, else the last \\boxed{} of the expert response."""
+def gold_answer(answer: Optional[str], expert_response: str, mode: str = "math") -> Optional[str]:
+    """The ground truth: the explicit answer, else the last \\boxed{} of the expert response. In
+    `reference` mode the released code's order: `extract_answer(expert_response)`, else `answer`."""
+    if mode == "reference":
+        return extract_answer(expert_response) or (str(answer) if answer is not None and str(answer).strip() else None)
     if answer is not None and str(answer).strip():
         return str(answer)
     return last_boxed(expert_response)
@@ -48,20 +52,26 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
     """Grade one response against a gold answer string. Returns {"correct", "reason", "extracted"}.
 
     mode "math": math-verify equivalence of the boxed answers, or the normalised string rule
-    (either suffices); "math-verify": math-verify only; "reference": the normalised string rule only.
-    `soft_timeout_s` is math-verify's own per-call limit (None disables it)."""
+    (either suffices); "math-verify": math-verify only; "reference": the released code's rules,
+    `extract_answer(response)` against the gold (wrappers stripped) with `is_correct` (sympy, no
+    soft limit: the pool's hard deadline bounds it). `soft_timeout_s` is math-verify's own per-call
+    limit (None disables it)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gold is None:
         return {"correct": False, "reason": "error", "extracted": None,
                 "error": "no ground truth: no answer and no \\boxed{} in the expert response"}
+    if mode == "reference":
+        pred = extract_answer(response)
+        if pred is None or not pred.strip():
+            return {"correct": False, "reason": "no_answer", "extracted": None}
+        ok = is_correct(strip_wrappers(gold), pred)
+        return {"correct": ok, "reason": "correct" if ok else "wrong", "extracted": pred}
     pred = last_boxed(response)
     if pred is None or not pred.strip():
         return {"correct": False, "reason": "no_answer", "extracted": None}
     if mode != "math-verify" and reference_equal(pred, gold):
         return {"correct": True, "reason": "correct", "extracted": pred}
-    if mode == "reference":
-        return {"correct": False, "reason": "wrong", "extracted": pred}
     from math_verify import parse, verify
 
     _FLAG.hit = False

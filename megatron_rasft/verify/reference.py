@@ -1,8 +1,11 @@
-"""Answer extraction and the `reference` equivalence rule (normalised string match).
+"""Answer extraction and comparison rules.
 
-The released RASFT code takes the ground truth from the last `\\boxed{}` of the expert response and
-compares answers as normalised strings. Its exact normaliser is not public, so this module fixes a
-documented one (docs/verify_and_weighting.md lists every step); `normalize_answer` is the whole rule.
+- `extract_answer` + `is_correct`: the released RASFT code's rules (the `reference` verifier mode):
+  last brace-matched `\\boxed{}` (else "answer is"-style phrases, else the last number); equal as
+  stripped strings, as floats within 1e-8, or by `sympy.simplify(gold - pred) == 0`.
+- `last_boxed` + `normalize_answer` / `reference_equal`: this project's extraction and normalised
+  string rule, the cheap first check of the `math` mode and the majority-vote key of `eval`.
+docs/verify_and_weighting.md lists every step of both.
 """
 from __future__ import annotations
 
@@ -107,3 +110,107 @@ def reference_equal(pred: str, gold: str) -> bool:
         return True
     x, y = _as_number(a), _as_number(b)
     return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))
+
+
+# ---- the released code's rules (`reference` verifier mode) -----------------------------------
+_ANSWER_PHRASES = [re.compile(p, re.IGNORECASE | re.MULTILINE) for p in (
+    r"final answer is(.*)$", r"answer is(.*)$", r"therefore.*?is(.*)$", r"thus.*?is(.*)$")]
+_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_WRAPPERS = ("$", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\n")
+
+
+def last_boxed_braced(text: str) -> Optional[str]:
+    """Content of the last `\\boxed{...}` with braces counted from its opening brace; None when
+    there is no `\\boxed{` or the last one never closes (no fallback to an earlier box)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for j in range(start + len("\\boxed"), len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len("\\boxed{"):j]
+    return None
+
+
+def strip_wrappers(ans: str) -> str:
+    """Remove `$`, `\\left`, `\\right`, `\\!`, `\\,`, `\\;`, `\\:` and newlines, then surrounding
+    whitespace and trailing " .,:;!?\\t"."""
+    for w in _WRAPPERS:
+        ans = ans.replace(w, "")
+    return ans.strip().rstrip(" .,:;!?\t").strip()
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The released code's answer of a response: the last brace-matched `\\boxed{}` (wrappers
+    stripped); else the rest of the line after the first of "final answer is", "answer is",
+    "therefore ... is", "thus ... is" (in that order) that matches; else the last number
+    (`-?\\d+(\\.\\d+)?(/\\d+)?`); else None."""
+    boxed = last_boxed_braced(text)
+    if boxed is not None:
+        return strip_wrappers(boxed)
+    for pattern in _ANSWER_PHRASES:
+        m = pattern.search(text)
+        if m:
+            ans = strip_wrappers(m.group(1))
+            if ans:
+                return ans
+    numbers = _LAST_NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _latex_to_sympy_text(s: str) -> str:
+    """The released code's plain-text form: \\frac{a}{b} -> ((a)/(b)) and \\sqrt{x} -> sqrt(x) until
+    none is left (innermost first), ^ -> **, remaining braces -> parentheses, no spaces."""
+    prev = None
+    while prev != s:
+        prev = s
+        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
+    s = s.replace("^", "**").replace("{", "(").replace("}", ")")
+    return re.sub(r"\s+", "", s)
+
+
+def _parse_latex(s: str):
+    # sympy's ANTLR LaTeX parser needs antlr4-python3-runtime 4.11 exactly; with another version
+    # (math-verify pulls in 4.13) it raises ImportError and `_to_sympy` falls back to sympify.
+    from sympy.parsing.latex import parse_latex
+    return parse_latex(s)
+
+
+def _to_sympy(s: str):
+    import sympy
+    if "\\" in s:
+        try:
+            return _parse_latex(s)
+        except Exception:  # noqa: BLE001 - any parser failure: the plain-text route below
+            pass
+    return sympy.sympify(_latex_to_sympy_text(s))
+
+
+def is_correct(gold: Optional[str], pred: Optional[str]) -> bool:
+    """The released code's equivalence: stripped strings equal; or both floats within 1e-8
+    (absolute); or sympy: simplify(gold - pred) == 0 or |float(gold - pred)| <= 1e-8. Any exception
+    in the sympy step means "not equal". Sympy can run for minutes on adversarial input: callers
+    run this under a deadline (`MathVerifier`'s worker pool)."""
+    if gold is None or pred is None:
+        return False
+    g, p = gold.strip(), pred.strip()
+    if g == p:
+        return True
+    try:
+        if abs(float(g) - float(p)) <= 1e-8:
+            return True
+    except (ValueError, OverflowError):
+        pass
+    try:
+        import sympy
+        diff = _to_sympy(g) - _to_sympy(p)
+        if sympy.simplify(diff) == 0:
+            return True
+        return abs(float(diff)) <= 1e-8
+    except Exception:  # noqa: BLE001 - unparsable or non-numeric difference: not equal
+        return False
