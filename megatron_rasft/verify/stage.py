@@ -55,16 +55,14 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
             v["extracted"] = None
     else:
         from megatron_rasft.verify.mathv import MathVerifier, gold_answer
-        from megatron_rasft.verify.reference import last_boxed
         mode = verifier
         own = math_verifier is None
         mv = math_verifier or MathVerifier(workers, timeout_s, mode=mode)
         golds = {}
         for p in problems:
-            # The released code reads the ground truth from the expert's last box; our records
-            # prefer the explicit answer.
-            golds[p.id] = (last_boxed(p.response) or p.answer) if mode == "reference" else \
-                gold_answer(p.answer, p.response)
+            # `reference`: the released code's ground truth (extracted from the expert response);
+            # otherwise our records' explicit answer first.
+            golds[p.id] = gold_answer(p.answer, p.response, mode=mode)
         try:
             verdicts = mv.grade([(r.text, golds[p.id]) for p, r in flat], on_result=on_rollout)
         finally:
