@@ -18,6 +18,10 @@ def _rounds(rasft_dir: Path) -> list:
     return [json.loads(p.read_text())["summary"] for p in sorted((rasft_dir / "rounds").glob("round_*.json"))]
 
 
+def _tokens_trained(run_dir: Path) -> int:
+    return sum(json.loads(line).get("tokens", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
 def _last_metrics(run_dir: Path) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
@@ -80,20 +84,23 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
         "",
         "## Result",
         "",
-        f"| arm | avg@{n} at step {dc.arm_steps} | best over steps |",
-        "| --- | --- | --- |",
+        f"| arm | avg@{n} at step {dc.arm_steps} | best over steps | loss tokens trained |",
+        "| --- | --- | --- | --- |",
     ]
     for arm, pts in curves.items():
         best = max(pts[1:] or pts, key=lambda p: p["avg_at_n"])
+        tokens = _tokens_trained(out / arm.lower())
         lines.append(f"| {arm} | {final[arm]['avg_at_n']:.3f} ± {final[arm]['stderr']:.3f} | "
-                     f"{best['avg_at_n']:.3f} (step {best['step']}) |")
+                     f"{best['avg_at_n']:.3f} (step {best['step']}) | {tokens} |")
     lines.append(f"| warm-up (step 0) | {curves[next(iter(curves))][0]['avg_at_n']:.3f} ± "
                  f"{curves[next(iter(curves))][0]['stderr']:.3f} | |")
     arms = list(curves)
     if len(arms) == 2:
         d, se = paired_difference(final[arms[1]]["per_problem"], final[arms[0]]["per_problem"])
         lines += ["", f"Difference {arms[1]} − {arms[0]} at the last step: {d:+.3f} ± {se:.3f} (paired over "
-                      f"the same held-out problems and sampling seeds; one training seed)."]
+                      f"the same held-out problems and sampling seeds; one training seed). Both arms take "
+                      f"the same number of optimizer steps; RASFT's steps also carry the correct rollouts "
+                      f"(at small weights), so it trains on more tokens: see the last column."]
     lines += ["", "## Accuracy per step", "", "| step | " + " | ".join(arms) + " |",
               "| --- | " + " | ".join("---" for _ in arms) + " |"]
     for i, pt in enumerate(curves[arms[0]]):
