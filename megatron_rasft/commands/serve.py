@@ -18,6 +18,12 @@ def add_arguments(p):
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0, help="readiness timeout")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs per model replica (vLLM tensor parallelism; GPU only)")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="model replicas behind this server (vLLM data parallelism; GPU only)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of each GPU's memory vLLM may use (GPU only; default vLLM's)")
 
 
 def main(args) -> int:
@@ -39,7 +45,14 @@ def main(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    server = RolloutServer(args.model, cfg, log_file=args.log_file)
+    extra = []
+    if args.tensor_parallel_size > 1:
+        extra += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.data_parallel_size > 1:
+        extra += ["--data-parallel-size", str(args.data_parallel_size)]
+    if args.gpu_memory_utilization is not None:
+        extra += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    server = RolloutServer(args.model, cfg, log_file=args.log_file, extra_args=extra)
     try:
         server.start()
         print(f"serving {args.model} at {server.url} (pid {server.proc.pid}, log {server.log_file}); "
