@@ -19,7 +19,6 @@ import json
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks"
@@ -54,16 +53,7 @@ def bench_grading(args) -> dict:
     return out
 
 
-def raw_generate(url: str, payloads: list, concurrency: int) -> int:
-    import requests
-
-    def post(payload):
-        r = requests.post(f"{url}/v1/completions", json=payload, timeout=600)
-        r.raise_for_status()
-        return sum(len(c["token_ids"]) for c in r.json()["choices"])
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        return sum(pool.map(post, payloads))
+from bench_rollout import raw_generate  # noqa: E402 (same folder: the raw-HTTP baseline)
 
 
 def bench_generation(args, work: Path) -> dict:

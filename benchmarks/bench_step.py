@@ -155,19 +155,14 @@ def sync():
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
+from _shapes import add_model_args  # noqa: E402 (same folder)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dft", "rasft", "sft_kl"], choices=METHODS)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=688)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--pack", action="store_true", help="pack sequences (block-diagonal attention)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)

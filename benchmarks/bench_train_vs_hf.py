@@ -188,19 +188,14 @@ def run_worker(side: str, d: Path, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+from _shapes import add_model_args  # noqa: E402 (same folder)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3, help="alternations of the sides (each a fresh process)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=688)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per side (default: torch's)")
     p.add_argument("--worker", choices=("hf", "ours", "ours_packed"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
