@@ -24,17 +24,21 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "accuracy_per_step.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "results.json").read_text())
     curves = results["curves"]
-    assert set(curves) == {"SFT", "RASFT"}
+    assert set(curves) == {"SFT", "RASFT", "SFT (tokens)"}
     # Every number in the report comes from the run: the table holds the evaluated values.
     for arm, pts in curves.items():
-        assert [pt["step"] for pt in pts] == [0, 6, 12]
+        if arm == "SFT (tokens)":  # plain SFT for as many loss tokens as RASFT: more steps, one eval
+            assert pts[0]["step"] == 0 and len(pts) == 2 and pts[1]["step"] >= 12
+        else:
+            assert [pt["step"] for pt in pts] == [0, 6, 12]
         assert f"| {arm} | {pts[-1]['avg_at_n']:.3f} ± {pts[-1]['stderr']:.3f}" in report
         assert all(0.0 <= pt["avg_at_n"] <= 1.0 for pt in pts)
+    assert "RASFT − SFT (tokens) at its last step" in report
     rounds = results["rounds"]
     assert len(rounds) >= 2 and all(sum(r["p_hist"]) == r["problems"] for r in rounds)
     # The RASFT arm really went through the stages, with its records on disk.
     for sub in ("rollouts", "verdicts", "weights"):
         assert (out / "rasft" / sub / "round_000.jsonl").is_file()
     evals = sorted((out / "eval").glob("*/samples/addition.jsonl"))
-    assert len(evals) == 5  # warm-up + 2 checkpoints per arm, each through `megatron_rasft.eval`
+    assert len(evals) == 6  # warm-up, 2 checkpoints per step-matched arm, 1 token-matched; via `megatron_rasft.eval`
     assert all((p.parent.parent / "results.json").is_file() for p in evals)

@@ -18,8 +18,17 @@ def add_arguments(p):
     for name, value in vars(defaults).items():
         if name == "times":
             continue
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+        kind = _bool if isinstance(value, bool) else type(value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help=f"(default {value}; --quick changes some sizes)")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def main(args) -> int:

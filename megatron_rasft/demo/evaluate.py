@@ -8,6 +8,11 @@ import math
 from pathlib import Path
 
 
+def report_tag(arm: str) -> str:
+    """File-name form of an arm's name: "SFT (tokens)" -> "sft_tokens"."""
+    return "_".join(arm.lower().replace("(", "").replace(")", "").split())
+
+
 def _checkpoints(run_dir: Path) -> list:
     return sorted((int(p.name.split("_")[1]), p / "model") for p in (run_dir / "ckpt").glob("iter_*")
                   if p.is_dir() and not p.name.endswith(".tmp"))
@@ -58,11 +63,12 @@ def evaluate_arms(server, out: Path, arms: dict, hf_warm: Path, hf0: Path, test:
     for arm, run_dir in arms.items():
         curves[arm] = [start]
         for step, mcore in _checkpoints(run_dir):
-            hf = out / "hf" / f"{arm.lower()}_{step:05d}"
+            tag = f"{report_tag(arm)}_{step:05d}"
+            hf = out / "hf" / tag
             if not (hf / "config.json").is_file():
                 mcore_to_hf(mcore, hf, hf_config_from=hf0, quiet=True, force=True)
             refresh_weights(server, hf, client)
-            res = {"step": step, **evaluate_model(server, test, dc, f"{arm.lower()}_{step:05d}", out / "eval", tokenizer_dir)}
+            res = {"step": step, **evaluate_model(server, test, dc, tag, out / "eval", tokenizer_dir)}
             curves[arm].append(res)
             print(f"   {arm:>5} step {step}: avg@{dc.eval_n} = {res['avg_at_n']:.3f} ± {res['stderr']:.3f}", flush=True)
     (out / "eval" / "curves.json").write_text(json.dumps(curves, indent=1))

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from megatron_rasft.demo.evaluate import report_tag
+
 
 def paired_difference(a: list, b: list) -> tuple:
     """Mean of per-problem differences a − b and its standard error."""
@@ -18,7 +20,7 @@ def _rounds(rasft_dir: Path) -> list:
     return [json.loads(p.read_text())["summary"] for p in sorted((rasft_dir / "rounds").glob("round_*.json"))]
 
 
-def _tokens_trained(run_dir: Path) -> int:
+def tokens_trained(run_dir: Path) -> int:
     return sum(json.loads(line).get("tokens", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
 
@@ -27,7 +29,7 @@ def _last_metrics(run_dir: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _plots(out: Path, curves: dict, rounds: list, n: int) -> list:
+def _plots(out: Path, curves: dict, rounds: list, n: int) -> list:  # noqa: C901
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,18 +91,22 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
     ]
     for arm, pts in curves.items():
         best = max(pts[1:] or pts, key=lambda p: p["avg_at_n"])
-        tokens = _tokens_trained(out / arm.lower())
+        tokens = tokens_trained(out / report_tag(arm))
         lines.append(f"| {arm} | {final[arm]['avg_at_n']:.3f} ± {final[arm]['stderr']:.3f} | "
                      f"{best['avg_at_n']:.3f} (step {best['step']}) | {tokens} |")
     lines.append(f"| warm-up (step 0) | {curves[next(iter(curves))][0]['avg_at_n']:.3f} ± "
                  f"{curves[next(iter(curves))][0]['stderr']:.3f} | |")
     arms = list(curves)
-    if len(arms) == 2:
-        d, se = paired_difference(final[arms[1]]["per_problem"], final[arms[0]]["per_problem"])
-        lines += ["", f"Difference {arms[1]} − {arms[0]} at the last step: {d:+.3f} ± {se:.3f} (paired over "
-                      f"the same held-out problems and sampling seeds; one training seed). Both arms take "
-                      f"the same number of optimizer steps; RASFT's steps also carry the correct rollouts "
-                      f"(at small weights), so it trains on more tokens: see the last column."]
+    lines.append("")
+    for other in [a for a in arms if a != "RASFT"]:
+        d, se = paired_difference(final["RASFT"]["per_problem"], final[other]["per_problem"])
+        lines.append(f"- RASFT − {other} at its last step: {d:+.3f} ± {se:.3f} (paired over the same held-out "
+                     f"problems and sampling seeds; one training seed).")
+    lines += ["", "SFT and RASFT take the same number of optimizer steps; RASFT's steps also carry the "
+                  "correct rollouts (at small weights), so it trains on more tokens (last column). "
+                  "`SFT (tokens)`, when present, is plain SFT run for as many loss tokens as RASFT."]
+    # The per-step table and plot cover the arms evaluated at the same steps.
+    arms = [a for a in arms if [p["step"] for p in curves[a]] == [p["step"] for p in curves[arms[0]]]]
     lines += ["", "## Accuracy per step", "", "| step | " + " | ".join(arms) + " |",
               "| --- | " + " | ".join("---" for _ in arms) + " |"]
     for i, pt in enumerate(curves[arms[0]]):

@@ -43,12 +43,15 @@ class DemoConfig:
     eval_n: int = 4
     eval_temperature: float = 1.0
     max_tokens: int = 64
+    token_matched: bool = True  # also run plain SFT for as many loss tokens as RASFT trained on
     times: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
-        base = dict(train_problems=1500, test_problems=60, layers=2, warmup_steps=60, arm_steps=12,
-                    eval_every=6, global_batch=32, micro_batch=16, refresh_interval=3, eval_n=2, samples=4)
+        # Shorter problems (1-3 digits) so that a short warm-up already solves some of them.
+        base = dict(train_problems=1500, test_problems=60, max_digits=3, layers=2, warmup_steps=150,
+                    arm_steps=12, eval_every=6, global_batch=32, micro_batch=16, refresh_interval=3,
+                    eval_n=2, samples=4)
         return cls(**{**base, **kw})
 
 
@@ -168,9 +171,18 @@ def run_demo(dc: DemoConfig) -> Path:
         with _stage("arm: RASFT", dc):
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
                           {"rollout": {"server_url": server.url}, "train": {"refresh_interval": dc.refresh_interval}})
+        arms = {"SFT": sft, "RASFT": rasft}
+        if dc.token_matched:
+            # RASFT's steps also carry correct rollouts: a control arm of plain SFT run for as many
+            # loss tokens as RASFT trained on (its learning-rate schedule stretched to match).
+            with _stage("arm: SFT, token-matched", dc):
+                ratio = report.tokens_trained(rasft) / max(report.tokens_trained(sft), 1)
+                steps = max(dc.arm_steps, round(dc.arm_steps * ratio))
+                _log(f"   RASFT trained on {ratio:.2f}× the loss tokens of SFT: {steps} SFT steps")
+                arms["SFT (tokens)"] = phase("sft_tokens", "sft", steps, warm_ckpt, dc.arm_lr,
+                                             {"checkpoint": {"save_interval": steps}})
         with _stage("evaluation", dc):
-            curves = evaluate.evaluate_arms(server, out, {"SFT": sft, "RASFT": rasft}, hf_warm, hf0, test, dc,
-                                            tok_dir)
+            curves = evaluate.evaluate_arms(server, out, arms, hf_warm, hf0, test, dc, tok_dir)
     finally:
         if server is not None:
             server.stop()
