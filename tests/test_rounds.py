@@ -83,6 +83,35 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
     assert sorted(step_losses(run)) == [1, 2, 3]
 
 
+def test_kill_mid_run_with_rounds_resumes_exactly(setup):
+    """kill -9 after the first checkpoint (mid-way through the rounds), resume: the per-step losses
+    equal an uninterrupted run's, and the round that had finished is not redone."""
+    import os
+    import signal
+    import time
+
+    from megatron_rasft.testing.runs import start_train
+
+    root, config = setup
+    sets = ["train.train_iters=3"]
+    rc, out = _train(config, root / "full3", *sets)
+    assert rc == 0, out
+    run = root / "killed3"
+    proc = start_train(config, run, *sets)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "ckpt" / "latest").is_file():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / "rounds" / "round_000.json").is_file()
+    done_before = {p: p.stat().st_mtime_ns for p in run.glob("*/round_000.json*")}
+    rc, out = _train(config, run, *sets, "checkpoint.resume=true")
+    assert rc == 0, out
+    assert "[resume] from" in out and "[round 0]" not in out
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before
+    assert step_losses(run) == step_losses(root / "full3")
+
+
 def test_degenerate_rasft_equals_sft_with_rounds(setup):
     """Rounds on, every weight forced to 1 (constant scheme, no rollouts added), ratio and token
     factor off: the per-step losses are exactly those of plain SFT on the same stream."""

@@ -104,7 +104,9 @@ class MathVerifier:
         # math-verify takes whole seconds; a third of the budget per call leaves room for the
         # two parses and the comparison before the hard deadline.
         self.soft_timeout_s = max(1, int(timeout_s // 3)) if soft_timeout else None
-        self.pool = TimeoutPool(num_workers, preload=["megatron_rasft.verify.mathv", "math_verify"])
+        warm = ("\\boxed{\\frac{1}{2}}", "0.5", mode, self.soft_timeout_s)  # parsers compiled per worker
+        self.pool = TimeoutPool(num_workers, preload=["megatron_rasft.verify.mathv", "math_verify"],
+                                warmup=(_grade_task, warm))
 
     def grade(self, pairs: Sequence[tuple], on_result=None) -> list[dict]:
         """pairs: [(response, gold_or_None), ...] -> verdict dicts in the same order."""

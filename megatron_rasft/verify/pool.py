@@ -45,14 +45,22 @@ def _worker_main(conn) -> None:
             conn.send((idx, "error", None, f"result could not be sent back: {e}"))
 
 
+_WARMUP = -1  # task index of a worker's warm-up call
+
+
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, warmup: Optional[tuple], warmup_timeout_s: float):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
         self.proc.start()
         child.close()
         self.task: Optional[int] = None
         self.deadline = 0.0
+        if warmup is not None:
+            # First calls pay lazy imports and parser compilation (seconds on a loaded machine):
+            # not charged to any item's deadline.
+            self.conn.send((_WARMUP, warmup[0], warmup[1]))
+            self.task, self.deadline = _WARMUP, time.monotonic() + warmup_timeout_s
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -65,7 +73,9 @@ class TimeoutPool:
     """`num_workers` processes; `map(fn, items, timeout_s)` returns one `Outcome` per item, in
     order. `fn` must be picklable (a module-level function)."""
 
-    def __init__(self, num_workers: int = 2, preload: Sequence[str] = ()):
+    def __init__(self, num_workers: int = 2, preload: Sequence[str] = (), warmup: Optional[tuple] = None,
+                 warmup_timeout_s: float = 120.0):
+        """`warmup`: an optional `(fn, arg)` each new worker runs before its first item."""
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
         try:
@@ -75,18 +85,19 @@ class TimeoutPool:
         except ValueError:  # no forkserver on this platform
             self._ctx = mp.get_context("spawn")
         self.num_workers = num_workers
+        self.warmup, self.warmup_timeout_s = warmup, warmup_timeout_s
         self._workers: list[_Worker] = []
         self.restarts = 0
 
-    def _ensure_workers(self) -> None:
+    def _ensure_workers(self, warm: bool = True) -> None:
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.warmup if warm else None, self.warmup_timeout_s))
 
-    def _replace(self, w: _Worker) -> None:
+    def _replace(self, w: _Worker, warm: bool = True) -> None:
         w.kill()
         self._workers.remove(w)
         self.restarts += 1
-        self._ensure_workers()
+        self._ensure_workers(warm)
 
     def map(self, fn: Callable, items: Sequence, timeout_s: float,
             on_result: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
@@ -119,13 +130,18 @@ class TimeoutPool:
                         idx = w.task
                         w.proc.join(1)
                         code = w.proc.exitcode
-                        self._replace(w)
-                        finish(idx, Outcome("error", error=f"worker died (exit code {code})"))
+                        self._replace(w, warm=idx != _WARMUP)
+                        if idx != _WARMUP:
+                            finish(idx, Outcome("error", error=f"worker died (exit code {code})"))
                         continue
                     w.task = None
-                    finish(idx, Outcome(status, value, error))
+                    if idx != _WARMUP:
+                        finish(idx, Outcome(status, value, error))
                 elif time.monotonic() >= w.deadline:
                     idx = w.task
+                    if idx == _WARMUP:  # a warm-up that hangs: replace the worker, without one
+                        self._replace(w, warm=False)
+                        continue
                     self._replace(w)
                     finish(idx, Outcome("timeout", error=f"no result after {timeout_s:g} s"))
         return results  # type: ignore[return-value]
