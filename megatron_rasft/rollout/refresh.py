@@ -66,6 +66,16 @@ def reload_in_place(server: RolloutServer, hf_dir: str | Path, timeout_s: float 
         post("/resume")
 
 
+def resume_if_paused(server: RolloutServer, timeout_s: float = 30.0) -> None:
+    """A trainer killed between `/pause` and `/resume` leaves the engine paused, and every request
+    then waits forever. `/resume` on a running engine does nothing, so call it first; a server
+    without the dev endpoints (404) has nothing to resume."""
+    try:
+        http_json(f"{server.url}/resume", {}, timeout=timeout_s, method="POST")
+    except OSError as e:
+        raise ServerError(f"POST {server.url}/resume failed: {e}") from e
+
+
 def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[RolloutClient] = None,
                     probe: Prompt = DEFAULT_PROBE, expected: Optional[Sequence[float]] = None,
                     atol: float = 1e-2, allow_restart: bool = True) -> RefreshResult:
@@ -78,6 +88,7 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
     """
     hf_dir = check_checkpoint(hf_dir)
     client = client or RolloutClient(server, server.cfg, progress=False)
+    resume_if_paused(server)
     before = client.prompt_logprobs(probe)[1]
     start = time.monotonic()
     method, reason = "inplace", None
