@@ -97,10 +97,12 @@ def test_kill_mid_run_with_rounds_resumes_exactly(setup):
     rc, out = _train(config, root / "full3", *sets)
     assert rc == 0, out
     run = root / "killed3"
-    proc = start_train(config, run, *sets)
+    with open(root / "killed3.console.log", "w") as console:
+        proc = start_train(config, run, *sets, stdout=console)
     deadline = time.time() + 600
-    while time.time() < deadline and not (run / "ckpt" / "latest").is_file():
+    while time.time() < deadline and proc.poll() is None and not (run / "ckpt" / "latest").is_file():
         time.sleep(0.1)
+    assert proc.poll() is None, (root / "killed3.console.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run / "rounds" / "round_000.json").is_file()

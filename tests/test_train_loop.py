@@ -27,8 +27,9 @@ def init_ckpt(tmp_path_factory):
 
 
 def _train(run_dir, *sets, nproc=1, wait=True):
-    if not wait:
-        return start_train(CONFIG, run_dir, *sets, nproc=nproc)
+    if not wait:  # watched and killed, not read: its console goes to a file beside the run
+        with open(f"{run_dir}.console.log", "w") as console:
+            return start_train(CONFIG, run_dir, *sets, nproc=nproc, stdout=console)
     return run_train(CONFIG, run_dir, *sets, nproc=nproc, timeout_s=600)
 
 
@@ -42,7 +43,7 @@ def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
     killed = tmp_path / "killed"
     proc = _train(killed, *sets, wait=False)
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 once a few steps (and a checkpoint) are done
+    while time.time() < deadline and proc.poll() is None:  # kill -9 after a few steps and a checkpoint
         m = killed / "metrics.jsonl"
         if m.is_file() and len(m.read_text().splitlines()) >= 5:
             break

@@ -19,9 +19,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_train(config, run_dir, *sets: str, nproc: int = 1) -> subprocess.Popen:
+def start_train(config, run_dir, *sets: str, nproc: int = 1, stdout=subprocess.PIPE) -> subprocess.Popen:
     """`python -m megatron_rasft train --config CONFIG --set train.run_dir=RUN_DIR --set ...` in its
-    own session (so a test can kill the whole group); stdout and stderr merged."""
+    own session (so a test can kill the whole group); stdout and stderr merged into `stdout` (a
+    pipe the caller must drain, or an open file for a run that is only watched and killed)."""
     args = ["-m", "megatron_rasft", "train", "--config", str(config), "--set", f"train.run_dir={run_dir}"]
     for s in sets:
         args += ["--set", s]
@@ -29,7 +30,7 @@ def start_train(config, run_dir, *sets: str, nproc: int = 1) -> subprocess.Popen
     if nproc > 1:
         prefix += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(_free_port())]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.Popen(prefix + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(prefix + args, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
