@@ -243,13 +243,16 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """Defaults of `python -m megatron_rasft eval` (its flags override them): the released
+    evaluation's headline setting, avg@16 at temperature 1.0."""
+
     benchmarks: list = field(default_factory=list)
     data_dir: Optional[str] = None
-    n: int = 1
-    temperature: float = 0.0
+    n: int = 16
+    temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 512
-    prompt_template: str = "chat"
+    max_tokens: int = 4096
+    prompt_template: str = "qwen25-math-cot"
 
     def __post_init__(self):
         _check(self.n >= 1, "eval.n must be >= 1")

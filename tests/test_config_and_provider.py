@@ -86,3 +86,15 @@ def test_cli_help_lists_commands():
     assert out.returncode == 0
     for cmd in ("train", "serve", "rollout", "verify", "weigh"):
         assert cmd in out.stdout
+
+
+def test_eval_command_takes_defaults_from_the_eval_table(tmp_path):
+    from megatron_rasft.cli import build_parser
+    from megatron_rasft.commands.eval import _apply_config
+
+    f = tmp_path / "run.toml"
+    f.write_text('[eval]\nn = 4\ntemperature = 0.6\nbenchmarks = ["math500", "gsm8k"]\n')
+    args = build_parser().parse_args(["eval", "--config", str(f), "--out", "x", "--n", "8"])
+    _apply_config(args)
+    assert (args.n, args.temperature, args.benchmarks) == (8, 0.6, "math500,gsm8k")  # the flag wins
+    assert (args.max_tokens, args.prompt_template) == (4096, "qwen25-math-cot")  # EvalConfig defaults

@@ -23,17 +23,20 @@ def add_arguments(p):
     src.add_argument("--responses", help="grade the completions in this JSONL file (no server)")
     src.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print one table comparing these runs")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model); prompts are sent as ids")
+    p.add_argument("--config", help="a run TOML whose [eval] table sets the defaults of the flags below")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE", help="override a config value")
     p.add_argument("--benchmarks", help="comma-separated NAME or NAME=PATH")
     p.add_argument("--data-dir", help="directory holding the benchmark files")
     p.add_argument("--out", help="evaluation directory (written; resumed if it exists)")
-    p.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n", type=int, help="samples per problem (default 16)")
+    p.add_argument("--temperature", type=float, help="(default 1.0)")
+    p.add_argument("--top-p", type=float, help="(default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, help="(default 4096)")
     p.add_argument("--seed", type=int, default=1234, help="base seed (per-problem seeds derive from it)")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark")
-    p.add_argument("--prompt-template", default="qwen25-math-cot", choices=("chat", "qwen25-math-cot", "plain"))
+    p.add_argument("--prompt-template", choices=("chat", "qwen25-math-cot", "plain"),
+                   help="(default qwen25-math-cot)")
     p.add_argument("--workers", type=int, default=2, help="grading processes / sandbox runs at a time")
     p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "reference"))
     p.add_argument("--grade-timeout-s", type=float, default=10.0, help="per answer / program")
@@ -68,9 +71,22 @@ def main(args) -> int:
         return 2
 
 
+def _apply_config(args) -> None:
+    """Flags not given on the command line take the [eval] values of --config (or EvalConfig's)."""
+    from megatron_rasft.config import load_config
+
+    ecfg = load_config(args.config, args.set).eval
+    for name in ("data_dir", "n", "temperature", "top_p", "max_tokens", "prompt_template"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(ecfg, name))
+    if args.benchmarks is None and ecfg.benchmarks:
+        args.benchmarks = ",".join(ecfg.benchmarks)
+
+
 def _main(args) -> int:
     from pathlib import Path
 
+    _apply_config(args)
     if args.compare:
         from megatron_rasft.eval.report import compare
 
