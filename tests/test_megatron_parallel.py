@@ -57,7 +57,7 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
     from megatron_rasft.parallel.groups import init_distributed
     from megatron_rasft.train.optim import build_optimizer
     from megatron_rasft.train.step import attach_schedule_hooks, forward_backward, make_forward_step, \
-        reduce_reports, wrap_ddp
+        global_metrics, wrap_ddp
 
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                           use_distributed_optimizer=distopt)
@@ -87,7 +87,7 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
     optimizer.zero_grad()
     reports = forward_backward(chunks, make_forward_step(loss_func, vocab_size=mcfg.vocab_size), batches,
                                seq_length=SEQ)
-    loss = reduce_reports(reports, group=ps.get_data_parallel_group()).get("loss") if reports else None
+    loss = global_metrics(reports)["loss"]  # collective: every pipeline stage gets the last stage's value
     grads, init = {}, {}
     for local, p in model.named_parameters():
         grads[names[local]] = p.main_grad.detach().clone()

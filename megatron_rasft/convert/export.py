@@ -22,6 +22,8 @@ import torch.distributed as dist
 from megatron_rasft.config import ModelConfig
 from megatron_rasft.convert import hf_io, layout, names
 from megatron_rasft.model.provider import padded_vocab_size
+from megatron_rasft.parallel import groups
+from megatron_rasft.parallel.groups import barrier
 
 
 def _unwrap(chunk):
@@ -65,13 +67,13 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, *, 
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = groups.rank()
     target = hf_io.DTYPES[dtype] if dtype else None
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
 
     chunks = [_unwrap(c) for c in model_chunks]
     tp_group = ps.get_tensor_model_parallel_group()
@@ -144,8 +146,3 @@ def _finalize(gathered, tmp, out_dir, mcfg, chunks, target, hf_config, tokenizer
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return {"seconds": time.perf_counter() - t0, "bytes": total, "files": len(shards), "out": str(out_dir)}
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

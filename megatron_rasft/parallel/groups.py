@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,9 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 
         raise RuntimeError("parallel.backend = 'nccl' needs CUDA, and torch.cuda.is_available() is False")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        from megatron_rasft.rollout.server import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         if not on_cpu:
@@ -62,24 +63,15 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_last_rank(pg=None) -> bool:
-    from megatron.core import parallel_state as ps
-
-    return ps.is_pipeline_last_stage(ignore_virtual=True)
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
 
 
-def print_rank0(*args, group: Optional[dist.ProcessGroup] = None, **kwargs) -> None:
-    if rank0():
-        print(*args, **kwargs, flush=True)
+def barrier() -> None:
+    """`dist.barrier()` that is a no-op in a single process without a process group."""
+    if dist.is_initialized():
+        dist.barrier()

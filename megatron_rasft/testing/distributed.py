@@ -10,17 +10,12 @@ from __future__ import annotations
 import io
 import os
 import queue
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_rasft.rollout.server import free_port
 
 
 def _entry(fn, rank, world_size, port, args, results):
@@ -59,7 +54,7 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; return results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=False)
              for r in range(world_size)]
     for p in procs:

@@ -8,15 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_rasft.rollout.server import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_train(config, run_dir, *sets: str, nproc: int = 1, stdout=subprocess.PIPE) -> subprocess.Popen:
@@ -28,7 +22,7 @@ def start_train(config, run_dir, *sets: str, nproc: int = 1, stdout=subprocess.P
         args += ["--set", s]
     prefix = [sys.executable]
     if nproc > 1:
-        prefix += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(_free_port())]
+        prefix += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(free_port())]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.Popen(prefix + args, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

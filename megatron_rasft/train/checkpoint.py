@@ -20,21 +20,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_rasft.config import ModelConfig
+from megatron_rasft.parallel.groups import barrier, rank
 from megatron_rasft.train.step import unwrap
 
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _model_sharded_sd(chunks: list) -> dict:
@@ -97,17 +88,17 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"iter_{step:07d}"
     tmp = ckpt_root / f"iter_{step:07d}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optim").mkdir(parents=True)
-    _barrier()
+    barrier()
     save_model_as_mcore(unwrap(chunks), tmp / "model", model_config, hf_config=hf_config)
     model_sd = _model_sharded_sd(chunks)
     optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_META)}
     dist_checkpointing.save(optim_sd, str(tmp / "optim"))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
+    barrier()
+    if rank() == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -117,7 +108,7 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
         old = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for p in old[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -143,7 +134,7 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
             if "step" in st:
                 st["step"] = torch.tensor(float(loop_state["step"]), dtype=st["step"].dtype)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = path / f"rng_rank{rank()}.pt"
     if rng_file.is_file():  # absent when resuming at a different world size: keep the fresh seeds
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return loop_state

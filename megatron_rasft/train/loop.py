@@ -35,7 +35,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_rasft.parallel.groups import init_distributed
     from megatron_rasft.train.model import build_policy_and_reference
     from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.step import forward_backward, make_forward_step
+    from megatron_rasft.train.step import forward_backward, global_metrics, make_forward_step
 
     tc, run = cfg.train, Path(cfg.train.run_dir)
     pgs = init_distributed(cfg.parallel, seed=tc.seed)
@@ -116,7 +116,7 @@ def train(cfg: RunConfig) -> dict:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         reports = forward_backward(models.policy, forward_step, batches, seq_length=cfg.model.seq_length)
-        m = _global_metrics(reports, pgs)
+        m = global_metrics(reports)
         if not math.isfinite(m.get("loss", float("nan"))):
             raise NonFiniteLoss(f"non-finite loss ({m.get('loss')}) at step {state.step}; the run stopped "
                                 f"before updating the weights. Last checkpoint: {last_saved or 'none'}")
@@ -181,32 +181,3 @@ def _nan_tolerant(loss_func):
             return nan, count.round().to(torch.int), {"loss": torch.stack([nan.detach().clone(), count.float()])}
 
     return guarded
-
-
-def _global_metrics(reports: list, pgs) -> dict:
-    """Sum the per-micro-batch `[value, count]` reports over micro-batches and DP ranks on the last
-    pipeline stage, then share the result with every rank (so every rank can stop on NaN)."""
-    from megatron.core import parallel_state as ps
-
-    out = None
-    if reports:
-        local: dict = {}
-        for r in reports:
-            for k, v in r.items():
-                num, den = local.get(k, (0.0, 0.0))
-                local[k] = (num + float(v[0]), den + float(v[1]))
-        parts = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
-        tot: dict = {}
-        for part in parts:  # key sets can differ (a NaN micro-batch reports only the loss)
-            for k, (num, den) in part.items():
-                a, b = tot.get(k, (0.0, 0.0))
-                tot[k] = (a + num, b + den)
-        out = {k: num / den if den > 0 else 0.0 for k, (num, den) in tot.items()}
-        out["tokens"] = tot["loss"][1]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        box = [out]
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
-        out = box[0]
-    return out

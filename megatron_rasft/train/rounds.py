@@ -16,18 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_rasft.data.batching import Seq
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+from megatron_rasft.parallel.groups import barrier, rank0
 
 
 class Rounds:
@@ -37,9 +27,9 @@ class Rounds:
         self.cfg, self.run_dir, self.data, self.models, self.pgs = cfg, Path(run), data, models, pgs
         self.server = self.client = None
         self.summaries: list = []
-        if _rank0():
+        if rank0():
             self._write_problems()
-        _barrier()
+        barrier()
 
     # -- paths ---------------------------------------------------------------------------------
     def _marker(self, r: int) -> Path:
@@ -85,9 +75,9 @@ class Rounds:
             times["refresh"] += time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
-            if _rank0():
+            if rank0():
                 self._stages(r, sel, hf_dir, probe, times)
-            _barrier()
+            barrier()
         done = json.loads(self._marker(r).read_text())
         state.hard_pool = dict(done["hard_pool"])
         seqs = {}
@@ -147,10 +137,10 @@ class Rounds:
         ids = sorted(self.data.prompt_ids)
         ids = random.Random(self.cfg.train.seed).sample(ids, min(len(ids), 1000))  # as calibrated (ref)
         band = Band.calibrate(list(self._score_nll(initial, ids).values()))
-        if _rank0():
+        if rank0():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(asdict(band)))
-        _barrier()
+        barrier()
         return band
 
     def _select(self, r: int, problem_ids: list, state) -> dict:

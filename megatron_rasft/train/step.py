@@ -118,14 +118,32 @@ def forward_backward(model_chunks: list, forward_step: Callable, batches: list[d
     )
 
 
-def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
-    """Sum `[value_sum, count]` report pairs over micro-batches (and `group`, e.g. DP), then divide."""
+def global_metrics(reports: list[dict]) -> Optional[dict]:
+    """Sum the per-micro-batch `[value_sum, count]` reports over micro-batches and DP ranks on the
+    last pipeline stage, divide, and share the result with every rank of the pipeline (so every rank
+    can stop on a NaN). `tokens` is the step's loss-token count."""
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
-    if not reports:
-        return {}
-    keys = sorted(reports[0])
-    totals = torch.stack([sum(r[k].double() for r in reports) for k in keys])  # [n_keys, 2]
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(totals, group=group)
-    return {k: (totals[i, 0] / totals[i, 1]).item() if totals[i, 1] > 0 else 0.0 for i, k in enumerate(keys)}
+    out = None
+    if reports:
+        local: dict = {}
+        for r in reports:
+            for k, v in r.items():
+                num, den = local.get(k, (0.0, 0.0))
+                local[k] = (num + float(v[0]), den + float(v[1]))
+        parts = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+        tot: dict = {}
+        for part in parts:  # key sets can differ (a NaN micro-batch reports only the loss)
+            for k, (num, den) in part.items():
+                a, b = tot.get(k, (0.0, 0.0))
+                tot[k] = (a + num, b + den)
+        out = {k: num / den if den > 0 else 0.0 for k, (num, den) in tot.items()}
+        out["tokens"] = tot["loss"][1]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [out]
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
+        out = box[0]
+    return out
