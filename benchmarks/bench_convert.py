@@ -49,7 +49,7 @@ def make_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab: int, h
         writer.write(name, t)
     hf_io.write_index(out, writer.finish(), writer.bytes_written)
     hf_io.write_side_files(out, cfg)
-    largest = max(hf_io._numel(s) for _, s in plan) * 2
+    largest = max(hf_io.numel(s) for _, s in plan) * 2
     return {"model_bytes": writer.bytes_written, "largest_tensor_bytes": largest,
             "params": writer.bytes_written // 2}
 

@@ -62,7 +62,8 @@ def bench_generation(args, work: Path) -> dict:
     from megatron_rasft.eval.benchmarks import problems_from_dicts
     from megatron_rasft.eval.prompts import render
     from megatron_rasft.eval.runner import evaluate
-    from megatron_rasft.rollout.client import RolloutClient, SamplingParams, prompt_seed
+    from megatron_rasft.config import SamplingConfig
+    from megatron_rasft.rollout.client import RolloutClient, prompt_seed
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.tiny import arithmetic_corpus, make_tiny_model, train_tokenizer
     from transformers import AutoTokenizer
@@ -73,7 +74,7 @@ def bench_generation(args, work: Path) -> dict:
     texts = arithmetic_corpus(args.problems, seed=5)
     problems = problems_from_dicts([{"prompt": t[:t.index(";A:") + 3], "answer": t.rsplit("{", 1)[1][:-1]}
                                     for t in texts], "heldout")
-    sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=1)
+    sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=1)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     server = RolloutServer(model_dir, cfg, log_file=work / "server.log").start()
     try:

@@ -44,7 +44,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from megatron_rasft.config import RolloutConfig
-    from megatron_rasft.rollout.client import RolloutClient, SamplingParams, prompt_seed
+    from megatron_rasft.config import SamplingConfig
+    from megatron_rasft.rollout.client import RolloutClient, prompt_seed
     from megatron_rasft.rollout.refresh import refresh_weights
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.tiny import arithmetic_corpus, make_tiny_model, reseed_weights, train_tokenizer
@@ -55,7 +56,7 @@ def main() -> None:
                         concurrency=args.concurrency)
     texts = arithmetic_corpus(args.prompts, seed=1)
     prompts = [t[:t.index(";A:") + 3] for t in texts]
-    sampling = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=1)
+    sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=1)
     t0 = time.monotonic()
     server = RolloutServer(model_dir, cfg, log_file=work / "server.log").start()
     start_s = time.monotonic() - t0

@@ -186,8 +186,8 @@ def main(argv=None):
 
     seqs = synthetic_seqs(args.global_batch, args.seq, args.vocab)
     t0 = time.perf_counter()
-    ref_logp = score([reference], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
-                     tp_group=pgs.tp, dp_group=None, vocab_size=args.vocab)
+    ref_logp = score([reference], seqs, pgs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
+                     vocab_size=args.vocab)
     ref_first = time.perf_counter() - t0
     batches = batches_of(seqs, ref_logp, args.seq, args.micro_batch, args.pack, dev)
     loss_tokens = int(sum(b["loss_mask"].sum().item() for b in batches))
@@ -195,12 +195,12 @@ def main(argv=None):
     steps = {}
     for m in args.methods:
         cfg = LossConfig(method=m)
-        steps[m] = make_forward_step(make_loss_func(cfg, tp_group=pgs.tp), vocab_size=args.vocab,
+        steps[m] = make_forward_step(make_loss_func(cfg, tp_group=pgs.tp), pgs, vocab_size=args.vocab,
                                      ref_model=reference if cfg.needs_ref_logits else None)
 
     def ref_pass():
-        score([reference], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
-              tp_group=pgs.tp, dp_group=None, vocab_size=args.vocab)
+        score([reference], seqs, pgs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
+              vocab_size=args.vocab)
 
     runs = {m: (lambda fs=fs: train_step(chunks, optimizer, fs, batches, args.seq)) for m, fs in steps.items()}
     runs["ref pass"] = ref_pass

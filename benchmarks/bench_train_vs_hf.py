@@ -119,7 +119,7 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.parallel.groups import destroy_distributed, device, init_distributed
     from megatron_rasft.train.refpass import score
-    from megatron_rasft.train.step import make_forward_step, reduce_reports
+    from megatron_rasft.train.step import global_metrics, make_forward_step
 
     sys.path.insert(0, str(HERE))
     from bench_step import batches_of, build_policy, frozen_copy, train_step
@@ -130,20 +130,20 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
     chunks, optimizer, model = build_policy(mcfg, lr=1e-4)
     load_mcore_into_model([model], d / "mcore")
     reference = frozen_copy(mcfg, model)
-    forward_step = make_forward_step(make_loss_func(LossConfig(method="rasft"), tp_group=pgs.tp),
+    forward_step = make_forward_step(make_loss_func(LossConfig(method="rasft"), tp_group=pgs.tp), pgs,
                                      vocab_size=mcfg.vocab_size)
     seqs = _load_seqs(d)
     times, ref_times, cpu, ref_cpu, first_nll = [], [], [], [], None
     for step in range(args.steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        ref_logp = score([reference], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
-                         tp_group=pgs.tp, dp_group=None, vocab_size=mcfg.vocab_size)
+        ref_logp = score([reference], seqs, pgs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
+                         vocab_size=mcfg.vocab_size)
         t1, c1 = time.perf_counter(), time.process_time()
         batches = batches_of(seqs, ref_logp, args.seq, args.micro_batch, pack, device())
         reports = train_step(chunks, optimizer, forward_step, batches, args.seq)
         t2, c2 = time.perf_counter(), time.process_time()
         if step == 0:
-            first_nll = reduce_reports(reports)["nll"]
+            first_nll = global_metrics(reports, pgs)["nll"]
         else:
             times.append(t2 - t1)
             ref_times.append(t2 - t0)

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         print(f"error: --method {args.method} needs the reference model in the step; use sft, dft, rasft or profit",
               file=sys.stderr)
         return 2
-    forward_step = make_forward_step(make_loss_func(cfg, tp_group=pgs.tp), vocab_size=args.vocab)
+    forward_step = make_forward_step(make_loss_func(cfg, tp_group=pgs.tp), pgs, vocab_size=args.vocab)
 
     n_seqs = args.micro_batch * args.micro_batches
     seqs = synthetic_seqs(n_seqs, args.seq, args.vocab, prompt_len=(16, 16))

@@ -1,15 +1,18 @@
 """Run configuration: one dataclass per concern, validated at construction.
 
 A run is described by a TOML file whose tables are named after the fields of `RunConfig`
-(`[model]`, `[parallel]`, `[loss]`, ...). `--set loss.method=sft` style overrides are applied on
-top; values are parsed as TOML literals (so `--set train.lr=1e-4`, `--set model.tie_embeddings=true`,
-`--set rollout.stop=["\\n"]`), falling back to a plain string.
+(`[model]`, `[parallel]`, `[loss]`, ...; nested concerns are sub-tables: `[rollout.sampling]`).
+`--set loss.method=sft` style overrides are applied on top; values are parsed as TOML literals
+(so `--set train.lr=1e-4`, `--set model.tie_embeddings=true`, `--set rollout.sampling.stop=["\\n"]`),
+falling back to a plain string. Renamed keys are still accepted, with a DeprecationWarning naming
+the new spelling (`DEPRECATED_KEYS`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -149,11 +152,18 @@ class WeightingConfig:
 
 
 @dataclass
-class RolloutConfig:
-    server_url: Optional[str] = None  # attach to an external server instead of starting one
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = pick a free port
-    num_samples: int = 4  # K
+class SamplingConfig:
+    """How the rollout server samples: every request passes all of it explicitly (server and model
+    defaults never apply). One definition for the trainer's rounds (`[rollout.sampling]`), the
+    `rollout` command, evaluation (`[eval.sampling]`) and the client.
+
+    n: samples per prompt (K); top_k = 0 disables top-k (vLLM's convention; -1 is accepted too);
+    seed: the base seed (per-prompt and per-round seeds derive from it: `rollout/client.py`,
+    `rollout/stage.py`); stop_token_ids: token ids that end a sample besides the model's EOS (e.g. a
+    chat model's <|im_end|>, which a stop *string* cannot match: special tokens are not detokenised).
+    """
+
+    n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -161,6 +171,22 @@ class RolloutConfig:
     repetition_penalty: float = 1.0
     stop: list = field(default_factory=list)
     seed: int = 1234
+    stop_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(self.n >= 1, f"sampling.n must be >= 1, got {self.n}")
+        _check(self.max_tokens >= 1, f"sampling.max_tokens must be >= 1, got {self.max_tokens}")
+        _check(self.temperature >= 0, f"sampling.temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= -1, f"sampling.top_k must be >= -1, got {self.top_k}")
+
+
+@dataclass
+class RolloutConfig:
+    server_url: Optional[str] = None  # attach to an external server instead of starting one
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n = K samples per problem
     concurrency: int = 8
     request_timeout_s: float = 600.0
     max_retries: int = 3
@@ -175,10 +201,6 @@ class RolloutConfig:
     refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
 
     def __post_init__(self):
-        _check(self.num_samples >= 1, "rollout.num_samples must be >= 1")
-        _check(self.temperature >= 0, "rollout.temperature must be >= 0")
-        _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
-        _check(self.max_tokens >= 1, "rollout.max_tokens must be >= 1")
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
         _one_of("rollout.selection", self.selection, ("all", "reference"))
         _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
@@ -248,14 +270,10 @@ class EvalConfig:
 
     benchmarks: list = field(default_factory=list)
     data_dir: Optional[str] = None
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 4096
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16, max_tokens=4096))
     prompt_template: str = "qwen25-math-cot"
 
     def __post_init__(self):
-        _check(self.n >= 1, "eval.n must be >= 1")
         _one_of("eval.prompt_template", self.prompt_template, ("chat", "qwen25-math-cot", "plain"))
 
 
@@ -293,21 +311,62 @@ class RunConfig:
         return "\n".join(lines)
 
 
+# Old spelling -> new spelling (dotted, from the top of the config). Accepted with a warning.
+DEPRECATED_KEYS = {
+    "rollout.num_samples": "rollout.sampling.n",
+    **{f"rollout.{k}": f"rollout.sampling.{k}"
+       for k in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "stop", "seed")},
+    "eval.n": "eval.sampling.n",
+    **{f"eval.{k}": f"eval.sampling.{k}" for k in ("temperature", "top_p", "max_tokens")},
+}
+
+
+def _rename_deprecated(data: dict) -> dict:
+    """Move every old-spelling key of `data` (nested dicts) to its new place, with a warning.
+    Raises ValueError when both spellings are given."""
+    for old, new in DEPRECATED_KEYS.items():
+        *old_path, old_key = old.split(".")
+        node = data
+        for k in old_path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        value = node.pop(old_key)
+        *new_path, new_key = new.split(".")
+        dst = data
+        for k in new_path:
+            dst = dst.setdefault(k, {})
+        if new_key in dst:
+            raise ValueError(f"config: both {old} (deprecated) and {new} are set; keep only {new}")
+        dst[new_key] = value
+        warnings.warn(f"config key {old} is deprecated; use {new}", DeprecationWarning, stacklevel=4)
+    return data
+
+
 def _build(cls, values: dict, where: str):
-    """Instantiate dataclass `cls` from a dict, rejecting unknown keys by name."""
+    """Instantiate dataclass `cls` from a dict (sub-tables build nested config dataclasses),
+    rejecting unknown keys by name."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
+    for name, value in values.items():
+        f = known[name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                values[name] = _build(type(default), {**dataclasses.asdict(default), **value}, f"{where}.{name}")
     return cls(**values)
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    """The `RunConfig` of a parsed TOML dict. Raises ValueError naming any unknown section or key."""
     sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(sections)}")
+    data = _rename_deprecated(data)
     built = {}
     for name, factory in sections.items():
         cls = type(factory())

@@ -1,4 +1,6 @@
-"""Typed, versioned JSONL records exchanged between stages (problems → rollouts → verdicts → weights).
+"""Typed, versioned JSONL records exchanged between stages (problems → rollouts → verdicts → weights
+→ the round result and training sequences the trainer takes; eval samples). Where each file lives
+under the run directory: `rundir.py`.
 
 Every line is one JSON object with `schema_version` and `type` plus the dataclass fields. Readers
 are strict: a malformed line, an unknown `type`, a wrong version, a missing required field or an
@@ -83,8 +85,60 @@ class Weight:
     K: int
 
 
+@dataclass
+class TrainSequence:
+    """A rollout turned into a training sequence (RUN/train_seqs/round_R.jsonl): `key` is its
+    `rundir.rollout_key`, `tokens` the prompt ids + response ids (+ EOS when it stopped), cut to
+    seq_length + 1; the loss covers tokens[prompt_len:]."""
+
+    key: str
+    tokens: list
+    prompt_len: int
+
+
+@dataclass
+class RoundResult:
+    """What one rollout round hands the trainer (RUN/rounds/round_R.json, one record).
+
+    expert_weight: problem id -> A_E of the round's problems (absent: 1);
+    rollout_items: `[sequence key, weight]` to queue: rollouts (joined to their problem's group) and
+        re-trained probe demonstrations (a group of their own);
+    hard_pool: problem id -> times probed, the `reference` selection's pool after this round;
+    summary: the round's statistics (`weighting.round_summary` plus counts);
+    stage_times: seconds spent in this round's stages (refresh, rollout, verify/weigh).
+    """
+
+    round: int
+    expert_weight: dict
+    rollout_items: list
+    hard_pool: dict
+    summary: dict
+    stage_times: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalSample:
+    """One graded sample of an evaluation (OUT/samples/<benchmark>.jsonl). `gold` is the math
+    answer graded against (None for code), `detail` the grader's extra information, if any."""
+
+    benchmark: str
+    id: str
+    sample_index: int
+    prompt: str
+    completion: str
+    extracted: Optional[str]
+    correct: bool
+    reason: str
+    finish_reason: Optional[str] = None
+    num_tokens: Optional[int] = None
+    seed: Optional[int] = None
+    gold: Optional[str] = None
+    detail: Optional[Any] = None
+
+
 RECORD_TYPES = {"problem": Problem, "rollout": Rollout, "verdict": Verdict,
-                "verdicts": ProblemVerdicts, "weight": Weight}
+                "verdicts": ProblemVerdicts, "weight": Weight, "train_sequence": TrainSequence,
+                "round_result": RoundResult, "eval_sample": EvalSample}
 _TYPE_OF = {cls: name for name, cls in RECORD_TYPES.items()}
 
 

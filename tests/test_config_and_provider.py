@@ -11,13 +11,33 @@ def test_toml_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('[loss]\nmethod = "sft"\n[train]\nlr = 1e-4\nrun_dir = "x"\n')
     cfg = load_config(f, ["train.lr=3e-5", "loss.ratio=none", "model.tie_embeddings=true",
-                          "rollout.stop=[\"\\n\"]", "weighting.smoothing=[1, 1]"])
+                          "rollout.sampling.stop=[\"\\n\"]", "weighting.smoothing=[1, 1]"])
     assert cfg.loss.method == "sft" and cfg.loss.ratio == "none"
     assert cfg.train.lr == 3e-5 and cfg.model.tie_embeddings is True
-    assert cfg.rollout.stop == ["\n"] and cfg.weighting.smoothing == (1, 1)
+    assert cfg.rollout.sampling.stop == ["\n"] and cfg.weighting.smoothing == (1, 1)
     cfg.save(tmp_path / "out" / "config.json")
     assert '"method": "sft"' in (tmp_path / "out" / "config.json").read_text()
     assert "[loss]" in cfg.pretty()
+
+
+def test_sampling_tables_and_deprecated_spellings(tmp_path):
+    """[rollout.sampling] and [eval.sampling] are one SamplingConfig; the old flat keys still load,
+    with a DeprecationWarning naming the new key; eval keeps its own defaults for unset fields."""
+    f = tmp_path / "run.toml"
+    f.write_text('[rollout.sampling]\nn = 3\ntemperature = 0.9\n[eval.sampling]\nn = 2\n')
+    cfg = load_config(f)
+    assert (cfg.rollout.sampling.n, cfg.rollout.sampling.temperature, cfg.rollout.sampling.max_tokens) == (3, 0.9, 256)
+    assert (cfg.eval.sampling.n, cfg.eval.sampling.max_tokens) == (2, 4096)
+    old = tmp_path / "old.toml"
+    old.write_text('[rollout]\nnum_samples = 3\ntemperature = 0.9\n[eval]\nn = 2\n')
+    with pytest.warns(DeprecationWarning, match=r"rollout.num_samples is deprecated; use rollout.sampling.n"):
+        assert load_config(old) == cfg
+    with pytest.warns(DeprecationWarning, match="eval.sampling.temperature"):
+        assert load_config(None, ["eval.temperature=0.5"]).eval.sampling.temperature == 0.5
+    with pytest.raises(ValueError, match="both rollout.seed .deprecated. and rollout.sampling.seed"):
+        load_config(None, ["rollout.seed=1", "rollout.sampling.seed=2"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[rollout.sampling\]: bogus"):
+        load_config(None, ["rollout.sampling.bogus=1"])
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -55,8 +75,11 @@ def test_provider_spec_and_te_errors():
         resolve_impl(ModelConfig(fp8="hybrid"))
     with pytest.raises(RuntimeError, match="transformer_impl = 'te' needs"):
         resolve_impl(ModelConfig(transformer_impl="te"))
-    assert padded_vocab_size(250, 128, 1) == 256 and padded_vocab_size(250, 128, 2) == 256
-    assert padded_vocab_size(257, 64, 2) == 384
+    def padded(v, div, tp):
+        return padded_vocab_size(ModelConfig(vocab_size=v, make_vocab_size_divisible_by=div), tp)
+
+    assert padded(250, 128, 1) == 256 and padded(250, 128, 2) == 256
+    assert padded(257, 64, 2) == 384
 
 
 def test_transformer_config_passes_architecture_through():
@@ -93,8 +116,9 @@ def test_eval_command_takes_defaults_from_the_eval_table(tmp_path):
     from megatron_rasft.commands.eval import _apply_config
 
     f = tmp_path / "run.toml"
-    f.write_text('[eval]\nn = 4\ntemperature = 0.6\nbenchmarks = ["math500", "gsm8k"]\n')
+    f.write_text('[eval]\nbenchmarks = ["math500", "gsm8k"]\n[eval.sampling]\nn = 4\ntemperature = 0.6\n')
     args = build_parser().parse_args(["eval", "--config", str(f), "--out", "x", "--n", "8"])
     _apply_config(args)
-    assert (args.n, args.temperature, args.benchmarks) == (8, 0.6, "math500,gsm8k")  # the flag wins
-    assert (args.max_tokens, args.prompt_template) == (4096, "qwen25-math-cot")  # EvalConfig defaults
+    s = args.sampling
+    assert (s.n, s.temperature, args.benchmarks) == (8, 0.6, "math500,gsm8k")  # the flag wins
+    assert (s.max_tokens, s.top_k, s.seed, args.prompt_template) == (4096, 0, 1234, "qwen25-math-cot")  # defaults

@@ -290,7 +290,7 @@ def _layout_job(rank, world_size, layouts):
     for tp, pp, jobs in layouts:
         ps.destroy_model_parallel()
         pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        init_distributed(pcfg)
+        groups = init_distributed(pcfg)
         out = []
         for mcore_dir, tokens, export_dir, save_dir in jobs:
             mcfg, meta = read_model_config(mcore_dir)
@@ -300,7 +300,7 @@ def _layout_job(rank, world_size, layouts):
             logits = _megatron_logits([model], tokens, mcfg)
             out.append(logits if ps.get_data_parallel_rank() == 0 else None)
             if export_dir is not None:
-                export_to_hf([model], export_dir, mcfg, hf_config=meta["hf_config"],
+                export_to_hf([model], export_dir, mcfg, groups, hf_config=meta["hf_config"],
                              tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")
             if save_dir is not None:
                 # Megatron's checkpoint writer forks worker processes, which a daemonic process (what
@@ -308,7 +308,7 @@ def _layout_job(rank, world_size, layouts):
                 import multiprocessing
 
                 multiprocessing.current_process()._config["daemon"] = False
-                save_model_as_mcore([model], save_dir, mcfg, hf_config=meta["hf_config"])
+                save_model_as_mcore([model], save_dir, mcfg, groups, hf_config=meta["hf_config"])
         results.append(out)
     return results
 

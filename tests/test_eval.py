@@ -209,17 +209,17 @@ def test_compare_prints_a_column_per_run_and_differences(tmp_path, capsys):
 def test_python_api_on_a_held_out_split(tmp_path):
     """The demo's path: problems with `prompt` + `answer`, any generator with the client's signature."""
     from megatron_rasft.eval.runner import evaluate
-    from megatron_rasft.rollout.client import SamplingParams
+    from megatron_rasft.config import SamplingConfig
     from megatron_rasft.testing.tiny import ScriptedGenerator
 
     problems = [{"prompt": f"Q:{a}+{b};A:", "answer": str(a + b)} for a, b in ((1, 2), (30, 4), (5, 5))]
     # Sample j answers a+b+j: sample 0 is right, the others wrong.
     script = ScriptedGenerator(lambda prompt, key, j: "\\boxed{%d}" % (eval(prompt[2:-3]) + j))
-    res = evaluate(script, {"heldout": problems}, SamplingParams(n=4, seed=3), tmp_path, template="plain")
+    res = evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path, template="plain")
     r = res["heldout"]
     assert r["problems"] == 3 and r["count"] == 12 and r["avg@n"] == pytest.approx(0.25)
     assert r["pass@4"] == 1.0 and r["pass@2"] == pytest.approx(0.5) and r["maj@n"] == pytest.approx(1.0)
     assert script.calls == [["heldout:0", "heldout:1", "heldout:2"]]
-    assert evaluate(script, {"heldout": problems}, SamplingParams(n=4, seed=3), tmp_path)["heldout"] == r
+    assert evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path)["heldout"] == r
     assert len(script.calls) == 1  # resumed: nothing regenerated
     assert json.loads((tmp_path / "config.json").read_text())["template"] == "plain"

@@ -36,7 +36,7 @@ def _te_step(rank, world, fp8):
         for c in chunks:
             c.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = forward_backward(chunks, make_forward_step(loss_func, vocab_size=1000), [batch], seq_length=128)
+        reports = forward_backward(chunks, make_forward_step(loss_func, pgs, vocab_size=1000), [batch], seq_length=128)
         optimizer.step()
         losses.append((reports[0]["loss"][0] / reports[0]["loss"][1]).item())
     return losses

@@ -85,9 +85,9 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = forward_backward(chunks, make_forward_step(loss_func, vocab_size=mcfg.vocab_size), batches,
+    reports = forward_backward(chunks, make_forward_step(loss_func, pgs, vocab_size=mcfg.vocab_size), batches,
                                seq_length=SEQ)
-    loss = global_metrics(reports)["loss"]  # collective: every pipeline stage gets the last stage's value
+    loss = global_metrics(reports, pgs)["loss"]  # collective: every pipeline stage gets the last stage's value
     grads, init = {}, {}
     for local, p in model.named_parameters():
         grads[names[local]] = p.main_grad.detach().clone()

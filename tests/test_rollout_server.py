@@ -12,10 +12,11 @@ import pytest
 
 from megatron_rasft.config import RolloutConfig
 from megatron_rasft.records import Problem, Rollout, read_records, write_records
-from megatron_rasft.rollout.client import RolloutClient, SamplingParams
+from megatron_rasft.config import SamplingConfig
+from megatron_rasft.rollout.client import RolloutClient
 from megatron_rasft.rollout.refresh import hf_prompt_logprobs, refresh_weights
 from megatron_rasft.rollout.server import RolloutServer, ServerError
-from megatron_rasft.rollout.stage import round_path
+from megatron_rasft.rundir import RunDir
 from megatron_rasft.testing.tiny import arithmetic_corpus, reseed_weights
 
 PROMPTS = ["Q:12+34;A:", "Q:7+5;A:", "Q:305+98;A:", "Q:4821+397;A:"]
@@ -31,7 +32,7 @@ def _texts(results):
 
 def test_seeds_reproduce_and_decorrelate(vllm_server):
     client = _client(vllm_server)
-    sampling = SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=7)
+    sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=16, seed=7)
     # The same prompt twice under different keys, plus other prompts.
     prompts = [PROMPTS[0], PROMPTS[0], *PROMPTS[1:]]
     keys = ["a", "b", "c", "d", "e"]
@@ -47,7 +48,7 @@ def test_seeds_reproduce_and_decorrelate(vllm_server):
     assert _texts(first)[0] != _texts(first)[1]
     assert len(set(_texts(first)[0])) == 3
     # Another base seed changes every prompt's samples.
-    other = client.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=8), keys=keys)
+    other = client.generate(prompts, SamplingConfig(n=3, temperature=1.0, max_tokens=16, seed=8), keys=keys)
     assert all(a != b for a, b in zip(_texts(other), _texts(first)))
 
 
@@ -57,7 +58,7 @@ def test_token_ids_and_logprobs_match_transformers(vllm_server):
     client = _client(vllm_server)
     tok = AutoTokenizer.from_pretrained(vllm_server.model_dir)
     # Temperature != 1 and top-p < 1: the returned log-probs must still be the model's raw ones.
-    sampling = SamplingParams(n=2, temperature=0.7, top_p=0.95, max_tokens=24, seed=3)
+    sampling = SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_tokens=24, seed=3)
     results = client.generate(PROMPTS[:3], sampling)
     for prompt, comps in zip(PROMPTS[:3], results):
         prompt_ids = tok(prompt).input_ids
@@ -82,7 +83,7 @@ def test_inplace_refresh_serves_new_weights(vllm_server, tmp_path):
     expected_new = hf_prompt_logprobs(new_dir, ids)
     assert max(abs(a - b) for a, b in zip(expected_old, expected_new)) > 0.1
     # Warm the prefix cache with the old weights: a stale cache would leak into the probe.
-    sampling = SamplingParams(n=1, temperature=1.0, max_tokens=12, seed=1)
+    sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=12, seed=1)
     client.generate([probe], sampling)
     try:
         result = refresh_weights(vllm_server, new_dir, client, probe=probe, expected=expected_new)
@@ -99,7 +100,7 @@ def test_inplace_refresh_serves_new_weights(vllm_server, tmp_path):
 
 def test_killed_server_is_restarted_without_losing_rollouts(vllm_server):
     client = _client(vllm_server, concurrency=2)
-    sampling = SamplingParams(n=2, temperature=1.0, max_tokens=48, seed=5)
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=48, seed=5)
     prompts = arithmetic_corpus(10, seed=3)
     prompts = [p[:p.index(";A:") + 3] for p in prompts]
     expected = client.generate(prompts, sampling)
@@ -163,7 +164,7 @@ def test_rollout_stage_resumes_without_regenerating(vllm_server, tmp_path, capsy
     write_records(tmp_path / "problems.jsonl", problems)
     rc, stdout = _run_stage(capsys, tmp_path, vllm_server.url, vllm_server.model_dir)
     assert rc == 0, stdout
-    out = round_path(tmp_path, 1)
+    out = RunDir(tmp_path).rollouts(1)
     full = list(read_records(out, Rollout))
     assert len(full) == 10 and {r.problem_id for r in full} == {p.id for p in problems}
 

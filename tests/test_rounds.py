@@ -31,7 +31,8 @@ seq_length = 64
 method = "rasft"
 [rollout]
 server_url = "{vllm_server.url}"
-num_samples = 2
+[rollout.sampling]
+n = 2
 max_tokens = 40
 temperature = 1.0
 [train]

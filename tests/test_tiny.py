@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from megatron_rasft.records import Problem, RecordError, Rollout, read_records, write_records
-from megatron_rasft.rollout.client import SamplingParams, prompt_seed
-from megatron_rasft.rollout.stage import round_path, rollout_round
+from megatron_rasft.config import SamplingConfig
+from megatron_rasft.rollout.client import prompt_seed
+from megatron_rasft.rollout.stage import rollout_round
+from megatron_rasft.rundir import RunDir
 from megatron_rasft.testing.tiny import (ScriptedGenerator, addition_solution, arithmetic_corpus,
                                          make_tiny_model, reseed_weights, train_tokenizer)
 
@@ -72,14 +74,15 @@ def _problems(run, n=4):
 def test_stage_resume_logic_with_scripted_generator(tmp_path):
     _problems(tmp_path)
     gen = ScriptedGenerator(lambda prompt, key, j: f"{prompt}|{key}|{j}")
-    sampling = SamplingParams(n=3, seed=1)
+    sampling = SamplingConfig(n=3, seed=1)
     stats = rollout_round(tmp_path, 2, gen, sampling)
-    assert stats == {"problems": 4, "skipped": 0, "rollouts": 12, "path": str(round_path(tmp_path, 2))}
-    recs = list(read_records(round_path(tmp_path, 2), Rollout))
+    assert stats == {"problems": 4, "skipped": 0, "rollouts": 12, "path": str(RunDir(tmp_path).rollouts(2))}
+    recs = list(read_records(RunDir(tmp_path).rollouts(2), Rollout))
     assert [(r.problem_id, r.sample_index) for r in recs] == [(f"p{i}", j) for i in range(4) for j in range(3)]
-    assert recs[4].text == "Q:1+1;A:|2:p1|1" and recs[4].seed == prompt_seed(1, "2:p1") + 1
+    # Round 2 samples with base seed 1 + 7919·2 (the stage's round rule), per-prompt key "2:p1".
+    assert recs[4].text == "Q:1+1;A:|2:p1|1" and recs[4].seed == prompt_seed(1 + 7919 * 2, "2:p1") + 1
     # Kill mid-write: p3 has 1 full line and a torn one. Only p3 is generated again.
-    path = round_path(tmp_path, 2)
+    path = RunDir(tmp_path).rollouts(2)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:10]) + lines[10][:15])
     with pytest.warns(UserWarning):
@@ -90,7 +93,7 @@ def test_stage_resume_logic_with_scripted_generator(tmp_path):
     assert rollout_round(tmp_path, 2, gen, sampling)["problems"] == 0 and len(gen.calls) == 2
     # A different K on an existing round file is refused, not silently mixed.
     with pytest.raises(RecordError, match="sample_index 2, outside 0..1"):
-        rollout_round(tmp_path, 2, gen, SamplingParams(n=2, seed=1))
+        rollout_round(tmp_path, 2, gen, SamplingConfig(n=2, seed=1))
     # Only the requested problems; unknown ids are named.
     assert rollout_round(tmp_path, 3, gen, sampling, problem_ids=["p2"])["rollouts"] == 3
     with pytest.raises(ValueError, match="pX"):
@@ -102,4 +105,4 @@ def test_stage_rejects_malformed_problems(tmp_path):
     with open(tmp_path / "problems.jsonl", "a") as f:
         f.write(json.dumps({"schema_version": 1, "type": "problem", "id": "p9"}) + "\n")
     with pytest.raises(RecordError, match=r"problems.jsonl:3: .*missing required field"):
-        rollout_round(tmp_path, 0, ScriptedGenerator(lambda *a: "x"), SamplingParams())
+        rollout_round(tmp_path, 0, ScriptedGenerator(lambda *a: "x"), SamplingConfig())

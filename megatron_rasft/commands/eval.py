@@ -31,9 +31,9 @@ def add_arguments(p):
     p.add_argument("--n", type=int, help="samples per problem (default 16)")
     p.add_argument("--temperature", type=float, help="(default 1.0)")
     p.add_argument("--top-p", type=float, help="(default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=int, help="0 = off (default 0)")
     p.add_argument("--max-tokens", type=int, help="(default 4096)")
-    p.add_argument("--seed", type=int, default=1234, help="base seed (per-problem seeds derive from it)")
+    p.add_argument("--seed", type=int, help="base seed, per-problem seeds derive from it (default 1234)")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark")
     p.add_argument("--prompt-template", choices=("chat", "qwen25-math-cot", "plain"),
                    help="(default qwen25-math-cot)")
@@ -72,13 +72,19 @@ def main(args) -> int:
 
 
 def _apply_config(args) -> None:
-    """Flags not given on the command line take the [eval] values of --config (or EvalConfig's)."""
+    """Flags not given on the command line take the [eval] (and [eval.sampling]) values of --config
+    (or EvalConfig's); `args.sampling` becomes the resulting SamplingConfig."""
+    import dataclasses
+
     from megatron_rasft.config import load_config
 
     ecfg = load_config(args.config, args.set).eval
-    for name in ("data_dir", "n", "temperature", "top_p", "max_tokens", "prompt_template"):
+    for name in ("data_dir", "prompt_template"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(ecfg, name))
+    flags = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "max_tokens": args.max_tokens, "seed": args.seed}
+    args.sampling = dataclasses.replace(ecfg.sampling, **{k: v for k, v in flags.items() if v is not None})
     if args.benchmarks is None and ecfg.benchmarks:
         args.benchmarks = ",".join(ecfg.benchmarks)
 
@@ -121,12 +127,11 @@ def _main(args) -> int:
         raise ValueError("give --model, --server-url, --responses or --compare")
     from megatron_rasft.config import RolloutConfig
     from megatron_rasft.eval.runner import evaluate
-    from megatron_rasft.rollout.client import RolloutError, SamplingParams
+    from megatron_rasft.rollout.client import RolloutError
     from megatron_rasft.rollout.server import ServerError
 
     problems = _load_all(specs, args.data_dir, args.limit)
-    sampling = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_tokens=args.max_tokens, seed=args.seed)
+    sampling = args.sampling
     cfg = RolloutConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
                         max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
                         server_url=args.server_url)

@@ -8,14 +8,19 @@ Reads RUN/problems.jsonl (Problem records; `prompt` is the rendered prompt text)
 `rollout` records per problem to RUN/rollouts/round_NNN.jsonl. With --model a server is started
 for the run (and stopped at the end); with --server-url an external one is used. Prompts are
 tokenised with the model's tokenizer the way the trainer does (BOS added unless present).
-Sampling options default to the [rollout] section of --config, else to RolloutConfig's defaults.
+Sampling options default to the [rollout.sampling] table of --config, else to SamplingConfig's
+defaults; the round's seed and stop-token rules are the rollout stage's (`rollout/stage.py`), so
+round N here samples exactly what the trainer's round N samples.
 """
 HELP = "sample K rollouts per problem into RUN/rollouts/round_NNN.jsonl (vLLM; resumable)"
 
-_SAMPLING = {  # flag -> RolloutConfig field
-    "num_samples": int, "temperature": float, "top_p": float, "top_k": int, "max_tokens": int,
-    "repetition_penalty": float, "seed": int, "concurrency": int, "kv_cache_gib": float,
-    "max_model_len": int, "port": int, "request_timeout_s": float,
+_SAMPLING = {  # flag -> SamplingConfig field
+    "num_samples": ("n", int), "temperature": ("temperature", float), "top_p": ("top_p", float),
+    "top_k": ("top_k", int), "max_tokens": ("max_tokens", int),
+    "repetition_penalty": ("repetition_penalty", float), "seed": ("seed", int),
+}
+_SERVER = {  # flag -> RolloutConfig field
+    "concurrency": int, "kv_cache_gib": float, "max_model_len": int, "port": int, "request_timeout_s": float,
 }
 
 
@@ -27,7 +32,9 @@ def add_arguments(p):
     src.add_argument("--server-url", help="use a running vLLM server at this URL")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model); needed with --server-url")
     p.add_argument("--config", help="run config TOML whose [rollout] section gives the defaults")
-    for name, typ in _SAMPLING.items():
+    for name, (field, typ) in _SAMPLING.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.sampling.{field}")
+    for name, typ in _SERVER.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.{name}")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--problem-ids", help="file with one problem id per line (default: all problems)")
@@ -41,16 +48,18 @@ def main(args) -> int:
 
     from megatron_rasft.config import load_config
     from megatron_rasft.records import RecordError
-    from megatron_rasft.rollout.client import RolloutClient, SamplingParams
+    from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.server import RolloutServer, ServerError
     from megatron_rasft.rollout.stage import rollout_round
+    from megatron_rasft.rundir import RunDir
 
     try:
         base = load_config(args.config).rollout
-        overrides = {k: getattr(args, k) for k in _SAMPLING if getattr(args, k) is not None}
+        sampling = {f: getattr(args, k) for k, (f, _) in _SAMPLING.items() if getattr(args, k) is not None}
         if args.stop is not None:
-            overrides["stop"] = args.stop
-        cfg = dataclasses.replace(base, **overrides)
+            sampling["stop"] = args.stop
+        server_fields = {k: getattr(args, k) for k in _SERVER if getattr(args, k) is not None}
+        cfg = dataclasses.replace(base, sampling=dataclasses.replace(base.sampling, **sampling), **server_fields)
         if args.round < 0:
             raise ValueError("--round must be >= 0")
         tok_dir = args.tokenizer or args.model
@@ -60,18 +69,16 @@ def main(args) -> int:
         ids = None
         if args.problem_ids:
             ids = [line.strip() for line in Path(args.problem_ids).read_text().splitlines() if line.strip()]
-        if not (Path(args.run_dir) / "problems.jsonl").is_file():
-            raise FileNotFoundError(f"{Path(args.run_dir) / 'problems.jsonl'} not found")
+        if not RunDir(args.run_dir).problems.is_file():
+            raise FileNotFoundError(f"{RunDir(args.run_dir).problems} not found")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", flush=True)
         return 2
 
     from transformers import AutoTokenizer
 
-    from megatron_rasft.data.tokenize import encode_prompt
-
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    log_file = args.log_file or Path(args.run_dir) / "rollouts" / "vllm_server.log"
+    log_file = args.log_file or RunDir(args.run_dir).rollout_command_log
     try:
         if args.model:
             server = RolloutServer(args.model, cfg, log_file=log_file)
@@ -81,8 +88,8 @@ def main(args) -> int:
             server = RolloutServer.attach(args.server_url, cfg)
         with server:
             client = RolloutClient(server, cfg, progress=not args.no_progress)
-            out = rollout_round(args.run_dir, args.round, client.generate, SamplingParams.from_config(cfg),
-                                encode=lambda text: encode_prompt(tokenizer, text), problem_ids=ids)
+            out = rollout_round(args.run_dir, args.round, client.generate, cfg.sampling, tokenizer=tokenizer,
+                                problem_ids=ids)
     except (RecordError, ValueError, FileNotFoundError, ServerError) as e:
         print(f"error: {e}", flush=True)
         return 2

@@ -24,14 +24,14 @@ def main(args) -> int:
 
     from megatron_rasft.config import load_config
     from megatron_rasft.records import ProblemVerdicts, RecordError, read_records, write_records
-    from megatron_rasft.verify.stage import round_path
+    from megatron_rasft.rundir import RunDir
     from megatron_rasft.weighting import round_summary, weight_records
 
     try:
         cfg = load_config(args.config, args.set).weighting
         if args.scheme:
             cfg = dataclasses.replace(cfg, scheme=args.scheme)
-        src = round_path(args.run_dir, "verdicts", args.round)
+        src = RunDir(args.run_dir).verdicts(args.round)
         recs = []
         for pv in read_records(src, ProblemVerdicts):
             if pv.round != args.round:
@@ -40,7 +40,7 @@ def main(args) -> int:
     except (RecordError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", flush=True)
         return 2
-    dst = round_path(args.run_dir, "weights", args.round)
+    dst = RunDir(args.run_dir).weights(args.round)
     write_records(dst, recs)
     s = round_summary(recs)
     print(f"scheme {cfg.scheme}: {s['problems']} problems, {s['rollouts_added']} rollouts added, "

@@ -21,15 +21,8 @@ import torch.distributed as dist
 
 from megatron_rasft.config import ModelConfig
 from megatron_rasft.convert import hf_io, layout, names
-from megatron_rasft.model.provider import padded_vocab_size
-from megatron_rasft.parallel import groups
-from megatron_rasft.parallel.groups import barrier
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module") and not hasattr(chunk, "sharded_state_dict"):
-        chunk = chunk.module
-    return chunk
+from megatron_rasft.model.provider import padded_vocab_size, unwrap
+from megatron_rasft.parallel.groups import barrier, rank
 
 
 def _stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
@@ -54,35 +47,31 @@ def _gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank
     return layout.unshard(name, parts) if tp_rank == 0 else None
 
 
-def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, *, hf_config: Optional[dict] = None,
+def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, groups, *, hf_config: Optional[dict] = None,
                  tokenizer_dir: Optional[str | Path] = None, dtype: Optional[str] = None,
                  max_shard_size: str = "5GB") -> Optional[dict]:
     """Write this rank's part of the model to `out_dir` (replacing it). Returns, on rank 0, a summary
     dict (seconds, bytes, files); None elsewhere.
 
-    `hf_config` is the source checkpoint's config.json dict (keeps its family and extra keys);
+    `groups` is the run's `ParallelGroups`. `hf_config` is the source checkpoint's config.json dict (keeps its family and extra keys);
     `tokenizer_dir` a folder whose tokenizer files are copied; `dtype` "bf16" | "fp16" | "fp32"
     (default: the parameters' dtype)."""
-    from megatron.core import parallel_state as ps
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    rank = groups.rank()
+    rank0 = rank() == 0
     target = hf_io.DTYPES[dtype] if dtype else None
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp"
-    if rank == 0:
+    if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
 
-    chunks = [_unwrap(c) for c in model_chunks]
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    first_replica = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    chunks = unwrap(model_chunks)
+    tp_group, tp_size, tp_rank = groups.tp, groups.tp_size, groups.tp_rank
     result = None
-    if first_replica:
+    if groups.first_replica:
         per_chunk = [_stage_entries(c, mcfg) for c in chunks]
-        ctx = names.MapContext(mcfg, padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp_size))
+        ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp_size))
         plan = []
         for entries, params in per_chunk:
             shapes = names.hf_shapes(ctx, entries)
@@ -90,7 +79,7 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, *, 
         writer = None
         if tp_rank == 0:
             writer = hf_io.ShardedWriter(tmp, plan, hf_io.parse_size(max_shard_size),
-                                         prefix=f"stage{ps.get_pipeline_model_parallel_rank():04d}")
+                                         prefix=f"stage{groups.pp_rank:04d}")
         try:
             with torch.no_grad():
                 for entries, params in per_chunk:
@@ -104,14 +93,14 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, *, 
             if writer is not None:
                 writer.abort()
         if writer is not None:
-            result = (ps.get_pipeline_model_parallel_rank(), writer.finish(), writer.bytes_written)
+            result = (groups.pp_rank, writer.finish(), writer.bytes_written)
     gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(gathered, result)
     else:
         gathered = [result]
     summary, error = None, None
-    if rank == 0:
+    if rank0:
         try:
             summary = _finalize(gathered, tmp, out_dir, mcfg, chunks, target, hf_config, tokenizer_dir, t0)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below

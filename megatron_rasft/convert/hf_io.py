@@ -153,7 +153,7 @@ class ShardedWriter:
         self.shards: list = []  # [(file, [(name, shape, dtype)])]
         size = 0
         for name, shape, dtype in plan:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = numel(shape) * torch.empty((), dtype=dtype).element_size()
             if not self.shards or (size + nbytes > max_shard_bytes and size > 0):
                 self.shards.append((f"{prefix}-{len(self.shards) + 1:05d}.safetensors", []))
                 size = 0
@@ -199,7 +199,8 @@ class ShardedWriter:
             self._file.close()
 
 
-def _numel(shape: Iterable[int]) -> int:
+def numel(shape: Iterable[int]) -> int:
+    """Number of elements of a tensor of this shape (1 for `()`)."""
     n = 1
     for d in shape:
         n *= int(d)
@@ -209,7 +210,7 @@ def _numel(shape: Iterable[int]) -> int:
 def _header_bytes(items: list) -> bytes:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in items:
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

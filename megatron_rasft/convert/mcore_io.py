@@ -30,6 +30,7 @@ import torch
 
 from megatron_rasft.config import ModelConfig
 from megatron_rasft.convert.layout import layer_index
+from megatron_rasft.model.provider import unwrap
 
 MODEL_CONFIG = "model_config.json"
 FORMAT_VERSION = 1
@@ -262,16 +263,12 @@ def _chunk_load_planner(chunks: dict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _sharded_state_dict(model_chunks: list) -> dict:
+def sharded_state_dict(model_chunks: list) -> dict:
+    """The dist-checkpoint state dict of bare model chunks: `{"model": ...}` for one chunk,
+    `{"model<i>": ...}` per virtual pipeline stage (the keys `load_mcore_into_model` expects)."""
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict()}
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
-
-
-def _unwrap(chunk):
-    while hasattr(chunk, "module") and not hasattr(chunk, "sharded_state_dict"):
-        chunk = chunk.module
-    return chunk
 
 
 def load_mcore_into_model(model_chunks: list, mcore_dir: str | Path) -> None:
@@ -279,35 +276,34 @@ def load_mcore_into_model(model_chunks: list, mcore_dir: str | Path) -> None:
     model chunks, whatever their TP/PP/VPP layout. Collective over all ranks."""
     from megatron.core import dist_checkpointing
 
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = unwrap(model_chunks)
     McoreCheckpoint(mcore_dir)  # clear errors for a missing/truncated checkpoint before collectives
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(mcore_dir))
+    state = dist_checkpointing.load(sharded_state_dict(chunks), str(mcore_dir))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
 
 
-def save_model_as_mcore(model_chunks: list, out_dir: str | Path, model_config: ModelConfig,
+def save_model_as_mcore(model_chunks: list, out_dir: str | Path, model_config: ModelConfig, groups,
                         hf_config: Optional[dict] = None) -> None:
     """Save this rank's model chunks as one torch_dist checkpoint plus `model_config.json`, loadable
-    by `load_mcore_into_model` at any layout and by `mcore-to-hf`. Collective over all ranks."""
+    by `load_mcore_into_model` at any layout and by `mcore-to-hf`. `groups`: the run's
+    `ParallelGroups` (the layout recorded in the config). Collective over all ranks."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     out_dir = Path(out_dir)
-    chunks = [_unwrap(c) for c in model_chunks]
+    chunks = unwrap(model_chunks)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(out_dir))
+    dist_checkpointing.save(sharded_state_dict(chunks), str(out_dir))
     if rank0:
         emb = McoreCheckpoint(out_dir).shape("embedding.word_embeddings.weight")
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(chunks[0].config.params_dtype, "fp32")
-        write_model_config(out_dir, model_config, tp=ps.get_tensor_model_parallel_world_size(),
-                           pp=ps.get_pipeline_model_parallel_world_size(),
-                           vpp=ps.get_virtual_pipeline_model_parallel_world_size(), padded_vocab=emb[0],
+        write_model_config(out_dir, model_config, tp=groups.tp_size, pp=groups.pp_size,
+                           vpp=len(chunks) if len(chunks) > 1 else None, padded_vocab=emb[0],
                            dtype=dtype, hf_config=hf_config)
     if dist.is_initialized():
         dist.barrier()

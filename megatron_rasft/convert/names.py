@@ -170,7 +170,7 @@ def _identity_out(t, ctx):
     return [t]
 
 
-def _pad_vocab(ts, ctx):
+def pad_vocab(ts, ctx):
     """[V, H] → [Vp, H] with zero rows (padding logits never win: rows are zero, and the
     vocab-parallel loss only sees real labels)."""
     t = ts[0]
@@ -243,10 +243,10 @@ LAYER_RULES = (
          _glu_in, _glu_out),
     Rule(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",)),
 )
-PRE_RULES = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _pad_vocab, _trim_vocab),)
+PRE_RULES = (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), pad_vocab, _trim_vocab),)
 POST_RULES = (
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), _pad_vocab, _trim_vocab,
+    Rule("output_layer.weight", ("lm_head.weight",), pad_vocab, _trim_vocab,
          when=lambda m: not m.tie_embeddings),
 )
 

@@ -143,14 +143,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
     mcfg = names.model_config_from_hf(hf.config)
     names.validate_parallel(mcfg, tp, pp, vpp)
     target = _dtype(dtype)
-    ctx = names.MapContext(mcfg, padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp))
+    ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp))
     entries = names.entries(mcfg)
     _check_hf_tensors(hf, ctx, entries)
     by_name = {e.mcore: e for e in entries}
     shapes = names.mcore_shapes(ctx)
     src_dtypes = {e.mcore: hf.get_dtype(e.hf[0]) for e in entries}
     items = [(e.mcore, shapes[e.mcore], target or src_dtypes[e.mcore]) for e in entries]
-    progress = _Progress(sum(hf_io._numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in items),
+    progress = _Progress(sum(hf_io.numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in items),
                          "hf-to-mcore", quiet)
 
     def produce(name: str) -> torch.Tensor:
@@ -207,7 +207,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config_from: Optio
         side_src = Path(hf_config_from)
     out_dtype = target or ck.dtype(entries[0].mcore)
     hf_config = names.hf_config_from_model_config(mcfg, base=base, dtype=hf_io.DTYPE_NAMES.get(out_dtype))
-    total = sum(hf_io._numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in plan)
+    total = sum(hf_io.numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in plan)
     progress = _Progress(total, "mcore-to-hf", quiet)
     with staged_output(Path(out), force) as tmp:
         writer = hf_io.ShardedWriter(tmp, plan, hf_io.parse_size(max_shard_size))
@@ -239,18 +239,18 @@ def reshard(mcore_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
     names.validate_parallel(mcfg, tp, pp, vpp)
     target = _dtype(dtype)
     old_ctx = names.MapContext(mcfg, ck.shape("embedding.word_embeddings.weight")[0])
-    ctx = names.MapContext(mcfg, padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by, tp))
+    ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp))
     entries = names.entries(mcfg)
     shapes = names.mcore_shapes(ctx)
     items = [(e.mcore, shapes[e.mcore], target or ck.dtype(e.mcore)) for e in entries]
     by_name = {e.mcore: e for e in entries}
-    progress = _Progress(sum(hf_io._numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in items),
+    progress = _Progress(sum(hf_io.numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in items),
                          "reshard", quiet)
 
     def produce(name: str) -> torch.Tensor:
         t = ck.read([name])[name]
-        if by_name[name].rule.to_mcore is names._pad_vocab:  # re-pad: trim to the real vocab, pad again
-            t = names._pad_vocab(list(by_name[name].to_hf(t, old_ctx).values()), ctx)
+        if by_name[name].rule.to_mcore is names.pad_vocab:  # re-pad: trim to the real vocab, pad again
+            t = names.pad_vocab(list(by_name[name].to_hf(t, old_ctx).values()), ctx)
         return t.to(target) if target is not None else t
 
     with staged_output(Path(out), force) as tmp:

@@ -14,8 +14,11 @@ def report_tag(arm: str) -> str:
 
 
 def _checkpoints(run_dir: Path) -> list:
-    return sorted((int(p.name.split("_")[1]), p / "model") for p in (run_dir / "ckpt").glob("iter_*")
-                  if p.is_dir() and not p.name.endswith(".tmp"))
+    """(step, the checkpoint's model/ dir) of every checkpoint of a training run."""
+    from megatron_rasft.rundir import RunDir
+    from megatron_rasft.train import checkpoint
+
+    return [(step, path / "model") for step, path in checkpoint.completed(RunDir(run_dir).ckpt)]
 
 
 def avg_at_n(correct_by_problem: list) -> tuple:
@@ -31,9 +34,9 @@ def evaluate_model(server, problems: list, dc, tag: str, out_dir: Path, tokenize
     trainer's, n samples per problem with per-problem seeds, math-verify grading, samples + reports
     in `out_dir/tag/`."""
     from megatron_rasft.eval.runner import evaluate, read_samples, sample_path
-    from megatron_rasft.rollout.client import SamplingParams
+    from megatron_rasft.config import SamplingConfig
 
-    sampling = SamplingParams(n=dc.eval_n, temperature=dc.eval_temperature, top_p=1.0, top_k=0,
+    sampling = SamplingConfig(n=dc.eval_n, temperature=dc.eval_temperature, top_p=1.0, top_k=0,
                               max_tokens=dc.max_tokens, seed=dc.seed + 424242)
     evaluate(server, {"addition": problems}, sampling, out_dir / tag, template="plain", tokenizer=tokenizer_dir)
     flags: dict = {}

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 from megatron_rasft.demo.evaluate import report_tag
+from megatron_rasft.records import RoundResult, read_records
+from megatron_rasft.rundir import RunDir
 
 
 def paired_difference(a: list, b: list) -> tuple:
@@ -17,15 +19,16 @@ def paired_difference(a: list, b: list) -> tuple:
 
 
 def _rounds(rasft_dir: Path) -> list:
-    return [json.loads(p.read_text())["summary"] for p in sorted((rasft_dir / "rounds").glob("round_*.json"))]
+    return [r.summary for p in RunDir(rasft_dir).all_round_results() for r in read_records(p, RoundResult)]
 
 
 def tokens_trained(run_dir: Path) -> int:
-    return sum(json.loads(line).get("tokens", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    lines = RunDir(run_dir).metrics.read_text().splitlines()
+    return sum(json.loads(line).get("tokens", 0) for line in lines)
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(run_dir).metrics.read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
 
 

@@ -73,13 +73,14 @@ def _stage(name: str, dc: DemoConfig):
     return _Timer()
 
 
-def _toml(values: dict) -> str:
-    lines = []
+def _toml(values: dict, prefix: str = "") -> str:
+    """Tables of scalars and lists; a dict value becomes a sub-table (`[rollout.sampling]`)."""
+    text = ""
     for section, kv in values.items():
-        lines.append(f"[{section}]")
-        for k, v in kv.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    return "\n".join(lines) + "\n"
+        flat = [f"{k} = {json.dumps(v)}" for k, v in kv.items() if not isinstance(v, dict)]
+        text += "\n".join([f"[{prefix}{section}]"] + flat) + "\n"
+        text += _toml({k: v for k, v in kv.items() if isinstance(v, dict)}, prefix=f"{prefix}{section}.")
+    return text
 
 
 def _train(config: Path, log: Path) -> None:
@@ -102,6 +103,8 @@ def run_demo(dc: DemoConfig) -> Path:
     from megatron_rasft.demo import evaluate, report
     from megatron_rasft.demo.task import make_problems, write_jsonl
     from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.rundir import RunDir
+    from megatron_rasft.train import checkpoint
     from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
 
     from transformers.utils import logging as hf_logging
@@ -131,8 +134,9 @@ def run_demo(dc: DemoConfig) -> Path:
 
     common = {
         "model": {"seq_length": dc.seq_length},
-        "rollout": {"num_samples": dc.samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": dc.max_tokens,
-                    "kv_cache_gib": 0.5, "max_model_len": 256, "seed": dc.seed},
+        "rollout": {"kv_cache_gib": 0.5, "max_model_len": 256,
+                    "sampling": {"n": dc.samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": dc.max_tokens,
+                                 "seed": dc.seed}},
         "train": {"data_path": str(out / "data" / "train.jsonl"), "tokenizer": str(tok_dir),
                   "prompt_template": "plain", "global_batch_size": dc.global_batch,
                   "micro_batch_size": dc.micro_batch, "seed": dc.seed, "log_interval": 10, "pack": True},
@@ -155,7 +159,7 @@ def run_demo(dc: DemoConfig) -> Path:
 
     with _stage("warm-up SFT", dc):
         warm = phase("warmup", "sft", dc.warmup_steps, mcore0, dc.lr)
-    warm_ckpt = warm / "ckpt" / (warm / "ckpt" / "latest").read_text().strip() / "model"
+    warm_ckpt = checkpoint.latest(RunDir(warm).ckpt) / "model"
 
     server = None
     try:

@@ -171,7 +171,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
     source: an HF model directory (a server is started and stopped here), a server URL, a
         `RolloutServer`, or a generator `fn(prompts, sampling, keys=, on_result=)`.
     benchmarks: name -> list of `EvalProblem`s or dicts (`prompt` + `answer`, or `tests`).
-    sampling: `SamplingParams` (its `stop` is extended per benchmark by the template's stops).
+    sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops).
     tokenizer: tokenizer or its directory (default: the model's); prompts are sent as token ids
         (BOS added like the trainer does) when there is one, as text otherwise.
     Returns {benchmark: metrics} (also in out_dir/results.json).

@@ -45,14 +45,19 @@ def _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_l
         raise ValueError(f"ref_logits is required for loss.method={cfg.method!r} (full-vocab KL)")
 
 
+class NonFiniteLogits(ValueError):
+    """The policy's (or the reference's) logits contain NaN or Inf: the model diverged."""
+
+
 def _check_values(checks: list) -> None:
     """Raise for the first failed (ok, message) pair; one host sync for all of them. Every input
     checked is identical on all tensor-parallel ranks (logits only via all-reduced statistics), so
-    either every rank raises or none does: no rank is left waiting in a collective."""
-    flags = torch.stack([ok for ok, _ in checks]).tolist()
-    for flag, (_, msg) in zip(flags, checks):
+    either every rank raises or none does: no rank is left waiting in a collective. A check may
+    name its exception class as a third element (default ValueError)."""
+    flags = torch.stack([c[0] for c in checks]).tolist()
+    for flag, check in zip(flags, checks):
         if not flag:
-            raise ValueError(msg)
+            raise (check[2] if len(check) > 2 else ValueError)(check[1])
 
 
 def _segments(seq_id_BS: Optional[torch.Tensor], B: int, S: int, device) -> torch.Tensor:
@@ -97,7 +102,8 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         ((((lab_N >= 0) & (lab_N < V)) | ~on_N).all(),
          f"labels must lie in [0, {V}) (the global vocab) where loss_mask is set"),
         (((mask_N == 0) | (mask_N == 1)).all(), "loss_mask must contain only 0 and 1"),
-        (torch.isfinite(logp_N).all() & torch.isfinite(ent_N).all(), "logits contain NaN or Inf"),
+        (torch.isfinite(logp_N).all() & torch.isfinite(ent_N).all(), "logits contain NaN or Inf",
+         NonFiniteLogits),
     ]
     if seq_id is not None:
         sid_N = seq_id.reshape(N)
@@ -110,7 +116,7 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         checks.append(((torch.isfinite(ref_logp.reshape(N)) | ~on_N).all(),
                        "ref_logp must be finite where loss_mask is set"))
     if uses_kl:
-        checks.append((torch.isfinite(kl_N).all(), "ref_logits contain NaN or Inf"))
+        checks.append((torch.isfinite(kl_N).all(), "ref_logits contain NaN or Inf", NonFiniteLogits))
     _check_values(checks)
 
     lp_N = logp_N.detach()

@@ -45,10 +45,26 @@ def resolve_impl(mcfg: ModelConfig) -> str:
     return impl
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Vocabulary rounded up so every tensor-parallel shard has the same, aligned size."""
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
+def padded_vocab_size(mcfg: ModelConfig, tp: int) -> int:
+    """`mcfg.vocab_size` rounded up to a multiple of `make_vocab_size_divisible_by × tp`, so every
+    tensor-parallel shard of the embedding and output layer has the same, aligned size (Megatron-LM's
+    `_vocab_size_with_padding`). The padding rows are zero and masked out of the softmax."""
+    multiple = mcfg.make_vocab_size_divisible_by * tp
+    return int(math.ceil(mcfg.vocab_size / multiple) * multiple)
+
+
+def unwrap(model_chunks: list) -> list:
+    """The bare `GPTModel` chunks inside wrappers (Megatron DDP, whose state-dict keys gain a
+    `module.` prefix, or any `.module` wrapper without its own `sharded_state_dict`)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    out = []
+    for chunk in model_chunks:
+        while isinstance(chunk, DistributedDataParallel) or (
+                hasattr(chunk, "module") and not hasattr(chunk, "sharded_state_dict")):
+            chunk = chunk.module
+        out.append(chunk)
+    return out
 
 
 def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, bf16: bool = False):
@@ -147,8 +163,7 @@ def build_model(mcfg: ModelConfig, pcfg: ParallelConfig, *, pg_collection=None, 
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=layer_spec(mcfg),
-        vocab_size=padded_vocab_size(mcfg.vocab_size, mcfg.make_vocab_size_divisible_by,
-                                     pcfg.tensor_model_parallel_size),
+        vocab_size=padded_vocab_size(mcfg, pcfg.tensor_model_parallel_size),
         max_sequence_length=mcfg.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

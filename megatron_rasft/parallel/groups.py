@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -9,15 +10,71 @@ import torch.distributed as dist
 
 from megatron_rasft.config import ParallelConfig
 from megatron_rasft.parallel import cpu
+from megatron_rasft.parallel.net import free_port
 
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0):
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's process groups, passed as an argument to everything that communicates (the step,
+    the reference pass, the rounds, export, checkpointing). Megatron's own `parallel_state` globals
+    are read only where Megatron needs them (its schedules, DDP and optimizer read them themselves).
+
+    tp: tensor-parallel; pp: pipeline; dp: data-parallel (without context parallelism); cp: context;
+    dp_cp: data × context (the replicas that hold the same weights); mp: model-parallel (TP × PP).
+    `collection` is Megatron's `ProcessGroupCollection` of the same groups (for `GPTModel`, DDP).
+    """
+
+    tp: object
+    pp: object
+    dp: object
+    cp: object
+    dp_cp: object
+    mp: object
+    collection: object
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp)
+
+    @property
+    def tp_size(self) -> int:
+        return dist.get_world_size(self.tp)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pp)
+
+    @property
+    def pp_size(self) -> int:
+        return dist.get_world_size(self.pp)
+
+    @property
+    def pp_last_global_rank(self) -> int:
+        """Global rank of this pipeline's last stage (the one with the logits and the loss)."""
+        return dist.get_process_group_ranks(self.pp)[-1]
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp)
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size(self.dp)
+
+    @property
+    def first_replica(self) -> bool:
+        """True on the data × context replica 0 (the one that writes shared files)."""
+        return dist.get_rank(self.dp_cp) == 0
+
+
+def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> ParallelGroups:
     """Initialise the default process group from torchrun's env (or a single process) and Megatron's
-    TP/PP/DP groups. Returns Megatron's `ProcessGroupCollection` for the model-parallel groups."""
+    TP/PP/DP/CP groups. Returns them as one `ParallelGroups`. Raises ValueError when the world size
+    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -28,8 +85,6 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 
         raise RuntimeError("parallel.backend = 'nccl' needs CUDA, and torch.cuda.is_available() is False")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from megatron_rasft.rollout.server import free_port
-
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -51,7 +106,11 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                          dp=ps.get_data_parallel_group(), cp=ps.get_context_parallel_group(),
+                          dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+                          mp=ps.get_model_parallel_group(),
+                          collection=ProcessGroupCollection.use_mpu_process_groups())
 
 
 def destroy_distributed() -> None:

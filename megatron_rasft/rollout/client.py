@@ -25,42 +25,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from megatron_rasft.config import RolloutConfig
+from megatron_rasft.config import RolloutConfig, SamplingConfig
 from megatron_rasft.rollout.server import RolloutServer, ServerError, http_json
 
 Prompt = Union[str, list]  # text, or token ids (sent as they are: no BOS is added to ids)
-
-
-@dataclass
-class SamplingParams:
-    """What every request passes explicitly (server and model defaults never apply).
-    top_k = 0 disables top-k (vLLM's convention; -1 is accepted too)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 256
-    repetition_penalty: float = 1.0
-    stop: list = field(default_factory=list)
-    seed: int = 1234
-    # Token ids that end a sample besides the model's EOS (e.g. a chat model's <|im_end|>, which a
-    # stop *string* cannot match because special tokens are not detokenised).
-    stop_token_ids: list = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.n < 1 or self.max_tokens < 1:
-            raise ValueError(f"sampling: n ({self.n}) and max_tokens ({self.max_tokens}) must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < -1:
-            raise ValueError(f"sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= -1; got "
-                             f"{self.temperature}, {self.top_p}, {self.top_k}")
-
-    @classmethod
-    def from_config(cls, cfg: RolloutConfig, **overrides) -> "SamplingParams":
-        values = dict(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty,
-                      stop=list(cfg.stop), seed=cfg.seed)
-        return cls(**{**values, **overrides})
 
 
 @dataclass
@@ -79,7 +47,7 @@ class Completion:
 class Generator(Protocol):
     """The seam: the vLLM client below, or a scripted fake in unit tests."""
 
-    def __call__(self, prompts: Sequence[Prompt], sampling: SamplingParams,
+    def __call__(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  keys: Optional[Sequence] = None) -> list[list[Completion]]: ...
 
 
@@ -127,7 +95,7 @@ class RolloutClient:
         return self._model[0]
 
     # ----------------------------------------------------------------- the batch
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams,
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  keys: Optional[Sequence] = None,
                  on_result: Optional[Callable[[int, list], None]] = None) -> list[list[Completion]]:
         """`sampling.n` completions for every prompt, in prompt order.
@@ -207,7 +175,7 @@ class RolloutClient:
                           f"{self.cfg.startup_timeout_s:.0f}s (rollout.startup_timeout_s)")
 
     # ----------------------------------------------------------------- one request
-    def request_payload(self, prompt: Prompt, sampling: SamplingParams, seed: int) -> dict:
+    def request_payload(self, prompt: Prompt, sampling: SamplingConfig, seed: int) -> dict:
         return {"model": self.model, "prompt": prompt, "n": sampling.n,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                 "max_tokens": sampling.max_tokens, "repetition_penalty": sampling.repetition_penalty,
@@ -215,7 +183,7 @@ class RolloutClient:
                 # logprobs=0: the sampled token's log-prob only; return_token_ids: the ids themselves.
                 "logprobs": 0, "return_token_ids": True}
 
-    def _one(self, prompt: Prompt, sampling: SamplingParams, seed: int, down: threading.Event):
+    def _one(self, prompt: Prompt, sampling: SamplingConfig, seed: int, down: threading.Event):
         payload = self.request_payload(prompt, sampling, seed)
         for attempt in range(self.cfg.max_retries + 1):
             if down.is_set():

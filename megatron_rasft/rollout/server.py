@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_rasft.config import RolloutConfig
+from megatron_rasft.parallel.net import free_port
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Environment every server gets unless the caller's environment already sets it. The dev-mode
@@ -52,12 +53,6 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, payload: Optional[dict] = None, timeout: float = 10.0,

@@ -5,20 +5,38 @@ problem finishes, so a killed stage loses at most the problems in flight. On res
 with all K samples are skipped (never regenerated); lines of a problem left incomplete by the kill
 (and a torn last line) are removed and that problem is generated again. Seeds depend on
 (seed, round, problem id) only, so a resumed round produces the same samples as an uninterrupted one.
+
+The round's sampling rules live here (`round_sampling`), so the `rollout` command and the trainer's
+round r send identical requests: base seed `seed + 7919·r`, and the tokenizer's EOS plus ChatML's
+`<|im_end|>` (when the vocabulary has it) as stop token ids; prompts are tokenised like the trainer's.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_rasft.records import Problem, RecordError, RecordWriter, Rollout, read_records, write_records
-from megatron_rasft.rollout.client import SamplingParams
+from megatron_rasft.config import SamplingConfig
+from megatron_rasft.data.tokenize import encode_prompt
+from megatron_rasft.rundir import RunDir
 
 
-def round_path(run_dir, round_: int) -> Path:
-    return Path(run_dir) / "rollouts" / f"round_{round_:03d}.jsonl"
+ROUND_SEED_STRIDE = 7919  # a prime: each round draws new samples, far from the previous round's seeds
+
+
+def round_sampling(sampling: SamplingConfig, round_: int, tokenizer=None) -> SamplingConfig:
+    """The sampling of round `round_` from the configured one: base seed `seed + 7919·round_`, and,
+    with a tokenizer, its EOS id and ChatML's `<|im_end|>` (a special token, so no stop *string*
+    can match it) added to the stop token ids."""
+    stop_ids = list(sampling.stop_token_ids)
+    if tokenizer is not None:
+        stop_ids.append(tokenizer.eos_token_id)
+        if "<|im_end|>" in tokenizer.get_vocab():
+            stop_ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return dataclasses.replace(sampling, seed=sampling.seed + ROUND_SEED_STRIDE * round_, stop_token_ids=stop_ids)
 
 
 def complete_problem_ids(path: Path, round_: int, num_samples: int) -> set:
@@ -46,18 +64,21 @@ def complete_problem_ids(path: Path, round_: int, num_samples: int) -> set:
     return complete
 
 
-def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingParams,
-                  encode: Optional[Callable[[str], list]] = None,
+def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingConfig, tokenizer=None,
                   problem_ids: Optional[Sequence[str]] = None) -> dict:
-    """Sample `sampling.n` rollouts for every problem of RUN/problems.jsonl (or `problem_ids`).
+    """Sample `sampling.n` rollouts for every problem of RUN/problems.jsonl (or `problem_ids`) into
+    RUN/rollouts/round_R.jsonl; returns {problems, skipped, rollouts, path}.
 
     generate(prompts, sampling, keys=..., on_result=...) is the `RolloutClient.generate` seam.
-    encode: prompt text → token ids (the trainer's tokenisation, so BOS handling matches); None
-    sends the text and lets the server tokenise it.
+    sampling: the configured sampling; the round's rules are applied here (`round_sampling`).
+    tokenizer: prompts are tokenised with it the way the trainer does (`data.tokenize.encode_prompt`,
+    so BOS handling matches); None sends the text and lets the server tokenise it.
+    Raises ValueError for a negative round or unknown problem ids, RecordError for bad files.
     """
     if round_ < 0:
         raise ValueError(f"round must be >= 0, got {round_}")
-    problems = list(read_records(Path(run_dir) / "problems.jsonl", Problem))
+    run = RunDir(run_dir)
+    problems = list(read_records(run.problems, Problem))
     if problem_ids is not None:
         known = {p.id for p in problems}
         unknown = [pid for pid in problem_ids if pid not in known]
@@ -65,13 +86,14 @@ def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingPa
             raise ValueError(f"problem ids not in problems.jsonl: {unknown[:5]}")
         wanted = set(problem_ids)
         problems = [p for p in problems if p.id in wanted]
-    out = round_path(run_dir, round_)
+    out = run.rollouts(round_)
     done = complete_problem_ids(out, round_, sampling.n)
     todo = [p for p in problems if p.id not in done]
     stats = {"problems": len(todo), "skipped": len(problems) - len(todo), "rollouts": 0, "path": str(out)}
     if not todo:
         return stats
-    prompts = [encode(p.prompt) if encode else p.prompt for p in todo]
+    sampling = round_sampling(sampling, round_, tokenizer)
+    prompts = [encode_prompt(tokenizer, p.prompt) if tokenizer is not None else p.prompt for p in todo]
     with RecordWriter(out) as writer:
         def on_result(i: int, completions: list) -> None:
             writer.write_batch(Rollout(todo[i].id, round_, j, c.text, c.token_ids, c.logprobs, c.seed,

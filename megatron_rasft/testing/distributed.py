@@ -15,7 +15,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_rasft.rollout.server import free_port
+from megatron_rasft.parallel.net import free_port
 
 
 def _entry(fn, rank, world_size, port, args, results):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_rasft.rollout.server import free_port
+from megatron_rasft.parallel.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 
 from megatron_rasft.config import ModelConfig
+from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank
-from megatron_rasft.train.step import unwrap
 
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _model_sharded_sd(chunks: list) -> dict:
-    from megatron_rasft.convert.mcore_io import _sharded_state_dict
+    from megatron_rasft.convert.mcore_io import sharded_state_dict
 
-    return _sharded_state_dict(unwrap(chunks))
+    return sharded_state_dict(unwrap(chunks))
 
 
 def _rng_state() -> dict:
@@ -78,9 +78,16 @@ def latest(ckpt_root: Path) -> Optional[Path]:
     return path
 
 
-def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_state: dict, *,
+def completed(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """`(step, checkpoint dir)` of every complete checkpoint under `ckpt_root`, by step."""
+    return sorted((int(p.name.split("_")[1]), p) for p in Path(ckpt_root).glob("iter_*")
+                  if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_state: dict, groups, *,
          model_config: ModelConfig, hf_config: Optional[dict], keep_last: int) -> Path:
-    """Collective over all ranks."""
+    """Write `ckpt_root/iter_<step>` and point `latest` at it; returns its path. `groups`: the run's
+    `ParallelGroups`. Collective over all ranks."""
     from megatron.core import dist_checkpointing
 
     from megatron_rasft.convert.mcore_io import save_model_as_mcore
@@ -92,7 +99,7 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optim").mkdir(parents=True)
     barrier()
-    save_model_as_mcore(unwrap(chunks), tmp / "model", model_config, hf_config=hf_config)
+    save_model_as_mcore(unwrap(chunks), tmp / "model", model_config, groups, hf_config=hf_config)
     model_sd = _model_sharded_sd(chunks)
     optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_META)}
     dist_checkpointing.save(optim_sd, str(tmp / "optim"))

@@ -8,6 +8,7 @@ from megatron_rasft.config import ModelConfig, TrainConfig
 from megatron_rasft.data.batching import Seq
 from megatron_rasft.data.problems import Problem, read_problems
 from megatron_rasft.data.tokenize import Counts, build_sequence, check_tokenizer, encode_prompt, render_prompt
+from megatron_rasft.rundir import expert_key
 
 
 @dataclass
@@ -15,7 +16,7 @@ class Dataset:
     tokenizer: object  # None for synthetic data
     problems: dict  # id -> Problem
     prompt_ids: dict  # id -> prompt token ids (what the rollout server is sent)
-    experts: dict  # "e/<id>" -> Seq
+    experts: dict  # expert_key(id) -> Seq
     pad_id: int
     eos_id: int
     counts: Counts
@@ -41,7 +42,7 @@ def load_dataset(tcfg: TrainConfig, mcfg: ModelConfig) -> Dataset:
         if built is None:
             continue
         prompt_ids[p.id] = ids
-        experts[f"e/{p.id}"] = Seq(f"e/{p.id}", built[0], built[1])
+        experts[expert_key(p.id)] = Seq(expert_key(p.id), built[0], built[1])
     if not experts:
         raise ValueError(f"{tcfg.data_path}: every problem was dropped ({counts.summary()}); "
                          f"raise model.seq_length ({mcfg.seq_length}) or use train.overlong = 'truncate'")
@@ -58,7 +59,7 @@ def _synthetic(mcfg: ModelConfig, seed: int, n: int = 256) -> Dataset:
         length = rng.randint(mcfg.seq_length // 2, mcfg.seq_length + 1)
         toks = [rng.randrange(2, mcfg.vocab_size) for _ in range(length)]
         pid = str(i)
-        experts[f"e/{pid}"] = Seq(f"e/{pid}", toks, 4)
+        experts[expert_key(pid)] = Seq(expert_key(pid), toks, 4)
         problems[pid] = Problem(pid, "", "")
         prompt_ids[pid] = toks[:4]
     return Dataset(None, problems, prompt_ids, experts, 0, 1, Counts())

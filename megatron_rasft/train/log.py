@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
+
+from megatron_rasft.rundir import RunDir
 
 # Peak dense bf16 TFLOP/s per GPU by device name (for MFU); unknown devices report no MFU.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
@@ -29,10 +30,12 @@ def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int)
 
 
 class Logger:
-    def __init__(self, run_dir: Path, enabled: bool, *, tensorboard: bool = False,
+    """Per-step metrics to RUN/metrics.jsonl (and optionally TensorBoard, W&B); `run` is the `RunDir`."""
+
+    def __init__(self, run: RunDir, enabled: bool, *, tensorboard: bool = False,
                  wandb_project: Optional[str] = None, config: Optional[dict] = None):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run.metrics
         self.tb = self.wandb = None
         self.t_start = time.time()
         if not enabled:
@@ -41,13 +44,13 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(str(run.tensorboard))
             except ImportError:
                 print("[log] tensorboard is not installed (pip install tensorboard); not logging to it")
         if wandb_project:
             import wandb  # configured explicitly: a missing package is an error, not a silent skip
 
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(run.root))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

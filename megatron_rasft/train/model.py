@@ -47,21 +47,22 @@ def _chunks(mcfg, pcfg, pgs, bf16):
     return [build_model(mcfg, pcfg, pg_collection=pgs, bf16=bf16)]
 
 
-def build_policy_and_reference(cfg: RunConfig, pgs) -> Models:
+def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
+    """The policy (DDP-wrapped) and, when the loss needs one, the frozen reference, on the layout of
+    `groups` (the run's `ParallelGroups`). Raises ValueError for a KL loss with pipeline parallelism."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(cfg)
     bf16 = cfg.train.bf16
-    policy = _chunks(mcfg, cfg.parallel, pgs, bf16)
+    policy = _chunks(mcfg, cfg.parallel, groups.collection, bf16)
     if cfg.checkpoint.load:
         load_mcore_into_model(policy, cfg.checkpoint.load)
     reference = None
     if cfg.loss.needs_ref_logp or cfg.loss.needs_ref_logits:
-        reference = _chunks(mcfg, cfg.parallel, pgs, bf16)
+        reference = _chunks(mcfg, cfg.parallel, groups.collection, bf16)
         if cfg.checkpoint.load:
             load_mcore_into_model(reference, cfg.checkpoint.load)
         else:  # no checkpoint: the reference is the policy's own initial weights
@@ -72,14 +73,14 @@ def build_policy_and_reference(cfg: RunConfig, pgs) -> Models:
             chunk.requires_grad_(False)
     kl_reference = None
     if cfg.loss.needs_ref_logits:
-        if ps.get_pipeline_model_parallel_world_size() > 1 or len(reference) > 1:
+        if groups.pp_size > 1 or len(reference) > 1:
             raise ValueError(f"loss.method = {cfg.loss.method!r} needs the reference logits inside the "
                              "training step, which is supported with pipeline_model_parallel_size = 1 only")
         kl_reference = reference[0]
     local = sum(p.numel() for c in policy for p in c.parameters())
     n = torch.tensor([local], dtype=torch.float64)
     if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
-        dist.all_reduce(n, group=ps.get_model_parallel_group())
+        dist.all_reduce(n, group=groups.mp)
     policy = wrap_ddp(policy, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     attach_schedule_hooks(policy)
     return Models(policy, reference, kl_reference, mcfg, hf_config, int(n.item()))

@@ -30,21 +30,20 @@ def _logprob_loss_func(tp_group):
 
 
 @torch.no_grad()
-def score(model_chunks: list, seqs: list[Seq], *, micro_batch_size: int, seq_length: int, pad_id: int,
-          tp_group, dp_group, vocab_size: int | None = None) -> dict[str, list]:
-    """`{seq.key: per-token log-probs of tokens[1:]}` for every sequence, on every rank."""
-    from megatron.core import parallel_state as ps
-
+def score(model_chunks: list, seqs: list[Seq], groups, *, micro_batch_size: int, seq_length: int, pad_id: int,
+          vocab_size: int | None = None) -> dict[str, list]:
+    """`{seq.key: per-token log-probs of tokens[1:]}` (a list of len(tokens) − 1 floats, natural
+    log) for every sequence, on every rank. `groups`: the run's `ParallelGroups`; each DP rank
+    scores its share. Collective over all ranks."""
     from megatron_rasft.train.step import forward_backward, make_forward_step
 
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mine = seqs[dp_rank::dp_size]
+    mine = seqs[groups.dp_rank::groups.dp_size]
     out: dict[str, list] = {}
     for c in model_chunks:
         c.eval()
-    step = make_forward_step(_logprob_loss_func(tp_group), vocab_size=vocab_size)
+    step = make_forward_step(_logprob_loss_func(groups.tp), groups, vocab_size=vocab_size)
     chunk = micro_batch_size * 16  # bound the number of micro-batches per schedule call
-    n_rounds = _max_over_dp(-(-len(mine) // chunk), dp_group)
+    n_rounds = _max_over_dp(-(-len(mine) // chunk), groups.dp)
     for i in range(n_rounds):
         part = mine[i * chunk:(i + 1) * chunk]
         # Ranks with nothing left still run an (empty) schedule to keep collectives matched.

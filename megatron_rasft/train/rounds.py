@@ -1,10 +1,10 @@
 """One rollout round per window of problems: export → refresh the server → roll out → verify →
 weigh → the correct rollouts become training sequences.
 
-Every stage reads and writes the run directory's records (`rollouts/`, `verdicts/`, `weights/`
-round_NNN.jsonl), each stage resumable by itself; `rounds/round_NNN.json` marks a finished round
-and holds what the trainer needs from it (expert weights, queued rollouts, summary), and
-`train_seqs/round_NNN.jsonl` holds the rollouts' token sequences. A resumed run never redoes a
+Every stage reads and writes the run directory's records (`rollouts/`, `verdicts/`, `weights/`,
+see `rundir.py`), each stage resumable by itself; the round's `RoundResult` record
+(`rounds/round_R.json`) marks a finished round and holds what the trainer needs from it, and
+`train_seqs/round_R.jsonl` holds the rollouts' `TrainSequence`s. A resumed run never redoes a
 finished round, and a round killed half-way picks up where its stages stopped.
 Rank 0 drives the server and the stages; the export and the reference pass are collective.
 """
@@ -17,32 +17,28 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_rasft.data.batching import Seq
+from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
+from megatron_rasft.records import RoundResult, TrainSequence, read_records, write_records
+from megatron_rasft.rundir import RunDir, expert_key, parse_key, rollout_key
 
 
 class Rounds:
-    def __init__(self, cfg, run: Path, data, models, pgs):
+    """The rollout rounds of one run. `run`: the `RunDir`; `groups`: the run's `ParallelGroups`."""
+
+    def __init__(self, cfg, run: RunDir, data, models, groups):
         if data.tokenizer is None:
             raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
-        self.cfg, self.run_dir, self.data, self.models, self.pgs = cfg, Path(run), data, models, pgs
+        self.cfg, self.run, self.data, self.models, self.groups = cfg, run, data, models, groups
         self.server = self.client = None
         self.summaries: list = []
         if rank0():
             self._write_problems()
         barrier()
 
-    # -- paths ---------------------------------------------------------------------------------
-    def _marker(self, r: int) -> Path:
-        return self.run_dir / "rounds" / f"round_{r:03d}.json"
-
-    def _seq_file(self, r: int) -> Path:
-        return self.run_dir / "train_seqs" / f"round_{r:03d}.jsonl"
-
     def _write_problems(self) -> None:
         """RUN/problems.jsonl: the problems with their prompts rendered as the model sees them."""
-        from megatron_rasft.records import write_records
-
-        path = self.run_dir / "problems.jsonl"
+        path = self.run.problems
         if path.is_file():
             return
         tok, tmpl = self.data.tokenizer, self.cfg.train.prompt_template
@@ -54,22 +50,23 @@ class Rounds:
 
     # -- resume --------------------------------------------------------------------------------
     def restore(self, state) -> dict:
-        """Rollout sequences still in the queue of a resumed run; also the round summaries."""
+        """Rollout sequences still in the queue of a resumed run (`{key: Seq}`); also the round
+        summaries."""
         self.summaries = list(state.rounds)
-        wanted = {key for group in state.queue for key, _ in group if key.startswith("r")}
+        wanted = {key for group in state.queue for key, _ in group if not parse_key(key).is_expert}
         pool: dict = {}
-        for path in sorted((self.run_dir / "train_seqs").glob("round_*.jsonl")) if wanted else []:
-            for line in path.read_text().splitlines():
-                d = json.loads(line)
-                if d["key"] in wanted:
-                    pool[d["key"]] = Seq(**d)
+        for path in self.run.all_train_seqs() if wanted else []:
+            for ts in read_records(path, TrainSequence):
+                if ts.key in wanted:
+                    pool[ts.key] = Seq(ts.key, ts.tokens, ts.prompt_len)
         return pool
 
     # -- one round -----------------------------------------------------------------------------
-    def run(self, r: int, problem_ids: list, state, times: dict):
-        """-> (expert weight by problem id, [[sequence key, weight]] to insert (rollouts, and
-        re-trained probe problems), {key: Seq} of new rollouts). Updates `state.hard_pool`."""
-        if not self._marker(r).is_file():
+    def run_round(self, r: int, problem_ids: list, state) -> tuple[RoundResult, dict]:
+        """Round `r` on the window `problem_ids` (or its result, when a resumed run already
+        finished it) -> (its `RoundResult`, `{key: Seq}` of its new rollouts). Collective."""
+        if not self.run.round_result(r).is_file():
+            times = {"refresh": 0.0, "rollout": 0.0}
             t0 = time.time()
             hf_dir = self._export()
             times["refresh"] += time.time() - t0
@@ -78,59 +75,49 @@ class Rounds:
             if rank0():
                 self._stages(r, sel, hf_dir, probe, times)
             barrier()
-        done = json.loads(self._marker(r).read_text())
-        state.hard_pool = dict(done["hard_pool"])
-        seqs = {}
-        for line in self._seq_file(r).read_text().splitlines():
-            d = json.loads(line)
-            seqs[d["key"]] = Seq(**d)
+        (result,) = read_records(self.run.round_result(r), RoundResult)
+        seqs = {ts.key: Seq(ts.key, ts.tokens, ts.prompt_len)
+                for ts in read_records(self.run.train_seqs(r), TrainSequence)}
         if len(self.summaries) <= r:
-            self.summaries.append(done["summary"])
-        return done["expert_weight"], done["rollout_items"], seqs
+            self.summaries.append(result.summary)
+        return result, seqs
 
-    def _export(self) -> Path:
+    def _export(self):
         from megatron_rasft.convert.export import export_to_hf
-        from megatron_rasft.train.step import unwrap
 
-        out = self.run_dir / "hf" / "policy"
-        export_to_hf(unwrap(self.models.policy), out, self.cfg.model, hf_config=self.models.hf_config,
-                     tokenizer_dir=self.cfg.train.tokenizer)
+        out = self.run.policy_export
+        export_to_hf(unwrap(self.models.policy), out, self.cfg.model, self.groups,
+                     hf_config=self.models.hf_config, tokenizer_dir=self.cfg.train.tokenizer)
         return out
 
     def _probe_expectation(self):
         """(probe token ids, their log-probs under the policy just exported), by our own forward
         pass: the refreshed server must reproduce them (proof that the new weights are live)."""
-        from megatron.core import parallel_state as ps
-
         from megatron_rasft.train.refpass import score
-        from megatron_rasft.train.step import unwrap
 
         pid = sorted(self.data.prompt_ids)[0]
         ids = list(self.data.prompt_ids[pid])[: self.cfg.model.seq_length]
-        got = score(unwrap(self.models.policy), [Seq("probe", ids, 0)], micro_batch_size=1,
-                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id, tp_group=self.pgs.tp,
-                    dp_group=ps.get_data_parallel_group(), vocab_size=self.cfg.model.vocab_size)
+        got = score(unwrap(self.models.policy), [Seq("probe", ids, 0)], self.groups, micro_batch_size=1,
+                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id,
+                    vocab_size=self.cfg.model.vocab_size)
         return ids, got["probe"]
 
     def _score_nll(self, chunks, ids: list) -> dict:
         """Mean response NLL of the expert demonstrations of `ids` under `chunks` (collective)."""
-        from megatron.core import parallel_state as ps
-
         from megatron_rasft.train.refpass import score
         from megatron_rasft.train.selection import mean_nll
 
-        seqs = [self.data.experts[f"e/{i}"] for i in ids]
-        got = score(chunks, seqs, micro_batch_size=self.cfg.train.micro_batch_size,
-                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id, tp_group=self.pgs.tp,
-                    dp_group=ps.get_data_parallel_group(), vocab_size=self.cfg.model.vocab_size)
+        seqs = [self.data.experts[expert_key(i)] for i in ids]
+        got = score(chunks, seqs, self.groups, micro_batch_size=self.cfg.train.micro_batch_size,
+                    seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id,
+                    vocab_size=self.cfg.model.vocab_size)
         return {i: mean_nll(got[s.key], s.prompt_len) for i, s in zip(ids, seqs)}
 
     def _band(self):
         """NLL thresholds from the initial model (the frozen reference), computed once per run."""
         from megatron_rasft.train.selection import Band
-        from megatron_rasft.train.step import unwrap
 
-        path = self.run_dir / "rounds" / "nll_band.json"
+        path = self.run.nll_band
         if path.is_file():
             return Band(**json.loads(path.read_text()))
         initial = self.models.reference or unwrap(self.models.policy)  # no reference: before any step
@@ -148,7 +135,6 @@ class Rounds:
             return {"rollout": list(problem_ids), "probes_retrain": [], "probes_rollout": [],
                     "hard_pool": dict(state.hard_pool)}
         from megatron_rasft.train.selection import select
-        from megatron_rasft.train.step import unwrap
 
         band = self._band()
         pool = dict(state.hard_pool)
@@ -167,7 +153,7 @@ class Rounds:
             if rc.server_url:
                 self.server = RolloutServer.attach(rc.server_url, rc)
             else:
-                self.server = RolloutServer(hf_dir, rc, log_file=self.run_dir / "logs" / "vllm.log").start()
+                self.server = RolloutServer(hf_dir, rc, log_file=self.run.server_log).start()
             self.client = RolloutClient(self.server, rc)
         res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
                               atol=rc.refresh_atol)
@@ -176,47 +162,39 @@ class Rounds:
         times["refresh"] += time.time() - t0
 
     def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
-        from megatron_rasft.data.tokenize import encode_prompt
-        from megatron_rasft.records import ProblemVerdicts, read_records
-        from megatron_rasft.rollout.client import SamplingParams
+        from megatron_rasft.records import ProblemVerdicts, Rollout
         from megatron_rasft.rollout.stage import rollout_round
-        from megatron_rasft.verify.stage import round_path, verify_round
+        from megatron_rasft.verify.stage import verify_round
         from megatron_rasft.weighting import weight_records
 
-        rc, tok = self.cfg.rollout, self.data.tokenizer
+        rc = self.cfg.rollout
         self._ensure_server(hf_dir, probe, times)
         t0 = time.time()
-        stop_ids = [self.data.eos_id]
-        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-        if im_end is not None:  # ChatML models end a turn with it (a special token: no stop string)
-            stop_ids.append(im_end)
-        sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r, stop_token_ids=stop_ids)
-        rollout_round(self.run_dir, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
+        # The round's seed and stop tokens are the rollout stage's rules (the `rollout` command's too).
+        rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
                       problem_ids=problem_ids)
         times["rollout"] += time.time() - t0
-        verify_round(self.run_dir, r, verifier=rc.verifier, workers=rc.verifier_workers,
+        verify_round(self.run.root, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)
         weights = []
         wanted = set(problem_ids)
-        for pv in read_records(round_path(self.run_dir, "verdicts", r), ProblemVerdicts):
+        for pv in read_records(self.run.verdicts(r), ProblemVerdicts):
             if pv.problem_id in wanted:
                 weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
         if not self.cfg.weighting.add_rollouts:
             weights = [w for w in weights if w.kind == "expert"]
         rollouts = {(x.problem_id, x.sample_index): x
-                    for x in read_records(self.run_dir / "rollouts" / f"round_{r:03d}.jsonl")}
+                    for x in read_records(self.run.rollouts(r), Rollout)}
         return weights, rollouts
 
     def _stages(self, r: int, sel: dict, hf_dir: Path, probe, times: dict) -> None:
-        from megatron_rasft.records import write_records
-        from megatron_rasft.verify.stage import round_path
         from megatron_rasft.weighting import round_summary
 
         problem_ids = sel["rollout"]
         weights, rollouts = [], {}
         if problem_ids:  # the `reference` selection can leave a window without rollouts
             weights, rollouts = self._sample_verify_weigh(r, problem_ids, hf_dir, probe, times)
-        write_records(round_path(self.run_dir, "weights", r), weights)
+        write_records(self.run.weights(r), weights)
         seqs, items = [], []
         max_len = self.cfg.model.seq_length + 1
         for w in weights:
@@ -230,27 +208,23 @@ class Rounds:
             tokens = (prompt + ids)[:max_len]
             if len(tokens) <= len(prompt):
                 continue
-            key = f"r{r}/{w.problem_id}/{w.sample_index}"
-            seqs.append(Seq(key, tokens, len(prompt)))
+            key = rollout_key(r, w.problem_id, w.sample_index)
+            seqs.append(TrainSequence(key, tokens, len(prompt)))
             items.append([key, w.weight])
         expert_weight = {w.problem_id: w.weight for w in weights if w.kind == "expert"}
         # Probed hard-pool problems come from earlier windows: their demonstrations are inserted
         # again (A = 1 when they became easy, their new A_E when rolled out).
-        items += [[f"e/{pid}", 1.0] for pid in sel["probes_retrain"]]
-        items += [[f"e/{pid}", expert_weight[pid]] for pid in sel["probes_rollout"]]
+        items += [[expert_key(pid), 1.0] for pid in sel["probes_retrain"]]
+        items += [[expert_key(pid), expert_weight[pid]] for pid in sel["probes_rollout"]]
         solved = {w.problem_id for w in weights if w.kind == "expert" and w.k > 0}
         hard_pool = {pid: n for pid, n in sel["hard_pool"].items() if pid not in solved}
-        summary = {"round": r, **round_summary(weights), "times": dict(times),
+        summary = {"round": r, **round_summary(weights),
                    "rolled_out": len(problem_ids), "probes": len(sel["probes_retrain"]) + len(sel["probes_rollout"]),
                    "hard_pool": len(hard_pool)}
-        self._seq_file(r).parent.mkdir(parents=True, exist_ok=True)
-        self._seq_file(r).write_text("".join(json.dumps(asdict(s)) + "\n" for s in seqs))
-        marker = {"expert_weight": expert_weight, "rollout_items": items, "summary": summary,
-                  "hard_pool": hard_pool}
-        self._marker(r).parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._marker(r).with_suffix(".tmp")
-        tmp.write_text(json.dumps(marker))
-        tmp.replace(self._marker(r))
+        write_records(self.run.train_seqs(r), seqs)
+        # Written last (atomically): its presence marks the round finished.
+        result = RoundResult(r, expert_weight, items, hard_pool, summary, stage_times=dict(times))
+        write_records(self.run.round_result(r), [result])
         hist = " ".join(str(h) for h in summary["p_hist"])
         print(f"[round {r}] {summary['problems']} problems, {summary['rollouts_added']} rollouts added, "
               f"mean A_E {summary['mean_expert_weight']:.3f}, k=0 {summary['frac_k0']:.0%}, "

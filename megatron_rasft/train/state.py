@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
+from megatron_rasft.rundir import expert_key, parse_key
+
 
 @dataclass
 class LoopState:
@@ -56,11 +58,12 @@ def window_groups(window: int, problem_ids: list[str], expert_weight: dict, extr
     appended after the window's problems)."""
     order = list(problem_ids)
     random.Random(f"{seed}/window/{window}/experts").shuffle(order)
-    groups = {pid: [[f"e/{pid}", float(expert_weight.get(pid, 1.0))]] for pid in order}
+    groups = {pid: [[expert_key(pid), float(expert_weight.get(pid, 1.0))]] for pid in order}
     tail = []
     for key, w in extra_items:
-        if key.startswith("e/"):
+        parsed = parse_key(key)
+        if parsed.is_expert:
             tail.append([[key, float(w)]])
         else:
-            groups[key.split("/")[1]].append([key, float(w)])
+            groups[parsed.problem_id].append([key, float(w)])
     return [groups[pid] for pid in order] + tail

@@ -37,18 +37,17 @@ def _is_last_stage(model) -> bool:
     return getattr(model, "post_process", True)
 
 
-def make_forward_step(loss_func: Callable, ref_model: Optional[torch.nn.Module] = None,
+def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.Module] = None,
                       vocab_size: Optional[int] = None):
-    """`forward_step(data_iterator, model)` for `get_forward_backward_func`.
+    """`forward_step(data_iterator, model)` for `get_forward_backward_func`; `groups` is the run's
+    `ParallelGroups` (the TP rank decides which padding rows of the vocabulary this shard holds).
 
     `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)` returns
     `(loss_sum, num_tokens, report)`. `ref_model` (frozen, same TP layout, PP=1) supplies
     `ref_logits` for the KL baselines in the same step. `vocab_size` (the unpadded vocabulary)
     masks the padding rows of the logits.
     """
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_rank = groups.tp_rank
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
@@ -77,13 +76,6 @@ def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, pg_collecti
         wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_cfg, module=chunk,
                                                disable_bucketing=i > 0, pg_collection=pg_collection))
     return wrapped
-
-
-def unwrap(model_chunks: list) -> list:
-    """The GPTModel chunks inside DDP wrappers (whose state-dict keys gain a `module.` prefix)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return [c.module if isinstance(c, DistributedDataParallel) else c for c in model_chunks]
 
 
 def attach_schedule_hooks(model_chunks: list) -> None:
@@ -118,12 +110,12 @@ def forward_backward(model_chunks: list, forward_step: Callable, batches: list[d
     )
 
 
-def global_metrics(reports: list[dict]) -> Optional[dict]:
+def global_metrics(reports: list[dict], groups) -> Optional[dict]:
     """Sum the per-micro-batch `[value_sum, count]` reports over micro-batches and DP ranks on the
     last pipeline stage, divide, and share the result with every rank of the pipeline (so every rank
-    can stop on a NaN). `tokens` is the step's loss-token count."""
+    can stop on a NaN). `tokens` is the step's loss-token count. Collective over `groups.dp` and
+    `groups.pp`."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     out = None
     if reports:
@@ -132,8 +124,8 @@ def global_metrics(reports: list[dict]) -> Optional[dict]:
             for k, v in r.items():
                 num, den = local.get(k, (0.0, 0.0))
                 local[k] = (num + float(v[0]), den + float(v[1]))
-        parts = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
+        parts = [None] * groups.dp_size
+        dist.all_gather_object(parts, local, group=groups.dp)
         tot: dict = {}
         for part in parts:  # key sets can differ (a NaN micro-batch reports only the loss)
             for k, (num, den) in part.items():
@@ -141,9 +133,8 @@ def global_metrics(reports: list[dict]) -> Optional[dict]:
                 tot[k] = (a + num, b + den)
         out = {k: num / den if den > 0 else 0.0 for k, (num, den) in tot.items()}
         out["tokens"] = tot["loss"][1]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if groups.pp_size > 1:
         box = [out]
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast_object_list(box, src=last, group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast_object_list(box, src=groups.pp_last_global_rank, group=groups.pp)
         out = box[0]
     return out

@@ -13,11 +13,9 @@ from typing import Callable, Optional, Sequence
 from megatron_rasft.records import (Problem, ProblemVerdicts, RecordError, RecordWriter, Rollout,
                                     finished_problem_ids, read_records)
 
+from megatron_rasft.rundir import RunDir
+
 VERIFIERS = ("math", "math-verify", "reference", "code")
-
-
-def round_path(run_dir, sub: str, round_: int) -> Path:
-    return Path(run_dir) / sub / f"round_{round_:03d}.jsonl"
 
 
 def group_rollouts(rollouts: Sequence[Rollout], problems: dict, where: str) -> dict:
@@ -83,15 +81,15 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
 def verify_round(run_dir, round_: int, verifier: str = "math", workers: int = 2,
                  timeout_s: float = 10.0, batch_problems: int = 16, progress: bool = True) -> dict:
     """RUN/problems.jsonl + RUN/rollouts/round_NNN.jsonl -> RUN/verdicts/round_NNN.jsonl."""
-    run_dir = Path(run_dir)
-    problems = {p.id: p for p in read_records(run_dir / "problems.jsonl", Problem)}
-    src = round_path(run_dir, "rollouts", round_)
+    run = RunDir(run_dir)
+    problems = {p.id: p for p in read_records(run.problems, Problem)}
+    src = run.rollouts(round_)
     rolls = list(read_records(src, Rollout))
     for n, r in enumerate(rolls):
         if r.round != round_:
             raise RecordError(f"{src}: rollout #{n + 1} has round {r.round}, expected {round_}")
     grouped = group_rollouts(rolls, problems, str(src))
-    dst = round_path(run_dir, "verdicts", round_)
+    dst = run.verdicts(round_)
     done = finished_problem_ids(dst, ProblemVerdicts)
     todo = [problems[pid] for pid in grouped if pid not in done]
     n_roll = sum(len(grouped[p.id]) for p in todo)

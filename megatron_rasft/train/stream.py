@@ -1,0 +1,97 @@
+"""The training stream: what fills the loop's queue, window by window, beside the deterministic
+order of `state.py`.
+
+For each new window of problems (when the queue cannot fill the next global batch): the window's
+rollout round (`rounds.py`, RASFT with `train.refresh_interval > 0`), then the reference pass that
+scores, under the frozen reference, every sequence the window brings that has no cached log-probs
+yet (cached in RUN/ref_logp/), then the window's groups join the queue. `take` pops one global
+batch and builds this data-parallel rank's share of it as training sequences.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
+from megatron_rasft.train.refpass import RefCache, score
+from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
+
+
+class TrainingStream:
+    """Windows, rounds and the reference pass for one run. `run`: the `RunDir`; `groups`: the run's
+    `ParallelGroups`. `times` accumulates seconds per stage (rollout, refresh, reference, train:
+    the loop adds the last). Collective: every rank calls `fill` and `take` in the same order."""
+
+    def __init__(self, cfg, run: RunDir, data, models, groups, state: LoopState):
+        tc = cfg.train
+        self.cfg, self.data, self.models, self.groups = cfg, data, models, groups
+        self.batch_groups = tc.global_batch_size
+        self.window_size = tc.window_problems or tc.global_batch_size
+        if tc.refresh_interval:
+            self.window_size = tc.refresh_interval * tc.global_batch_size
+        self.problem_ids = sorted(data.prompt_ids)
+        self.times = {"rollout": 0.0, "refresh": 0.0, "reference": 0.0, "train": 0.0}
+        # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
+        self.ref_cache = RefCache(run.ref_logp)
+        self.ref_logp: dict = self.ref_cache.load_all() if cfg.loss.needs_ref_logp else {}
+        self.rounds = None
+        if tc.refresh_interval > 0 and cfg.loss.method == "rasft":
+            from megatron_rasft.train.rounds import Rounds
+
+            self.rounds = Rounds(cfg, run, data, models, groups)
+        self.rollouts = {} if self.rounds is None else self.rounds.restore(state)  # queued rollout Seqs
+
+    @property
+    def round_summaries(self) -> list:
+        return [] if self.rounds is None else self.rounds.summaries
+
+    def fill(self, state: LoopState) -> None:
+        """Add windows to `state.queue` until it holds a global batch of groups."""
+        while len(state.queue) < self.batch_groups:
+            ids = next_window_ids(state, self.problem_ids, self.window_size, self.cfg.train.seed)
+            expert_weight, extra_items, new = {}, [], {}
+            if self.rounds is not None:
+                result, new = self.rounds.run_round(state.window, ids, state)
+                expert_weight, extra_items = result.expert_weight, result.rollout_items
+                state.hard_pool = dict(result.hard_pool)
+                for k, v in result.stage_times.items():
+                    self.times[k] += v
+                self.rollouts.update(new)
+            if self.cfg.loss.needs_ref_logp:
+                self._reference_pass(state.window, ids, extra_items, new)
+            state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
+            state.window += 1
+
+    def take(self, state: LoopState) -> tuple[list, list]:
+        """Pop the next global batch of groups -> (its `[key, weight]` items, this DP rank's
+        share of them as `Seq`s carrying their weight and reference log-probs)."""
+        batch, state.queue = state.queue[:self.batch_groups], state.queue[self.batch_groups:]
+        items = [it for g in batch for it in g]
+        seqs = [self._seq(key, w) for key, w in items[self.groups.dp_rank::self.groups.dp_size]]
+        for key, _ in items:
+            self.rollouts.pop(key, None)
+        return items, seqs
+
+    def close(self) -> None:
+        if self.rounds is not None:
+            self.rounds.close()
+
+    def _seq(self, key: str, weight: float):
+        base = self.data.experts.get(key) or self.rollouts[key]
+        return replace(base, weight=weight, ref_logp=self.ref_logp.get(key))
+
+    def _reference_pass(self, window: int, ids: list, extra_items: list, new: dict) -> None:
+        """Score (collectively) the window's sequences that have no reference log-probs yet."""
+        todo = [self.data.experts[expert_key(i)] for i in ids if expert_key(i) not in self.ref_logp]
+        todo += [self.data.experts[k] for k, _ in extra_items if is_expert_key(k) and k not in self.ref_logp]
+        todo += [s for k, s in new.items() if k not in self.ref_logp]
+        if not todo:
+            return
+        t0 = time.time()
+        cfg = self.cfg
+        scores = score(self.models.reference, list({s.key: s for s in todo}.values()), self.groups,
+                       micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
+                       pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
+        self.ref_cache.save(RunDir.ref_logp_group(window), scores)
+        self.ref_logp.update(scores)
+        self.times["reference"] += time.time() - t0
