@@ -2,8 +2,9 @@
 
 Output directory:
   config.json              template, sampling, model, benchmarks (a resumed run must match it)
-  samples/<bench>.jsonl    one line per sample: benchmark, id, sample_index, prompt, completion,
-                           extracted, correct, reason, finish_reason, num_tokens, seed
+  samples/<bench>.jsonl    one `eval_sample` record (records.py) per sample: benchmark, id,
+                           sample_index, prompt, completion, extracted, correct, reason,
+                           finish_reason, num_tokens, seed, gold, detail
   results.json             {benchmark: metrics}  (metrics.py)
   results.md, results.png  table and bar chart (report.py)
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -27,35 +27,24 @@ from megatron_rasft.eval import prompts as P
 from megatron_rasft.eval.benchmarks import BenchmarkError, EvalProblem, problems_from_dicts
 from megatron_rasft.eval.grade import Grader
 from megatron_rasft.eval.metrics import summarize
+from megatron_rasft.records import EvalSample, RecordWriter, read_records, write_records
 
-SCHEMA_VERSION = 1
 _GUARDED = ("n", "temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")
 
 
 # ----------------------------------------------------------------------------- sample files
+# `eval_sample` records (records.py: typed, versioned, strict errors with file:line, torn last line
+# tolerated); the rest of the evaluation reads them as dicts.
 def sample_path(out_dir, benchmark: str) -> Path:
     return Path(out_dir) / "samples" / f"{benchmark}.jsonl"
 
 
 def read_samples(path: Path) -> list[dict]:
-    """Rows of a samples file; a torn (unterminated, unparsable) last line is skipped."""
+    """Rows (dicts of `EvalSample` fields) of a samples file; [] when it does not exist. A torn
+    last line is skipped with a warning; any other bad line raises RecordError naming file:line."""
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")
-    tail = lines.pop()
-    rows = []
-    for lineno, raw in enumerate(lines, start=1):
-        if raw.strip():
-            try:
-                rows.append(json.loads(raw))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-    if tail.strip():
-        try:
-            rows.append(json.loads(tail))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}: ignoring a partially written last line", stacklevel=2)
-    return rows
+    return [dataclasses.asdict(r) for r in read_records(path, EvalSample)]
 
 
 def complete_ids(path: Path, n: int) -> set:
@@ -77,40 +66,16 @@ def complete_ids(path: Path, n: int) -> set:
 
 def write_samples(path: Path, rows: Sequence[dict]) -> None:
     """Whole file, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class _Appender:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, rows: Sequence[dict]) -> None:
-        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
+    write_records(path, [EvalSample(**r) for r in rows])
 
 
 def sample_row(benchmark: str, problem: EvalProblem, j: int, prompt: str, completion: str,
                verdict: dict, finish_reason=None, num_tokens=None, seed=None) -> dict:
-    row = {"schema_version": SCHEMA_VERSION, "benchmark": benchmark, "id": problem.id, "sample_index": j,
-           "prompt": prompt, "completion": completion, "extracted": verdict.get("extracted"),
-           "correct": verdict["correct"], "reason": verdict["reason"], "finish_reason": finish_reason,
-           "num_tokens": num_tokens, "seed": seed}
-    if problem.kind == "math":
-        row["gold"] = problem.answer
-    if verdict.get("detail"):
-        row["detail"] = verdict["detail"]
-    return row
+    """One sample's row (the fields of `EvalSample`); `gold` for math problems."""
+    return dataclasses.asdict(EvalSample(
+        benchmark, problem.id, j, prompt, completion, verdict.get("extracted"), verdict["correct"],
+        verdict["reason"], finish_reason, num_tokens, seed,
+        gold=problem.answer if problem.kind == "math" else None, detail=verdict.get("detail") or None))
 
 
 # ----------------------------------------------------------------------------- generation source
@@ -219,13 +184,14 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
         kinds = {p.kind for p in todo}
         extra = P.stops("code" if kinds == {"code"} else "math", template, any(p.code_prefix for p in todo))
         bench_sampling = dataclasses.replace(sampling, stop=list(dict.fromkeys(list(sampling.stop) + extra)))
-        writer = _Appender(path)
+        writer = RecordWriter(path)
         try:
             def on_result(i: int, completions: list) -> None:
                 p = todo[i]
                 verdicts = grader.grade([(p, c.text) for c in completions])
-                writer.write([sample_row(name, p, j, texts[i], c.text, v, c.finish_reason, len(c.token_ids), c.seed)
-                              for j, (c, v) in enumerate(zip(completions, verdicts))])
+                writer.write_batch([EvalSample(**sample_row(name, p, j, texts[i], c.text, v, c.finish_reason, len(c.token_ids),
+                                                           c.seed))
+                                    for j, (c, v) in enumerate(zip(completions, verdicts))])
 
             generate(prompts, bench_sampling, keys=[f"{name}:{p.id}" for p in todo], on_result=on_result)
         finally:
