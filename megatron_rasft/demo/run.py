@@ -105,7 +105,7 @@ def run_demo(dc: DemoConfig) -> Path:
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.rundir import RunDir
     from megatron_rasft.train import checkpoint
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from megatron_rasft.demo.toy import make_tiny_model, train_tokenizer
 
     from transformers.utils import logging as hf_logging
 

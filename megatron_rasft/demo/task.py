@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from megatron_rasft.testing.tiny import addition_solution
+from megatron_rasft.demo.toy import addition_solution
 
 
 def make_problems(n: int, seed: int, min_digits: int = 2, max_digits: int = 6, prefix: str = "") -> list[dict]:

@@ -1,0 +1,1 @@
+"""Problems, tokenisation and batching: from records and text to training sequences."""
