@@ -111,26 +111,27 @@ def batches_of(seqs: list, ref_logp: dict | None, seq_length: int, micro_batch: 
     return [{k: v.to(device) for k, v in mb.items()} for mb in stack_microbatches(rows, micro_batch, seq_length, 0)]
 
 
-def build_policy(mcfg, *, bf16: bool = False, lr: float = 1e-4):
-    """(DDP-wrapped chunks, optimizer, the bare GPTModel) at TP = PP = 1; call after init_distributed."""
+def build_policy(mcfg, *, lr: float = 1e-4):
+    """(DDP-wrapped chunks, optimizer, the bare GPTModel) at TP = PP = 1, in `mcfg.params_dtype`;
+    call after init_distributed."""
     from megatron_rasft.config import ParallelConfig, TrainConfig
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.train.optim import build_optimizer
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
 
     pcfg = ParallelConfig(use_distributed_optimizer=False)
-    model = build_model(mcfg, pcfg, bf16=bf16)
+    model = build_model(mcfg, pcfg)
     chunks = wrap_ddp([model], use_distributed_optimizer=False)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=lr, bf16=bf16, clip_grad=1.0), pcfg, total_steps=1000)
+    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=lr, clip_grad=1.0), pcfg, total_steps=1000)
     return chunks, optimizer, model
 
 
-def frozen_copy(mcfg, model, *, bf16: bool = False):
+def frozen_copy(mcfg, model):
     from megatron_rasft.config import ParallelConfig
     from megatron_rasft.model.provider import build_model
 
-    ref = build_model(mcfg, ParallelConfig(), bf16=bf16)
+    ref = build_model(mcfg, ParallelConfig())
     ref.load_state_dict(model.state_dict())
     ref.eval()
     ref.requires_grad_(False)

@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     pgs = init_distributed(ParallelConfig(), seed=0)
     mcfg = model_config(args)
     mcfg.fp8 = args.fp8
+    mcfg.params_dtype = "bf16" if on_gpu else mcfg.params_dtype
     impl = resolve_impl(mcfg)  # clear error if te / fp8 cannot run here
-    chunks, optimizer, model = build_policy(mcfg, bf16=on_gpu)
+    chunks, optimizer, model = build_policy(mcfg)
     n_all = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.word_embeddings.weight.numel()
     n_matmul = n_all - n_embed

@@ -228,7 +228,6 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    bf16: bool = False
     seed: int = 1234
     refresh_interval: int = 0  # optimizer steps between rollout rounds; 0 = no rounds
     log_interval: int = 1
@@ -323,7 +322,19 @@ DEPRECATED_KEYS = {
 
 def _rename_deprecated(data: dict) -> dict:
     """Move every old-spelling key of `data` (nested dicts) to its new place, with a warning.
-    Raises ValueError when both spellings are given."""
+    Raises ValueError when both spellings are given. `train.bf16` (a second source of the training
+    dtype) becomes `model.params_dtype = "bf16"` when true."""
+    train = data.get("train")
+    if isinstance(train, dict) and "bf16" in train:
+        bf16 = train.pop("bf16")
+        warnings.warn('config key train.bf16 is deprecated; use model.params_dtype = "bf16"',
+                      DeprecationWarning, stacklevel=4)
+        if bf16 is True:
+            model = data.setdefault("model", {})
+            if model.get("params_dtype", "bf16") != "bf16":
+                raise ValueError(f"config: train.bf16 = true (deprecated) contradicts model.params_dtype = "
+                                 f"{model['params_dtype']!r}; keep only model.params_dtype")
+            model["params_dtype"] = "bf16"
     for old, new in DEPRECATED_KEYS.items():
         *old_path, old_key = old.split(".")
         node = data

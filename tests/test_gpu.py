@@ -21,11 +21,11 @@ def _te_step(rank, world, fp8):
 
     pcfg = ParallelConfig()
     pgs = init_distributed(pcfg, seed=0)
-    mcfg = ModelConfig(**MCFG, transformer_impl="te", fp8=fp8)
+    mcfg = ModelConfig(**MCFG, transformer_impl="te", fp8=fp8, params_dtype="bf16")
     assert resolve_impl(mcfg) == "te"
-    chunks = wrap_ddp([build_model(mcfg, pcfg, bf16=True).cuda()], use_distributed_optimizer=True)
+    chunks = wrap_ddp([build_model(mcfg, pcfg).cuda()], use_distributed_optimizer=True)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=1e-4, bf16=True), pcfg, total_steps=2)
+    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=1e-4), pcfg, total_steps=2)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 1000, (2, 128), generator=g).cuda()
     batch = dict(tokens=tokens, position_ids=torch.arange(128).expand(2, 128).cuda(),

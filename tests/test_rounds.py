@@ -141,3 +141,43 @@ def test_rounds_with_tensor_parallel_and_reference_selection(setup):
         marker = json.loads((root / "tp2" / "rounds" / f"round_{r:03d}.json").read_text())
         assert marker["summary"]["rolled_out"] <= 4  # a subset of the window's 4 problems (+ probes)
     assert len(step_losses(root / "tp2")) == 2
+
+
+def test_same_round_two_ways_gives_identical_rollouts(setup, vllm_server, tmp_path, capsys):
+    """Round 1 sampled by the trainer, and again by `python -m megatron_rasft rollout --round 1` on
+    the same weights (the server still serves round 1's export when the 2-step run ends), the same
+    problems and the same config: identical samples (texts, token ids, seeds, finish reasons).
+    The round's seed and stop-token rules live in the rollout stage, not in the trainer."""
+    import shutil
+
+    from megatron_rasft.cli import build_parser
+    from megatron_rasft.commands.rollout import main as rollout_main
+    from megatron_rasft.records import Rollout, read_records
+    from megatron_rasft.rundir import RunDir
+
+    root, config = setup
+    trained = RunDir(root / "two_ways")
+    rc, out = _train(config, trained.root)
+    assert rc == 0, out
+    by_trainer = list(read_records(trained.rollouts(1), Rollout))
+    assert by_trainer and {r.round for r in by_trainer} == {1}
+
+    cli = RunDir(tmp_path / "cli")
+    cli.root.mkdir()
+    shutil.copy(trained.problems, cli.problems)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(dict.fromkeys(r.problem_id for r in by_trainer)) + "\n")
+    args = build_parser().parse_args(["rollout", "--run-dir", str(cli.root), "--round", "1", "--config", str(config),
+                                      "--server-url", vllm_server.url, "--tokenizer", vllm_server.model_dir,
+                                      "--problem-ids", str(ids), "--no-progress"])
+    assert rollout_main(args) == 0, capsys.readouterr().out
+    by_command = list(read_records(cli.rollouts(1), Rollout))
+
+    def key(r):
+        return (r.problem_id, r.sample_index)
+
+    def sample(r):
+        return (r.text, r.token_ids, r.seed, r.finish_reason)
+
+    assert sorted(map(key, by_command)) == sorted(map(key, by_trainer))
+    assert {key(r): sample(r) for r in by_command} == {key(r): sample(r) for r in by_trainer}

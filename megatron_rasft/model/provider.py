@@ -67,11 +67,11 @@ def unwrap(model_chunks: list) -> list:
     return out
 
 
-def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, bf16: bool = False):
+def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = resolve_impl(mcfg)
-    params_dtype = torch.bfloat16 if bf16 else _DTYPES[mcfg.params_dtype]
+    params_dtype = _DTYPES[mcfg.params_dtype]  # the one source of the training dtype
     fp8 = {}
     if mcfg.fp8 is not None:
         fp8 = dict(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe, fp8_amax_history_len=mcfg.fp8_amax_history_len,
@@ -150,12 +150,12 @@ def _fix_llama3_rope(model, mcfg: ModelConfig) -> None:
 
 
 def build_model(mcfg: ModelConfig, pcfg: ParallelConfig, *, pg_collection=None, vp_stage: Optional[int] = None,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None, bf16: bool = False):
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
     """Build this rank's `GPTModel` chunk (call after `init_distributed`)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    tcfg = transformer_config(mcfg, pcfg, bf16=bf16)
+    tcfg = transformer_config(mcfg, pcfg)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

@@ -78,15 +78,18 @@ def resume_if_paused(server: RolloutServer, timeout_s: float = 30.0) -> None:
 
 def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[RolloutClient] = None,
                     probe: Prompt = DEFAULT_PROBE, expected: Optional[Sequence[float]] = None,
-                    atol: float = 1e-2, allow_restart: bool = True) -> RefreshResult:
+                    atol: Optional[float] = None, allow_restart: bool = True) -> RefreshResult:
     """Make `server` serve the checkpoint in `hf_dir` (in place, else by restart) and verify it.
 
     expected: log π_new(probe_t | probe_<t) for t ≥ 1 (see `RolloutClient.prompt_logprobs`).
+    atol: the largest |Δ log-prob| accepted on the probe; default the server config's
+    `rollout.refresh_atol` (its one source).
     The in-place path is skipped when config.json differs from the served model's (vLLM does not
     notice a shape change: it reloads what fits and serves garbage), and a restart follows an
     in-place reload whose probe does not match `expected`.
     """
     hf_dir = check_checkpoint(hf_dir)
+    atol = server.cfg.refresh_atol if atol is None else atol
     client = client or RolloutClient(server, server.cfg, progress=False)
     resume_if_paused(server)
     before = client.prompt_logprobs(probe)[1]

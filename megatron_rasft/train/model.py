@@ -38,13 +38,13 @@ def resolve_model_config(cfg: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
     return dataclasses.replace(ckpt_cfg, **runtime), meta.get("hf_config")
 
 
-def _chunks(mcfg, pcfg, pgs, bf16):
+def _chunks(mcfg, pcfg, pgs):
     from megatron_rasft.model.provider import build_model
 
     vpp = pcfg.virtual_pipeline_model_parallel_size
     if vpp:
-        return [build_model(mcfg, pcfg, pg_collection=pgs, vp_stage=i, bf16=bf16) for i in range(vpp)]
-    return [build_model(mcfg, pcfg, pg_collection=pgs, bf16=bf16)]
+        return [build_model(mcfg, pcfg, pg_collection=pgs, vp_stage=i) for i in range(vpp)]
+    return [build_model(mcfg, pcfg, pg_collection=pgs)]
 
 
 def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
@@ -56,13 +56,12 @@ def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(cfg)
-    bf16 = cfg.train.bf16
-    policy = _chunks(mcfg, cfg.parallel, groups.collection, bf16)
+    policy = _chunks(mcfg, cfg.parallel, groups.collection)
     if cfg.checkpoint.load:
         load_mcore_into_model(policy, cfg.checkpoint.load)
     reference = None
     if cfg.loss.needs_ref_logp or cfg.loss.needs_ref_logits:
-        reference = _chunks(mcfg, cfg.parallel, groups.collection, bf16)
+        reference = _chunks(mcfg, cfg.parallel, groups.collection)
         if cfg.checkpoint.load:
             load_mcore_into_model(reference, cfg.checkpoint.load)
         else:  # no checkpoint: the reference is the policy's own initial weights

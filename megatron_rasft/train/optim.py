@@ -7,6 +7,7 @@ from megatron_rasft.config import ParallelConfig, TrainConfig
 def build_optimizer(model_chunks: list, tcfg: TrainConfig, pcfg: ParallelConfig, *, total_steps: int):
     """AdamW over all chunks, grad clipping, linear warm-up then cosine decay to `min_lr` over
     `total_steps` optimizer steps. Returns `(optimizer, scheduler)`."""
+    import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -19,7 +20,7 @@ def build_optimizer(model_chunks: list, tcfg: TrainConfig, pcfg: ParallelConfig,
         adam_beta2=tcfg.adam_beta2,
         adam_eps=tcfg.adam_eps,
         clip_grad=tcfg.clip_grad,
-        bf16=tcfg.bf16,
+        bf16=model_chunks[0].config.params_dtype == torch.bfloat16,  # from model.params_dtype
         params_dtype=model_chunks[0].config.params_dtype,
         use_distributed_optimizer=pcfg.use_distributed_optimizer,
     )

@@ -155,8 +155,7 @@ class Rounds:
             else:
                 self.server = RolloutServer(hf_dir, rc, log_file=self.run.server_log).start()
             self.client = RolloutClient(self.server, rc)
-        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
-                              atol=rc.refresh_atol)
+        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
         print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
               f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
         times["refresh"] += time.time() - t0
