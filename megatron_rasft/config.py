@@ -30,6 +30,16 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
     _check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
 
 
+def released_preset(name: str, value: Any) -> Any:
+    """The released RASFT code's presets are called "released" ("reference" names the frozen
+    reference model); the old value "reference" is accepted with a DeprecationWarning."""
+    if value == "reference":
+        warnings.warn(f'{name} = "reference" is deprecated; use "released" (the released code\'s preset)',
+                      DeprecationWarning, stacklevel=4)
+        return "released"
+    return value
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families)."""
@@ -131,7 +141,7 @@ class LossConfig:
 
 @dataclass
 class WeightingConfig:
-    scheme: str = "linear"  # linear | reference | constant
+    scheme: str = "linear"  # linear | released | constant
     a_max: float = 1.0
     a_min: float = 0.2
     beta: float = 0.5  # correct rollouts together weigh beta * p
@@ -140,7 +150,8 @@ class WeightingConfig:
     smoothing: Optional[tuple] = None  # Beta(a, b) smoothing of p = (k + a) / (K + a + b)
 
     def __post_init__(self):
-        _one_of("weighting.scheme", self.scheme, ("linear", "reference", "constant"))
+        self.scheme = released_preset("weighting.scheme", self.scheme)
+        _one_of("weighting.scheme", self.scheme, ("linear", "released", "constant"))
         _check(self.a_min <= self.a_max, "weighting.a_min must be ≤ a_max")
         _check(self.a_min >= 0, "weighting.a_min must be >= 0")
         _check(self.beta >= 0, "weighting.beta must be >= 0")
@@ -194,7 +205,7 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     dtype: str = "auto"
     startup_timeout_s: float = 300.0
-    selection: str = "all"  # all | reference (the released code's expert-NLL band, see train/selection.py)
+    selection: str = "all"  # all | released (the released code's expert-NLL band, see train/selection.py)
     verifier: str = "math"  # math | code
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
@@ -202,7 +213,8 @@ class RolloutConfig:
 
     def __post_init__(self):
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
-        _one_of("rollout.selection", self.selection, ("all", "reference"))
+        self.selection = released_preset("rollout.selection", self.selection)
+        _one_of("rollout.selection", self.selection, ("all", "released"))
         _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
 
 
@@ -215,7 +227,7 @@ class TrainConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
-    prompt_template: str = "chat"  # chat | reference | plain
+    prompt_template: str = "chat"  # chat | released | plain
     overlong: str = "truncate"  # truncate | drop
     train_iters: int = 10
     global_batch_size: int = 8
@@ -242,7 +254,8 @@ class TrainConfig:
                "train.global_batch_size must be a multiple of micro_batch_size")
         _check(self.lr >= 0 and self.min_lr >= 0, "train.lr and train.min_lr must be >= 0")
         _check(self.min_lr <= self.lr, "train.min_lr must be <= train.lr")
-        _one_of("train.prompt_template", self.prompt_template, ("chat", "reference", "plain"))
+        self.prompt_template = released_preset("train.prompt_template", self.prompt_template)
+        _one_of("train.prompt_template", self.prompt_template, ("chat", "released", "plain"))
         _one_of("train.overlong", self.overlong, ("truncate", "drop"))
         _check(self.refresh_interval >= 0, "train.refresh_interval must be >= 0")
         _check(self.window_problems >= 0, "train.window_problems must be >= 0")

@@ -103,7 +103,7 @@ class RoundResult:
     expert_weight: problem id -> A_E of the round's problems (absent: 1);
     rollout_items: `[sequence key, weight]` to queue: rollouts (joined to their problem's group) and
         re-trained probe demonstrations (a group of their own);
-    hard_pool: problem id -> times probed, the `reference` selection's pool after this round;
+    hard_pool: problem id -> times probed, the `released` selection's pool after this round;
     summary: the round's statistics (`weighting.round_summary` plus counts);
     stage_times: seconds spent in this round's stages (refresh, rollout, verify/weigh).
     """

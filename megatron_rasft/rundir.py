@@ -10,7 +10,7 @@ Layout (R = round number, three digits):
     RUN/train_seqs/round_R.jsonl    `train_sequence` records: the round's rollouts as token sequences
     RUN/rounds/round_R.json         one `round_result` record: what the round hands the trainer;
                                     written last, so its presence marks a finished round
-    RUN/rounds/nll_band.json        the `reference` selection's NLL thresholds (computed once)
+    RUN/rounds/nll_band.json        the `released` selection's NLL thresholds (computed once)
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
     RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round)
     RUN/ckpt/                       training checkpoints (layout: `train/checkpoint.py`)

@@ -5,7 +5,7 @@ sampling order; it returns `(A_E, [A_j per rollout])`, 0.0 for rollouts not trai
 
 - `constant`: A_E = 1, every correct rollout 1 (plain SFT on expert + correct samples).
 - `linear` (default): A_E = a_max − (a_max − a_min)·p; each correct rollout β·p/k when p ≥ p_min.
-- `reference`: the released code's group-normalised rule with its rollout filters (below; the
+- `released`: the released code's group-normalised rule with its rollout filters (below; the
   rules are listed in docs/verify_and_weighting.md).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from megatron_rasft.verify.reference import last_boxed_braced
 
 @dataclass(frozen=True)
 class ReferenceFilters:
-    """Constants of the `reference` scheme, all the released code's values."""
+    """Constants of the `released` scheme, all the released code's values."""
 
     dup_jaccard: float = 0.82  # word-3-gram Jaccard at which a rollout is a near duplicate
     neg_jaccard: float = 0.88  # a negative this close to a positive rollout is dropped
@@ -65,7 +65,7 @@ class Weights:
     p: float
     k: int
     K: int
-    negatives: tuple = ()  # `reference`: indices of the rollouts in the group as negatives, in group order
+    negatives: tuple = ()  # `released`: indices of the rollouts in the group as negatives, in group order
 
 
 def solvability(k: int, K: int, smoothing: Optional[tuple] = None) -> float:
@@ -167,7 +167,7 @@ def _linear(rollouts, cfg: WeightingConfig) -> Weights:
 
 
 def reference_weights(rollouts, f: ReferenceFilters = REFERENCE) -> Weights:
-    """The `reference` scheme on [(text, correct)]; `f` exists for tests (e.g. de-dup disabled)."""
+    """The `released` scheme on [(text, correct)]; `f` exists for tests (e.g. de-dup disabled)."""
     n = len(rollouts)
     grams = [ngrams(t) for t, _ in rollouts]
     kept = []  # indices surviving de-duplication, in sampling order
@@ -208,7 +208,7 @@ def reference_weights(rollouts, f: ReferenceFilters = REFERENCE) -> Weights:
 
 def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
                    cfg: Optional[WeightingConfig] = None) -> Weights:
-    """Like `weigh`, also returning the p, k, K the scheme used (reference: K = K_tot)."""
+    """Like `weigh`, also returning the p, k, K the scheme used (released: K = K_tot)."""
     cfg = cfg or WeightingConfig(scheme=scheme)
     rollouts = [(str(t), bool(c)) for t, c in rollouts]
     if scheme == "constant":
@@ -217,16 +217,16 @@ def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
                        k / len(rollouts) if rollouts else 0.0, k, len(rollouts))
     if scheme == "linear":
         return _linear(rollouts, cfg)
-    if scheme == "reference":
+    if scheme == "released":
         return reference_weights(rollouts)
-    raise ValueError(f"weighting scheme must be one of ('linear', 'reference', 'constant'), got {scheme!r}")
+    raise ValueError(f"weighting scheme must be one of ('linear', 'released', 'constant'), got {scheme!r}")
 
 
 def weigh(scheme: str, expert_response: str, rollouts: Sequence[tuple],
           cfg: Optional[WeightingConfig] = None) -> tuple:
     """-> (A_E, [A_j for each rollout]) — see the module docstring. The correctness flags are the
     caller's (the verifier's verdicts). `expert_response` is part of the interface; no current
-    scheme reads it (`reference` compares negatives with the positive rollouts only)."""
+    scheme reads it (`released` compares negatives with the positive rollouts only)."""
     w = weigh_detailed(scheme, expert_response, rollouts, cfg)
     return w.expert, w.rollouts
 

@@ -38,6 +38,11 @@ def test_sampling_tables_and_deprecated_spellings(tmp_path):
         load_config(None, ["rollout.seed=1", "rollout.sampling.seed=2"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) in \[rollout.sampling\]: bogus"):
         load_config(None, ["rollout.sampling.bogus=1"])
+    # The released code's presets are "released"; "reference" (the frozen reference model's name) still loads.
+    with pytest.warns(DeprecationWarning, match='weighting.scheme = "reference" is deprecated; use "released"'):
+        got = load_config(None, ["weighting.scheme=reference", "rollout.selection=reference",
+                                 "train.prompt_template=reference"])
+    assert (got.weighting.scheme, got.rollout.selection, got.train.prompt_template) == ("released",) * 3
     # One source for the training dtype: the old train.bf16 becomes model.params_dtype.
     with pytest.warns(DeprecationWarning, match='train.bf16 is deprecated; use model.params_dtype = "bf16"'):
         assert load_config(None, ["train.bf16=true"]).model.params_dtype == "bf16"

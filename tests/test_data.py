@@ -60,7 +60,7 @@ def test_templates_and_tokenizer_check(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(train_tokenizer(tmp_path / "tok")))
     assert render_prompt(tok, "Q:1+1;A:", "plain") == "Q:1+1;A:"
-    assert render_prompt(tok, "hi", "reference").startswith("<|im_start|>system\nPlease reason step by step")
+    assert render_prompt(tok, "hi", "released").startswith("<|im_start|>system\nPlease reason step by step")
     assert "hi" in render_prompt(tok, "hi", "chat")
     check_tokenizer(tok, vocab_size=len(tok))
     with pytest.raises(ValueError, match="does not match the checkpoint"):

@@ -131,7 +131,7 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
 def test_rounds_with_tensor_parallel_and_reference_selection(setup):
     """TP=2 in 2 gloo processes, with the released code's NLL-band selection of what to roll out."""
     root, config = setup
-    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection=reference",
+    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection=released",
                      nproc=2)
     assert rc == 0, out
     assert (root / "tp2" / "rounds" / "round_001.json").is_file()

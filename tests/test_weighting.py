@@ -48,8 +48,8 @@ def test_rollouts_are_clean_and_distinct():
 def test_reference_table_K3():
     texts = [T1, T2, T3]
     # k = 0 and k = K: fallback A_E = 1, nothing trained.
-    assert weigh("reference", "", [(t, False) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
-    assert weigh("reference", "", [(t, True) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
+    assert weigh("released", "", [(t, False) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
+    assert weigh("released", "", [(t, True) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
 
     # k = 1: d = 1 - 1/3 = 2/3, r_E = 1 + 2·(2/3) = 7/3, group [7/3, 1, 0, 0].
     # mean = (7/3 + 1)/4 = 5/6; deviations 3/2, 1/6, -5/6, -5/6;
@@ -57,7 +57,7 @@ def test_reference_table_K3():
     std = math.sqrt(11 / 12)
     a_e = math.tanh(0.4 * 1.5 / (std + 1e-6)) * 0.5
     a_1 = 0.25 * min(max(math.tanh(0.4 * (1 / 6) / (std + 1e-6)) * 0.5, 0.02), 0.15)
-    e, r = weigh("reference", "", [(T1, True), (T2, False), (T3, False)])
+    e, r = weigh("released", "", [(T1, True), (T2, False), (T3, False)])
     assert e == pytest.approx(a_e, abs=1e-12) and r == pytest.approx([a_1, 0.0, 0.0], abs=1e-12)
     assert e == pytest.approx(0.27788, abs=1e-4)  # the "~0.28" of RASFT.md
     assert 0.02 * 0.25 < a_1 < 0.15 * 0.25  # inside the clip
@@ -68,7 +68,7 @@ def test_reference_table_K3():
     a_e = math.tanh(0.4 * 0.75 / (std + 1e-6)) / 3
     s_pos = math.tanh(0.4 * (1 / 12) / (std + 1e-6)) / 3  # = 0.0187 -> clipped up to 0.02
     assert s_pos < 0.02
-    e, r = weigh("reference", "", [(T1, True), (T2, False), (T3, True)])
+    e, r = weigh("released", "", [(T1, True), (T2, False), (T3, True)])
     assert e == pytest.approx(a_e, abs=1e-12) and e == pytest.approx(0.15511, abs=1e-4)
     assert r == pytest.approx([0.25 * 0.02, 0.0, 0.25 * 0.02], abs=1e-12)
     assert _hand([7 / 3, 1, 0, 0], 1)[0] == pytest.approx(0.27788, abs=1e-4)
@@ -78,7 +78,7 @@ def test_filtered_rollouts_count_in_K_but_never_enter_the_group():
     # [correct clean, wrong but filtered]: K_tot = 2, k = 1, no negatives -> group [1 + 2·(1/2), 1] = [2, 1]
     # (the earlier rule put the filtered one in as a negative: [2, 1, 0]).
     # mean 3/2, population std 1/2, z = ±(1/2)/(1/2 + 1e-6); σ = 1/2.
-    e, r = weigh("reference", "", [(T1, True), (SHORT, False)])
+    e, r = weigh("released", "", [(T1, True), (SHORT, False)])
     z = 0.5 / (0.5 + 1e-6)
     assert e == pytest.approx(math.tanh(0.4 * z) / 2, abs=1e-12) and e == pytest.approx(0.19002, abs=1e-4)
     assert r == pytest.approx([0.25 * 0.02, 0.0], abs=1e-12)  # tanh(-0.4 z)/2 < 0: clipped up to 0.02
@@ -96,10 +96,10 @@ def test_filtered_rollouts_count_in_K_but_never_enter_the_group():
 
 
 def test_fallbacks():
-    assert weigh("reference", "", []) == (1.0, [])
-    assert weigh("reference", "", [(SHORT, True), ("ok", True)]) == (1.0, [0.0, 0.0])  # no survivors
-    assert weigh("reference", "", [(T1, False), (T2, False)]) == (1.0, [0.0, 0.0])  # k = 0
-    assert weigh("reference", "", [(T1, True), (T2, True)]) == (1.0, [0.0, 0.0])  # all rewards 1
+    assert weigh("released", "", []) == (1.0, [])
+    assert weigh("released", "", [(SHORT, True), ("ok", True)]) == (1.0, [0.0, 0.0])  # no survivors
+    assert weigh("released", "", [(T1, False), (T2, False)]) == (1.0, [0.0, 0.0])  # k = 0
+    assert weigh("released", "", [(T1, True), (T2, True)]) == (1.0, [0.0, 0.0])  # all rewards 1
 
 
 def _words_text(words):
@@ -136,7 +136,7 @@ def test_near_positive_negative_rule_compares_positive_rollouts_only():
     assert reference_weights(rolls).K == 2
     # The expert is not compared: a wrong near copy of the expert stays a negative.
     near_expert = T2.replace("Thus \\boxed{42}", "Thus \\boxed{41}")
-    e, _ = weigh("reference", T2, [(T1, True), (near_expert, False), (T3, False)])
+    e, _ = weigh("released", T2, [(T1, True), (near_expert, False), (T3, False)])
     assert e == pytest.approx(_hand([7 / 3, 1, 0, 0], 1)[0], abs=1e-12)
 
 

@@ -1,6 +1,6 @@
 """Compute per-sequence weights A for one round from its verdicts.
 
-  python -m megatron_rasft weigh --run-dir RUN --round 0 --scheme linear|reference|constant
+  python -m megatron_rasft weigh --run-dir RUN --round 0 --scheme linear|released|constant
 
 Reads RUN/verdicts/round_NNN.jsonl alone (each record carries the expert response and the
 rollouts' texts with correctness) and writes RUN/weights/round_NNN.jsonl (rewritten atomically):
@@ -12,7 +12,7 @@ HELP = "compute solvability weights (linear | reference | constant) into RUN/wei
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds verdicts/)")
     p.add_argument("--round", type=int, required=True, help="round number N (round_NNN.jsonl)")
-    p.add_argument("--scheme", choices=("linear", "reference", "constant"),
+    p.add_argument("--scheme", choices=("linear", "released", "constant", "reference"),
                    help="weighting scheme (default: the config's weighting.scheme, else linear)")
     p.add_argument("--config", help="TOML run configuration; its [weighting] table is used")
     p.add_argument("--set", action="append", default=[], metavar="weighting.KEY=VALUE",
@@ -29,7 +29,7 @@ def main(args) -> int:
 
     try:
         cfg = load_config(args.config, args.set).weighting
-        if args.scheme:
+        if args.scheme:  # through the config's validation ("reference": deprecated spelling of "released")
             cfg = dataclasses.replace(cfg, scheme=args.scheme)
         src = RunDir(args.run_dir).verdicts(args.round)
         recs = []

@@ -15,10 +15,10 @@ REFERENCE_SYSTEM = "Please reason step by step, and put your final answer within
 
 def render_prompt(tokenizer, prompt: str, template: str) -> str:
     """The text the model sees before its response: `chat` (the tokenizer's own chat template),
-    `reference` (ChatML with the released code's system prompt) or `plain` (the prompt as is)."""
+    `released` (ChatML with the released code's system prompt) or `plain` (the prompt as is)."""
     if template == "plain":
         return prompt
-    if template == "reference":
+    if template == "released":
         return (f"<|im_start|>system\n{REFERENCE_SYSTEM}<|im_end|>\n"
                 f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
     if template == "chat":

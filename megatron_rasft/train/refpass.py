@@ -4,7 +4,7 @@ Runs through Megatron's schedule with the model's own TP/PP layout; each DP rank
 and the last pipeline stage's results are exchanged over the data-parallel group and the pipeline so
 that every rank ends with the scores of every sequence (they are small: one float per token).
 Used for the frozen reference (ref_logp for the ratio r_s, cached on disk per sequence) and for the
-`reference` selection's expert NLL under the current policy.
+`released` selection's expert NLL under the current policy.
 """
 from __future__ import annotations
 

@@ -191,7 +191,7 @@ class Rounds:
 
         problem_ids = sel["rollout"]
         weights, rollouts = [], {}
-        if problem_ids:  # the `reference` selection can leave a window without rollouts
+        if problem_ids:  # the `released` selection can leave a window without rollouts
             weights, rollouts = self._sample_verify_weigh(r, problem_ids, hf_dir, probe, times)
         write_records(self.run.weights(r), weights)
         seqs, items = [], []

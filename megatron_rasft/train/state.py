@@ -27,7 +27,7 @@ class LoopState:
     queue: list = field(default_factory=list)  # groups not yet trained on: [[[seq key, weight], ...], ...]
     rounds: list = field(default_factory=list)  # per-round summaries
     tokens_trained: int = 0
-    hard_pool: dict = field(default_factory=dict)  # `reference` selection: problem id -> times probed
+    hard_pool: dict = field(default_factory=dict)  # `released` selection: problem id -> times probed
 
     def to_json(self) -> dict:
         return asdict(self)
