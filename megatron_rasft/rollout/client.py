@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Union
 
 from megatron_rasft.config import RolloutConfig, SamplingConfig

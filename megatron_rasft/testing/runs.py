@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from megatron_rasft.parallel.net import free_port
+from megatron_rasft.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def step_losses(run_dir) -> dict:
     """step -> loss from RUN/metrics.jsonl, keeping the last record of each step (a resumed run
     rewrites the steps it redid)."""
     out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in RunDir(run_dir).metrics.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "train":
             out[rec["step"]] = rec["loss"]

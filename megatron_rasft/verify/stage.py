@@ -7,7 +7,6 @@ output, appends a batch of problems at a time (flushed + fsync'ed), and survives
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_rasft.records import (Problem, ProblemVerdicts, RecordError, RecordWriter, Rollout,
