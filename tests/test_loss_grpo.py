@@ -96,7 +96,7 @@ def reference(batch, gcfg):
             adv_seq[batch["seqs"][i]] = a[j].item()
     objective = logits.new_zeros(())
     value = 0.0
-    m = dict(clip_low=0, clip_high=0, ratio_sum=0.0, surrogate_sum=0.0, kl_sum=0.0, mismatch_sum=0.0,
+    m = dict(clip_low=0, clip_high=0, ratio_sum=0.0, weight_sum=0.0, surrogate_sum=0.0, kl_sum=0.0, mismatch_sum=0.0,
              mismatch_count=0, adv_sum=0.0, zero_adv_seqs=0)
     live = []
     for (b, s) in batch["seqs"]:
@@ -122,6 +122,7 @@ def reference(batch, gcfg):
             coef = 0.0 if (low or high) else A * rho.item()
             value += scale * (coef * -logp.item() + gcfg.kl_coef * k3.item())
             m["clip_low"] += low
+            m["weight_sum"] += coef
             m["clip_high"] += high
             m["ratio_sum"] += rho.item()
             m["surrogate_sum"] += surr.item()
@@ -162,7 +163,7 @@ def test_matches_float64_reference(name, gcfg, packed):
     assert n.item() == norm
     for key in ("clip_low", "clip_high", "num_seqs", "num_tokens", "zero_adv_seqs", "mismatch_count"):
         assert m[key].item() == ref_m[key], key
-    for key in ("ratio_sum", "surrogate_sum", "adv_sum", "mismatch_sum") + (("kl_sum",) if gcfg.kl_coef else ()):
+    for key in ("ratio_sum", "weight_sum", "surrogate_sum", "adv_sum", "mismatch_sum") + (("kl_sum",) if gcfg.kl_coef else ()):
         torch.testing.assert_close(m[key].double(), torch.tensor(float(ref_m[key]), dtype=torch.float64),
                                    rtol=1e-5, atol=1e-5, msg=key)
     if not gcfg.kl_coef:

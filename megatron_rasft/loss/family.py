@@ -200,13 +200,13 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
             metrics["ratio_clipped"] = (clip_N & on_N).sum().float()
         w_N = w_N * r_N
 
+    metrics["weight_sum"] = w_N.sum()
     seq_mean = is_grpo and grpo.loss_aggregation == "seq_mean"
     if seq_mean:  # 1/|s| on every token of s: Σ_s mean_{t∈s}(·), normalised by the sequence count
         inv_len_N = 1.0 / count_G.clamp(min=1)[seg_N]
         w_N = w_N * inv_len_N
         a_N = a_N * inv_len_N
     loss_sum = (w_N * -logp_N).sum()
-    metrics["weight_sum"] = w_N.sum()
     if uses_kl:
         kl_term = (a_N * kl_N).sum()
         loss_sum = loss_sum + cfg.kl_coef * kl_term
