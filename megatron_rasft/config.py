@@ -103,7 +103,7 @@ class LossConfig:
     ratio: str = "sequence"  # sequence | token | none: granularity of the clipped π_ref/π_θ
     ratio_min: float = 0.4
     ratio_max: float = 1.2
-    ratio_log_clamp: float = 20.0  # |log ratio| is clamped before exp (ref)
+    ratio_log_clamp: float = 20.0  # |log ratio| is clamped before exp (rasft's ratio; grpo's ρ and k3)
     token_factor: str = "dft"  # dft (φ_t = q_t) | none (φ_t = 1); used by `rasft`
     kl_coef: float = 0.1  # λ for sft_kl / asft
     profit_threshold: float = 0.1
