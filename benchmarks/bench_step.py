@@ -1,8 +1,8 @@
 """Time and peak memory of one Megatron training step per loss method, same model and batch.
 
-    .venv/bin/python benchmarks/bench_step.py [--methods sft dft rasft sft_kl] [--repeats 5]
+    .venv/bin/python benchmarks/bench_step.py [--methods sft dft rasft sft_kl grpo] [--repeats 5]
         [--layers 4 --hidden 256 --ffn 688 --heads 4 --kv-heads 2 --vocab 16384 --seq 256]
-        [--global-batch 8 --micro-batch 2] [--pack]
+        [--global-batch 8 --micro-batch 2] [--pack] [--smoke]
 
 One process (TP = PP = DP = 1; gloo on CPU, NCCL on a GPU), through the trainer's own pieces:
 `build_model` → `wrap_ddp` + `attach_schedule_hooks` → `build_optimizer` → `make_forward_step(
@@ -15,6 +15,10 @@ What each method costs inside the step:
               are computed once per sequence by a forward-only pass, not in the step: that pass is
               timed on its own and reported as `ref pass`);
   sft_kl      + a forward of the frozen reference in every micro-batch and the full-vocabulary KL.
+  grpo        + the clipped-surrogate coefficient from `old_logp` (π_old's log-probs, carried with each
+              sequence like `ref_logp`: the policy's own forward-only pass at the round boundary, the
+              same cost as `ref pass`) and per-sequence advantages of both signs; grpo.kl_coef = 0.
+--smoke: a 2-layer, hidden-64 model, vocab 512, seq 64, one repeat (checks the script runs).
 Times: median of --repeats after one warm-up, methods run round-robin (a shared, noisy machine
 drifts alike for all); wall-clock and process CPU time (all threads). On a shared CPU box run
 with `--threads 1`: CPU time then measures the work of the step and hardly moves with the load
@@ -34,7 +38,7 @@ import time
 
 import torch
 
-METHODS = ("sft", "dft", "rasft", "sft_kl", "asft", "profit")
+METHODS = ("sft", "dft", "rasft", "sft_kl", "asft", "profit", "grpo")
 
 
 # -- memory -------------------------------------------------------------------------------------------
@@ -166,11 +170,17 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--pack", action="store_true", help="pack sequences (block-diagonal attention)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, one repeat: check that it runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.hidden, args.ffn, args.heads, args.kv_heads = 2, 64, 172, 4, 2
+        args.vocab, args.seq, args.repeats = 512, 64, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if "sft" not in args.methods:
         args.methods = ["sft"] + args.methods  # the baseline of the ratios
+
+    from dataclasses import replace
 
     from megatron_rasft.config import LossConfig, ParallelConfig
     from megatron_rasft.loss import make_loss_func
@@ -191,6 +201,13 @@ def main(argv=None):
                      vocab_size=args.vocab)
     ref_first = time.perf_counter() - t0
     batches = batches_of(seqs, ref_logp, args.seq, args.micro_batch, args.pack, dev)
+    grpo_batches = None
+    if "grpo" in args.methods:  # π_old = the policy now; advantages of a binary-reward group of 4
+        old_logp = score([model], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
+                         tp_group=pgs.tp, dp_group=None, vocab_size=args.vocab)
+        adv = [0.866, -0.866, -0.866, 0.866]
+        grpo_seqs = [replace(s, weight=1.0, old_logp=old_logp[s.key], advantage=adv[i % 4]) for i, s in enumerate(seqs)]
+        grpo_batches = batches_of(grpo_seqs, ref_logp, args.seq, args.micro_batch, args.pack, dev)
     loss_tokens = int(sum(b["loss_mask"].sum().item() for b in batches))
 
     steps = {}
@@ -203,7 +220,8 @@ def main(argv=None):
         score([reference], seqs, pgs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
               vocab_size=args.vocab)
 
-    runs = {m: (lambda fs=fs: train_step(chunks, optimizer, fs, batches, args.seq)) for m, fs in steps.items()}
+    runs = {m: (lambda fs=fs, b=(grpo_batches if m == "grpo" else batches): train_step(chunks, optimizer, fs, b, args.seq))
+            for m, fs in steps.items()}
     runs["ref pass"] = ref_pass
     times = {k: [] for k in runs}
     cpu = {k: [] for k in runs}

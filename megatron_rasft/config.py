@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft")
+LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft", "grpo")
 KL_METHODS = ("sft_kl", "asft")
 
 
@@ -116,7 +116,7 @@ class LossConfig:
     ratio: str = "sequence"  # sequence | token | none: granularity of the clipped π_ref/π_θ
     ratio_min: float = 0.4
     ratio_max: float = 1.2
-    ratio_log_clamp: float = 20.0  # |log ratio| is clamped before exp (ref)
+    ratio_log_clamp: float = 20.0  # |log ratio| is clamped before exp (rasft's ratio; grpo's ρ and k3)
     token_factor: str = "dft"  # dft (φ_t = q_t) | none (φ_t = 1); used by `rasft`
     kl_coef: float = 0.1  # λ for sft_kl / asft
     profit_threshold: float = 0.1
@@ -137,6 +137,36 @@ class LossConfig:
     @property
     def needs_ref_logits(self) -> bool:
         return self.method in KL_METHODS
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (`loss.method = "grpo"`, docs/loss.md): group-relative advantages and the clipped surrogate.
+
+    Advantages (megatron_rasft/advantages.py): A_j = (R_j − mean R) / (std R + eps), or R_j − mean R
+    with `scale_by_std = false` (Dr.GRPO). Loss: token-level −min(ρ·A, clip(ρ, 1−eps_low, 1+eps_high)·A),
+    ρ = π_θ/π_old, plus `kl_coef` · k3 KL to the frozen reference.
+    """
+
+    scale_by_std: bool = True  # false: Dr.GRPO's unscaled advantage R − mean R
+    eps: float = 1e-6  # added to the group's std in the advantage's denominator
+    eps_low: float = 0.2  # ρ is clipped below at 1 − eps_low
+    eps_high: float = 0.2  # ρ is clipped above at 1 + eps_high (DAPO's clip-higher: 0.28)
+    kl_coef: float = 0.0  # β of the k3 KL to the frozen reference (0 as in Dr.GRPO and DAPO)
+    loss_aggregation: str = "token_mean"  # token_mean (global token mean) | seq_mean (original GRPO)
+    filter_zero_variance: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+
+    def __post_init__(self):
+        _check(self.eps > 0, f"grpo.eps must be > 0, got {self.eps}")
+        _check(0 <= self.eps_low < 1, f"grpo.eps_low must be in [0, 1), got {self.eps_low}")
+        _check(self.eps_high >= 0, f"grpo.eps_high must be >= 0, got {self.eps_high}")
+        _check(self.kl_coef >= 0, f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        _one_of("grpo.loss_aggregation", self.loss_aggregation, ("token_mean", "seq_mean"))
+
+    @property
+    def needs_ref_logp(self) -> bool:
+        """The k3 KL needs the frozen reference's log-prob of every label."""
+        return self.kl_coef > 0
 
 
 @dataclass
@@ -294,6 +324,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -307,6 +338,9 @@ class RunConfig:
             _check(self.model.seq_length <= self.model.max_position_embeddings,
                    f"model.seq_length ({self.model.seq_length}) exceeds model.max_position_embeddings "
                    f"({self.model.max_position_embeddings})")
+        # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
+        _check(self.loss.method != "grpo" or self.train.refresh_interval >= 1,
+               "loss.method = 'grpo' needs rollout rounds: set train.refresh_interval >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -87,3 +87,25 @@ def test_padding_rows_and_packing():
     assert mbs[0]["tokens"].shape == (2, 8) and mbs[0]["loss_mask"][1].sum() == 0
     with pytest.raises(ValueError, match="more than model.seq_length"):
         make_rows([Seq("c", list(range(12)), 1)], seq_length=8, pad_id=0, pack=False)
+
+
+def test_grpo_columns_only_when_carried():
+    a = Seq("a", [5, 6, 7, 8], 2, old_logp=[-1.0, -2.0, -3.0], advantage=-0.5, rollout_logp=[-1.5, -2.5, -3.5])
+    b = Seq("b", [9, 10, 11], 1, old_logp=[-4.0, -5.0], advantage=1.25)
+    for pack in (False, True):
+        rows = make_rows([a, b], seq_length=8, pad_id=0, pack=pack)
+        mbs = stack_microbatches(rows, micro_batch_size=4, seq_length=8, pad_id=0)  # filled with empty rows
+        mb = mbs[0]
+        assert {"old_logp", "advantage", "rollout_logp"} <= set(mb)
+        assert all(mb[k].shape == (4, 8) for k in ("old_logp", "advantage", "rollout_logp"))
+        assert mb["old_logp"][0, :3].tolist() == [-1.0, -2.0, -3.0]
+        b_row, b_at = (1, 0) if not pack else (0, 3)
+        assert mb["advantage"][0, :3].tolist() == [-0.5] * 3 and mb["advantage"][0, 5 if pack else 3:].abs().sum() == 0
+        assert mb["advantage"][b_row, b_at:b_at + 2].tolist() == [1.25, 1.25]
+        assert mb["old_logp"][b_row, b_at:b_at + 2].tolist() == [-4.0, -5.0]
+        assert mb["rollout_logp"][b_row, b_at:b_at + 2].isnan().all()  # b's server log-probs unknown
+        assert mb["rollout_logp"][0, :3].tolist() == [-1.5, -2.5, -3.5]
+    plain = make_rows([Seq("c", [1, 2, 3], 1)], seq_length=8, pad_id=0, pack=False)
+    assert not {"old_logp", "advantage", "rollout_logp"} & set(plain[0])
+    with pytest.raises(ValueError, match="sequence a: old_logp has 2 values, needs 3"):
+        make_rows([Seq("a", [5, 6, 7, 8], 2, old_logp=[-1.0, -2.0])], seq_length=8, pad_id=0, pack=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_rasft.config import LOSS_METHODS, LossConfig
+from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig
 from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl
 from megatron_rasft.testing.distributed import spawn
 
@@ -26,15 +26,23 @@ def _batch(seed):
     labels[seq_id < 0] = -100
     seq_weight = torch.rand(B, S, generator=g).gather(1, seq_id.clamp(min=0))
     ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
+    # GRPO: π_old 0.7 nat around the policy (both clips engage), advantages of both signs and one 0.
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
+    old_logp = logp + 0.7 * torch.randn(B, S, generator=g)
+    advantage = torch.tensor([[1.2, -0.7, 0.0], [-1.1, 0.9, 0.0]]).gather(1, seq_id.clamp(min=0, max=2) % 3)
+    rollout_logp = old_logp + 0.01 * torch.randn(B, S, generator=g)
     return dict(logits=logits, labels=labels, loss_mask=loss_mask, seq_id=seq_id, seq_weight=seq_weight,
-                ref_logp=ref_logp, ref_logits=ref_logits)
+                ref_logp=ref_logp, ref_logits=ref_logits, old_logp=old_logp, advantage=advantage,
+                rollout_logp=rollout_logp)
 
 
 def _cases():
-    cases = [LossConfig(method=m) for m in LOSS_METHODS if m != "rasft"]
-    cases += [LossConfig(method="rasft", ratio=r, token_factor=f)
+    cases = [(LossConfig(method=m), None) for m in LOSS_METHODS if m not in ("rasft", "grpo")]
+    cases += [(LossConfig(method="rasft", ratio=r, token_factor=f), None)
               for r, f in itertools.product(("sequence", "token", "none"), ("dft", "none"))]
-    return [(cfg, _batch(i)) for i, cfg in enumerate(cases)]
+    cases += [(LossConfig(method="grpo"), g) for g in (GRPOConfig(), GRPOConfig(eps_high=0.28, kl_coef=0.1),
+                                                        GRPOConfig(loss_aggregation="seq_mean", kl_coef=0.05))]
+    return [(cfg, dict(_batch(i), grpo=g)) for i, (cfg, g) in enumerate(cases)]
 
 
 def _run(batch, cfg, lo, hi, group):
@@ -43,7 +51,8 @@ def _run(batch, cfg, lo, hi, group):
     loss, n, metrics = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=cfg,
                                     seq_id=batch["seq_id"], seq_weight=batch["seq_weight"],
                                     ref_logp=batch["ref_logp"], ref_logits=batch["ref_logits"][..., lo:hi].clone(),
-                                    tp_group=group)
+                                    old_logp=batch["old_logp"], advantage=batch["advantage"],
+                                    rollout_logp=batch["rollout_logp"], grpo=batch["grpo"], tp_group=group)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), n, grad, metrics
 
@@ -84,6 +93,8 @@ def test_every_method_matches_single_process(tp_results):
     cases, ranks = tp_results
     for i, (cfg, batch) in enumerate(cases):
         loss1, n1, grad1, m1 = _run(batch, cfg, 0, V, None)
+        if cfg.method == "grpo":  # both sides of the clip engage in these cases
+            assert m1["clip_low"] > 0 and m1["clip_high"] > 0
         for rank, out in enumerate(ranks):
             loss, n, grad, metrics = out["cases"][i]
             assert loss.item() != 0

@@ -6,7 +6,9 @@ G = sequence buckets (B·S packed-sequence slots plus one for padding).
 Every method is Σ_t mask_t · w_t · ℓ_t (+ λ · Σ_t mask_t · A_t · KL_t) with a detached per-token
 coefficient w_t; gradients flow only through ℓ_t = −log π_θ(label) and KL_t. The coefficient is
 built by multiplying the mask by each active factor in turn, so a factor that is exactly 1.0
-leaves the result bit-identical to plain SFT.
+leaves the result bit-identical to plain SFT. `grpo`'s factor is the clipped-surrogate coefficient
+(loss/grpo.py); with `grpo.loss_aggregation = "seq_mean"` every factor is also divided by the
+length of its sequence and the normaliser is the number of sequences instead of tokens.
 """
 from __future__ import annotations
 
@@ -15,19 +17,23 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rasft.config import KL_METHODS, LossConfig
+from megatron_rasft.config import KL_METHODS, GRPOConfig, LossConfig
+from megatron_rasft.loss.grpo import clipped_coefficient, k3_kl
 from megatron_rasft.loss.kernels import tp_size, vocab_parallel_kl, vocab_parallel_logprob
 
 
-def _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg):
+def _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg, grpo, per_token):
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+    if not isinstance(grpo, GRPOConfig):
+        raise ValueError(f"grpo must be a GRPOConfig, got {type(grpo).__name__}")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [batch, seq, vocab_shard], got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     BS = tuple(logits.shape[:2])
-    named = dict(labels=labels, loss_mask=loss_mask, seq_id=seq_id, seq_weight=seq_weight, ref_logp=ref_logp)
+    named = dict(labels=labels, loss_mask=loss_mask, seq_id=seq_id, seq_weight=seq_weight, ref_logp=ref_logp,
+                 **per_token)
     for name, t in named.items():
         if t is not None and tuple(t.shape) != BS:
             raise ValueError(f"{name} must have shape {BS} (logits' [batch, seq]), got {tuple(t.shape)}")
@@ -43,6 +49,13 @@ def _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_l
                          f"loss.ratio={cfg.ratio!r} (set loss.ratio='none' to train without it)")
     if cfg.needs_ref_logits and ref_logits is None:
         raise ValueError(f"ref_logits is required for loss.method={cfg.method!r} (full-vocab KL)")
+    if cfg.method == "grpo":
+        for name in ("old_logp", "advantage"):
+            if per_token[name] is None:
+                raise ValueError(f"{name} is required for loss.method='grpo'")
+        if grpo.needs_ref_logp and ref_logp is None:
+            raise ValueError(f"ref_logp is required for loss.method='grpo' with grpo.kl_coef={grpo.kl_coef} "
+                             f"(the k3 KL to the reference; set grpo.kl_coef=0 to train without it)")
 
 
 class NonFiniteLogits(ValueError):
@@ -76,17 +89,25 @@ def _clipped_ratio(log_r: torch.Tensor, cfg: LossConfig):
 
 
 def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq_weight=None,
-                 ref_logp=None, ref_logits=None, tp_group: Optional[dist.ProcessGroup] = None):
-    """Loss numerator, token count and metric sums for one micro-batch.
+                 ref_logp=None, ref_logits=None, old_logp=None, advantage=None, rollout_logp=None,
+                 grpo: Optional[GRPOConfig] = None, tp_group: Optional[dist.ProcessGroup] = None):
+    """Loss numerator, its normaliser and metric sums for one micro-batch.
 
     logits `[B, S, v]` (local vocab shard of rank r: ids [r·v, (r+1)·v)); labels, loss_mask,
     seq_id (packed-sequence number within the row, −1 = padding; None = one sequence per row),
     seq_weight (A_s per token), ref_logp (reference log-prob of the label) all `[B, S]`;
-    ref_logits like logits (KL methods only). Returns `(loss_sum, num_tokens, metrics)`:
-    loss_sum a 0-d fp32 tensor with grad, num_tokens = Σ loss_mask (0-d fp32), metrics a dict of
-    detached 0-d sums (docs/loss.md defines each).
+    ref_logits like logits (KL methods only). `grpo` only: old_logp (log π_old of the label),
+    advantage (the sequence's advantage on each of its tokens), rollout_logp (the rollout server's
+    log-prob of the label, NaN where unknown; for the mismatch metric only) all `[B, S]`, and
+    `grpo` its config (None = GRPOConfig() defaults). Returns `(loss_sum, normaliser, metrics)`:
+    loss_sum a 0-d fp32 tensor with grad; normaliser = Σ loss_mask (0-d fp32), or the number of
+    sequences with `grpo.loss_aggregation = "seq_mean"`; metrics a dict of detached 0-d sums
+    (docs/loss.md defines each). Raises ValueError naming the bad argument.
     """
-    _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg)
+    grpo = GRPOConfig() if grpo is None else grpo
+    per_token = dict(old_logp=old_logp, advantage=advantage, rollout_logp=rollout_logp)
+    _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg, grpo, per_token)
+    is_grpo = cfg.method == "grpo"
     B, S, v = logits.shape
     N = B * S
     logp_N, ent_N = vocab_parallel_logprob(logits.reshape(N, v), labels.reshape(N), tp_group,
@@ -117,6 +138,13 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
                        "ref_logp must be finite where loss_mask is set"))
     if uses_kl:
         checks.append((torch.isfinite(kl_N).all(), "ref_logits contain NaN or Inf", NonFiniteLogits))
+    if is_grpo:
+        for name in ("old_logp", "advantage") + (("ref_logp",) if grpo.needs_ref_logp else ()):
+            t = dict(per_token, ref_logp=ref_logp)[name].reshape(N)
+            checks.append(((torch.isfinite(t) | ~on_N).all(), f"{name} must be finite where loss_mask is set"))
+        if rollout_logp is not None:
+            checks.append(((~torch.isinf(rollout_logp.reshape(N)) | ~on_N).all(),
+                           "rollout_logp must be finite (or NaN: unknown) where loss_mask is set"))
     _check_values(checks)
 
     lp_N = logp_N.detach()
@@ -151,6 +179,14 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         metrics["token_factor_sum"] = mask_N.sum() if phi_N is None else (mask_N * phi_N).sum()
     elif phi_N is not None:
         metrics["token_factor_sum"] = (mask_N * phi_N).sum()
+    if is_grpo:
+        c_N, grpo_metrics = clipped_coefficient(lp_N, old_logp.reshape(N).detach().float(),
+                                                advantage.reshape(N).detach().float(), on_N, grpo,
+                                                cfg.ratio_log_clamp)
+        w_N = w_N * c_N
+        metrics.update(grpo_metrics)
+        metrics["ratio_count"] = metrics["num_tokens"]
+        _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seg_N, count_G, N)
     if cfg.needs_ref_logp:
         diff_N = torch.where(on_N, ref_logp.reshape(N).detach().float() - lp_N, torch.zeros_like(lp_N))
         if cfg.ratio == "sequence":
@@ -170,12 +206,40 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
             metrics["ratio_clipped"] = (clip_N & on_N).sum().float()
         w_N = w_N * r_N
 
-    loss_sum = (w_N * -logp_N).sum()
     metrics["weight_sum"] = w_N.sum()
+    seq_mean = is_grpo and grpo.loss_aggregation == "seq_mean"
+    if seq_mean:  # 1/|s| on every token of s: Σ_s mean_{t∈s}(·), normalised by the sequence count
+        inv_len_N = 1.0 / count_G.clamp(min=1)[seg_N]
+        w_N = w_N * inv_len_N
+        a_N = a_N * inv_len_N
+    loss_sum = (w_N * -logp_N).sum()
     if uses_kl:
         kl_term = (a_N * kl_N).sum()
         loss_sum = loss_sum + cfg.kl_coef * kl_term
         metrics["kl_sum"] = (mask_N * kl_N.detach()).sum()
+    if is_grpo and grpo.needs_ref_logp:
+        k3_N = k3_kl(logp_N, ref_logp.reshape(N).detach().float(), on_N, cfg.ratio_log_clamp)
+        loss_sum = loss_sum + grpo.kl_coef * (a_N * k3_N).sum()
+        metrics["kl_sum"] = (mask_N * k3_N.detach()).sum()
     # Own storage per entry: callers all-reduce metrics in place, and some keys share a tensor.
     metrics = {k: t.detach().clone() for k, t in metrics.items()}
-    return loss_sum, metrics["num_tokens"].clone(), metrics
+    return loss_sum, metrics["num_seqs" if seq_mean else "num_tokens"].clone(), metrics
+
+
+def _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seg_N, count_G, N) -> None:
+    """Add `adv_sum` (Σ_s A_s), `zero_adv_seqs` (#{s: A_s = 0}) and, given rollout_logp, the
+    train/rollout mismatch `mismatch_sum` Σ_t |log π_old − log π_rollout| over `mismatch_count`
+    loss tokens whose rollout log-prob is known."""
+    live_G = count_G > 0
+    live_G[N] = False
+    adv_N = torch.where(on_N, advantage.reshape(N).detach().float(), torch.zeros(N, device=on_N.device))
+    # A is constant over a sequence: its token mean is A_s.
+    adv_G = torch.zeros_like(count_G).index_add_(0, seg_N, adv_N) / count_G.clamp(min=1)
+    metrics["adv_sum"] = (adv_G * live_G).sum()
+    metrics["zero_adv_seqs"] = (live_G & (adv_G == 0)).sum().float()
+    if rollout_logp is not None:
+        roll_N = rollout_logp.reshape(N).detach().float()
+        known_N = on_N & ~torch.isnan(roll_N)
+        gap_N = (old_logp.reshape(N).detach().float() - roll_N).abs()
+        metrics["mismatch_sum"] = torch.where(known_N, gap_N, torch.zeros_like(gap_N)).sum()
+        metrics["mismatch_count"] = known_N.sum().float()

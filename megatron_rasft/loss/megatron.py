@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rasft.config import LossConfig
+from megatron_rasft.config import GRPOConfig, LossConfig
 from megatron_rasft.loss.family import compute_loss
 
 # report name → (numerator metric, denominator metric); only names whose numerator exists for
@@ -29,26 +29,38 @@ _REPORT = {
     "ratio_clip_frac": ("ratio_clipped", "ratio_count"),
     "kl": ("kl_sum", "num_tokens"),
     "profit_kept_frac": ("profit_kept", "num_tokens"),
+    "clip_frac_low": ("clip_low", "num_tokens"),
+    "clip_frac_high": ("clip_high", "num_tokens"),
+    "surrogate": ("surrogate_sum", "num_tokens"),
+    "advantage": ("adv_sum", "num_seqs"),
+    "zero_adv_frac": ("zero_adv_seqs", "num_seqs"),
+    "logp_mismatch": ("mismatch_sum", "mismatch_count"),
     "seqs_per_microbatch": ("num_seqs", None),
 }
 
 
-def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None):
-    """Return `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)`.
+def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None,
+                   grpo: Optional[GRPOConfig] = None):
+    """Return `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, *,
+    old_logp=None, advantage=None, rollout_logp=None)`.
 
     Bind the batch with `functools.partial(loss_func, labels, loss_mask, seq_id, seq_weight,
-    ref_logp, ref_logits)` (None for the unused ones) and return `(logits, that partial)` from
-    the forward step. The result is `(loss_sum, num_tokens, report)`: loss_sum a 0-d tensor with
-    grad, num_tokens a torch.int 0-d tensor, report name → detached `[value_sum, count]` fp32
-    tensors; sum them over micro-batches and data-parallel ranks, then divide.
+    ref_logp, ref_logits)` (None for the unused ones; `grpo` also binds the keywords) and return
+    `(logits, that partial)` from the forward step. The result is `(loss_sum, num_tokens, report)`:
+    loss_sum a 0-d tensor with grad, num_tokens a torch.int 0-d tensor (the normaliser: sequences
+    under `grpo.loss_aggregation = "seq_mean"`), report name → detached `[value_sum, count]` fp32
+    tensors; sum them over micro-batches and data-parallel ranks, then divide. `grpo` is the GRPO
+    config (None = defaults; used by `loss.method = "grpo"` only).
     """
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
 
-    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, *,
+                  old_logp=None, advantage=None, rollout_logp=None):
         loss_sum, num_tokens, metrics = compute_loss(
             logits, labels, loss_mask, cfg=cfg, seq_id=seq_id, seq_weight=seq_weight,
-            ref_logp=ref_logp, ref_logits=ref_logits, tp_group=tp_group)
+            ref_logp=ref_logp, ref_logits=ref_logits, old_logp=old_logp, advantage=advantage,
+            rollout_logp=rollout_logp, grpo=grpo, tp_group=tp_group)
         one = torch.ones((), device=num_tokens.device)
         # New storage (stack) for every report entry: the schedule works on its tensors in place.
         report = {"loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}

@@ -2,7 +2,8 @@
 
 Batch tensors, all `[b, s]` (b = micro-batch size, s = sequence length):
   tokens, position_ids, labels, loss_mask, and optionally seq_id (packing), seq_weight (A_s),
-  ref_logp (reference log-prob of each label), attention_mask (`[b, 1, s, s]`, True = masked; packing).
+  ref_logp (reference log-prob of each label), attention_mask (`[b, 1, s, s]`, True = masked; packing),
+  and for GRPO old_logp, advantage, rollout_logp (GRPO_KEYS; passed to the loss as keywords).
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+GRPO_KEYS = ("old_logp", "advantage", "rollout_logp")
 BATCH_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "seq_id", "seq_weight", "ref_logp",
-              "attention_mask")
+              "attention_mask") + GRPO_KEYS
 
 
 # Logit given to the padding rows of the vocabulary: exp() of it is exactly 0 in fp32 and bf16,
@@ -43,7 +45,8 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
     `ParallelGroups` (the TP rank decides which padding rows of the vocabulary this shard holds).
 
     `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)` returns
-    `(loss_sum, num_tokens, report)`. `ref_model` (frozen, same TP layout, PP=1) supplies
+    `(loss_sum, num_tokens, report)`; a batch with GRPO columns (GRPO_KEYS) also passes those as
+    keywords `old_logp=`, `advantage=`, `rollout_logp=`. `ref_model` (frozen, same TP layout, PP=1) supplies
     `ref_logits` for the KL baselines in the same step. `vocab_size` (the unpadded vocabulary)
     masks the padding rows of the logits.
     """
@@ -59,8 +62,9 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
             with torch.no_grad():
                 ref_logits = ref_model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
                 ref_logits = mask_padded_vocab(ref_logits, vocab_size, tp_rank)
+        grpo_inputs = {k: batch[k] for k in GRPO_KEYS if k in batch}
         return logits, partial(loss_func, batch["labels"], batch["loss_mask"], batch.get("seq_id"),
-                               batch.get("seq_weight"), batch.get("ref_logp"), ref_logits)
+                               batch.get("seq_weight"), batch.get("ref_logp"), ref_logits, **grpo_inputs)
 
     return forward_step
 
