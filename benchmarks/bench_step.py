@@ -203,8 +203,8 @@ def main(argv=None):
     batches = batches_of(seqs, ref_logp, args.seq, args.micro_batch, args.pack, dev)
     grpo_batches = None
     if "grpo" in args.methods:  # π_old = the policy now; advantages of a binary-reward group of 4
-        old_logp = score([model], seqs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
-                         tp_group=pgs.tp, dp_group=None, vocab_size=args.vocab)
+        old_logp = score([model], seqs, pgs, micro_batch_size=args.micro_batch, seq_length=args.seq, pad_id=0,
+                         vocab_size=args.vocab)
         adv = [0.866, -0.866, -0.866, 0.866]
         grpo_seqs = [replace(s, weight=1.0, old_logp=old_logp[s.key], advantage=adv[i % 4]) for i, s in enumerate(seqs)]
         grpo_batches = batches_of(grpo_seqs, ref_logp, args.seq, args.micro_batch, args.pack, dev)
