@@ -262,7 +262,8 @@ class _Run:
         self.uids: list = []
 
     def spawn(self, files: dict, harness: str, args: tuple = (), pass_fds: tuple = (), stdin=subprocess.PIPE,
-              reply_fd: Optional[int] = None, log_name: str = "log", extra_fds: dict = None) -> subprocess.Popen:
+              log_name: str = "log", extra_fds: Optional[dict] = None,
+              harness_text: Optional[str] = None) -> subprocess.Popen:
         n = len(self.procs)
         work, root = os.path.join(self.base, f"work{n}"), os.path.join(self.base, f"root{n}")
         os.mkdir(work)
@@ -271,7 +272,8 @@ class _Run:
         if uid is not None:
             os.chown(work, uid, uid)
         os.chmod(work, 0o700)
-        for name, text in dict(files, **{"harness.py": _program_text(harness)}).items():
+        text = _program_text(harness) if harness_text is None else harness_text
+        for name, text in dict(files, **{"harness.py": text}).items():
             with open(os.path.join(work, name), "w") as f:
                 f.write(text)
             os.chmod(os.path.join(work, name), 0o644)
@@ -407,6 +409,37 @@ def _call_outputs(program: str, pairs: list, cfg: SandboxConfig, info: dict, set
             "returncode": proc.returncode, "uid": run.procs[0][1]}
 
 
+def call_in_sandbox(program: str, fn: str, args_list: list, cfg: Optional[SandboxConfig] = None) -> dict:
+    """Run `program` contained and call `fn` on each argument list -> {"outputs": [("ok", value) |
+    ("exc", name) | None], "status": None or a reason, "log": bytes, "uid"}. No checking: the
+    containment tests and the benchmark's baseline use it."""
+    cfg = cfg or SandboxConfig()
+    info = _checked_isolation(cfg)
+    return _call_outputs(program, [Pair(fn, list(a), "eq") for a in args_list], cfg, info)
+
+
+def run_bare(program: str, cfg: Optional[SandboxConfig] = None) -> dict:
+    """Baseline for the benchmark: one contained interpreter runs `program` as its main script,
+    nothing checked -> {"returncode", "status"}."""
+    cfg = cfg or SandboxConfig()
+    run = _Run(cfg, _checked_isolation(cfg))
+    try:
+        proc = run.spawn({}, "", harness_text=program, stdin=subprocess.DEVNULL)
+        out = run.collect()
+    finally:
+        run.close()
+    return {"returncode": proc.returncode, "status": "output_limit" if out["over"] else _exit_reason(proc, out["timed_out"])}
+
+
+def _checked_isolation(cfg: SandboxConfig) -> dict:
+    info = dict(isolation())
+    if cfg.require_isolation and not (info["namespaces"] and info["uid_switch"]):
+        raise RuntimeError(f"sandbox: no containment on this machine ({info}); run as root with namespaces")
+    if cfg.python:
+        info["python"] = cfg.python
+    return info
+
+
 def _judge(pair, output, atol: float, expected=None) -> Optional[str]:
     """None when the output satisfies the pair, else why not."""
     if output is None:
@@ -526,11 +559,7 @@ def run_tests(tests: dict, code_prefix: str, completion: str, cfg: Optional[Sand
         program = build_program(tests, code_prefix, completion)
     except ValueError as e:
         return {"correct": False, "reason": "crash", "detail": f"bad problem tests: {e}"}
-    info = dict(isolation())
-    if cfg.require_isolation and not (info["namespaces"] and info["uid_switch"]):
-        raise RuntimeError(f"sandbox: no containment on this machine ({info}); run as root with namespaces")
-    if cfg.python:
-        info["python"] = cfg.python
+    info = _checked_isolation(cfg)
     if plan.path == "pairs":
         return _pairs_check(program, plan, cfg, info)
     if plan.driver["format"] == "humaneval":
