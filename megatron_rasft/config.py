@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_rasft.data.problems import PLACEHOLDER_ANSWERS
+
 LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft")
 KL_METHODS = ("sft_kl", "asft")
 
@@ -193,6 +195,8 @@ class TrainConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
+    # answers that are not ground truth (data/problems.py): such problems get no rollouts, A_E = 1
+    placeholder_answers: list = field(default_factory=lambda: list(PLACEHOLDER_ANSWERS))
     prompt_template: str = "chat"  # chat | reference | plain
     overlong: str = "truncate"  # truncate | drop
     train_iters: int = 10

@@ -48,13 +48,23 @@ class BenchmarkError(ValueError):
 
 # ----------------------------------------------------------------------------- reading files
 def read_rows(path: str | Path) -> list:
-    """Rows of a JSONL file (one object per line) or a JSON list; `.gz` allowed."""
+    """Rows of a JSONL file (one object per line) or a JSON list; `.gz` allowed. The file must be
+    UTF-8 without a byte order mark: anything else raises BenchmarkError naming the line."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"benchmark file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise BenchmarkError(f"{path}:1: the file starts with a UTF-8 byte order mark (BOM); "
+                             f"save it as UTF-8 without a BOM")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start, lineno = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
+        raise BenchmarkError(f"{path}:{lineno}: not UTF-8 (byte 0x{data[e.start]:02x} "
+                             f"at column {e.start - line_start + 1}); the file must be UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

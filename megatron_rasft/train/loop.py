@@ -55,6 +55,10 @@ def train(cfg: RunConfig) -> dict:
     data = load_dataset(tc, cfg.model)
     if rank0 and (data.counts.truncated or data.counts.dropped_overlong or data.counts.dropped_prompt_too_long):
         print(f"[data] over-long samples: {data.counts.summary()}; e.g. {data.counts.examples}", flush=True)
+    unverifiable = [p for p in data.problems.values() if p.meta.get("unverifiable")]
+    if rank0 and unverifiable:
+        print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
+              f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, tc, cfg.parallel, total_steps=tc.train_iters)
     state = LoopState()
     if cfg.checkpoint.resume and (last := checkpoint.latest(run / "ckpt")) is not None:
