@@ -207,7 +207,7 @@ def isolation() -> dict:
 def _probe(cfg: SandboxConfig, info: dict) -> bool:
     try:
         res = _call_outputs("def f():\n    return 1\n", [Pair("f", [], "eq", 1)], cfg, info)
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         return False
     return res["outputs"] == [("ok", 1)]
 
@@ -560,11 +560,14 @@ def run_tests(tests: dict, code_prefix: str, completion: str, cfg: Optional[Sand
     except ValueError as e:
         return {"correct": False, "reason": "crash", "detail": f"bad problem tests: {e}"}
     info = _checked_isolation(cfg)
-    if plan.path == "pairs":
-        return _pairs_check(program, plan, cfg, info)
-    if plan.driver["format"] == "humaneval":
-        plan.driver["prefix"] = code_prefix or ""  # the problem's helpers, defined in the checker too
-    return _driver_check(program, plan, cfg, info)
+    try:
+        if plan.path == "pairs":
+            return _pairs_check(program, plan, cfg, info)
+        if plan.driver["format"] == "humaneval":
+            plan.driver["prefix"] = code_prefix or ""  # the problem's helpers, defined in the checker too
+        return _driver_check(program, plan, cfg, info)
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"correct": False, "reason": "crash", "detail": f"could not start the sandbox: {e}"}
 
 
 def run_many(jobs: list, cfg: Optional[SandboxConfig] = None, workers: int = 2, on_result=None) -> list:
