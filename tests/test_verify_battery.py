@@ -93,7 +93,8 @@ def math500_verdicts():
     t0 = time.monotonic()
     with MathVerifier(num_workers=2, timeout_s=10) as v:  # the default mode, "math"
         same = v.grade([("\\boxed{" + a + "}", a) for a in answers])
-        other = v.grade([("\\boxed{" + b + "}", a) for a, b in zip(answers, shuffled) if a != b])
+        # A subset keeps the test short: `benchmarks/bench_verify.py` grades all 492 such pairs.
+        other = v.grade([("\\boxed{" + b + "}", a) for a, b in zip(answers, shuffled) if a != b][:200])
     return answers, same, other, time.monotonic() - t0
 
 
