@@ -7,7 +7,7 @@ import pytest
 
 from megatron_rasft.data.problems import read_problems
 from megatron_rasft.eval.benchmarks import BenchmarkError, load_benchmark
-from megatron_rasft.records import ProblemVerdicts, Weight, read_records, write_records
+from megatron_rasft.records import ProblemVerdicts, read_records, write_records
 from megatron_rasft.rollout.client import SamplingParams
 from megatron_rasft.rollout.stage import rollout_round
 from megatron_rasft.testing.tiny import ScriptedGenerator

@@ -113,7 +113,8 @@ def read_problems(path: str | Path, *, prompt_field: str = "prompt", response_fi
         meta = {k: v for k, v in row.items()
                 if k not in (prompt_field, "instruction", response_field, answer_field, tests_field, "id")}
         if tests is None:
-            reason = placeholder_reason(answer, placeholders) if answer is not None else "no answer and no \\boxed{} in the response"
+            reason = (placeholder_reason(answer, placeholders) if answer is not None
+                      else "no answer and no \\boxed{} in the response")
             if reason:
                 meta["unverifiable"] = reason
         elif tests.get("format") in ("humaneval", "io") and "code_prefix" not in tests:

@@ -163,7 +163,8 @@ def load_humaneval(rows: list, where: str) -> list[EvalProblem]:
         else:
             raise BenchmarkError(f"{at}: needs a 'test' field defining check(candidate), or base_input/plus_input")
         out.append(EvalProblem(str(i), prompt, tests=tests, code_prefix=prompt,
-                               meta={"task_id": row.get("task_id"), "canonical_solution": row.get("canonical_solution")}))
+                               meta={"task_id": row.get("task_id"),
+                                     "canonical_solution": row.get("canonical_solution")}))
     return out
 
 

@@ -7,7 +7,7 @@ values: whatever it writes is only ever read as plain data by the other side.
 Exit codes: 4 syntax error, 5 MemoryError, 6 exception while running the module.
 """
 try:  # in the sandbox these names come from plain.py, prepended to this file
-    from megatron_rasft.verify.plain import PlainDataError, from_plain, to_plain
+    from megatron_rasft.verify.plain import from_plain, to_plain
 except ImportError:
     pass
 

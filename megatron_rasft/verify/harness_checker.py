@@ -10,7 +10,7 @@ touched. Writes one JSON verdict: {"reason": passed | failed_test | output_limit
 "detail"}.
 """
 try:  # in the sandbox these names come from plain.py, prepended to this file
-    from megatron_rasft.verify.plain import PlainDataError, from_plain, to_plain
+    from megatron_rasft.verify.plain import from_plain, to_plain
 except ImportError:
     pass
 

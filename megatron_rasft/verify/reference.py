@@ -161,7 +161,8 @@ def own_verdict(pred: str, gold: str) -> Optional[bool]:
     are plain numbers that `numbers_equal`. Definite mismatch: both are plain numbers that differ,
     or both have a one-symbol left-hand side (`x=3`, `y=3`) with different symbols. A percent sign
     on one side only lets that side's number be read as v or v/100 (`50\\%` = `50` = `0.5`)."""
-    (lp, a), (lg, b) = split_lhs(normalize_answer(pred, keep_lhs=True)), split_lhs(normalize_answer(gold, keep_lhs=True))
+    lp, a = split_lhs(normalize_answer(pred, keep_lhs=True))
+    lg, b = split_lhs(normalize_answer(gold, keep_lhs=True))
     if lp is not None and lg is not None and lp != lg:
         return False
     if a == b and a != "":

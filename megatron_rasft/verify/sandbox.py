@@ -428,7 +428,8 @@ def run_bare(program: str, cfg: Optional[SandboxConfig] = None) -> dict:
         out = run.collect()
     finally:
         run.close()
-    return {"returncode": proc.returncode, "status": "output_limit" if out["over"] else _exit_reason(proc, out["timed_out"])}
+    status = "output_limit" if out["over"] else _exit_reason(proc, out["timed_out"])
+    return {"returncode": proc.returncode, "status": status}
 
 
 def _checked_isolation(cfg: SandboxConfig) -> dict:
