@@ -227,7 +227,8 @@ def test_plain_data_is_strict():
         plain.loads('{"evil": 1}')
     assert not plain.same(True, 1) and not plain.same(1, True) and not plain.same((1,), [1])
     assert plain.same(2, 2.0) and not plain.same(2.0, 2)  # an int may stand for an expected float only
-    assert plain.same(0.1 + 0.2, 0.3, atol=0) and not plain.same(0.31, 0.3, atol=0)
+    assert not plain.same(0.1 + 0.2, 0.3) and plain.same(0.1 + 0.2, 0.3, atol=1e-6)  # exact unless told
+    assert not plain.same(0.31, 0.3, atol=1e-6, rtol=1e-7)
     assert plain.same(float("nan"), float("nan"))
 
 

@@ -90,20 +90,19 @@ def loads(line):
     return from_plain(j)
 
 
-def same(got, expected, atol=0.0, rtol=1e-07):
+def same(got, expected, atol=0.0, rtol=0.0):
     """Strict equality of two plain values: the same type at every level, except that an int may
-    stand for an expected float; floats (and complex) within `atol + rtol * |expected|`, NaN equal
-    to NaN. EvalPlus's rule: a float output with `atol` 0 gets atol 1e-6 (its `is_floats` case)."""
+    stand for an expected float; floats (and complex) within `atol + rtol * |expected|` (exact by
+    default), NaN equal to NaN."""
     te, tg = type(expected), type(got)
     if te is float:
         if tg is not float and tg is not int:
             return False
         if math.isnan(expected):
             return tg is float and math.isnan(got)
-        tol = (atol or 1e-6) + rtol * abs(expected)
-        return got == expected or abs(got - expected) <= tol
+        return got == expected or abs(got - expected) <= atol + rtol * abs(expected)
     if te is complex:
-        return tg is complex and abs(got - expected) <= (atol or 1e-6) + rtol * abs(expected)
+        return tg is complex and (got == expected or abs(got - expected) <= atol + rtol * abs(expected))
     if tg is not te:
         return False
     if te is list or te is tuple:
