@@ -201,6 +201,9 @@ def isolation() -> dict:
                 _ISOLATION = info
                 return info
     _ISOLATION = {"uid_switch": False, "namespaces": False, "python": pythons[0]}
+    print("warning: the code sandbox runs WITHOUT containment here (needs root and mount/network "
+          "namespaces): limits and the plain-data boundary only; see docs/verify_and_weighting.md",
+          file=sys.stderr, flush=True)
     return _ISOLATION
 
 
