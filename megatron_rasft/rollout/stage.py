@@ -70,8 +70,9 @@ def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingPa
     unverifiable = [p for p in problems if p.meta.get("unverifiable")]  # placeholder answers: no rollouts
     problems = [p for p in problems if not p.meta.get("unverifiable")]
     todo = [p for p in problems if p.id not in done]
-    stats = {"problems": len(todo), "skipped": len(problems) - len(todo), "rollouts": 0, "path": str(out),
-             "unverifiable": len(unverifiable)}
+    stats = {"problems": len(todo), "skipped": len(problems) - len(todo), "rollouts": 0, "path": str(out)}
+    if unverifiable:  # placeholder answers (data/problems.py): counted, never sampled
+        stats["unverifiable"] = len(unverifiable)
     if not todo:
         return stats
     prompts = [encode(p.prompt) if encode else p.prompt for p in todo]
