@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft", "grpo")
+# Answers that are not ground truth (NuminaMath-style "no closed form" markers); see data/problems.py.
+PLACEHOLDER_ANSWERS = ("proof", "notfound", "not found", "none", "null", "nan", "n/a", "na", "-", "?",
+                       "tbd", "unknown", "no answer", "no solution")
 KL_METHODS = ("sft_kl", "asft")
 
 
@@ -257,6 +260,8 @@ class TrainConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
+    # answers that are not ground truth (data/problems.py): such problems get no rollouts, A_E = 1
+    placeholder_answers: list = field(default_factory=lambda: list(PLACEHOLDER_ANSWERS))
     prompt_template: str = "chat"  # chat | released | plain
     overlong: str = "truncate"  # truncate | drop
     train_iters: int = 10

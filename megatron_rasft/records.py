@@ -29,7 +29,9 @@ class RecordError(ValueError):
 @dataclass
 class Problem:
     """A training problem. `tests` (code) is a dict: {"format": "humaneval", "test": str,
-    "entry_point": str} or {"format": "mbpp", "asserts": [str, ...], "setup": str (optional)}."""
+    "entry_point": str, "code_prefix": str (optional)}, {"format": "mbpp", "asserts": [str, ...],
+    "setup": str (optional)} or {"format": "io", "entry_point", "inputs", "reference", "atol"}
+    (docs/verify_and_weighting.md). `meta["unverifiable"]`: why the answer is no ground truth."""
 
     id: str
     prompt: str

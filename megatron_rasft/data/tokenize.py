@@ -24,10 +24,10 @@ def render_prompt(tokenizer, prompt: str, template: str) -> str:
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_template = 'chat' but the tokenizer has no chat template; "
-                             "use 'reference' or 'plain'")
+                             "use 'released' or 'plain'")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    raise ValueError(f"unknown prompt template {template!r} (chat | reference | plain)")
+    raise ValueError(f"unknown prompt template {template!r} (chat | released | plain)")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

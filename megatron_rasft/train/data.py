@@ -31,7 +31,8 @@ def load_dataset(tcfg: TrainConfig, mcfg: ModelConfig) -> Dataset:
     tok = AutoTokenizer.from_pretrained(tcfg.tokenizer)
     check_tokenizer(tok, mcfg.vocab_size, where=f" {tcfg.tokenizer}")
     problems = read_problems(tcfg.data_path, prompt_field=tcfg.prompt_field,
-                             response_field=tcfg.response_field, answer_field=tcfg.answer_field)
+                             response_field=tcfg.response_field, answer_field=tcfg.answer_field,
+                             placeholders=tcfg.placeholder_answers)
     counts = Counts()
     prompt_ids, experts = {}, {}
     for p in problems:

@@ -49,6 +49,10 @@ def train(cfg: RunConfig) -> dict:
     data = load_dataset(tc, cfg.model)
     if rank0() and (data.counts.truncated or data.counts.dropped_overlong or data.counts.dropped_prompt_too_long):
         print(f"[data] over-long samples: {data.counts.summary()}; e.g. {data.counts.examples}", flush=True)
+    unverifiable = [p for p in data.problems.values() if p.meta.get("unverifiable")]
+    if rank0 and unverifiable:
+        print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
+              f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, tc, cfg.parallel, total_steps=tc.train_iters)
     loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp))
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)

@@ -13,8 +13,7 @@ import logging
 from typing import Optional, Sequence
 
 from megatron_rasft.verify.pool import TimeoutPool
-from megatron_rasft.verify.reference import (extract_answer, is_correct, last_boxed, reference_equal,
-                                             strip_wrappers)
+from megatron_rasft.verify.reference import extract_answer, is_correct, last_boxed, own_verdict, strip_wrappers
 
 MODES = ("math", "math-verify", "reference")
 
@@ -51,8 +50,12 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
                soft_timeout_s: Optional[int] = 5) -> dict:
     """Grade one response against a gold answer string. Returns {"correct", "reason", "extracted"}.
 
-    mode "math": math-verify equivalence of the boxed answers, or the normalised string rule
-    (either suffices); "math-verify": math-verify only; "reference": the released code's rules,
+    mode "math" (the combination rule): our rule (`reference.own_verdict`) decides when it is
+    definite -- a definite mismatch (two plain numbers that differ, `x=3` vs `y=3`) is wrong whatever
+    math-verify says, a definite match is correct; when it is undecided, math-verify decides, and a
+    math-verify match between two numbers is kept only within a relative 1e-6 (`numeric_guard`:
+    math-verify rounds floats to 6 decimal places, which equates 1e-7 with 2e-7).
+    "math-verify": math-verify only, as released; "reference": the released code's rules,
     `extract_answer(response)` against the gold (wrappers stripped) with `is_correct` (sympy, no
     soft limit: the pool's hard deadline bounds it). `soft_timeout_s` is math-verify's own per-call
     limit (None disables it)."""
@@ -70,8 +73,10 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
     pred = last_boxed(response)
     if pred is None or not pred.strip():
         return {"correct": False, "reason": "no_answer", "extracted": None}
-    if mode != "math-verify" and reference_equal(pred, gold):
-        return {"correct": True, "reason": "correct", "extracted": pred}
+    if mode == "math":
+        own = own_verdict(pred, gold)
+        if own is not None:
+            return {"correct": own, "reason": "correct" if own else "wrong", "extracted": pred}
     from math_verify import parse, verify
 
     _FLAG.hit = False
@@ -79,11 +84,40 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
         gold_p = parse("\\boxed{" + gold + "}", parsing_timeout=soft_timeout_s)
         pred_p = parse("\\boxed{" + pred + "}", parsing_timeout=soft_timeout_s)
         ok = bool(gold_p) and bool(pred_p) and verify(gold_p, pred_p, timeout_seconds=soft_timeout_s)
+        if ok and mode == "math":
+            ok = numeric_guard(gold_p[0], pred_p[0])
     except Exception as e:  # noqa: BLE001
         return {"correct": False, "reason": "error", "extracted": pred, "error": f"{type(e).__name__}: {e}"}
     if ok:
         return {"correct": True, "reason": "correct", "extracted": pred}
     return {"correct": False, "reason": "timeout" if _FLAG.hit else "wrong", "extracted": pred}
+
+
+def numeric_guard(gold, pred, rel_tol: float = 1e-6) -> bool:
+    """False when `gold` and `pred` (math-verify's parsed sympy values) are both plain numbers, or
+    finite sets / tuples of the same size of plain numbers, that differ by more than `rel_tol`
+    relative to the larger magnitude (elements compared in sorted order); True otherwise. No
+    absolute floor: tiny values are compared by their own size, unlike math-verify's rounding to
+    6 decimal places."""
+    import sympy
+
+    def values(x):
+        if isinstance(x, sympy.Basic) and x.is_number:
+            v = complex(x.evalf(30))
+            return [v] if v.imag == 0 else None
+        if isinstance(x, (sympy.FiniteSet, sympy.Tuple)):
+            vals = [values(e) for e in x.args]
+            if all(v is not None and len(v) == 1 for v in vals):
+                return sorted(v[0].real for v in vals) if isinstance(x, sympy.FiniteSet) else [v[0].real for v in vals]
+        return None
+
+    try:
+        a, b = values(gold), values(pred)
+    except (TypeError, ValueError):  # not numeric after all: math-verify's verdict stands
+        return True
+    if a is None or b is None or len(a) != len(b):
+        return True
+    return all(abs(complex(x) - complex(y)) <= rel_tol * max(abs(complex(x)), abs(complex(y))) for x, y in zip(a, b))
 
 
 def _grade_task(args):

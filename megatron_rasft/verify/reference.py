@@ -54,8 +54,10 @@ _UNIT_WORDS = (r"(?:degrees?|cm|centimeters?|meters?|km|kilometers?|inches|inch|
                r"kg|grams?|liters?|days?|years?|people|ways)")
 
 
-def normalize_answer(ans: str) -> str:
-    """Canonical string form of an answer (see the docs for the list of rules, in order)."""
+def normalize_answer(ans: str, keep_lhs: bool = False) -> str:
+    """Canonical string form of an answer (see the docs for the list of rules, in order). A
+    single-symbol left-hand side (`x=5`) is dropped unless `keep_lhs` (the majority-vote key of
+    `eval` drops it; the grading rule keeps it, so `x=3` and `y=3` stay different)."""
     s = ans.strip()
     s = s.replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = s.replace("\\ ", "").replace("~", "")
@@ -68,10 +70,24 @@ def normalize_answer(ans: str) -> str:
     s = re.sub(r"(?<=[\d}])\s*" + _UNIT_WORDS + r"(?:\^?\{?[23]\}?)?\s*$", "", s)
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
-    # "x=5" / "k=\frac12": keep the right-hand side when the left is a single short symbol.
-    m = re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?=(.+)", s)
+    lhs, rhs = split_lhs(s)
+    if lhs is not None:
+        s = (lhs + "=" if keep_lhs else "") + _normalize_value(rhs)
+    else:
+        s = _normalize_value(s)
+    return s
+
+
+def split_lhs(s: str) -> tuple:
+    """`x=5` / `k_1=\\frac12` -> ("x", "5") / ("k_1", ...): a single-letter left-hand side with an
+    optional subscript; otherwise (None, s)."""
+    m = re.fullmatch(r"([A-Za-z](?:_\{?\w+\}?)?)=([^=]+)", s)
     if m:
-        s = m.group(1)
+        return m.group(1).replace("{", "").replace("}", ""), m.group(2)
+    return None, s
+
+
+def _normalize_value(s: str) -> str:
     # \frac12 -> \frac{1}{2}, \frac1{x} -> \frac{1}{x}, \sqrt3 -> \sqrt{3}
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
@@ -91,25 +107,83 @@ def normalize_answer(ans: str) -> str:
     return s
 
 
-def _as_number(s: str) -> Optional[float]:
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}", s)
+# ---- exact numbers ----------------------------------------------------------------------------
+_MANTISSA = r"(\d+(?:\.\d*)?|\.\d+)"
+_EXPONENT = r"(?:[eE]([+-]?\d+)|(?:\\times|\\cdot|\*)10\^(?:\{([+-]?\d+)\}|(\d)))?"
+
+
+def exact_number(s: str) -> Optional[tuple]:
+    """A normalised answer that is a plain number -> (value as `Fraction`, decimal places given, or
+    None when written exactly); None for anything else. Exact forms: integers, `\\frac{a}{b}`,
+    `10^{k}`, `3e5`, `3\\times10^{5}`; decimal forms have a point in the mantissa: `1.25`,
+    `1.5e-7`, `1.5\\times10^{-7}` (places = the mantissa's, shifted by the exponent: 8 here)."""
+    from fractions import Fraction
+
+    sign, body = (-1, s[1:]) if s.startswith("-") else (1, s)
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", body)
     if m:
-        den = int(m.group(3))
-        return None if den == 0 else (-1 if m.group(1) else 1) * int(m.group(2)) / den
-    try:
-        return float(s)
-    except ValueError:
+        den = int(m.group(2))
+        return None if den == 0 else (sign * Fraction(int(m.group(1)), den), None)
+    m = re.fullmatch(r"10\^(?:\{([+-]?\d+)\}|(\d))", body)
+    if m:
+        return sign * Fraction(10) ** int(m.group(1) or m.group(2)), None
+    m = re.fullmatch(_MANTISSA + _EXPONENT, body)
+    if not m:
         return None
+    mant = m.group(1)
+    exp = int(m.group(2) or m.group(3) or m.group(4) or 0)
+    value = sign * Fraction(mant) * Fraction(10) ** exp
+    if "." not in mant:
+        return value, None
+    return value, max(0, len(mant.split(".")[1]) - exp)
+
+
+def numbers_equal(a: tuple, b: tuple, rel_tol: float = 1e-6) -> bool:
+    """Two `exact_number` results. Exact forms, and two decimals, compare exactly (trailing zeros
+    aside): 1000000 != 1000001, 0.0000001 != 0.0000002. A decimal against an exact form that it
+    cannot equal exactly (`0.333333` vs `\\frac{1}{3}`) matches when it agrees with it in every
+    place given (|x - v| <= half a unit of the last place) *and* within `rel_tol` of |v|, so a
+    tolerance never reaches into the digits given, and scales with the magnitude."""
+    (x, px), (y, py) = a, b
+    if x == y:
+        return True
+    if (px is None) == (py is None):
+        return False
+    dec, places, exact = (x, px, y) if px is not None else (y, py, x)
+    from fractions import Fraction
+    diff = abs(dec - exact)
+    return diff <= Fraction(1, 2) / 10 ** places and diff <= Fraction(str(rel_tol)) * abs(exact)
+
+
+def own_verdict(pred: str, gold: str) -> Optional[bool]:
+    """This project's rule, three-valued: True (a definite match), False (a definite mismatch) or
+    None (undecided: left to math-verify). Definite match: the normalised strings are equal, or both
+    are plain numbers that `numbers_equal`. Definite mismatch: both are plain numbers that differ,
+    or both have a one-symbol left-hand side (`x=3`, `y=3`) with different symbols. A percent sign
+    on one side only lets that side's number be read as v or v/100 (`50\\%` = `50` = `0.5`)."""
+    lp, a = split_lhs(normalize_answer(pred, keep_lhs=True))
+    lg, b = split_lhs(normalize_answer(gold, keep_lhs=True))
+    if lp is not None and lg is not None and lp != lg:
+        return False
+    if a == b and a != "":
+        return True
+    x, y = exact_number(a), exact_number(b)
+    if x is None or y is None:
+        return None
+    if numbers_equal(x, y):
+        return True
+    pct_p, pct_g = "%" in pred, "%" in gold
+    if pct_p != pct_g:
+        (v, places) = x if pct_p else y
+        scaled = (v / 100, None if places is None else places + 2)
+        if numbers_equal(scaled, y if pct_p else x):
+            return True
+    return False
 
 
 def reference_equal(pred: str, gold: str) -> bool:
-    """Normalised strings equal, or both plain numbers (ints, decimals, integer fractions) within
-    a relative 1e-6."""
-    a, b = normalize_answer(pred), normalize_answer(gold)
-    if a == b and a != "":
-        return True
-    x, y = _as_number(a), _as_number(b)
-    return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))
+    """`own_verdict` is a definite match."""
+    return own_verdict(pred, gold) is True
 
 
 # ---- the released code's rules (`reference` verifier mode) -----------------------------------

@@ -39,13 +39,18 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
     Pass a live `math_verifier` (MathVerifier) to reuse its worker pool across calls."""
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    # Unverifiable problems (a placeholder answer) keep no rollouts: A_E = 1 in every scheme.
+    unverifiable = {p.id for p in problems if p.meta.get("unverifiable")}
+    rollouts = {pid: ([] if pid in unverifiable else rs) for pid, rs in rollouts.items()}
     flat = [(p, r) for p in problems for r in rollouts.get(p.id, [])]
     if verifier == "code":
         from megatron_rasft.verify.sandbox import SandboxConfig, run_many
         for p, _ in flat:
             if p.tests is None:
                 raise ValueError(f"problem {p.id!r} has no tests (needed by the code verifier)")
-        verdicts = run_many([(p.tests, p.prompt, r.text) for p, r in flat],
+        # The program starts with the problem's code prefix (HumanEval's stub), never its prompt:
+        # RUN/problems.jsonl holds the prompt as rendered for the model.
+        verdicts = run_many([(p.tests, p.tests.get("code_prefix", ""), r.text) for p, r in flat],
                             SandboxConfig(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s))),
                             workers=workers, on_result=on_rollout)
         for v in verdicts:
