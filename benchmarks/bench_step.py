@@ -155,7 +155,7 @@ def sync():
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-from _shapes import add_model_args  # noqa: E402 (same folder)
+from _shapes import SMOKE_MODEL, add_model_args  # noqa: E402 (same folder)
 
 
 def main(argv=None):
@@ -166,6 +166,8 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true", help="pack sequences (block-diagonal attention)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_MODEL, repeats=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "sft" not in args.methods:

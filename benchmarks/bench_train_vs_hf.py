@@ -119,7 +119,7 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.parallel.groups import destroy_distributed, device, init_distributed
     from megatron_rasft.train.refpass import score
-    from megatron_rasft.train.step import make_forward_step, reduce_reports
+    from megatron_rasft.train.step import global_metrics, make_forward_step
 
     sys.path.insert(0, str(HERE))
     from bench_step import batches_of, build_policy, frozen_copy, train_step
@@ -143,7 +143,7 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
         reports = train_step(chunks, optimizer, forward_step, batches, args.seq)
         t2, c2 = time.perf_counter(), time.process_time()
         if step == 0:
-            first_nll = reduce_reports(reports)["nll"]
+            first_nll = global_metrics(reports)["nll"]
         else:
             times.append(t2 - t1)
             ref_times.append(t2 - t0)
@@ -188,7 +188,7 @@ def run_worker(side: str, d: Path, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-from _shapes import add_model_args  # noqa: E402 (same folder)
+from _shapes import SMOKE_MODEL, add_model_args  # noqa: E402 (same folder)
 
 
 def main(argv=None):
@@ -200,6 +200,8 @@ def main(argv=None):
     p.add_argument("--worker", choices=("hf", "ours", "ours_packed"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_MODEL, rounds=1, steps=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
