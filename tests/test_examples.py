@@ -3,8 +3,6 @@ model, each runs one optimizer step on CPU; the SLURM script prints its job step
 the training step it prints, launched twice on this machine as two nodes of 2 processes each
 (torchrun, c10d rendezvous), gives the one-process losses."""
 import os
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +70,14 @@ def _dry_run(env: dict, config: str, *args: str) -> list[list[str]]:
                          env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    return [_bash_words(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+def _bash_words(line: str) -> list[str]:
+    """Split a line printed with bash's `printf %q` (it may use $'...' quoting, which shlex does not read)."""
+    out = subprocess.run(["bash", "-c", 'eval "words=($1)"; printf "%s\\0" "${words[@]}"', "_", line],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
 
 
 def _opt(argv: list, flag: str) -> str:
@@ -131,8 +136,8 @@ def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):
         for p in procs:
             kill_group(p)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    one = [a for a in train[train.index("--config"):] if not re.match(r"train\.run_dir=", a)]
-    one_sets = [one[i + 1] for i, a in enumerate(one) if a == "--set"]
+    tail = train[train.index("--config"):]
+    one_sets = [tail[i + 1] for i, a in enumerate(tail) if a == "--set" and not tail[i + 1].startswith("train.run_dir=")]
     rc, out = run_train(ROOT / "examples" / "tiny_cpu.toml", tmp_path / "one", *one_sets, timeout_s=600)
     assert rc == 0, out[-3000:]
     two, single = step_losses(tmp_path / "two_nodes"), step_losses(tmp_path / "one")
