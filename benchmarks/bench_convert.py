@@ -88,10 +88,16 @@ def main() -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dst", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks in seconds that the script still runs (numbers meaningless)")
     args = ap.parse_args()
     if args.child:
         child(args)
         return 0
+    if args.smoke:
+        import tempfile
+
+        vars(args).update(layers=[1], hidden=64, ffn=128, heads=4, kv_heads=2, vocab=256,
+                          workdir=str(Path(tempfile.mkdtemp(prefix="bench_convert_smoke_")) / "work"))
     work = Path(args.workdir)
     if work.exists():
         raise SystemExit(f"--workdir {work} exists; remove it or pick another")

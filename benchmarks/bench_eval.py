@@ -129,7 +129,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks in seconds that the script still runs (numbers meaningless)")
     args = ap.parse_args()
+    if args.smoke:
+        vars(args).update(grade_items=8, code_items=2, problems=4, n=1, max_tokens=8, concurrency=2, repeats=1,
+                          kv_cache_gib=0.25)
     out = {"grading": bench_grading(args)}
     print(json.dumps(out["grading"], indent=1), flush=True)
     if not args.skip_generation:

@@ -146,7 +146,10 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=131072)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks in seconds that the script still runs (numbers meaningless)")
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(tokens=[16], vocab=512, repeats=1)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, vocab {args.vocab}, fp32, median of {args.repeats} (forward + backward)")

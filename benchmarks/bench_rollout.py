@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-gib", type=float, default=0.5)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks in seconds that the script still runs (numbers meaningless)")
     args = ap.parse_args()
+    if args.smoke:
+        vars(args).update(prompts=4, n=1, max_tokens=8, concurrency=2, repeats=1, kv_cache_gib=0.25)
 
     from megatron_rasft.config import RolloutConfig
     from megatron_rasft.config import SamplingConfig

@@ -160,7 +160,7 @@ def sync():
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
-from _shapes import add_model_args  # noqa: E402 (same folder)
+from _shapes import SMOKE_MODEL, add_model_args  # noqa: E402 (same folder)
 
 
 def main(argv=None):
@@ -173,8 +173,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model, one repeat: check that it runs")
     args = p.parse_args(argv)
     if args.smoke:
-        args.layers, args.hidden, args.ffn, args.heads, args.kv_heads = 2, 64, 172, 4, 2
-        args.vocab, args.seq, args.repeats = 512, 64, 1
+        vars(args).update(SMOKE_MODEL, repeats=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "sft" not in args.methods:

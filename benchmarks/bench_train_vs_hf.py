@@ -188,7 +188,7 @@ def run_worker(side: str, d: Path, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-from _shapes import add_model_args  # noqa: E402 (same folder)
+from _shapes import SMOKE_MODEL, add_model_args  # noqa: E402 (same folder)
 
 
 def main(argv=None):
@@ -200,6 +200,8 @@ def main(argv=None):
     p.add_argument("--worker", choices=("hf", "ours", "ours_packed"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_MODEL, rounds=1, steps=1)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

@@ -56,7 +56,13 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s (default: by GPU name)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a check of the code path, e.g. on CPU)")
+    p.add_argument("--smoke", action="store_true", help="--tiny, one step without warm-up, on the CPU when "
+                   "there is no GPU: checks in seconds that the script still runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.warmup, args.steps = True, 0, 1
+        if not torch.cuda.is_available():
+            args.device = "cpu"
     if args.tiny:
         for k, v in TINY.items():
             setattr(args, k, v)

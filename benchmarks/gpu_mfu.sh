@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_mfu.sh [gpu_mfu.py options, e.g. --impl local --micro-batch 4 --fp8 hybrid]
 #   bash benchmarks/gpu_mfu.sh --device cpu --tiny     # check the code path on a CPU machine
+#   bash benchmarks/gpu_mfu.sh --smoke                 # tiny shapes, one step, on the GPU if there is one
 #
 # Default shapes: Llama-3.2-1B (16 layers, hidden 2048, 32 heads / 8 KV heads, ffn 8192, vocab 128256),
 # seq 2048, bf16, Transformer Engine spec when importable; see benchmarks/gpu_mfu.py for the FLOP count.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 [[ -x .venv/bin/python && "$PYTHON" == python ]] && PYTHON=.venv/bin/python
 
-if [[ " $* " != *" --device cpu "* ]]; then
+if [[ " $* " != *" --device cpu "* && " $* " != *" --smoke "* ]]; then
     if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
         echo "error: no NVIDIA GPU here (nvidia-smi missing or failing). Run on a GPU node, or" \
              "'bash benchmarks/gpu_mfu.sh --device cpu --tiny' to check the code path." >&2

@@ -1,6 +1,12 @@
-"""Run every CPU benchmark in turn (`make bench`). Each prints its own ratios against a baseline
+"""Run every benchmark in turn (`make bench`). Each prints its own ratios against a baseline
 measured in the same run; run them on a quiet machine and copy the numbers into README.md.
-GPU: `bash benchmarks/gpu_mfu.sh` on a CUDA machine."""
+
+    python benchmarks/run_all.py [--smoke] [SCRIPT ...]
+
+`--smoke` runs each in its smoke mode (tiny shapes, one repeat: a check that it still runs).
+`gpu_mfu.sh` measures a GPU; without one it runs its smoke mode (the same code path, tiny, on CPU).
+tests/test_benchmarks.py checks that this list names every script in benchmarks/.
+"""
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +20,37 @@ RUNS = [
     ["bench_rollout.py"],
     ["bench_eval.py"],
     ["bench_convert.py"],  # needs ~6 GB of free disk and a few minutes
+    ["gpu_mfu.sh"],  # runs gpu_mfu.py
 ]
+# Scripts run through another entry of RUNS.
+COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh"}
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def command(script: str, args: list, smoke: bool) -> list:
+    if smoke or (script == "gpu_mfu.sh" and not has_gpu()):
+        args = ["--smoke"]
+    if script.endswith(".sh"):
+        return ["bash", str(HERE / script), *args]
+    return [sys.executable, str(HERE / script), *args]
+
 
 if __name__ == "__main__":
-    only = set(sys.argv[1:])
+    argv = sys.argv[1:]
+    smoke = "--smoke" in argv
+    only = {a for a in argv if a != "--smoke"}
     failed = []
     for script, *args in RUNS:
-        if only and script not in only and script.removesuffix(".py") not in only:
+        if only and script not in only and script.rsplit(".", 1)[0] not in only:
             continue
-        print(f"\n===== {script} {' '.join(args)}", flush=True)
-        if subprocess.call([sys.executable, str(HERE / script), *args]) != 0:
+        cmd = command(script, args, smoke)
+        print(f"\n===== {' '.join(Path(c).name if i == 1 else c for i, c in enumerate(cmd[1:], 1))}", flush=True)
+        if subprocess.call(cmd) != 0:
             failed.append(script)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -1,4 +1,9 @@
-"""Shared test configuration. Markers: `slow` (left out of CI), `gpu` (needs CUDA; skipped without)."""
+"""Shared test configuration. Markers: `slow` (left out of CI), `gpu` (needs CUDA; skipped without).
+
+Hygiene: every test that used the session's vLLM server is followed by a check that the server is
+healthy and serves its original weights (a broken server is restarted and the test fails), and the
+session ends by checking that no trainer, torchrun, spawned rank or vLLM process it started is left.
+"""
 import os
 
 import pytest
@@ -6,6 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inherited by every process the tests start: how the end-of-session check finds leftovers.
+from megatron_rasft.testing.procs import SESSION_ENV, kill_all, tagged_processes  # noqa: E402
+
+os.environ[SESSION_ENV] = str(os.getpid())
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
@@ -33,8 +42,66 @@ def vllm_server(tmp_path_factory):
     """
     from megatron_rasft.testing.tiny import start_tiny_server
 
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.refresh import hf_prompt_logprobs
+
     server = start_tiny_server(tmp_path_factory.mktemp("vllm_server"))
     try:
+        client = RolloutClient(server, server.cfg, progress=False)
+        ids = client.prompt_logprobs(_PROBE)[0]
+        server.original = (server.model_dir, ids, hf_prompt_logprobs(server.model_dir, ids))
         yield server
     finally:
         server.stop()
+
+
+_PROBE = "Q:4821+397;A:"
+
+
+def server_problems(server) -> list:
+    """What is wrong with the session server now (empty: healthy, original checkpoint, and a probe's
+    log-probs equal to transformers' on the original weights within 1e-2)."""
+    from megatron_rasft.rollout.client import RolloutClient
+
+    model_dir, ids, expected = server.original
+    if not server.alive():
+        return ["the server is not running or /health does not answer 200"]
+    problems = [] if str(server.model_dir) == str(model_dir) else [f"it serves {server.model_dir}"]
+    got = RolloutClient(server, server.cfg, progress=False).prompt_logprobs(ids)[1]
+    diff = max(abs(a - b) for a, b in zip(got, expected))
+    if diff > 1e-2:
+        problems.append(f"its weights are not the original ones (probe |Δlogp| {diff:.3f})")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def _session_server_restored(request):
+    """After each test that used the session server: it must be healthy and as it was. Otherwise it
+    is put back (restart on the original checkpoint), so later tests do not inherit the damage,
+    and the test fails."""
+    yield
+    if "vllm_server" not in request.fixturenames:
+        return
+    server = request.getfixturevalue("vllm_server")
+    problems = server_problems(server)
+    if problems:
+        server.restart(server.original[0])
+        pytest.fail(f"{request.node.nodeid} left the session vLLM server broken: {'; '.join(problems)} "
+                    "(restarted on its original checkpoint)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No trainer, torchrun, spawned rank or vLLM process started by this session may outlive it."""
+    import time
+
+    deadline = time.monotonic() + 20  # a stopped server's engine workers may take a moment to exit
+    left = tagged_processes(os.environ[SESSION_ENV])
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = tagged_processes(os.environ[SESSION_ENV])
+    if left:
+        kill_all(left)
+        lines = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in left)
+        session.config.get_terminal_writer().line(f"\nprocesses started by the tests were still running "
+                                                  f"(now killed):\n{lines}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -77,14 +77,32 @@ def test_dataclass_validation():
         load_config("/nonexistent.toml")
 
 
-def test_provider_spec_and_te_errors():
+def test_provider_spec_and_te_errors(monkeypatch):
+    import torch
+
+    from megatron_rasft.model import provider
     from megatron_rasft.model.provider import padded_vocab_size, resolve_impl
 
-    assert resolve_impl(ModelConfig()) == "local"  # no GPU here
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU .* and Transformer Engine"):
-        resolve_impl(ModelConfig(fp8="hybrid"))
-    with pytest.raises(RuntimeError, match="transformer_impl = 'te' needs"):
-        resolve_impl(ModelConfig(transformer_impl="te"))
+    # On this machine, whatever it has: `auto` takes TE exactly when CUDA and TE are both there.
+    have_te = torch.cuda.is_available() and provider.te_available()
+    assert resolve_impl(ModelConfig()) == ("te" if have_te else "local")
+    # Each missing piece is named (simulated, so that the check runs the same on a GPU host).
+    for cuda, te, missing in ((False, False, "needs a CUDA GPU .* and Transformer Engine"),
+                              (False, True, r"needs a CUDA GPU \(torch.cuda.is_available\(\) is False\);"),
+                              (True, False, "needs Transformer Engine")):
+        monkeypatch.setattr(provider.torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(provider, "te_available", lambda: te)
+        with pytest.raises(RuntimeError, match=missing):
+            resolve_impl(ModelConfig(fp8="hybrid"))
+        with pytest.raises(RuntimeError, match="transformer_impl = 'te' needs"):
+            resolve_impl(ModelConfig(transformer_impl="te"))
+        assert resolve_impl(ModelConfig()) == "local"
+    monkeypatch.setattr(provider.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(provider, "te_available", lambda: True)
+    assert resolve_impl(ModelConfig()) == "te" and resolve_impl(ModelConfig(fp8="hybrid")) == "te"
+    with pytest.raises(ValueError, match="model.fp8 needs the Transformer Engine layer spec"):
+        resolve_impl(ModelConfig(fp8="hybrid", transformer_impl="local"))
+    monkeypatch.undo()
     def padded(v, div, tp):
         return padded_vocab_size(ModelConfig(vocab_size=v, make_vocab_size_divisible_by=div), tp)
 

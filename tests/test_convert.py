@@ -409,3 +409,40 @@ def test_vllm_serves_exported_folder_like_transformers(vllm_server, tmp_path):
             assert got == want, (prompt, got, want)
     finally:
         vllm_server.restart(original)
+
+
+def test_vllm_reloads_a_converted_export_greedy_like_transformers(vllm_server, tmp_path):
+    """The CI version of the check above, without restarts (seconds instead of ~1 min): other weights
+    of the served shapes go HF → Megatron (TP=2) → HF and are reloaded in place into the session
+    server; its greedy tokens then equal transformers' on the exported folder. The server's own
+    weights are put back (conftest checks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.refresh import refresh_weights
+    from megatron_rasft.rollout.server import http_json
+    from megatron_rasft.testing.tiny import reseed_weights
+
+    original = vllm_server.model_dir
+    other = reseed_weights(original, tmp_path / "other", seed=7)
+    pipeline.hf_to_mcore(other, tmp_path / "mc", tp=2, quiet=True)
+    pipeline.mcore_to_hf(tmp_path / "mc", tmp_path / "hf", quiet=True, max_shard_size="100KB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1  # the sharded form, with its index
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    client = RolloutClient(vllm_server, vllm_server.cfg, progress=False)
+    try:
+        result = refresh_weights(vllm_server, tmp_path / "hf", client, allow_restart=False)
+        assert result.method == "inplace" and result.max_abs_diff_before > 0.1  # other weights are live
+        for prompt in ["Q:12+34;A:", "Q:905+7;A:", "Q:1+1;A:"]:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                want = model.generate(ids, max_new_tokens=8, do_sample=False, top_k=0, top_p=1.0,
+                                      eos_token_id=None)[0, ids.shape[1]:].tolist()
+            status, reply = http_json(f"{vllm_server.url}/v1/completions", {
+                "model": vllm_server.model_name(), "prompt": ids[0].tolist(), "max_tokens": 8,
+                "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}, timeout=120)
+            assert status == 200, reply
+            assert reply["choices"][0]["token_ids"] == want, (prompt, reply["choices"][0], want)
+    finally:
+        refresh_weights(vllm_server, original, client, allow_restart=False)

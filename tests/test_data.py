@@ -60,8 +60,18 @@ def test_templates_and_tokenizer_check(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(train_tokenizer(tmp_path / "tok")))
     assert render_prompt(tok, "Q:1+1;A:", "plain") == "Q:1+1;A:"
-    assert render_prompt(tok, "hi", "released").startswith("<|im_start|>system\nPlease reason step by step")
-    assert "hi" in render_prompt(tok, "hi", "chat")
+    assert render_prompt(tok, "hi", "released") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # `chat` is the tokenizer's own template with the generation prompt: the tiny tokenizer's is BOS +
+    # the text; a ChatML template must end with the opened assistant turn.
+    assert render_prompt(tok, "hi", "chat") == "<s>hi"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert render_prompt(tok, "hi", "chat") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        render_prompt(tok, "hi", "chat")
     check_tokenizer(tok, vocab_size=len(tok))
     with pytest.raises(ValueError, match="does not match the checkpoint"):
         check_tokenizer(tok, vocab_size=len(tok) - 1)

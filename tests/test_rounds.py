@@ -6,9 +6,13 @@ samples, verifies with math-verify, weighs, and trains on the expert demonstrati
 rollouts. Every test puts the server's original weights back.
 """
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from megatron_rasft.train.state import LoopState, next_window_ids
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.testing.runs import run_train, step_losses
@@ -48,10 +52,17 @@ lr = 1e-3
 load = "{root / 'mcore'}"
 save_interval = 1
 """)
-    yield root, config
+    return root, config
+
+
+@pytest.fixture(autouse=True)
+def _server_weights_back(vllm_server):
+    """Each run refreshes the session server to its policy: put the original weights back after
+    every test (conftest then checks that the server serves them)."""
+    yield
     from megatron_rasft.rollout.refresh import refresh_weights
 
-    refresh_weights(vllm_server, vllm_server.model_dir)  # put the session server's weights back
+    refresh_weights(vllm_server, vllm_server.model_dir)
 
 
 def _train(config, run_dir, *sets, nproc=1):
@@ -128,18 +139,31 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     assert step_losses(root / "degenerate") == step_losses(root / "sft")
 
 
-def test_rounds_with_tensor_parallel_and_reference_selection(setup):
+def test_rounds_with_tensor_parallel_and_reference_selection(setup, vllm_server):
     """TP=2 in 2 gloo processes, with the released code's NLL-band selection of what to roll out."""
     root, config = setup
+    # Seed 11: the first window holds in-band problems and hard ones, none within 0.1 of a threshold.
     rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection=released",
-                     nproc=2)
+                     "train.seed=11", nproc=2)
     assert rc == 0, out
     assert (root / "tp2" / "rounds" / "round_001.json").is_file()
+    # Round 0 (step 0, the policy is still the served model) recomputed independently: each expert
+    # demonstration's mean response NLL in float64 with transformers, the band as numpy quantiles
+    # (selection.py's docstring), and the rule "35 % of the window's in-band problems are rolled out,
+    # the ones above the band and within the ceiling join the hard pool".
+    nll = _expert_nll(root / "problems.jsonl", vllm_server.model_dir)
+    vals = list(nll.values())
     band = json.loads((root / "tp2" / "rounds" / "nll_band.json").read_text())
-    assert band["start_low"] <= band["start_high"] <= band["hard_ceiling"]
-    for r in (0, 1):
-        marker = json.loads((root / "tp2" / "rounds" / f"round_{r:03d}.json").read_text())
-        assert marker["summary"]["rolled_out"] <= 4  # a subset of the window's 4 problems (+ probes)
+    for name, q in (("easy_floor", 0.1), ("start_low", 0.2), ("start_high", 0.45), ("hard_ceiling", 0.95)):
+        assert band[name] == pytest.approx(float(np.quantile(vals, q)), abs=1e-4), name
+    low, high, ceiling = (float(np.quantile(vals, q)) for q in (0.2, 0.45, 0.95))
+    window = next_window_ids(LoopState(), sorted(nll), 4, seed=11)
+    in_band = {i for i in window if low <= nll[i] <= high}
+    marker = json.loads((root / "tp2" / "rounds" / "round_000.json").read_text())
+    rolled = {json.loads(line)["problem_id"] for line in (root / "tp2" / "rollouts" / "round_000.jsonl").open()}
+    assert rolled <= in_band and len(rolled) == math.ceil(0.35 * len(in_band)) == marker["summary"]["rolled_out"]
+    assert set(marker["hard_pool"]) == {i for i in window if high < nll[i] <= ceiling}
+    assert len(in_band) == 2 and marker["hard_pool"]  # the case this seed was chosen for
     assert len(step_losses(root / "tp2")) == 2
 
 
@@ -181,3 +205,21 @@ def test_same_round_two_ways_gives_identical_rollouts(setup, vllm_server, tmp_pa
 
     assert sorted(map(key, by_command)) == sorted(map(key, by_trainer))
     assert {key(r): sample(r) for r in by_command} == {key(r): sample(r) for r in by_trainer}
+def _expert_nll(problems_path, model_dir) -> dict:
+    """problem id -> mean NLL of `response` + EOS after `BOS prompt`, float64 transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    out = {}
+    for line in Path(problems_path).read_text().splitlines():
+        p = json.loads(line)
+        prompt = [tok.bos_token_id] + tok(p["prompt"], add_special_tokens=False).input_ids
+        resp = tok(p["response"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([prompt + resp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        tok_logp = logp.gather(1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+        out[p["id"]] = -tok_logp.mean().item()
+    return out

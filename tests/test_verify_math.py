@@ -185,7 +185,6 @@ def _run_dir(tmp_path):
 def test_verify_and_weigh_stages_resume(tmp_path, capsys):
     from megatron_rasft.cli import main
     from megatron_rasft.records import ProblemVerdicts, Weight, read_records, to_line
-    from megatron_rasft.weighting import weight_records
 
     run = _run_dir(tmp_path)
     out = run / "verdicts" / "round_000.jsonl"
@@ -204,7 +203,13 @@ def test_verify_and_weigh_stages_resume(tmp_path, capsys):
         [(0, True, "correct"), (1, False, "no_answer")]
     assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "linear"]) == 0
     weights = list(read_records(run / "weights" / "round_000.jsonl", Weight))
-    assert weights == weight_records(recs["a"], "linear") + weight_records(recs["b"], "linear")
+    # By hand (RASFT.md `linear`, a_max 1, a_min 0.2, beta 0.5): "a" and "b" each have k = 1 of K = 2,
+    # p = 1/2 -> A_E = 1 - 0.8 * 1/2 = 0.6, the correct rollout (sample 0) 0.5 * 1/2 / 1 = 0.25; the
+    # wrong one gets no record.
+    assert [(w.problem_id, w.round, w.kind, w.sample_index, w.p, w.k, w.K) for w in weights] == [
+        ("a", 0, "expert", None, 0.5, 1, 2), ("a", 0, "rollout", 0, 0.5, 1, 2),
+        ("b", 0, "expert", None, 0.5, 1, 2), ("b", 0, "rollout", 0, 0.5, 1, 2)]
+    assert [w.weight for w in weights] == pytest.approx([0.6, 0.25, 0.6, 0.25], abs=1e-12)
     assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "reference"]) == 0
     assert "mean A_E 1.0000" in capsys.readouterr().out  # these toy rollouts are all "degenerate"
 

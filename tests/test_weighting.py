@@ -71,7 +71,13 @@ def test_reference_table_K3():
     e, r = weigh("released", "", [(T1, True), (T2, False), (T3, True)])
     assert e == pytest.approx(a_e, abs=1e-12) and e == pytest.approx(0.15511, abs=1e-4)
     assert r == pytest.approx([0.25 * 0.02, 0.0, 0.25 * 0.02], abs=1e-12)
-    assert _hand([7 / 3, 1, 0, 0], 1)[0] == pytest.approx(0.27788, abs=1e-4)
+    # The general rule (`_hand`) on the groups derived above gives what the code gives.
+    for rolls, group, k in (([(T1, True), (T2, False), (T3, False)], [7 / 3, 1, 0, 0], 1),
+                            ([(T1, True), (T2, False), (T3, True)], [5 / 3, 1, 1, 0], 2)):
+        e, r = weigh("released", "", rolls)
+        hand_e, hand_pos = _hand(group, k)
+        assert e == pytest.approx(hand_e, abs=1e-12)
+        assert [x for x, (_, ok) in zip(r, rolls) if ok] == pytest.approx(hand_pos, abs=1e-12)
 
 
 def test_filtered_rollouts_count_in_K_but_never_enter_the_group():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,45 @@ def start_train(config, run_dir, *sets: str, nproc: int = 1, stdout=subprocess.P
                             text=True, start_new_session=True)
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`'s process group (it was started with `start_new_session=True`) and every
+    descendant: torchrun starts each rank in a session of its own, and a rank's checkpoint writer
+    or vLLM server may sit in yet another group. The tree is listed first (a killed parent's
+    children are re-parented and could no longer be found)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
 def run_train(config, run_dir, *sets: str, nproc: int = 1, timeout_s: float = 900) -> tuple:
-    """(exit code, console output) of a finished training run."""
+    """(exit code, console output) of a finished training run. Raises `TimeoutError` (with the
+    console's tail) after `timeout_s` seconds, once the run's whole process group is killed."""
     proc = start_train(config, run_dir, *sets, nproc=nproc)
-    out, _ = proc.communicate(timeout=timeout_s)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        # A survivor holding the console pipe would block a plain communicate(): bounded.
+        out, _ = proc.communicate(timeout=30)
+        raise TimeoutError(f"train run {run_dir} did not finish within {timeout_s:.0f}s; its process "
+                           f"group was killed. Console tail:\n{(out or '')[-3000:]}") from None
+    except BaseException:  # KeyboardInterrupt, a failing caller: never leave the run behind
+        kill_group(proc)
+        proc.communicate(timeout=30)
+        raise
     return proc.returncode, out
 
 

@@ -1,0 +1,43 @@
+"""Benchmarks cannot rot: every script in benchmarks/ runs in its `--smoke` mode (tiny shapes, one
+repeat), and `make bench` (benchmarks/run_all.py) runs every one of them. The scripts are found by
+listing the folder, so a new script without `--smoke`, or missing from run_all.py, fails here."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCH.iterdir()
+                 if p.suffix in (".py", ".sh") and not p.name.startswith("_") and p.name != "run_all.py")
+
+
+def test_run_all_covers_every_script():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(BENCH))
+    listed = {r[0] for r in run_all.RUNS} | set(run_all.COVERED_BY)
+    assert listed == set(SCRIPTS), f"benchmarks/run_all.py RUNS must name every script: {set(SCRIPTS) ^ listed}"
+    assert all(v in listed for v in run_all.COVERED_BY.values())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smoke(script, tmp_path):
+    cmd = (["bash"] if script.endswith(".sh") else [sys.executable]) + [str(BENCH / script), "--smoke"]
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(cmd, cwd=BENCH.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=900)  # a hang guard: minutes on a loaded 2-core box
+    except subprocess.TimeoutExpired:
+        from megatron_rasft.testing.runs import kill_group
+
+        kill_group(proc)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"{script} --smoke timed out:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{out[-3000:]}"
+    assert out.strip(), f"{script} --smoke printed nothing"

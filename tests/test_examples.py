@@ -1,0 +1,144 @@
+"""Every file in examples/: the configs load and validate and, shrunk by `--set` overrides onto a tiny
+model, each runs one optimizer step on CPU; the SLURM script prints its job steps in a dry run, and
+the training step it prints, launched twice on this machine as two nodes of 2 processes each
+(torchrun, c10d rendezvous), gives the one-process losses."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_rasft.config import load_config
+from megatron_rasft.parallel.net import free_port
+from megatron_rasft.testing.runs import ROOT, kill_group, run_train, step_losses
+
+EXAMPLES = ROOT / "examples"
+CONFIGS = sorted(p.name for p in EXAMPLES.glob("*.toml"))
+SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sbatch"))
+# Onto the tiny checkpoint (its model_config.json gives the architecture), one process, fp32, one step.
+# Rounds off: the rollout path is exercised by tests/test_rounds.py; here each file's loss, weighting,
+# optimizer and data settings go through a real step.
+SHRINK = ["model.seq_length=64", 'model.params_dtype="fp32"', 'model.transformer_impl="local"', "train.bf16=false",
+          "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+          "train.train_iters=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.refresh_interval=0",
+          'train.prompt_template="plain"', "checkpoint.save_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF folder with tokenizer, its Megatron conversion, a problems file)."""
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+    from megatron_rasft.demo.task import make_problems, write_jsonl
+    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("examples")
+    hf = make_tiny_model(root / "hf", train_tokenizer(root / "tok"), hidden_size=64, intermediate_size=128,
+                         initializer_range=0.02)
+    hf_to_mcore(hf, root / "mcore", quiet=True)
+    data = write_jsonl(make_problems(16, seed=3, min_digits=1, max_digits=2), root / "problems.jsonl")
+    return hf, root / "mcore", data
+
+
+def test_every_example_loads_and_validates():
+    assert {"tiny_cpu.toml", "qwen2.5-math-1.5b.toml"} <= set(CONFIGS)
+    for name in CONFIGS:
+        cfg = load_config(EXAMPLES / name)
+        assert cfg.train.train_iters >= 1 and cfg.loss.method, name
+        assert name in (EXAMPLES / "README.md").read_text(), f"{name} is not listed in examples/README.md"
+    for name in SCRIPTS:
+        check = subprocess.run(["bash", "-n", str(EXAMPLES / name)], capture_output=True, text=True)
+        assert check.returncode == 0, (name, check.stderr)
+        assert name in (EXAMPLES / "README.md").read_text(), f"{name} is not listed in examples/README.md"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_example_runs_one_step_shrunk(name, tiny, tmp_path):
+    hf, mcore, data = tiny
+    sets = [*SHRINK, f"checkpoint.load={mcore}"]
+    if name != "tiny_cpu.toml":  # the model configs train on real problems with the checkpoint's tokenizer
+        sets += [f"train.data_path={data}", f"train.tokenizer={hf}"]
+    rc, out = run_train(EXAMPLES / name, tmp_path / "run", *sets, timeout_s=600)
+    assert rc == 0, out[-3000:]
+    losses = step_losses(tmp_path / "run")
+    assert list(losses) == [1] and 0 < losses[1] < 20, losses
+
+
+def _dry_run(env: dict, config: str, *args: str) -> list[list[str]]:
+    """The SLURM script under DRY_RUN=1: its job steps, each as an argv list."""
+    out = subprocess.run(["bash", str(EXAMPLES / "slurm_rasft.sbatch"), config, *args], cwd=ROOT,
+                         env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [_bash_words(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+def _bash_words(line: str) -> list[str]:
+    """Split a line printed with bash's `printf %q` (it may use $'...' quoting, which shlex does not read)."""
+    out = subprocess.run(["bash", "-c", 'eval "words=($1)"; printf "%s\\0" "${words[@]}"', "_", line],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
+
+
+def _opt(argv: list, flag: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(flag + "="))
+
+
+def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
+    hf, _, data = tiny
+    env = {"SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3", "SLURM_NNODES": "3", "SLURM_JOB_ID": "77",
+           "HF_DIR": str(hf), "DATA": str(data), "MCORE_DIR": str(tmp_path / "mcore"), "RUN_DIR": str(tmp_path / "run")}
+    convert, server, train = _dry_run(env, "examples/qwen2.5-math-7b.toml", "--set", "train.train_iters=5")
+    assert convert[:1] == ["srun"] and _opt(convert, "--nodelist") == "gpu1"
+    assert convert[convert.index("--tp") + 1] == "2" and convert[convert.index("--out") + 1] == str(tmp_path / "mcore")
+    assert _opt(server, "--nodelist") == "gpu3" and "examples/rollout_server.sh" in server
+    assert _opt(train, "--nodes") == "2" and _opt(train, "--nodelist") == "gpu1,gpu2"
+    body = train[train.index("-c") + 1]
+    assert "torchrun --nnodes" in body and "--rdzv-backend c10d" in body and "-m megatron_rasft train" in body
+    tail = train[train.index("-c") + 2:]
+    assert tail[:2] == ["2", "8"]  # nnodes, processes per node
+    sets = [tail[i + 1] for i, a in enumerate(tail) if a == "--set"]
+    assert sets == [f"checkpoint.load={tmp_path / 'mcore'}", f"train.data_path={data}", f"train.tokenizer={hf}",
+                    f"train.run_dir={tmp_path / 'run'}", "rollout.server_url=http://gpu3:8000", "train.train_iters=5"]
+    # A checkpoint already converted is not converted again; no rollout node -> no server step.
+    (tmp_path / "mcore").mkdir()
+    (tmp_path / "mcore" / "model_config.json").write_text("{}")
+    steps = _dry_run({**env, "ROLLOUT_NODES": "0"}, "examples/qwen2.5-math-7b.toml")
+    assert len(steps) == 1 and _opt(steps[0], "--nodes") == "3"
+    assert "rollout.server_url" not in " ".join(steps[0])
+
+
+def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):
+    """The `bash -c 'exec torchrun ...'` the script hands to srun, run here once per simulated node
+    (SLURM_NODEID 0 and 1, 2 processes each, rendezvous on 127.0.0.1): 2 steps with DP = 4 give the
+    losses of the same config in one process."""
+    hf, mcore, data = tiny
+    sets = ["--set", "train.train_iters=2", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=2",
+            "--set", "checkpoint.save_interval=0", "--set", "parallel.use_distributed_optimizer=true"]
+    env = {"SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2", "SLURM_JOB_ID": "88", "ROLLOUT_NODES": "0",
+           "GPUS_PER_NODE": "2", "HF_DIR": str(hf), "DATA": str(data), "MCORE_DIR": str(mcore),
+           "RUN_DIR": str(tmp_path / "two_nodes")}
+    (train,) = _dry_run(env, "examples/tiny_cpu.toml", *sets)
+    node_cmd = train[train.index("bash"):]  # what srun runs on each node
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        node_env = {**os.environ, "SLURM_NODEID": str(node), "SLURM_JOB_ID": "88", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        procs.append(subprocess.Popen(node_cmd, cwd=ROOT, env=node_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=600)[0])
+    finally:
+        for p in procs:
+            kill_group(p)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    tail = train[train.index("--config"):]
+    one_sets = [tail[i + 1] for i, a in enumerate(tail) if a == "--set" and not tail[i + 1].startswith("train.run_dir=")]
+    rc, out = run_train(ROOT / "examples" / "tiny_cpu.toml", tmp_path / "one", *one_sets, timeout_s=600)
+    assert rc == 0, out[-3000:]
+    two, single = step_losses(tmp_path / "two_nodes"), step_losses(tmp_path / "one")
+    assert sorted(two) == [1, 2] and two == pytest.approx(single, rel=1e-5), (two, single)

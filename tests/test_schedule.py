@@ -1,0 +1,91 @@
+"""The optimizer as the loop drives it, read back from a real run: the logged learning rate follows
+linear warm-up then cosine decay to `min_lr`, and `clip_grad` bounds the update when it binds."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rasft.testing.runs import run_train, step_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "tiny_cpu.toml"
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    """(HF folder, `--set` loading its Megatron conversion): every run starts from these weights."""
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("sched")
+    hf = make_tiny_model(root / "hf", train_tokenizer(root / "tok"), hidden_size=64, intermediate_size=128,
+                         initializer_range=0.02)
+    hf_to_mcore(hf, root / "mcore", quiet=True)
+    return hf, f"checkpoint.load={root / 'mcore'}"
+
+
+def _metrics(run) -> dict:
+    recs = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if r.get("kind") == "train"}
+
+
+def expected_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Megatron's OptimizerParamScheduler (linear warm-up from 0, then cosine to min_lr over the rest),
+    evaluated before the step's update: step s (1-based) uses the schedule at n = s - 1 steps done.
+        n <= W: lr · n / W
+        n >  W: min_lr + (lr - min_lr) · (1 + cos(π (n - W) / (T - W))) / 2"""
+    n = step - 1
+    if warmup and n <= warmup:
+        return lr * n / warmup
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (n - warmup) / (total - warmup)))
+
+
+def test_logged_lr_is_warmup_then_cosine_to_min_lr(tmp_path, init):
+    rc, out = run_train(CONFIG, tmp_path / "run", init[1], "train.train_iters=8", "train.lr=1e-3",
+                        "train.min_lr=1e-4", "train.lr_warmup_iters=3", timeout_s=600)
+    assert rc == 0, out
+    got = {s: m["lr"] for s, m in _metrics(tmp_path / "run").items()}
+    want = {s: expected_lr(s, 1e-3, 1e-4, 3, 8) for s in range(1, 9)}
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert got[4] == pytest.approx(1e-3) and got[8] > 1e-4  # the peak after warm-up; min_lr not reached yet
+
+
+def _weights_after_step1(run, tmp_path) -> dict:
+    from safetensors.torch import load_file
+
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+
+    out = tmp_path / f"{Path(run).name}_hf"
+    mcore_to_hf(Path(run) / "ckpt" / "iter_0000001" / "model", out, quiet=True)
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_clip_grad_bounds_the_update_when_it_binds(tmp_path, init):
+    """Adam's first step is lr · g / (|g| + eps); with eps = lr = 1e4 (and no weight decay) it is the
+    (clipped) gradient itself to 1e-4, so the weight change read from the step-1 checkpoint measures
+    the gradient that was applied. Unclipped, its norm equals the logged grad norm (computed before
+    clipping); with clip_grad at a quarter of that norm it is exactly clip_grad, in the same direction."""
+    from safetensors.torch import load_file
+
+    hf_dir, load = init
+    start = {k: v for f in sorted(Path(hf_dir).glob("*.safetensors")) for k, v in load_file(f).items()}
+    sets = [load, "train.train_iters=1", "train.lr=1e4", "train.adam_eps=1e4", "train.weight_decay=0.0",
+            "train.lr_warmup_iters=0", "checkpoint.save_interval=1"]
+    deltas, norms = {}, {}
+    for name, clip in (("free", 1e9), ("clipped", None)):
+        if clip is None:
+            clip = norms["free"] / 4
+        rc, out = run_train(CONFIG, tmp_path / name, *sets, f"train.clip_grad={clip!r}", timeout_s=600)
+        assert rc == 0, out
+        after = _weights_after_step1(tmp_path / name, tmp_path)
+        assert after.keys() == start.keys()
+        deltas[name] = torch.cat([(after[k].double() - start[k].double()).flatten() for k in sorted(start)])
+        norms[name] = _metrics(tmp_path / name)[1]["grad_norm"]
+    assert norms["clipped"] == pytest.approx(norms["free"], rel=1e-6)  # same gradient, logged before clipping
+    assert deltas["free"].norm().item() == pytest.approx(norms["free"], rel=1e-3)
+    assert deltas["clipped"].norm().item() == pytest.approx(norms["free"] / 4, rel=1e-3)
+    cos = torch.nn.functional.cosine_similarity(deltas["free"], deltas["clipped"], dim=0).item()
+    assert cos > 1 - 1e-6
+    assert len(step_losses(tmp_path / "clipped")) == 1
