@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo demo-real test test-all bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): setup.py
 
 demo: venv
 	$(BIN)/python -m megatron_rasft demo
+
+# SmolLM2-135M-Instruct on reasoning-gym problems: warm-up, SFT vs RASFT, evaluation (README, "Real model").
+demo-real: venv
+	$(BIN)/python -m megatron_rasft.packaged.demo
 
 test: venv
 	$(BIN)/python -m pytest -q tests -m "not slow and not gpu"

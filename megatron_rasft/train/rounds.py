@@ -72,7 +72,7 @@ class Rounds:
         if not self._marker(r).is_file():
             t0 = time.time()
             hf_dir = self._export()
-            times["refresh"] += time.time() - t0
+            times["export"] = times.get("export", 0.0) + time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
             if rank0():
@@ -194,8 +194,10 @@ class Rounds:
         rollout_round(self.run_dir, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
                       problem_ids=problem_ids)
         times["rollout"] += time.time() - t0
+        t0 = time.time()
         verify_round(self.run_dir, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)
+        times["verify"] = times.get("verify", 0.0) + time.time() - t0
         weights = []
         wanted = set(problem_ids)
         for pv in read_records(round_path(self.run_dir, "verdicts", r), ProblemVerdicts):
