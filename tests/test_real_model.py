@@ -210,36 +210,79 @@ def _hf_logprobs(model, prompt_ids: list, completion_ids: list) -> list:
 
 
 def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
+    """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
+    server in place and checks the probe, samples the round; then the server is reloaded with the
+    trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
+    `server_url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_rasft.cli import main as cli_main
     from megatron_rasft.config import RolloutConfig
     from megatron_rasft.convert.pipeline import mcore_to_hf
     from megatron_rasft.packaged.problems import build
-    from megatron_rasft.records import Problem, read_records
     from megatron_rasft.rollout.client import RolloutClient, SamplingParams
+    from megatron_rasft.rollout.refresh import refresh_weights
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.runs import run_train
 
     data = tmp_path / "data"
     build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
-    run = tmp_path / "run"
-    rc, out = run_train(ROOT / "examples" / "smollm2_cpu.toml", run,
-                        f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
-                        f"checkpoint.load={smollm2_mcore}", "train.train_iters=2", "train.global_batch_size=2",
-                        "train.micro_batch_size=2", "train.refresh_interval=2", "rollout.num_samples=2",
-                        "rollout.max_tokens=128", "rollout.concurrency=8", timeout_s=600)
-    assert rc == 0, out[-4000:]
-    assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
-    assert end_of_turn == tok.eos_token_id == 2
+    server = RolloutServer(smollm2, RolloutConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=8),
+                           log_file=tmp_path / "vllm.log").start()
+    try:
+        run = tmp_path / "run"
+        rc, out = run_train(ROOT / "examples" / "smollm2_cpu.toml", run,
+                            f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
+                            f"checkpoint.load={smollm2_mcore}", f"rollout.server_url={server.url}",
+                            "train.train_iters=2", "train.global_batch_size=2", "train.micro_batch_size=2",
+                            "train.refresh_interval=2", "rollout.num_samples=2", "rollout.max_tokens=128",
+                            timeout_s=600)
+        assert rc == 0, out[-4000:]
+        assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
+        assert "server serves the step's weights (inplace" in out, out[-3000:]
+        tok = AutoTokenizer.from_pretrained(smollm2)
+        end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+        assert end_of_turn == tok.eos_token_id == 2
+        _check_round_rollouts(run, tok, smollm2, end_of_turn)
 
-    # The round's rollouts: chat-template prompts, ended by the end-of-turn token.
+        # Export the trained checkpoint back to Hugging Face and serve it (reloaded in place).
+        ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
+        export = tmp_path / "export"
+        mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
+        assert refresh_weights(server, export).method == "inplace"
+        trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+
+        # Greedy continuations of 3 chat prompts: the server equals transformers on the export.
+        client = RolloutClient(server, server.cfg, progress=False)
+        prompts = [_chat_ids(tok, c) for c in CHATS]
+        got = client.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=0))
+        for ids, comps in zip(prompts, got):
+            with torch.no_grad():
+                want = trained.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, top_k=None,
+                                        top_p=None, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
+            assert comps[0].token_ids == want[0, len(ids):].tolist(), (
+                tok.decode(comps[0].token_ids), tok.decode(want[0, len(ids):]))
+        # eval on 5 held-out problems through the same server, with the chat template.
+        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
+                       f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",
+                       "--prompt-template", "chat", "--out", str(tmp_path / "eval"), "--no-progress"])
+        assert rc == 0
+    finally:
+        server.stop()
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["rg"]["problems"] == 5
+
+
+def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int) -> None:
+    """Round 0's rollouts were sampled from the chat-template prompts and end at <|im_end|>."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rasft.records import Problem, read_records
+
     problems = {p.id: p for p in read_records(run / "problems.jsonl", Problem)}
     rollouts = list(read_records(run / "rollouts" / "round_000.jsonl"))
     assert len(problems) == 4 and len(rollouts) == 8
-    initial = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    initial = AutoModelForCausalLM.from_pretrained(initial_dir, dtype=torch.float32).eval()
     stopped = 0
     for ro in rollouts:
         rendered = problems[ro.problem_id].prompt
@@ -258,32 +301,3 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
         want = _hf_logprobs(initial, prompt_ids, ids[:6])
         assert max(abs(a - b) for a, b in zip(want, ro.logprobs[:6])) < 0.02, (want, ro.logprobs[:6])
     assert stopped >= 1, "no rollout ended at <|im_end|> within 128 tokens"
-    del initial
-
-    # Export the trained checkpoint back to Hugging Face; it is not the initial model any more.
-    ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
-    export = tmp_path / "export"
-    mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
-    trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-
-    # Served export: greedy continuations of 3 chat prompts equal transformers' on the same folder.
-    server = RolloutServer(export, RolloutConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=4),
-                           log_file=tmp_path / "serve.log").start()
-    try:
-        client = RolloutClient(server, server.cfg, progress=False)
-        prompts = [_chat_ids(tok, c) for c in CHATS]
-        got = client.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=0))
-        for ids, comps in zip(prompts, got):
-            with torch.no_grad():
-                want = trained.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, top_k=None,
-                                        top_p=None, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
-            assert comps[0].token_ids == want[0, len(ids):].tolist(), (
-                tok.decode(comps[0].token_ids), tok.decode(want[0, len(ids):]))
-        # eval on 5 held-out problems through the same server, with the chat template.
-        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
-                       f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",
-                       "--prompt-template", "chat", "--out", str(tmp_path / "eval"), "--no-progress"])
-        assert rc == 0
-    finally:
-        server.stop()
-    assert (tmp_path / "eval" / "results.md").is_file()
