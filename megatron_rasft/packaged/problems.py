@@ -11,11 +11,12 @@ instruction, so training and `eval --prompt-template chat` show the model the sa
 `response`, `answer`, `source` (generator, version, task, seed, index). Held-out rows have
 `question` instead of `prompt` (the `eval` command appends the instruction itself). The held-out
 split comes from a disjoint seed range (reasoning-gym seeds item i with `seed + i`), and any
-held-out question that also occurs in training is dropped.
+held-out question that also occurs in training is dropped. Held-out rows alternate between tasks.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +161,13 @@ def build(out_dir: str | Path, mix: dict, test_mix: dict, *, seed: int = 0, test
     out.mkdir(parents=True, exist_ok=True)
     train = [r for task, n in mix.items() for r in generate(task, n, seed)]
     seen = {r["question"] for r in train}
-    test, dropped = [], 0
+    per_task, dropped = [], 0
     for task, m in test_mix.items():
-        for r in generate(task, m, test_seed):
-            if r["question"] in seen:
-                dropped += 1
-                continue
-            test.append(r)
+        rows = [r for r in generate(task, m, test_seed) if r["question"] not in seen]
+        dropped += m - len(rows)
+        per_task.append(rows)
+    # Interleaved across tasks, so that `eval --limit N` takes every task.
+    test = [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
     with (out / "train.jsonl").open("w") as f:
         for r in train:
             row = {"id": r["id"], "prompt": f"{r['question']}\n{MATH_INSTRUCTION}", **r}
