@@ -273,7 +273,8 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     assert results["rg"]["problems"] == 5
 
 
-def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int) -> None:
+def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int, *, problems_n: int = 4,
+                          k: int = 2, max_tokens: int = 128) -> None:
     """Round 0's rollouts were sampled from the chat-template prompts and end at <|im_end|>."""
     from transformers import AutoModelForCausalLM
 
@@ -281,7 +282,7 @@ def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int) -
 
     problems = {p.id: p for p in read_records(run / "problems.jsonl", Problem)}
     rollouts = list(read_records(run / "rollouts" / "round_000.jsonl"))
-    assert len(problems) == 4 and len(rollouts) == 8
+    assert len(problems) == problems_n and len(rollouts) == problems_n * k
     initial = AutoModelForCausalLM.from_pretrained(initial_dir, dtype=torch.float32).eval()
     stopped = 0
     for ro in rollouts:
@@ -295,9 +296,9 @@ def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int) -
             assert ids[-1] == end_of_turn, (ro.finish_reason, ids[-5:])
             stopped += 1
         else:
-            assert ro.finish_reason == "length" and len(ids) == 128
+            assert ro.finish_reason == "length" and len(ids) == max_tokens
         # The server continued exactly this chat prompt: its sampled tokens' log-probs equal the
         # initial model's (round 0 serves the weights before any step) given that prompt.
         want = _hf_logprobs(initial, prompt_ids, ids[:6])
         assert max(abs(a - b) for a, b in zip(want, ro.logprobs[:6])) < 0.02, (want, ro.logprobs[:6])
-    assert stopped >= 1, "no rollout ended at <|im_end|> within 128 tokens"
+    assert stopped >= 1, f"no rollout ended at <|im_end|> within {max_tokens} tokens"
