@@ -302,3 +302,17 @@ def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int, *
         want = _hf_logprobs(initial, prompt_ids, ids[:6])
         assert max(abs(a - b) for a, b in zip(want, ro.logprobs[:6])) < 0.02, (want, ro.logprobs[:6])
     assert stopped >= 1, f"no rollout ended at <|im_end|> within {max_tokens} tokens"
+
+
+def test_rollouts_join_their_problem_when_ids_contain_slashes():
+    """reasoning-gym problem ids look like `chain_sum/0/12`; a rollout key `r0/chain_sum/0/12/1`
+    was split at the first "/" and the loop failed with KeyError: 'chain_sum' after the first round
+    that added a correct rollout."""
+    from megatron_rasft.train.state import window_groups
+
+    ids = ["chain_sum/0/12", "leg_counting/0/3"]
+    groups = window_groups(0, ids, {"chain_sum/0/12": 0.5}, [["r0/chain_sum/0/12/1", 0.25],
+                                                            ["r0/leg_counting/0/3/0", 0.5]], seed=1)
+    by_problem = {g[0][0]: g for g in groups}
+    assert by_problem["e/chain_sum/0/12"] == [["e/chain_sum/0/12", 0.5], ["r0/chain_sum/0/12/1", 0.25]]
+    assert by_problem["e/leg_counting/0/3"] == [["e/leg_counting/0/3", 1.0], ["r0/leg_counting/0/3/0", 0.5]]

@@ -62,5 +62,6 @@ def window_groups(window: int, problem_ids: list[str], expert_weight: dict, extr
         if key.startswith("e/"):
             tail.append([[key, float(w)]])
         else:
-            groups[key.split("/")[1]].append([key, float(w)])
+            # r<round>/<problem id>/<j>: the problem id may itself contain "/"
+            groups[key.split("/", 1)[1].rsplit("/", 1)[0]].append([key, float(w)])
     return [groups[pid] for pid in order] + tail
