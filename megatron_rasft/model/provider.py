@@ -57,7 +57,7 @@ def check_heads_divide(mcfg: ModelConfig, tp: int, flag: str = "parallel.tensor_
     groups = mcfg.num_query_groups or mcfg.num_attention_heads
     if mcfg.num_attention_heads % tp or groups % tp:
         raise ValueError(f"{flag} {tp} does not divide the attention heads: num_attention_heads "
-                         f"{mcfg.num_attention_heads} (query) and num_key_value_heads {groups} (KV) must "
+                         f"{mcfg.num_attention_heads} (query heads) and num_key_value_heads {groups} (KV heads) must "
                          f"both be multiples of the tensor-parallel size")
 
 
