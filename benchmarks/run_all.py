@@ -21,6 +21,9 @@ RUNS = [
     ["bench_eval.py"],
     ["bench_convert.py"],  # needs ~6 GB of free disk and a few minutes
     ["gpu_mfu.sh"],  # runs gpu_mfu.py
+    ["bench_real_model.py"],  # SmolLM2-135M: prepares the model and data once (~1 GB), then ~15 min
+    # First-round solvability of the real model; without --model/--problems it prepares its own (as --smoke).
+    ["real_solvability.py", "--smoke"],
 ]
 # Scripts run through another entry of RUNS.
 COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh"}

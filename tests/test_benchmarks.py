@@ -24,7 +24,12 @@ def test_run_all_covers_every_script():
     assert all(v in listed for v in run_all.COVERED_BY.values())
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# The real-model benchmarks prepare SmolLM2-135M and start a vLLM server on it: their smoke modes take
+# several minutes each on the 2-core box (the end-to-end test in test_real_model.py covers the same path).
+SLOW = {"bench_real_model.py", "real_solvability.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SCRIPTS])
 def test_benchmark_smoke(script, tmp_path):
     cmd = (["bash"] if script.endswith(".sh") else [sys.executable]) + [str(BENCH / script), "--smoke"]
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),

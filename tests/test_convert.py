@@ -184,7 +184,7 @@ def test_bad_input_gives_clear_errors_and_no_output(models, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mlp.gate_proj.weight has shape"):
         pipeline.hf_to_mcore(d, out, quiet=True)
-    with pytest.raises(ValueError, match="does not divide num_attention_heads"):
+    with pytest.raises(ValueError, match="does not divide the attention heads"):
         pipeline.hf_to_mcore(src, out, tp=3, quiet=True)
     _no_output(tmp_path, out)
     # A failure in the middle of writing (a tensor vanishes) leaves nothing behind either.

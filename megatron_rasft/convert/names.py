@@ -314,10 +314,9 @@ def validate_parallel(mcfg: ModelConfig, tp: int, pp: int, vpp: Optional[int] = 
     groups = mcfg.num_query_groups or mcfg.num_attention_heads
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
-    if mcfg.num_attention_heads % tp:
-        raise ValueError(f"--tp {tp} does not divide num_attention_heads {mcfg.num_attention_heads}")
-    if groups % tp:
-        raise ValueError(f"--tp {tp} does not divide the number of KV heads (num_key_value_heads) {groups}")
+    from megatron_rasft.model.provider import check_heads_divide
+
+    check_heads_divide(mcfg, tp, flag="--tp")
     if mcfg.ffn_hidden_size % tp:
         raise ValueError(f"--tp {tp} does not divide intermediate_size {mcfg.ffn_hidden_size}")
     stages = pp * (vpp or 1)

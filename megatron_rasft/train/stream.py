@@ -19,7 +19,7 @@ from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 class TrainingStream:
     """Windows, rounds and the reference pass for one run. `run`: the `RunDir`; `groups`: the run's
-    `ParallelGroups`. `times` accumulates seconds per stage (rollout, refresh, reference, train:
+    `ParallelGroups`. `times` accumulates seconds per stage (export, refresh, rollout, verify, reference, train:
     the loop adds the last). Collective: every rank calls `fill` and `take` in the same order."""
 
     def __init__(self, cfg, run: RunDir, data, models, groups, state: LoopState):
@@ -30,7 +30,7 @@ class TrainingStream:
         if tc.refresh_interval:
             self.window_size = tc.refresh_interval * tc.global_batch_size
         self.problem_ids = sorted(data.prompt_ids)
-        self.times = {"rollout": 0.0, "refresh": 0.0, "reference": 0.0, "train": 0.0}
+        self.times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0, "reference": 0.0, "train": 0.0}
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
         self.ref_cache = RefCache(run.ref_logp)
         self.ref_logp: dict = self.ref_cache.load_all() if cfg.loss.needs_ref_logp else {}

