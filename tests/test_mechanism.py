@@ -194,10 +194,10 @@ def linear_run(mech):
     return run, first
 
 
-def test_linear_step_losses_recomputed_in_float64(mech, linear_run):
+def _check_rasft_steps(mech, run: Path) -> dict:
+    """Both steps' logged loss and token count equal the float64 recomputation; returns the metrics."""
     from transformers import AutoTokenizer
 
-    run, _ = linear_run
     tok = AutoTokenizer.from_pretrained(mech["start"])
     metrics = _metrics(run)
     assert sorted(metrics) == [1, 2]
@@ -225,6 +225,33 @@ def test_linear_step_losses_recomputed_in_float64(mech, linear_run):
     assert max(abs(r - 1) for r in ratios) > 1e-3, ratios  # the policy has moved: the ratio matters
     assert metrics[2]["tokens"] == n_tokens
     assert metrics[2]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    return metrics
+
+
+def test_linear_step_losses_recomputed_in_float64(mech, linear_run):
+    run, _ = linear_run
+    _check_rasft_steps(mech, run)
+
+
+def test_data_parallel_rounds_equal_one_process_and_shard_the_batch(mech, linear_run):
+    """DP = 2 (two gloo processes) with rounds: step 1's loss equals the one-process run's, both
+    steps equal their float64 recomputation, and each DP rank trained its own, disjoint share of
+    the global batch (the ranks' keys, logged with train.log_batch_keys, together are the step's
+    sequences)."""
+    from transformers import AutoTokenizer
+
+    run = mech["root"] / "dp2"
+    rc, out = run_train(mech["config"], run, "train.log_batch_keys=true", nproc=2)
+    assert rc == 0, out
+    metrics = _check_rasft_steps(mech, run)
+    assert metrics[1]["loss"] == pytest.approx(_metrics(linear_run[0])[1]["loss"], rel=1e-6)
+    tok = AutoTokenizer.from_pretrained(mech["start"])
+    for step in (1, 2):
+        by_rank = metrics[step]["dp_keys"]
+        assert len(by_rank) == 2 and all(by_rank), by_rank
+        assert not set(by_rank[0]) & set(by_rank[1]), by_rank
+        window = {key for key, *_ in _window(run, step - 1, mech["problems"], tok)[0]}
+        assert sorted(by_rank[0] + by_rank[1]) == sorted(window)
 
 
 def test_reference_pass_scores_with_the_initial_model_once_and_resume_reuses_it(mech, linear_run):
@@ -254,3 +281,70 @@ def test_reference_pass_scores_with_the_initial_model_once_and_resume_reuses_it(
     # Window 0's file was written by the first run and left alone by the resumed one.
     assert first.keys() == {"window_00000.pt"}
     assert (files[0].stat().st_mtime_ns, files[0].read_bytes()) == first["window_00000.pt"]
+
+
+def _token_terms64(policy_dir: Path, ref_dir: Path, seqs: list[tuple[list[int], int]]) -> list[tuple]:
+    """Per sequence, over its loss tokens (labels tokens[prompt_len:]): (log π_θ(y_t), KL_t) with
+    KL_t = Σ_v π_ref(v) (log π_ref(v) − log π_θ(v)) over the full vocabulary, float64."""
+    from transformers import LlamaForCausalLM
+
+    policy = LlamaForCausalLM.from_pretrained(policy_dir, dtype=torch.float64).eval()
+    ref = LlamaForCausalLM.from_pretrained(ref_dir, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for tokens, prompt_len in seqs:
+            ids = torch.tensor([tokens])
+            logp_TV = torch.log_softmax(policy(input_ids=ids).logits[0, prompt_len - 1:-1].double(), -1)
+            ref_TV = torch.log_softmax(ref(input_ids=ids).logits[0, prompt_len - 1:-1].double(), -1)
+            lp_T = logp_TV.gather(1, torch.tensor(tokens[prompt_len:])[:, None])[:, 0]
+            out.append((lp_T, (ref_TV.exp() * (ref_TV - logp_TV)).sum(-1)))
+    return out
+
+
+BASELINES = {  # per-token loss of RASFT.md's baselines table, with λ = 0.1 and τ = 0.1
+    "sft": lambda lp, kl: -lp,
+    "dft": lambda lp, kl: lp.exp() * -lp,
+    "sft_kl": lambda lp, kl: -lp + 0.1 * kl,
+    "asft": lambda lp, kl: lp.exp() * -lp + 0.1 * kl,
+    "profit": lambda lp, kl: (lp.exp() > 0.1) * -lp,
+}
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
+    """One step of each baseline through the real loop equals Σ_t loss_t / N recomputed in float64
+    from the keys the step trained. The KL methods are checked at step 2, where the policy (the
+    step-1 checkpoint converted to HF) differs from the reference (the starting model), so the KL
+    term is not zero."""
+    from transformers import AutoTokenizer
+
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+
+    kl = method in ("sft_kl", "asft")
+    run = mech["root"] / f"base_{method}"
+    rc, out = run_train(mech["config"], run, f"loss.method={method}", "train.refresh_interval=0",
+                        "train.log_batch_keys=true", f"train.train_iters={2 if kl else 1}")
+    assert rc == 0, out
+    step = 2 if kl else 1
+    policy = mech["start"]
+    if kl:
+        policy = mech["root"] / f"hf_{method}_step1"
+        mcore_to_hf(run / "ckpt" / "iter_0000001" / "model", policy, hf_config_from=mech["start"], quiet=True)
+    record = _metrics(run)[step]
+    tok = AutoTokenizer.from_pretrained(mech["start"])
+    seqs = []
+    for key in record["dp_keys"][0]:
+        p = mech["problems"][key.removeprefix("e/")]
+        prompt = tok(p["prompt"])["input_ids"]
+        tokens = prompt + tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append((tokens[:SEQ_LENGTH + 1], len(prompt)))
+    assert len(seqs) == 4
+    terms = _token_terms64(policy, mech["start"], seqs)
+    if kl:
+        assert min(float(k.sum()) for _, k in terms) > 1e-6  # the policy has moved off the reference
+    if method == "profit":
+        assert any(bool((lp.exp() <= 0.1).any()) for lp, _ in terms)  # the threshold drops some tokens
+    n_tokens = sum(len(lp) for lp, _ in terms)
+    loss = sum(float(BASELINES[method](lp, k).sum()) for lp, k in terms) / n_tokens
+    assert record["tokens"] == n_tokens
+    assert record["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
