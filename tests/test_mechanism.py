@@ -301,12 +301,14 @@ def _token_terms64(policy_dir: Path, ref_dir: Path, seqs: list[tuple[list[int], 
     return out
 
 
-BASELINES = {  # per-token loss of RASFT.md's baselines table, with λ = 0.1 and τ = 0.1
+PROFIT_TAU = 0.9  # above the default 0.1, so that the starting model has tokens below it
+
+BASELINES = {  # per-token loss of RASFT.md's baselines table, with λ = 0.1 and τ = PROFIT_TAU
     "sft": lambda lp, kl: -lp,
     "dft": lambda lp, kl: lp.exp() * -lp,
     "sft_kl": lambda lp, kl: -lp + 0.1 * kl,
     "asft": lambda lp, kl: lp.exp() * -lp + 0.1 * kl,
-    "profit": lambda lp, kl: (lp.exp() > 0.1) * -lp,
+    "profit": lambda lp, kl: (lp.exp() > PROFIT_TAU) * -lp,
 }
 
 
@@ -323,7 +325,8 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
     kl = method in ("sft_kl", "asft")
     run = mech["root"] / f"base_{method}"
     rc, out = run_train(mech["config"], run, f"loss.method={method}", "train.refresh_interval=0",
-                        "train.log_batch_keys=true", f"train.train_iters={2 if kl else 1}")
+                        "train.log_batch_keys=true", f"train.train_iters={2 if kl else 1}",
+                        f"loss.profit_threshold={PROFIT_TAU}")
     assert rc == 0, out
     step = 2 if kl else 1
     policy = mech["start"]
@@ -343,7 +346,8 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
     if kl:
         assert min(float(k.sum()) for _, k in terms) > 1e-6  # the policy has moved off the reference
     if method == "profit":
-        assert any(bool((lp.exp() <= 0.1).any()) for lp, _ in terms)  # the threshold drops some tokens
+        kept = [bool(b) for lp, _ in terms for b in lp.exp() > PROFIT_TAU]
+        assert any(kept) and not all(kept), kept  # the threshold drops some tokens, not all
     n_tokens = sum(len(lp) for lp, _ in terms)
     loss = sum(float(BASELINES[method](lp, k).sum()) for lp, k in terms) / n_tokens
     assert record["tokens"] == n_tokens
