@@ -278,6 +278,7 @@ class TrainConfig:
     seed: int = 1234
     refresh_interval: int = 0  # optimizer steps between rollout rounds; 0 = no rounds
     log_interval: int = 1
+    log_batch_keys: bool = False  # metrics.jsonl: each DP rank's sequence keys per step (`dp_keys`)
     run_dir: str = "runs/default"
     tensorboard: bool = False
     wandb_project: Optional[str] = None

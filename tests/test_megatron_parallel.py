@@ -145,17 +145,26 @@ def _parallel(rank, world, full_state):
     return results
 
 
-def _merge(rank_results, key):
-    """Full tensors under global names from per-rank pieces (TP shards concatenated, PP merged)."""
+def _merge(rank_results, key, dp):
+    """DP replica `dp`'s full tensors under global names from its ranks' pieces (TP shards
+    concatenated, PP merged). A tensor replicated over TP must be the same on every TP rank."""
     from megatron_rasft.convert import layout
 
     pieces = {}
     for r in rank_results:
-        if r["dp"] != 0:
+        if r["dp"] != dp:
             continue
         for name, t in r[key].items():
             pieces.setdefault(name, {})[r["tp"]] = t
-    return {n: layout.unshard(n, [d[i] for i in sorted(d)]) for n, d in pieces.items()}
+    out = {}
+    for n, d in pieces.items():
+        shards = [d[i] for i in sorted(d)]
+        if layout.split_kind(n) == "replicated":
+            for i, t in enumerate(shards[1:], 1):
+                torch.testing.assert_close(t, shards[0], rtol=1e-5, atol=1e-7,
+                                           msg=lambda m, n=n, i=i: f"{key} of {n}: TP rank {i} vs 0: {m}")
+        out[n] = layout.unshard(n, shards)
+    return out
 
 
 def test_tp_pp_dp_step_matches_single_process():
@@ -173,12 +182,21 @@ def test_tp_pp_dp_step_matches_single_process():
                                        msg=lambda m: f"{name}: loss: {m}")
         # The distributed optimizer reduce-scatters: each DP rank holds only its slice of the grads.
         for key in (("params",) if LAYOUTS[name][3] else ("grads", "params")):
-            got = _merge(results, key)
-            got.pop("output_layer.weight", None)  # the last stage's tied copy; checked via the embedding
-            assert set(got) == set(ref[key]), (name, key, set(got) ^ set(ref[key]))
-            # Adam's first step is ~lr·sign(g); eps = 1e-6 keeps it smooth where |g| is tiny.
-            atol = 1e-6 if key == "grads" else 1e-5
-            for n, t in ref[key].items():
-                torch.testing.assert_close(got[n], t, rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{name}: {key} of {n}: {m}")
-        # The grads are not trivially zero, and the DP ranks agree with each other.
+            dps = sorted({r["dp"] for r in results})
+            assert dps == list(range(LAYOUTS[name][2])), (name, dps)
+            for dp in dps:  # every data-parallel replica, each against the single process
+                got = _merge(results, key, dp)
+                tied = got.pop("output_layer.weight", None)
+                assert (tied is not None) == (LAYOUTS[name][1] > 1), name  # only a separate last stage has it
+                if tied is not None:  # the last stage's copy of the tied embedding: same grads, same update
+                    got["tied output_layer copy"] = tied
+                want = {**ref[key], **({"tied output_layer copy": ref[key]["embedding.word_embeddings.weight"]}
+                                       if tied is not None else {})}
+                assert set(got) == set(want), (name, key, set(got) ^ set(want))
+                # Adam's first step is ~lr·sign(g); eps = 1e-6 keeps it smooth where |g| is tiny.
+                atol = 1e-6 if key == "grads" else 1e-5
+                for n, t in want.items():
+                    torch.testing.assert_close(got[n], t, rtol=1e-4, atol=atol,
+                                               msg=lambda m, n=n, dp=dp: f"{name}: DP replica {dp}: {key} of {n}: {m}")
+        # The grads are not trivially zero.
         assert sum(g.abs().sum() for g in ref["grads"].values()) > 0

@@ -93,6 +93,8 @@ def train(cfg: RunConfig) -> dict:
         dt = time.time() - t0
         stream.times["train"] += dt
         m = _step_metrics(m, state, lr, grad_norm, dt, groups, fpt, peak, stream.times)
+        if tc.log_batch_keys:
+            m["dp_keys"] = _dp_keys(seqs, groups)
         logger.write(m)
         if state.step % tc.log_interval == 0 or state.step == tc.train_iters:
             logger.step_line(m, tc.train_iters, (time.time() - t_loop) / steps_done * (tc.train_iters - state.step))
@@ -126,6 +128,16 @@ def _step_metrics(m: dict, state: LoopState, lr: float, grad_norm, dt: float, gr
              tokens_per_s_per_gpu=tokens / dt / world, window=state.window,
              mfu=(fpt * tokens / dt / world / peak) if peak else None, **{f"time_{k}": v for k, v in times.items()})
     return m
+
+
+def _dp_keys(seqs: list, groups) -> list:
+    """The keys of the sequences each data-parallel rank trained this step, by DP rank: what shows
+    that the ranks' shards are disjoint and together the global batch. Collective over `groups.dp`."""
+    import torch.distributed as dist
+
+    parts = [None] * groups.dp_size
+    dist.all_gather_object(parts, [s.key for s in seqs], group=groups.dp)
+    return parts
 
 
 def _nan_tolerant(loss_func):
