@@ -17,7 +17,11 @@ def device() -> torch.device:
 
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0):
     """Initialise the default process group from torchrun's env (or a single process) and Megatron's
-    TP/PP/DP groups. Returns Megatron's `ProcessGroupCollection` for the model-parallel groups."""
+    TP/PP/DP groups. Returns Megatron's `ProcessGroupCollection` for the model-parallel groups.
+    Raises RuntimeError for a megatron-core outside the supported range (`compat.check_megatron`)."""
+    from megatron_rasft.compat import check_megatron
+
+    check_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection

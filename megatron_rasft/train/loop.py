@@ -134,7 +134,9 @@ def train(cfg: RunConfig) -> dict:
         m.update(kind="train", step=state.step, lr=lr,
                  grad_norm=float(grad_norm or 0.0), tokens=tokens, tokens_per_s=tokens / dt,
                  tokens_per_s_per_gpu=tokens / dt / world, window=state.window,
-                 mfu=(fpt * tokens / dt / world / peak) if peak else None, **{f"time_{k}": v for k, v in times.items()})
+                 mfu=(fpt * tokens / dt / world / peak) if peak else None,
+                 mem_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                 **{f"time_{k}": v for k, v in times.items()})
         logger.write(m)
         if state.step % tc.log_interval == 0 or state.step == tc.train_iters:
             eta = (time.time() - t_loop) / steps_done * (tc.train_iters - state.step)
