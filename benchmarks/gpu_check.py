@@ -20,10 +20,13 @@ Sections
   loss_time compute_loss fwd+bwd time, rasft vs sft, same inputs (median of 5 after a warm-up).
   train     `python -m megatron_rasft train` (one process, NCCL, local spec, bf16, synthetic data) on a
             Llama-3.2-1B-shaped model at seq 4,096, 20 steps, sft then rasft (reference log-probs
-            from the run's cache, as in the loop). Median over steps 4-20 of tokens/s, model TFLOP/s
-            and MFU as the loop logs them (FLOPs/token = 6·N + 12·L·h·s, see train/log.py), against the
-            dense BF16 peak of the H100/H200 SXM, 989 TFLOP/s (NVIDIA's datasheet gives 1,979 "with
-            sparsity"; dense is half). Peak memory from torch.cuda.max_memory_allocated.
+            from the run's cache, as in the loop). Micro-batch 2 (halved on out-of-memory), global
+            batch 4 micro-batches. Median over steps 4-20 of tokens/s, model TFLOP/s and MFU as the
+            loop logs them (FLOPs/token = 6·N + 12·L·h·s, see train/log.py; loss tokens only, so a
+            useful-work MFU), and the same over all processed positions (rows are padded to the
+            sequence length: hardware MFU), against the dense BF16 peak of the H100/H200 SXM,
+            989 TFLOP/s (NVIDIA's datasheet gives 1,979 "with sparsity"; dense is half). Peak memory
+            from torch.cuda.max_memory_allocated (the loop's `mem_peak_gib`).
   resume    tiny model: 4 steps saving at step 2 and 4; the step-2 checkpoint is then resumed
             (--resume) in a copy of the run, whose steps 3-4 must equal the uninterrupted run's
             bit for bit.

@@ -20,6 +20,7 @@ from megatron_rasft.train import checkpoint
 from megatron_rasft.train.data import load_dataset
 from megatron_rasft.train.log import Logger, flops_per_token, peak_flops
 from megatron_rasft.train.refpass import RefCache, score
+from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 
@@ -88,10 +89,16 @@ def train(cfg: RunConfig) -> dict:
     while state.step < tc.train_iters:
         # New window (and rollout round) when the queue cannot fill the next global batch.
         while len(state.queue) < tc.global_batch_size:
+            stream_pos = (state.epoch, state.cursor)
             ids = next_window_ids(state, problem_ids, window_size, tc.seed)
             expert_w, rollout_items, new = {}, [], {}
             if rounds is not None:
-                expert_w, rollout_items, new = rounds.run(state.window, ids, state, times)
+                try:
+                    expert_w, rollout_items, new = rounds.run(state.window, ids, state, times)
+                except RoundFailed as e:
+                    # The state as before this window, so that --resume starts it (and its round) again.
+                    state.epoch, state.cursor = stream_pos
+                    _stop_after_failed_round(e, run, state, models, optimizer, scheduler, cfg, rounds, logger)
                 pool.update(new)
             if cfg.loss.needs_ref_logp:
                 todo = [data.experts[f"e/{i}"] for i in ids if f"e/{i}" not in ref_logp]
@@ -151,6 +158,25 @@ def train(cfg: RunConfig) -> dict:
         rounds.close()
     logger.close()
     return {"step": state.step, "tokens": state.tokens_trained, "checkpoint": str(last_saved), "times": times}
+
+
+def _stop_after_failed_round(error, run, state, models, optimizer, scheduler, cfg, rounds, logger):
+    """Save a checkpoint of the state before the failed round (unless the latest one is already
+    of this step, or no step was trained: the run's start is then its own checkpoint) and raise
+    `RoundFailed` naming it. Collective."""
+    last = checkpoint.latest(run / "ckpt")
+    if state.step > 0 and (last is None or last.name != f"iter_{state.step:07d}"):
+        state.rounds = rounds.summaries
+        last = checkpoint.save(run / "ckpt", state.step, models.policy, optimizer, scheduler, state.to_json(),
+                               model_config=cfg.model, hf_config=models.hf_config,
+                               keep_last=cfg.checkpoint.keep_last)
+    where = (f"checkpoint {last}" if state.step > 0 else
+             f"no step was trained, so the run restarts from {cfg.checkpoint.load or 'its initial weights'}")
+    rounds.close()
+    logger.close()
+    raise RoundFailed(f"{error}. The run stopped before step {state.step + 1}; {where}. Bring the server back "
+                      f"and rerun with --resume: the round continues from the rollouts already written in "
+                      f"{run / 'rollouts'}") from error
 
 
 def _seq(key, weight, data, pool, ref_logp):

@@ -7,6 +7,10 @@ and holds what the trainer needs from it (expert weights, queued rollouts, summa
 `train_seqs/round_NNN.jsonl` holds the rollouts' token sequences. A resumed run never redoes a
 finished round, and a round killed half-way picks up where its stages stopped.
 Rank 0 drives the server and the stages; the export and the reference pass are collective.
+A server that dies mid-round is restarted (trainer-started) or waited for (external, at most
+`rollout.startup_timeout_s`); only the prompts it lost are resubmitted, after the server has been
+made to serve the round's weights again. If it cannot come back, `RoundFailed` is raised on every
+rank and the loop saves a checkpoint from which `--resume` redoes nothing already written.
 """
 from __future__ import annotations
 
@@ -18,6 +22,34 @@ from pathlib import Path
 
 from megatron_rasft.data.batching import Seq
 from megatron_rasft.parallel.groups import barrier, rank0
+
+
+class RoundFailed(RuntimeError):
+    """A round could not finish (its rollout server died and did not come back, or would not serve
+    the trainer's weights). Raised on every rank; the loop then saves a checkpoint to resume from."""
+
+
+# What a dead or unusable server raises inside a round; anything else is a bug and propagates.
+def _server_errors() -> tuple:
+    from megatron_rasft.rollout.client import RolloutError
+    from megatron_rasft.rollout.refresh import RefreshError
+    from megatron_rasft.rollout.server import ServerError
+
+    return ServerError, RolloutError, RefreshError
+
+
+def _failure_on_rank0(message) -> bool:
+    """Whether rank 0 failed (`message` is not None there); a collective that replaces the barrier
+    the other ranks waited in, so that they all learn of the failure together."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_rasft.parallel.groups import device
+
+    flag = torch.tensor([0 if message is None else 1], dtype=torch.int32, device=device())
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class Rounds:
@@ -75,9 +107,15 @@ class Rounds:
             times["refresh"] += time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
+            failure = None
             if rank0():
-                self._stages(r, sel, hf_dir, probe, times)
-            barrier()
+                try:
+                    self._stages(r, sel, hf_dir, probe, times)
+                except _server_errors() as e:
+                    failure = f"round {r} stopped: {type(e).__name__}: {e}"
+                    print(f"[round {r}] {failure}", flush=True)
+            if _failure_on_rank0(failure):
+                raise RoundFailed(failure or f"round {r} failed on rank 0 (see its output)")
         done = json.loads(self._marker(r).read_text())
         state.hard_pool = dict(done["hard_pool"])
         seqs = {}
@@ -169,10 +207,17 @@ class Rounds:
             else:
                 self.server = RolloutServer(hf_dir, rc, log_file=self.run_dir / "logs" / "vllm.log").start()
             self.client = RolloutClient(self.server, rc)
-        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
-                              atol=rc.refresh_atol)
-        print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        def refresh():
+            res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1],
+                                  atol=rc.refresh_atol)
+            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        refresh()
+        # A server that died mid-round comes back on whatever it loads at start-up (an external one
+        # on its own checkpoint): it must serve this round's weights again before any resubmission.
+        self.client.on_recover = refresh
         times["refresh"] += time.time() - t0
 
     def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
@@ -191,8 +236,10 @@ class Rounds:
         if im_end is not None:  # ChatML models end a turn with it (a special token: no stop string)
             stop_ids.append(im_end)
         sampling = SamplingParams.from_config(rc, seed=rc.seed + 7919 * r, stop_token_ids=stop_ids)
-        rollout_round(self.run_dir, r, self.client.generate, sampling, encode=lambda text: encode_prompt(tok, text),
-                      problem_ids=problem_ids)
+        stats = rollout_round(self.run_dir, r, self.client.generate, sampling,
+                              encode=lambda text: encode_prompt(tok, text), problem_ids=problem_ids)
+        print(f"[round {r}] rollouts of {stats['problems']} problems generated, {stats['skipped']} kept from "
+              f"an earlier attempt ({self.client.stats['restarts']} server restarts so far)", flush=True)
         times["rollout"] += time.time() - t0
         verify_round(self.run_dir, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)
