@@ -301,7 +301,9 @@ def section_train(res, dev, dry, work: Path, logs: Path):
                                       peak_mem_gib=max((r.get("mem_peak_gib") or 0.0) for r in recs) or None,
                                       loss_first=train_records(run_dir)[0]["loss"], loss_last=recs[-1]["loss"])
             if method == "sft":
-                out["checkpoint"] = str(run_dir / "ckpt")
+                out["checkpoint"] = str(run_dir / "ckpt")  # converted in the `convert` section
+            else:
+                shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # ~18 GB at 1.24B; not needed
         else:
             out["micro_batch"] = mb
             out.update(per_method)
@@ -470,9 +472,12 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # Scratch space: the ~1.24B run's checkpoint (bf16 model + fp32 optimizer state, ~18 GB) and its
+    # conversions. /dev/shm when it is large enough (a container's default is 64 MB), else /tmp.
+    need = 1 if dry else 40 * 2**30
     shm = Path("/dev/shm")
-    work = Path(args.work) if args.work else (shm / f"gpu_check_{os.getpid()}" if shm.is_dir() and os.access(shm, os.W_OK)
-                                             else out_dir / "work")
+    use_shm = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= need
+    work = Path(args.work) if args.work else (shm if use_shm else Path("/tmp")) / f"gpu_check_{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cpu") if dry else torch.device("cuda", 0)
 
