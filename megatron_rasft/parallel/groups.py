@@ -74,7 +74,11 @@ class ParallelGroups:
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> ParallelGroups:
     """Initialise the default process group from torchrun's env (or a single process) and Megatron's
     TP/PP/DP/CP groups. Returns them as one `ParallelGroups`. Raises ValueError when the world size
-    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA."""
+    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA or for a megatron-core
+    outside the supported range (`compat.check_megatron`)."""
+    from megatron_rasft.compat import check_megatron
+
+    check_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection

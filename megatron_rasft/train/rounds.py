@@ -7,6 +7,10 @@ see `rundir.py`), each stage resumable by itself; the round's `RoundResult` reco
 `train_seqs/round_R.jsonl` holds the rollouts' `TrainSequence`s. A resumed run never redoes a
 finished round, and a round killed half-way picks up where its stages stopped.
 Rank 0 drives the server and the stages; the export and the reference pass are collective.
+A server that dies mid-round is restarted (trainer-started) or waited for (external, at most
+`rollout.startup_timeout_s`); only the prompts it lost are resubmitted, after the server has been
+made to serve the round's weights again. If it cannot come back, `RoundFailed` is raised on every
+rank and the loop saves a checkpoint from which `--resume` redoes nothing already written.
 """
 from __future__ import annotations
 
@@ -21,6 +25,34 @@ from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
 from megatron_rasft.records import RoundResult, TrainSequence, read_records, write_records
 from megatron_rasft.rundir import RunDir, expert_key, parse_key, rollout_key
+
+
+class RoundFailed(RuntimeError):
+    """A round could not finish (its rollout server died and did not come back, or would not serve
+    the trainer's weights). Raised on every rank; the loop then saves a checkpoint to resume from."""
+
+
+# What a dead or unusable server raises inside a round; anything else is a bug and propagates.
+def _server_errors() -> tuple:
+    from megatron_rasft.rollout.client import RolloutError
+    from megatron_rasft.rollout.refresh import RefreshError
+    from megatron_rasft.rollout.server import ServerError
+
+    return ServerError, RolloutError, RefreshError
+
+
+def _failure_on_rank0(message) -> bool:
+    """Whether rank 0 failed (`message` is not None there); a collective that replaces the barrier
+    the other ranks waited in, so that they all learn of the failure together."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_rasft.parallel.groups import device
+
+    flag = torch.tensor([0 if message is None else 1], dtype=torch.int32, device=device())
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class Rounds:
@@ -72,9 +104,15 @@ class Rounds:
             times["refresh"] += time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
+            failure = None
             if rank0():
-                self._stages(r, sel, hf_dir, probe, times)
-            barrier()
+                try:
+                    self._stages(r, sel, hf_dir, probe, times)
+                except _server_errors() as e:
+                    failure = f"round {r} stopped: {type(e).__name__}: {e}"
+                    print(f"[round {r}] {failure}", flush=True)
+            if _failure_on_rank0(failure):
+                raise RoundFailed(failure or f"round {r} failed on rank 0 (see its output)")
         (result,) = read_records(self.run.round_result(r), RoundResult)
         seqs = {ts.key: Seq(ts.key, ts.tokens, ts.prompt_len)
                 for ts in read_records(self.run.train_seqs(r), TrainSequence)}
@@ -155,9 +193,16 @@ class Rounds:
             else:
                 self.server = RolloutServer(hf_dir, rc, log_file=self.run.server_log).start()
             self.client = RolloutClient(self.server, rc)
-        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
-        print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        def refresh():
+            res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
+            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        refresh()
+        # A server that died mid-round comes back on whatever it loads at start-up (an external one
+        # on its own checkpoint): it must serve this round's weights again before any resubmission.
+        self.client.on_recover = refresh
         times["refresh"] += time.time() - t0
 
     def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
@@ -170,8 +215,10 @@ class Rounds:
         self._ensure_server(hf_dir, probe, times)
         t0 = time.time()
         # The round's seed and stop tokens are the rollout stage's rules (the `rollout` command's too).
-        rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
-                      problem_ids=problem_ids)
+        stats = rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
+                              problem_ids=problem_ids)
+        print(f"[round {r}] rollouts of {stats['problems']} problems generated, {stats['skipped']} kept from "
+              f"an earlier attempt ({self.client.stats['restarts']} server restarts so far)", flush=True)
         times["rollout"] += time.time() - t0
         verify_round(self.run.root, r, verifier=rc.verifier, workers=rc.verifier_workers,
                      timeout_s=rc.verifier_timeout_s, progress=True)

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
 from megatron_rasft.train.refpass import RefCache, score
+from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 
@@ -46,12 +47,20 @@ class TrainingStream:
         return [] if self.rounds is None else self.rounds.summaries
 
     def fill(self, state: LoopState) -> None:
-        """Add windows to `state.queue` until it holds a global batch of groups."""
+        """Add windows to `state.queue` until it holds a global batch of groups. Raises
+        `rounds.RoundFailed` (on every rank) with `state` rewound to before the failed window."""
         while len(state.queue) < self.batch_groups:
+            stream_pos = (state.epoch, state.cursor)
             ids = next_window_ids(state, self.problem_ids, self.window_size, self.cfg.train.seed)
             expert_weight, extra_items, new = {}, [], {}
             if self.rounds is not None:
-                result, new = self.rounds.run_round(state.window, ids, state)
+                try:
+                    result, new = self.rounds.run_round(state.window, ids, state)
+                except RoundFailed:
+                    # The state as before this window, so that a checkpoint of it makes --resume
+                    # start the window (and continue its round from its records) again.
+                    state.epoch, state.cursor = stream_pos
+                    raise
                 expert_weight, extra_items = result.expert_weight, result.rollout_items
                 state.hard_pool = dict(result.hard_pool)
                 for k, v in result.stage_times.items():
