@@ -46,9 +46,9 @@ class OverlappedRounds:
         had finished, or when no round was in flight)."""
         if not state.ahead or self.rounds.run.round_result(r).is_file():
             return
-        start = json.loads(self.rounds.run.round_start(r).read_text())
-        failure, t0 = None, time.time()
+        start, failure, t0 = None, None, time.time()
         if rank0():
+            start = json.loads(self.rounds.run.round_start(r).read_text())
             print(f"[round {r}] resuming in the background from {self.rounds.run.round_start(r)}", flush=True)
             failure = self.rounds.on_rank0(r, lambda: self.rounds.refresh_for(start))
         self.rounds.wait_for_rank0(r, failure, t0)
