@@ -20,7 +20,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     # Every method of the loss family was compared with the float64 reference, value and gradient.
     from megatron_rasft.config import LOSS_METHODS
 
-    for m in LOSS_METHODS:
+    for m in (m for m in LOSS_METHODS if m != "grpo"):  # grpo's reference: tests/test_loss_grpo.py
         r = res["loss"][m]
         assert r["ok"] and r["abs_err"] <= 1e-4 * abs(r["loss_ref"]) + 1e-6 and r["grad_rel_err"] <= 1e-2, (m, r)
     assert res["resume"]["exact"] and res["resume"]["full"]["3"] == res["resume"]["resumed"]["3"]
