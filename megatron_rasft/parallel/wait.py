@@ -36,8 +36,9 @@ def rank0_done(failure: Optional[str], what: str, poll_s: float = 0.5, note_ever
 
     what: names the wait in the progress lines ("round 3"). poll_s: seconds between polls of the
     store. note_every_s: seconds between the waiting ranks' progress lines.
-    Raises what the store or the final broadcast raise (a dead rank 0 ends the wait with an error
-    from the store's connection, not with a hang)."""
+    Raises what the store or the final broadcast raise. A rank 0 that dies does not leave the others
+    polling forever: under torchrun the agent stops every worker when one fails, and a store hosted
+    by rank 0 itself stops answering (`check` raises)."""
     import torch
     import torch.distributed as dist
 
