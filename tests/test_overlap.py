@@ -3,9 +3,9 @@
 - Rounds that add nothing (constant weights, no rollouts added, ratio and token factor off): the
   overlapped run's per-step losses equal the synchronous run's and plain SFT's, exactly.
 - kill -9 while a round runs in the background (after a checkpoint), then --resume: the per-step
-  losses equal an uninterrupted overlapped run's (so the rollouts still missing came from the same
-  weights and seeds), the rollouts written before the kill are kept, and the finished round 0 is
-  not redone. A proxy holds every generation request back so that the background round is still
+  losses and every sampled rollout equal an uninterrupted overlapped run's (so the rollouts still
+  missing came from the same weights and seeds), the rollouts written before the kill are kept,
+  and the finished round 0 is not redone. A proxy holds every generation request back so that the background round is still
   running when the checkpoint appears (the uninterrupted and the resumed runs talk to the server
 directly).
 """
@@ -121,3 +121,13 @@ def test_overlap_kill_during_background_round_resumes_exactly(setup):
     assert _lines(run / "rollouts" / "round_001.jsonl")[:len(before)] == before
     assert {p: p.stat().st_mtime_ns for p in round0} == round0
     assert step_losses(run) == step_losses(root / "full")
+    # The tiny random model gets every problem wrong, so no rollout is trained on: check the samples
+    # themselves. Those generated after the resume come from the start record's export, as in the
+    # uninterrupted run (samples from the step-1 weights differ: the identity test's sync run).
+    for r in (1, 2):
+        assert _samples(run, r) == _samples(root / "full", r), r
+
+
+def _samples(run, r: int) -> dict:
+    recs = [json.loads(s) for s in _lines(run / "rollouts" / f"round_{r:03d}.jsonl")]
+    return {(d["problem_id"], d["sample_index"]): d["token_ids"] for d in recs}
