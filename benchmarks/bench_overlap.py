@@ -80,7 +80,7 @@ def main() -> None:
     server_cpus, trainer_cpus = ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else (set(cpus), set(cpus))
     work = Path(tempfile.mkdtemp(prefix="bench_overlap_"))
     os.sched_setaffinity(0, server_cpus)  # the server (and its engine processes) inherit core 0
-    server = start_tiny_server(work / "server")
+    server = start_tiny_server(work / "server", startup_timeout_s=900)  # one core on a shared box: slow start
     os.sched_setaffinity(0, set(cpus))
     try:
         hf_to_mcore(server.model_dir, work / "mcore", quiet=True)
