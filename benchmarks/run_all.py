@@ -14,6 +14,7 @@ RUNS = [
     ["bench_rollout.py"],
     ["bench_eval.py"],
     ["bench_convert.py"],  # needs ~6 GB of free disk and a few minutes
+    ["bench_overlap.py"],  # sync vs overlapped rounds; pins the server and the trainer to one core each
 ]
 
 if __name__ == "__main__":
