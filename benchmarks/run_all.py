@@ -24,6 +24,7 @@ RUNS = [
     ["bench_real_model.py"],  # SmolLM2-135M: prepares the model and data once (~1 GB), then ~15 min
     # First-round solvability of the real model; without --model/--problems it prepares its own (as --smoke).
     ["real_solvability.py", "--smoke"],
+    ["bench_overlap.py"],  # sync vs overlapped rounds; pins the server and the trainer to one core each
 ]
 # Scripts run through another entry of RUNS.
 COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh"}

@@ -101,10 +101,14 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # Timeout of every collective (Megatron-LM's name and default). A rollout round does not count
+    # against it: the other ranks wait for rank 0's round without a deadline (parallel/wait.py).
+    distributed_timeout_minutes: float = 10.0
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        _check(self.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes must be > 0")
         _one_of("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
         _check(self.context_parallel_size == 1,
                "parallel.context_parallel_size > 1 is not supported yet (the sequence-level ratio "
@@ -243,6 +247,9 @@ class RolloutConfig:
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
     refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
+    # Overlapped rounds: window w+1's round is generated, verified and weighed in the background
+    # while window w trains, from the weights of w's boundary (docs/training.md, "Overlapped rounds").
+    overlap: bool = False
 
     def __post_init__(self):
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")

@@ -10,6 +10,8 @@ Layout (R = round number, three digits):
     RUN/train_seqs/round_R.jsonl    `train_sequence` records: the round's rollouts as token sequences
     RUN/rounds/round_R.json         one `round_result` record: what the round hands the trainer;
                                     written last, so its presence marks a finished round
+    RUN/rounds/start_R.json         an overlapped round's export, probe and selection, fixed at its
+                                    window boundary (`rollout.overlap`)
     RUN/rounds/nll_band.json        the `released` selection's NLL thresholds (computed once)
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
     RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round)
@@ -66,6 +68,11 @@ class RunDir:
     def round_result(self, round_: int) -> Path:
         _check_round(round_)
         return self.root / "rounds" / f"round_{round_:03d}.json"
+
+    def round_start(self, round_: int) -> Path:
+        """What an overlapped round fixed at its window boundary (export, probe, selection)."""
+        _check_round(round_)
+        return self.root / "rounds" / f"start_{round_:03d}.json"
 
     def all_round_results(self) -> list[Path]:
         """Every finished round's result file, in round order."""

@@ -19,6 +19,7 @@ def add_arguments(p):
 def main(args) -> int:
     from megatron_rasft.config import load_config
     from megatron_rasft.train.loop import NonFiniteLoss, train
+    from megatron_rasft.train.rounds import RoundFailed
 
     overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
@@ -32,5 +33,8 @@ def main(args) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", flush=True)
         return 3
+    except RoundFailed as e:  # the rollout server died and did not come back; a checkpoint was saved
+        print(f"error: {e}", flush=True)
+        return 4
     print(f"done: {out['step']} steps, {out['tokens']} tokens; checkpoint {out['checkpoint']}", flush=True)
     return 0

@@ -71,10 +71,15 @@ class ParallelGroups:
         return dist.get_rank(self.dp_cp) == 0
 
 
-def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> ParallelGroups:
+def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
     """Initialise the default process group from torchrun's env (or a single process) and Megatron's
-    TP/PP/DP/CP groups. Returns them as one `ParallelGroups`. Raises ValueError when the world size
-    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA."""
+    TP/PP/DP/CP groups, every collective with the timeout `pcfg.distributed_timeout_minutes`.
+    Returns them as one `ParallelGroups`. Raises ValueError when the world size
+    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA or for a megatron-core
+    outside the supported range (`compat.check_megatron`)."""
+    from megatron_rasft.compat import check_megatron
+
+    check_megatron()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -90,7 +95,8 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 
         world = int(os.environ.get("WORLD_SIZE", 1))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=timedelta(minutes=pcfg.distributed_timeout_minutes))
     world = dist.get_world_size()
     mp = pcfg.tensor_model_parallel_size * pcfg.pipeline_model_parallel_size * pcfg.context_parallel_size
     if world % mp:
@@ -103,6 +109,7 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234, timeout_s: float = 
             pipeline_model_parallel_size=pcfg.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
             context_parallel_size=pcfg.context_parallel_size,
+            distributed_timeout_minutes=pcfg.distributed_timeout_minutes,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

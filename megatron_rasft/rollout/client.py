@@ -77,6 +77,9 @@ class RolloutClient:
         self.cfg = cfg
         self.progress = progress
         self._model: Optional[tuple] = None  # (served name, server.restarts when read)
+        # Called after the server came back (restarted, or an external one answering again) and
+        # before the lost prompts are resubmitted: the trainer re-verifies the served weights here.
+        self.on_recover: Optional[Callable[[], None]] = None
         self.stats = {"requests": 0, "retries": 0, "restarts": 0, "tokens": 0, "seconds": 0.0}
         self._lock = threading.Lock()
 
@@ -156,23 +159,38 @@ class RolloutClient:
         return results
 
     def _recover(self, n_lost: int) -> None:
-        """The server stopped answering: restart ours, or wait for an external one."""
+        """The server stopped answering: restart ours, or wait for an external one (at most
+        `rollout.startup_timeout_s`, polling /health). Raises ServerError when it cannot come back."""
         self._model = None
         if self.server.alive():
             return  # a transient connection error: just resubmit
         if self.server.managed:
             print(f"[rollout] server at {self.server.url} is down; restarting it and resubmitting "
                   f"{n_lost} prompts", flush=True)
-            self.server.restart()
+            try:
+                self.server.restart()
+            except ServerError as e:
+                raise ServerError(f"rollout server at {self.server.url} died and could not be restarted: {e}") from e
             self._count("restarts")
-            return
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.server.healthy():
-                return
-            time.sleep(2.0)
-        raise ServerError(f"external server {self.server.url} is down and did not come back within "
-                          f"{self.cfg.startup_timeout_s:.0f}s (rollout.startup_timeout_s)")
+        else:
+            wait_s = self.cfg.startup_timeout_s
+            print(f"[rollout] external server at {self.server.url} is down; waiting up to {wait_s:.0f}s "
+                  f"(rollout.startup_timeout_s) for it to come back, then resubmitting {n_lost} prompts", flush=True)
+            start = last_note = time.monotonic()
+            while not self.server.healthy(timeout_s=2.0):
+                now = time.monotonic()
+                if now - start > wait_s:
+                    raise ServerError(f"external rollout server {self.server.url} is down and did not come back "
+                                      f"within {wait_s:.0f}s (rollout.startup_timeout_s); restart it and rerun")
+                if now - last_note >= 30.0:
+                    print(f"[rollout] still waiting for {self.server.url} ({now - start:.0f}s of {wait_s:.0f}s)",
+                          flush=True)
+                    last_note = now
+                time.sleep(1.0)
+            print(f"[rollout] external server at {self.server.url} answers again after "
+                  f"{time.monotonic() - start:.0f}s", flush=True)
+        if self.on_recover is not None:
+            self.on_recover()
 
     # ----------------------------------------------------------------- one request
     def request_payload(self, prompt: Prompt, sampling: SamplingConfig, seed: int) -> dict:

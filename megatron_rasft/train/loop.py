@@ -18,6 +18,7 @@ from megatron_rasft.rundir import RunDir
 from megatron_rasft.train import checkpoint
 from megatron_rasft.train.data import load_dataset
 from megatron_rasft.train.log import Logger, flops_per_token, peak_flops
+from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState
 
 
@@ -50,7 +51,7 @@ def train(cfg: RunConfig) -> dict:
     if rank0() and (data.counts.truncated or data.counts.dropped_overlong or data.counts.dropped_prompt_too_long):
         print(f"[data] over-long samples: {data.counts.summary()}; e.g. {data.counts.examples}", flush=True)
     unverifiable = [p for p in data.problems.values() if p.meta.get("unverifiable")]
-    if rank0 and unverifiable:
+    if rank0() and unverifiable:
         print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
               f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, tc, cfg.parallel, total_steps=tc.train_iters)
@@ -72,7 +73,10 @@ def train(cfg: RunConfig) -> dict:
     # -- the loop ------------------------------------------------------------------------------
     t_loop, steps_done, last_saved = time.time(), 0, None
     while state.step < tc.train_iters:
-        stream.fill(state)  # new windows (rounds, reference pass) when the queue runs short
+        try:
+            stream.fill(state)  # new windows (rounds, reference pass) when the queue runs short
+        except RoundFailed as e:
+            _stop_after_failed_round(e, run, state, models, optimizer, scheduler, cfg, groups, stream, logger)
         t0 = time.time()
         items, seqs = stream.take(state)
         rows = make_rows(seqs, cfg.model.seq_length, data.pad_id, pack=tc.pack)
@@ -115,6 +119,25 @@ def _check_batch(tc, dp_size: int) -> None:
                          f"micro_batch_size × data-parallel size ({tc.micro_batch_size} × {dp_size})")
 
 
+def _stop_after_failed_round(error, run, state, models, optimizer, scheduler, cfg, groups, stream, logger):
+    """Save a checkpoint of the state before the failed round (the stream has rewound `state` to
+    it; unless the latest checkpoint is already of this step, or no step was trained: the run's
+    start is then its own checkpoint) and raise `RoundFailed` naming it. Collective."""
+    last = checkpoint.latest(run.ckpt)
+    if state.step > 0 and (last is None or last.name != f"iter_{state.step:07d}"):
+        state.rounds = stream.round_summaries
+        last = checkpoint.save(run.ckpt, state.step, models.policy, optimizer, scheduler, state.to_json(),
+                               groups, model_config=cfg.model, hf_config=models.hf_config,
+                               keep_last=cfg.checkpoint.keep_last)
+    where = (f"checkpoint {last}" if state.step > 0 else
+             f"no step was trained, so the run restarts from {cfg.checkpoint.load or 'its initial weights'}")
+    stream.close()
+    logger.close()
+    raise RoundFailed(f"{error}. The run stopped before step {state.step + 1}; {where}. Bring the server back "
+                      f"and rerun with --resume: the round continues from the rollouts already written in "
+                      f"{run.root / 'rollouts'}") from error
+
+
 def _step_metrics(m: dict, state: LoopState, lr: float, grad_norm, dt: float, groups, fpt: float, peak,
                   times: dict) -> dict:
     """The step's metrics line; also counts the step's tokens into `state.tokens_trained`."""
@@ -126,7 +149,9 @@ def _step_metrics(m: dict, state: LoopState, lr: float, grad_norm, dt: float, gr
     m.update(kind="train", step=state.step, lr=lr,
              grad_norm=float(grad_norm or 0.0), tokens=tokens, tokens_per_s=tokens / dt,
              tokens_per_s_per_gpu=tokens / dt / world, window=state.window,
-             mfu=(fpt * tokens / dt / world / peak) if peak else None, **{f"time_{k}": v for k, v in times.items()})
+             mfu=(fpt * tokens / dt / world / peak) if peak else None,
+             mem_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+             **{f"time_{k}": v for k, v in times.items()})
     return m
 
 

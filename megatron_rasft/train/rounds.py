@@ -7,6 +7,10 @@ see `rundir.py`), each stage resumable by itself; the round's `RoundResult` reco
 `train_seqs/round_R.jsonl` holds the rollouts' `TrainSequence`s. A resumed run never redoes a
 finished round, and a round killed half-way picks up where its stages stopped.
 Rank 0 drives the server and the stages; the export and the reference pass are collective.
+A server that dies mid-round is restarted (trainer-started) or waited for (external, at most
+`rollout.startup_timeout_s`); only the prompts it lost are resubmitted, after the server has been
+made to serve the round's weights again. If it cannot come back, `RoundFailed` is raised on every
+rank and the loop saves a checkpoint from which `--resume` redoes nothing already written.
 """
 from __future__ import annotations
 
@@ -19,8 +23,28 @@ from pathlib import Path
 from megatron_rasft.data.batching import Seq
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
+from megatron_rasft.parallel.wait import rank0_done
 from megatron_rasft.records import RoundResult, TrainSequence, read_records, write_records
 from megatron_rasft.rundir import RunDir, expert_key, parse_key, rollout_key
+
+
+def _stage_times() -> dict:
+    """Seconds per stage of one round (its `RoundResult.stage_times`)."""
+    return {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0}
+
+
+class RoundFailed(RuntimeError):
+    """A round could not finish (its rollout server died and did not come back, or would not serve
+    the trainer's weights). Raised on every rank; the loop then saves a checkpoint to resume from."""
+
+
+# What a dead or unusable server raises inside a round; anything else is a bug and propagates.
+def _server_errors() -> tuple:
+    from megatron_rasft.rollout.client import RolloutError
+    from megatron_rasft.rollout.refresh import RefreshError
+    from megatron_rasft.rollout.server import ServerError
+
+    return ServerError, RolloutError, RefreshError
 
 
 class Rounds:
@@ -31,7 +55,9 @@ class Rounds:
             raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
         self.cfg, self.run, self.data, self.models, self.groups = cfg, run, data, models, groups
         self.server = self.client = None
+        self.served_round = None  # the round whose export the server was last refreshed to
         self.summaries: list = []
+        self.wait_s = 0.0  # seconds the trainer's ranks were held by rank 0's part of the rounds
         if rank0():
             self._write_problems()
         barrier()
@@ -66,21 +92,86 @@ class Rounds:
         """Round `r` on the window `problem_ids` (or its result, when a resumed run already
         finished it) -> (its `RoundResult`, `{key: Seq}` of its new rollouts). Collective."""
         if not self.run.round_result(r).is_file():
-            times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0}
+            times = _stage_times()
             t0 = time.time()
             hf_dir = self._export()
             times["export"] += time.time() - t0
             probe = self._probe_expectation()
             sel = self._select(r, problem_ids, state)
+            failure = None
+            t0 = time.time()
             if rank0():
-                self._stages(r, sel, hf_dir, probe, times)
-            barrier()
+                failure = self.on_rank0(r, lambda: self._stages(r, sel, hf_dir, probe, times))
+            self.wait_for_rank0(r, failure, t0)
+        return self.read_result(r)
+
+    # -- the parts an overlapped round (overlap.py) calls separately ------------------------------
+    def begin(self, r: int, problem_ids: list, state) -> dict:
+        """The window-boundary part of round `r`: export, the probe's expected log-probs, the
+        selection (from `state.step`, `state.hard_pool`), and, on rank 0, the start record
+        (`RUN/rounds/start_R.json`: what the rest of the round needs, so that a resumed run can
+        finish it without the weights it started from) and the refresh of the server to the
+        export. -> the start record. Raises RoundFailed when the server cannot be refreshed.
+        Collective."""
+        t0 = time.time()
+        hf_dir = self._export()
+        probe = self._probe_expectation()
+        sel = self._select(r, problem_ids, state)
+        start = {"round": r, "problem_ids": list(problem_ids), "hf_dir": str(hf_dir), "probe": list(probe),
+                 "selection": sel, "refresh_s": 0.0}
+        failure = None
+        t1 = time.time()
+        if rank0():
+            path = self.run.round_start(r)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(start))
+            tmp.replace(path)
+            failure = self.on_rank0(r, lambda: self.refresh_for(start))
+        self.wait_for_rank0(r, failure, t1)
+        start["refresh_s"] = time.time() - t0
+        return start
+
+    def refresh_for(self, start: dict) -> None:
+        """Rank 0: make the server serve the export of a started round (no server is needed when
+        the selection left the window without rollouts)."""
+        if start["selection"]["rollout"]:
+            self._ensure_server(Path(start["hf_dir"]), start["probe"], {"refresh": 0.0}, start["round"])
+
+    def finish(self, start: dict) -> None:
+        """Rank 0: the rest of a started round (generation, verification, weighting, the round's
+        records); its own thread may run it. Raises what the stages raise."""
+        times = _stage_times()
+        self._stages(start["round"], start["selection"], Path(start["hf_dir"]), start["probe"], times)
+
+    def read_result(self, r: int) -> tuple[RoundResult, dict]:
+        """Round `r`'s result and `{key: Seq}` of its rollouts, from its finished records."""
         (result,) = read_records(self.run.round_result(r), RoundResult)
         seqs = {ts.key: Seq(ts.key, ts.tokens, ts.prompt_len)
                 for ts in read_records(self.run.train_seqs(r), TrainSequence)}
         if len(self.summaries) <= r:
             self.summaries.append(result.summary)
         return result, seqs
+
+    @staticmethod
+    def on_rank0(r: int, work) -> str | None:
+        """Run `work()` (rank 0's part of round `r`) -> None, or the failure message when the
+        rollout server failed it (any other error propagates)."""
+        try:
+            work()
+        except _server_errors() as e:
+            failure = f"round {r} stopped: {type(e).__name__}: {e}"
+            print(f"[round {r}] {failure}", flush=True)
+            return failure
+        return None
+
+    def wait_for_rank0(self, r: int, failure: str | None, since: float) -> None:
+        """Every rank: wait without a deadline (a round outlasts any collective timeout) until
+        rank 0 is done with round `r`; raises RoundFailed on every rank when it failed."""
+        failed = rank0_done(failure, what=f"round {r}")
+        self.wait_s += time.time() - since
+        if failed:
+            raise RoundFailed(failure or f"round {r} failed on rank 0 (see its output)")
 
     def _export(self):
         from megatron_rasft.convert.export import export_to_hf
@@ -142,12 +233,14 @@ class Rounds:
                      state.step, self.cfg.train.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}")
         return {**sel, "hard_pool": pool}
 
-    def _ensure_server(self, hf_dir: Path, probe, times: dict) -> None:
+    def _ensure_server(self, hf_dir: Path, probe, times: dict, r: int) -> None:
         from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.refresh import refresh_weights
         from megatron_rasft.rollout.server import RolloutServer
 
         rc = self.cfg.rollout
+        if self.served_round == r:  # refreshed at the window boundary (an overlapped round)
+            return
         t0 = time.time()
         if self.server is None:
             if rc.server_url:
@@ -155,9 +248,17 @@ class Rounds:
             else:
                 self.server = RolloutServer(hf_dir, rc, log_file=self.run.server_log).start()
             self.client = RolloutClient(self.server, rc)
-        res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
-        print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        def refresh():
+            res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
+            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+
+        refresh()
+        self.served_round = r
+        # A server that died mid-round comes back on whatever it loads at start-up (an external one
+        # on its own checkpoint): it must serve this round's weights again before any resubmission.
+        self.client.on_recover = refresh
         times["refresh"] += time.time() - t0
 
     def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
@@ -167,11 +268,13 @@ class Rounds:
         from megatron_rasft.weighting import weight_records
 
         rc = self.cfg.rollout
-        self._ensure_server(hf_dir, probe, times)
+        self._ensure_server(hf_dir, probe, times, r)
         t0 = time.time()
         # The round's seed and stop tokens are the rollout stage's rules (the `rollout` command's too).
-        rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
-                      problem_ids=problem_ids)
+        stats = rollout_round(self.run.root, r, self.client.generate, rc.sampling, tokenizer=self.data.tokenizer,
+                              problem_ids=problem_ids)
+        print(f"[round {r}] rollouts of {stats['problems']} problems generated, {stats['skipped']} kept from "
+              f"an earlier attempt ({self.client.stats['restarts']} server restarts so far)", flush=True)
         times["rollout"] += time.time() - t0
         t0 = time.time()
         verify_round(self.run.root, r, verifier=rc.verifier, workers=rc.verifier_workers,

@@ -28,6 +28,8 @@ class LoopState:
     rounds: list = field(default_factory=list)  # per-round summaries
     tokens_trained: int = 0
     hard_pool: dict = field(default_factory=dict)  # `released` selection: problem id -> times probed
+    # Overlapped rounds: the problem ids of window `window`, whose round runs in the background.
+    ahead: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)

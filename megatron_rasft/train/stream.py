@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
 from megatron_rasft.train.refpass import RefCache, score
+from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 
@@ -30,7 +32,10 @@ class TrainingStream:
         if tc.refresh_interval:
             self.window_size = tc.refresh_interval * tc.global_batch_size
         self.problem_ids = sorted(data.prompt_ids)
-        self.times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0, "reference": 0.0, "train": 0.0}
+        # round_wait: seconds the trainer's ranks waited for rank 0's part of the rounds (the whole
+        # of it when rounds are synchronous, what was not hidden when they overlap).
+        self.times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0, "reference": 0.0, "train": 0.0,
+                      "round_wait": 0.0}
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
         self.ref_cache = RefCache(run.ref_logp)
         self.ref_logp: dict = self.ref_cache.load_all() if cfg.loss.needs_ref_logp else {}
@@ -40,27 +45,67 @@ class TrainingStream:
 
             self.rounds = Rounds(cfg, run, data, models, groups)
         self.rollouts = {} if self.rounds is None else self.rounds.restore(state)  # queued rollout Seqs
+        self.overlap = None
+        if self.rounds is not None and cfg.rollout.overlap:
+            from megatron_rasft.train.overlap import OverlappedRounds
+
+            self.overlap = OverlappedRounds(self.rounds)
+            self.overlap.resume(state.window, state)  # a round that was in the background when the run stopped
 
     @property
     def round_summaries(self) -> list:
         return [] if self.rounds is None else self.rounds.summaries
 
     def fill(self, state: LoopState) -> None:
-        """Add windows to `state.queue` until it holds a global batch of groups."""
+        """Add windows to `state.queue` until it holds a global batch of groups. Raises
+        `rounds.RoundFailed` (on every rank) with `state` rewound to before the failed window."""
         while len(state.queue) < self.batch_groups:
-            ids = next_window_ids(state, self.problem_ids, self.window_size, self.cfg.train.seed)
-            expert_weight, extra_items, new = {}, [], {}
-            if self.rounds is not None:
-                result, new = self.rounds.run_round(state.window, ids, state)
+            stream_pos = (state.epoch, state.cursor)
+            try:
+                ids, result, new, ahead = self._next_window(state)
+            except RoundFailed:
+                # The state as before this window, so that a checkpoint of it makes --resume
+                # start the window (and continue its round from its records) again.
+                state.epoch, state.cursor = stream_pos
+                raise
+            expert_weight, extra_items = {}, []
+            if result is not None:
                 expert_weight, extra_items = result.expert_weight, result.rollout_items
                 state.hard_pool = dict(result.hard_pool)
                 for k, v in result.stage_times.items():
                     self.times[k] += v
+                self.times["round_wait"] = self.rounds.wait_s
                 self.rollouts.update(new)
             if self.cfg.loss.needs_ref_logp:
                 self._reference_pass(state.window, ids, extra_items, new)
             state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
             state.window += 1
+            state.ahead = ahead
+
+    def _next_window(self, state: LoopState) -> tuple:
+        """The next window's problem ids, its round's (RoundResult, {key: Seq}) (None, {} without
+        rounds), and the problem ids of the window whose round now runs in the background ([]
+        unless rounds overlap). Collective."""
+        seed = self.cfg.train.seed
+        # An overlapped round's window was drawn at the previous boundary.
+        ids = list(state.ahead) or next_window_ids(state, self.problem_ids, self.window_size, seed)
+        if self.rounds is None:
+            return ids, None, {}, []
+        if self.overlap is None or not state.ahead:  # synchronous (also an overlapped run's first window)
+            result, new = self.rounds.run_round(state.window, ids, state)
+        else:
+            result, new = self.overlap.result(state.window)
+        if self.overlap is None:
+            return ids, result, new, []
+        # Start the next window's round now, unless the run ends before that window: the steps
+        # before the next boundary are the whole global batches the queue will then hold.
+        n_groups = len(ids) + sum(is_expert_key(k) for k, _ in result.rollout_items)
+        if state.step + (len(state.queue) + n_groups) // self.batch_groups >= self.cfg.train.train_iters:
+            return ids, result, new, []
+        ahead = next_window_ids(state, self.problem_ids, self.window_size, seed)
+        view = SimpleNamespace(step=state.step, hard_pool=dict(result.hard_pool))  # the selection's inputs
+        self.times["refresh"] += self.overlap.start(state.window + 1, ahead, view)
+        return ids, result, new, ahead
 
     def take(self, state: LoopState) -> tuple[list, list]:
         """Pop the next global batch of groups -> (its `[key, weight]` items, this DP rank's
@@ -73,6 +118,8 @@ class TrainingStream:
         return items, seqs
 
     def close(self) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
         if self.rounds is not None:
             self.rounds.close()
 

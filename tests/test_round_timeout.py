@@ -1,0 +1,55 @@
+"""A rollout round longer than the collective timeout: 2 gloo processes with a 10 s process-group
+timeout (`parallel.distributed_timeout_minutes`), and a round made to last >= 30 s by a proxy that
+holds every generation request to the real vLLM server back for 9 s. Rank 1 waits for rank 0's
+round without a deadline (parallel/wait.py), and the run completes. With the barrier the loop used
+before, rank 1 aborts after 10 s (gloo's timeout)."""
+import json
+
+from megatron_rasft.demo.task import make_problems, write_jsonl
+from megatron_rasft.testing.proxy import DelayingProxy
+from megatron_rasft.testing.runs import run_train, step_losses
+
+DELAY_S, WINDOW = 9.0, 4  # seconds per generation request (one at a time); problems per round
+
+
+def test_round_longer_than_the_collective_timeout_completes(vllm_server, tmp_path):
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+
+    hf_to_mcore(vllm_server.model_dir, tmp_path / "mcore", quiet=True)
+    problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
+    with DelayingProxy(vllm_server.url, DELAY_S) as proxy:
+        config = tmp_path / "run.toml"
+        config.write_text(f"""
+[model]
+seq_length = 64
+[loss]
+method = "rasft"
+[parallel]
+distributed_timeout_minutes = {10 / 60}
+[rollout]
+server_url = "{proxy.url}"
+concurrency = 1
+[rollout.sampling]
+n = 2
+max_tokens = 16
+[train]
+data_path = "{problems}"
+tokenizer = "{vllm_server.model_dir}"
+prompt_template = "plain"
+train_iters = 1
+global_batch_size = {WINDOW}
+micro_batch_size = 2
+refresh_interval = 1
+[checkpoint]
+load = "{tmp_path / 'mcore'}"
+""")
+        rc, out = run_train(config, tmp_path / "run", nproc=2)
+        delayed = proxy.delayed_requests
+    from megatron_rasft.rollout.refresh import refresh_weights
+
+    refresh_weights(vllm_server, vllm_server.model_dir)  # put the session server's weights back
+    assert rc == 0, out[-4000:]
+    result = json.loads((tmp_path / "run" / "rounds" / "round_000.json").read_text())
+    # The round really outlasted the timeout: its generation alone took >= 30 s (3x the timeout).
+    assert delayed >= WINDOW and result["stage_times"]["rollout"] >= 30.0, (delayed, result["stage_times"])
+    assert list(step_losses(tmp_path / "run")) == [1]

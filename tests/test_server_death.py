@@ -1,0 +1,172 @@
+"""The rollout server killed (-9) during a round's generation inside the training loop.
+
+- Trainer-started server: it is restarted, only the prompts it lost are resubmitted, the round
+  completes with the rollouts written before the kill kept as they were, and training continues.
+- External server that does not come back within `rollout.startup_timeout_s`: the run stops with
+  a clear error (exit code 4) and a checkpoint; once the server is back, `--resume` finishes the
+  round without regenerating the rollouts already written.
+Generation runs one prompt at a time (`rollout.concurrency = 1`) so that the kill lands mid-round.
+"""
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_rasft.demo.task import make_problems, write_jsonl
+from megatron_rasft.rollout.server import SERVER_MODULE
+from megatron_rasft.testing.runs import run_train, start_train, step_losses
+
+WINDOW, K = 8, 2  # problems per round (refresh_interval 1 × global batch 8), samples per problem
+
+
+@pytest.fixture(scope="module")
+def setup(vllm_server, tmp_path_factory):
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("server_death")
+    hf_to_mcore(vllm_server.model_dir, root / "mcore", quiet=True)
+    problems = write_jsonl(make_problems(32, seed=5, min_digits=1, max_digits=2), root / "problems.jsonl")
+    config = root / "run.toml"
+    config.write_text(f"""
+[model]
+seq_length = 64
+[loss]
+method = "rasft"
+[rollout]
+num_samples = {K}
+max_tokens = 40
+concurrency = 1
+kv_cache_gib = 0.25
+max_model_len = 512
+[train]
+data_path = "{problems}"
+tokenizer = "{vllm_server.model_dir}"
+prompt_template = "plain"
+train_iters = 1
+global_batch_size = 8
+micro_batch_size = 2
+refresh_interval = 1
+lr = 1e-3
+[checkpoint]
+load = "{root / 'mcore'}"
+""")
+    yield root, config, vllm_server
+    from megatron_rasft.rollout.refresh import refresh_weights
+
+    if not vllm_server.alive():
+        vllm_server.restart()
+    refresh_weights(vllm_server, vllm_server.model_dir)  # put the session server's weights back
+
+
+def _rollout_lines(run: Path, r: int = 0) -> list:
+    path = run / "rollouts" / f"round_{r:03d}.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _complete_problems(lines: list) -> int:
+    per = {}
+    for line in lines:
+        d = json.loads(line)
+        per.setdefault(d["problem_id"], set()).add(d["sample_index"])
+    return sum(len(s) == K for s in per.values())
+
+
+def _kill_when_rollouts_started(proc, run: Path, r: int, kill, console: Path) -> list:
+    """Wait until 2 problems of round `r` are written, run `kill`, and return the rollout file's
+    lines as they stand once the kill has taken effect."""
+    deadline = time.time() + 600
+    while len(_rollout_lines(run, r)) < 2 * K:
+        assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
+        time.sleep(0.02)
+    kill()
+    time.sleep(1.0)  # a result that arrived just before the kill is written by now
+    lines = _rollout_lines(run, r)
+    assert _complete_problems(lines) < WINDOW, "the round finished before the kill: nothing tested"
+    return lines
+
+
+def _server_children(pid: int) -> list:
+    """Pids of the vLLM servers started by process `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
+        if ppid == pid and SERVER_MODULE in cmdline:
+            out.append(int(entry))
+    return out
+
+
+def _check_round_kept(run: Path, r: int, before: list) -> None:
+    after = _rollout_lines(run, r)
+    assert after[:len(before)] == before  # the rollouts written before the kill are kept, unchanged
+    keys = [(json.loads(s)["problem_id"], json.loads(s)["sample_index"]) for s in after]
+    assert len(keys) == WINDOW * K and len(set(keys)) == len(keys)  # nothing generated twice
+    assert (run / "rounds" / f"round_{r:03d}.json").is_file()
+
+
+def test_trainer_started_server_killed_mid_round_is_restarted(setup):
+    root, config, _ = setup
+    run, console = root / "managed", root / "managed.console.log"
+    with open(console, "w") as f:
+        proc = start_train(config, run, stdout=f)
+    try:
+        def kill():
+            (server_pid,) = _server_children(proc.pid)
+            os.killpg(server_pid, signal.SIGKILL)  # the server and its engine processes
+
+        before = _kill_when_rollouts_started(proc, run, 0, kill, console)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = console.read_text()
+    assert rc == 0, out[-4000:]
+    done = _complete_problems(before)
+    # Only the prompts the dead server lost were resubmitted, to a server serving the round's weights.
+    assert f"restarting it and resubmitting {WINDOW - done} prompts" in out, out[-4000:]
+    assert out.count("server serves the step's weights") == 2  # at the round's start, after the restart
+    assert f"[round 0] rollouts of {WINDOW} problems generated, 0 kept" in out
+    _check_round_kept(run, 0, before)
+    assert sorted(step_losses(run)) == [1]  # training continued
+
+
+def test_external_server_that_does_not_come_back_stops_with_a_checkpoint(setup):
+    """Killed during round 1 (after one trained step), so the stop has a step to checkpoint."""
+    root, config, server = setup
+    run, console = root / "external", root / "external.console.log"
+    sets = [f"rollout.server_url={server.url}", "train.train_iters=2"]
+    with open(console, "w") as f:
+        proc = start_train(config, run, *sets, "rollout.startup_timeout_s=5", stdout=f)
+    try:
+        before = _kill_when_rollouts_started(proc, run, 1, lambda: os.killpg(server.proc.pid, signal.SIGKILL),
+                                             console)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = console.read_text()
+    assert rc == 4, out[-4000:]
+    assert f"external rollout server {server.url} is down and did not come back within 5s" in out
+    assert "The run stopped before step 2; checkpoint " in out and "rerun with --resume" in out
+    assert (run / "ckpt" / "latest").read_text().strip() == "iter_0000001"  # the state before round 1
+    assert not (run / "rounds" / "round_001.json").exists()
+    assert _rollout_lines(run, 1) == before  # nothing was lost or rewritten on the way out
+
+    server.restart()  # the server is back (on its original weights: the trainer refreshes them)
+    rc, out = run_train(config, run, *sets, "checkpoint.resume=true")
+    assert rc == 0, out[-4000:]
+    done = _complete_problems(before)
+    assert "[resume] from" in out and "[round 0]" not in out
+    assert f"[round 1] rollouts of {WINDOW - done} problems generated, {done} kept from an earlier attempt" in out
+    _check_round_kept(run, 1, before)
+    assert sorted(step_losses(run)) == [1, 2]
