@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh --fetch-wheels          # here (with a package index): bring megatron-core
 #                                                         # and psutil as cp312 wheels into benchmarks/wheels/
 #   bash benchmarks/gpu_check.sh [--out DIR]              # on the GPU host (no index needed)
-#   bash benchmarks/gpu_check.sh --cpu-dry-run [--out DIR]   # tiny shapes, gloo, on CPU (tests/test_gpu_check.py)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run [--out DIR]   # tiny shapes, gloo, on CPU (tests/test_gpu_check.py);
+#                                                         # --smoke is the same
 #
 # On a host without megatron-core the brought wheels are installed with
 #   pip install --no-index --no-deps --target $GPU_CHECK_SITE benchmarks/wheels/*.whl
@@ -23,11 +24,11 @@ MCORE=${GPU_CHECK_MCORE:-megatron-core==0.16.1}
 PYVER=${GPU_CHECK_PYVER:-3.12}
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --cpu-dry-run) DRY=1 ;;
+        --cpu-dry-run|--smoke) DRY=1 ;;  # --smoke: the name every benchmark answers to
         --out) OUT="$2"; shift ;;
         --fetch-wheels) FETCH=1 ;;
         --time-limit) LIMIT="$2"; shift ;;
-        *) echo "usage: gpu_check.sh [--cpu-dry-run] [--out DIR] [--time-limit S] | --fetch-wheels" >&2; exit 2 ;;
+        *) echo "usage: gpu_check.sh [--cpu-dry-run|--smoke] [--out DIR] [--time-limit S] | --fetch-wheels" >&2; exit 2 ;;
     esac
     shift
 done

@@ -4,7 +4,7 @@ measured in the same run; run them on a quiet machine and copy the numbers into 
     python benchmarks/run_all.py [--smoke] [SCRIPT ...]
 
 `--smoke` runs each in its smoke mode (tiny shapes, one repeat: a check that it still runs).
-`gpu_mfu.sh` measures a GPU; without one it runs its smoke mode (the same code path, tiny, on CPU).
+`gpu_mfu.sh` and `gpu_check.sh` measure a GPU; without one they run their smoke mode (the same code path, tiny, on CPU).
 tests/test_benchmarks.py checks that this list names every script in benchmarks/.
 """
 import subprocess
@@ -21,13 +21,14 @@ RUNS = [
     ["bench_eval.py"],
     ["bench_convert.py"],  # needs ~6 GB of free disk and a few minutes
     ["gpu_mfu.sh"],  # runs gpu_mfu.py
+    ["gpu_check.sh"],  # runs gpu_check.py; the one-GPU first-run check (docs/launch.md)
     ["bench_real_model.py"],  # SmolLM2-135M: prepares the model and data once (~1 GB), then ~15 min
     # First-round solvability of the real model; without --model/--problems it prepares its own (as --smoke).
     ["real_solvability.py", "--smoke"],
     ["bench_overlap.py"],  # sync vs overlapped rounds; pins the server and the trainer to one core each
 ]
 # Scripts run through another entry of RUNS.
-COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh"}
+COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh", "gpu_check.py": "gpu_check.sh"}
 
 
 def has_gpu() -> bool:
@@ -37,7 +38,7 @@ def has_gpu() -> bool:
 
 
 def command(script: str, args: list, smoke: bool) -> list:
-    if smoke or (script == "gpu_mfu.sh" and not has_gpu()):
+    if smoke or (script in ("gpu_mfu.sh", "gpu_check.sh") and not has_gpu()):
         args = ["--smoke"]
     if script.endswith(".sh"):
         return ["bash", str(HERE / script), *args]
