@@ -347,6 +347,11 @@ class RunConfig:
         _check(self.loss.method != "grpo" or self.train.refresh_interval >= 1,
                "loss.method = 'grpo' needs rollout rounds: set train.refresh_interval >= 1")
 
+    @property
+    def needs_ref_logp(self) -> bool:
+        """The frozen reference's log-probs are needed: rasft's ratio, or grpo's k3 KL (kl_coef > 0)."""
+        return self.loss.needs_ref_logp or (self.loss.method == "grpo" and self.grpo.needs_ref_logp)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -79,14 +79,3 @@ def test_grpo_config_from_toml_and_overrides(tmp_path):
         load_config(path, ["train.refresh_interval=0"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) in \[grpo\]: clip"):
         load_config(path, ["grpo.clip=0.2"])
-
-
-def test_train_command_refuses_grpo_clearly(tmp_path, capsys):
-    from argparse import Namespace
-
-    from megatron_rasft.commands.train import main
-
-    path = tmp_path / "run.toml"
-    path.write_text('[loss]\nmethod = "grpo"\n[train]\nrefresh_interval = 1\n')
-    assert main(Namespace(config=str(path), set=[], resume=False)) == 2
-    assert "loss.method = 'grpo' is not available in the training loop yet" in capsys.readouterr().out
