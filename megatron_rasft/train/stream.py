@@ -36,6 +36,7 @@ class TrainingStream:
         self.problem_ids = sorted(data.prompt_ids)
         self.times = {"rollout": 0.0, "refresh": 0.0, "reference": 0.0, "train": 0.0}
         self.grpo = cfg.loss.method == "grpo"
+        self._empty_rounds = 0  # consecutive GRPO rounds that gave nothing to train (dynamic sampling)
         if self.grpo:
             self.times["old_logp"] = 0.0
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
@@ -72,6 +73,11 @@ class TrainingStream:
             if self.cfg.needs_ref_logp:  # grpo trains no demonstration: score its rollouts only
                 self._reference_pass(state.window, [] if self.grpo else ids, extra_items, new)
             if self.grpo:
+                self._empty_rounds = 0 if extra_items else self._empty_rounds + 1
+                if self._empty_rounds * self.window_size >= len(self.problem_ids):
+                    raise RuntimeError(f"loss.method = 'grpo': the last {self._empty_rounds} rounds (every problem "
+                                       f"once) gave no group to train: all rewards of each group were equal and "
+                                       f"grpo.filter_zero_variance is on (see RUN/rounds/)")
                 state.queue += grpo_window_groups(state.window, extra_items, self.cfg.train.seed)
             else:
                 state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
