@@ -39,6 +39,7 @@ method = "grpo"
 eps_high = 0.28
 [rollout]
 server_url = "{vllm_server.url}"
+concurrency = 1  # one request at a time: the server's batches, hence its fp32 sums, are the same every run
 [rollout.sampling]
 n = 2
 max_tokens = 24
@@ -130,7 +131,8 @@ def test_pi_old_equals_transformers_on_the_exported_policy(setup):
 @pytest.mark.parametrize("layout", ["pp2", "dp2"])
 def test_pipeline_and_data_parallel_equal_one_process(setup, layout):
     root, config, _ = setup
-    sets = {"pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": []}[layout]
+    # DP = 2 splits the 2 groups' sequences over the ranks: one sequence row per micro-batch each.
+    sets = {"pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": ["train.micro_batch_size=1"]}[layout]
     rc, out = run_train(config, root / layout, *sets, nproc=2)
     assert rc == 0, out
     for r in (0, 1):  # same weights served → same samples; the losses compare the training
