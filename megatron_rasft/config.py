@@ -354,6 +354,16 @@ class RunConfig:
         # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
         _check(self.loss.method != "grpo" or self.train.refresh_interval >= 1,
                "loss.method = 'grpo' needs rollout rounds: set train.refresh_interval >= 1")
+        # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
+        # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
+        _check(self.loss.method != "grpo" or not self.rollout.overlap,
+               "loss.method = 'grpo' with rollout.overlap = true is not supported: pi_old must be the policy "
+               "that sampled the round; set rollout.overlap = false")
+
+    @property
+    def needs_ref_logp(self) -> bool:
+        """The frozen reference's log-probs are needed: rasft's ratio, or grpo's k3 KL (kl_coef > 0)."""
+        return self.loss.needs_ref_logp or (self.loss.method == "grpo" and self.grpo.needs_ref_logp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ Layout (R = round number, three digits):
                                     window boundary (`rollout.overlap`)
     RUN/rounds/nll_band.json        the `released` selection's NLL thresholds (computed once)
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
+    RUN/old_logp/round_RRR.pt       GRPO's π_old: the round's rollouts scored by the policy that sampled them
     RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round)
     RUN/ckpt/                       training checkpoints (layout: `train/checkpoint.py`)
     RUN/metrics.jsonl               one JSON object per optimizer step
@@ -90,6 +91,16 @@ class RunDir:
     def ref_logp_group(window: int) -> str:
         """Name of the reference log-prob file of one window (under `ref_logp`)."""
         return f"window_{window:05d}"
+
+    @property
+    def old_logp(self) -> Path:
+        return self.root / "old_logp"
+
+    @staticmethod
+    def old_logp_group(round_: int) -> str:
+        """Name of the π_old log-prob file of one GRPO round (under `old_logp`)."""
+        _check_round(round_)
+        return f"round_{round_:03d}"
 
     @property
     def policy_export(self) -> Path:

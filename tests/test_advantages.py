@@ -81,12 +81,42 @@ def test_grpo_config_from_toml_and_overrides(tmp_path):
         load_config(path, ["grpo.clip=0.2"])
 
 
-def test_train_command_refuses_grpo_clearly(tmp_path, capsys):
-    from argparse import Namespace
+def _round_inputs():
+    from megatron_rasft.records import Rollout, Verdict
 
-    from megatron_rasft.commands.train import main
+    correct = {("a", 0): True, ("a", 1): False, ("a", 2): True, ("b", 0): True, ("b", 1): True, ("b", 2): True}
+    verdicts = [Verdict(pid, 0, j, ok, "correct" if ok else "wrong") for (pid, j), ok in correct.items()]
+    rollouts = {(pid, j): Rollout(pid, 0, j, "x", [5 + j, 6], [-0.5, -0.25], finish_reason="stop" if j else "length")
+                for pid, j in correct}
+    return verdicts, rollouts
 
-    path = tmp_path / "run.toml"
-    path.write_text('[loss]\nmethod = "grpo"\n[train]\nrefresh_interval = 1\n')
-    assert main(Namespace(config=str(path), set=[], resume=False)) == 2
-    assert "loss.method = 'grpo' is not available in the training loop yet" in capsys.readouterr().out
+
+def test_grpo_round_sequences_every_rollout_with_its_advantage_and_aligned_logprobs():
+    """Every rollout of each group trains (correct or not) with A_j; an all-correct group has A = 0
+    and is dropped only under filter_zero_variance; vLLM's log-probs land on tokens[prompt_len:]."""
+    import math
+
+    from megatron_rasft.train.grpo_round import aligned_rollout_logp, grpo_sequences, grpo_window_groups
+
+    verdicts, rollouts = _round_inputs()
+    prompts = {"a": [1, 2, 3], "b": [1, 4]}
+    seqs, items, stats = grpo_sequences(0, ["a", "b"], verdicts, rollouts, prompts, eos_id=9, max_len=64,
+                                        gcfg=GRPOConfig())
+    by_key = {s.key: s for s in seqs}
+    assert sorted(by_key) == ["r0/a/0", "r0/a/1", "r0/a/2", "r0/b/0", "r0/b/1", "r0/b/2"]
+    # A = (R − 2/3) / (std + eps), std = sqrt(1/3) (Bessel), written out here
+    std = math.sqrt(((1 - 2 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2)
+    assert by_key["r0/a/1"].advantage == pytest.approx((0 - 2 / 3) / (std + 1e-6), abs=1e-12)
+    assert by_key["r0/a/0"].advantage == pytest.approx((1 - 2 / 3) / (std + 1e-6), abs=1e-12)
+    assert [by_key[f"r0/b/{j}"].advantage for j in range(3)] == [0.0, 0.0, 0.0]
+    assert all(w == 1.0 for _, w in items) and stats["zero_variance_frac"] == 0.5
+    # "stop" appends EOS (not sampled: NaN), "length" does not; prompt positions are NaN.
+    assert by_key["r0/a/1"].tokens == [1, 2, 3, 6, 6, 9] and by_key["r0/a/0"].tokens == [1, 2, 3, 5, 6]
+    lp = aligned_rollout_logp(by_key["r0/a/1"])
+    assert len(lp) == 5 and all(math.isnan(x) for x in lp[:2] + lp[4:]) and lp[2:4] == [-0.5, -0.25]
+    assert aligned_rollout_logp(by_key["r0/a/0"])[2:] == [-0.5, -0.25]
+    seqs, items, stats = grpo_sequences(0, ["a", "b"], verdicts, rollouts, prompts, eos_id=9, max_len=64,
+                                        gcfg=GRPOConfig(filter_zero_variance=True))
+    assert [s.key for s in seqs] == ["r0/a/0", "r0/a/1", "r0/a/2"] and stats["groups_trained"] == 1
+    groups = grpo_window_groups(0, [["r0/b/0", 1.0], ["r0/a/0", 1.0], ["r0/a/1", 1.0]], seed=0)
+    assert sorted(map(len, groups)) == [1, 2] and all(len({k.split("/")[1] for k, _ in g}) == 1 for g in groups)

@@ -1,13 +1,14 @@
 """The whole RASFT loop on this machine, in minutes, with no downloads:
 
   synthetic addition task → tokenizer trained on it → tiny Llama → Megatron → SFT warm-up →
-  SFT and RASFT arms from the same checkpoint (RASFT: rollouts through a real vLLM CPU server,
-  math-verify, solvability weights, reference ratio) → held-out avg@n per saved step → report.md.
+  SFT, RASFT and GRPO arms from the same checkpoint (RASFT and GRPO: rollouts through a real vLLM
+  CPU server, math-verify; RASFT's solvability weights and reference ratio, GRPO's group-relative
+  advantages and clipped surrogate) → held-out avg@n per saved step → report.md.
 
   python -m megatron_rasft demo            # ~10 minutes on 2 cores
   python -m megatron_rasft demo --quick    # ~3 minutes (what the test suite runs)
 """
-HELP = "run the embedded CPU demo: SFT vs RASFT on a synthetic task, end to end"
+HELP = "run the embedded CPU demo: SFT vs RASFT vs GRPO on a synthetic task, end to end"
 
 
 def add_arguments(p):

@@ -5,7 +5,7 @@
 
 Without CUDA the run uses gloo and Megatron-Core on CPU. See examples/ for configs.
 """
-HELP = "train a model (RASFT loop, or any baseline loss) on Megatron-Core"
+HELP = "train a model (RASFT loop, GRPO, or any baseline loss) on Megatron-Core"
 
 
 def add_arguments(p):
@@ -23,11 +23,6 @@ def main(args) -> int:
 
     overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    if cfg.loss.method == "grpo":
-        # The kernel, the advantages and the batch columns exist; the rounds do not produce GRPO groups yet.
-        print("error: loss.method = 'grpo' is not available in the training loop yet (its loss kernel and "
-              "advantages are: docs/loss.md)", flush=True)
-        return 2
     try:
         out = train(cfg)
     except NonFiniteLoss as e:

@@ -68,21 +68,28 @@ def _plots(out: Path, curves: dict, rounds: list, n: int) -> list:  # noqa: C901
     return files
 
 
-def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
+def write_report(out: Path, dc, curves: dict, rasft_dir: Path, grpo_dir: Path | None = None) -> Path:
+    """RUN/report.md (+ plots, results.json) from the evaluated curves and the arms' run directories."""
     rounds = _rounds(rasft_dir)
+    grpo_rounds = _rounds(grpo_dir) if grpo_dir is not None else []
     plots = _plots(out, curves, rounds, dc.eval_n)
     n = dc.eval_n
     final = {arm: pts[-1] for arm, pts in curves.items()}
     lines = [
-        "# megatron_rasft demo: SFT vs RASFT on multi-digit addition",
+        "# megatron_rasft demo: SFT vs RASFT" + (" vs GRPO" if grpo_dir is not None else "") +
+        " on multi-digit addition",
         "",
         f"Task: {dc.train_problems} training / {dc.test_problems} held-out addition problems "
         f"({dc.min_digits}–{dc.max_digits} digits, worked solutions ending in `\\boxed{{}}`). "
         f"Model: a Llama-shaped transformer (hidden {dc.hidden}, {dc.layers} layers) with a "
         f"{dc.vocab}-token BPE trained on the task, random init, converted to Megatron, warmed up with "
-        f"{dc.warmup_steps} SFT steps, then trained {dc.arm_steps} more steps two ways from that "
-        f"checkpoint. RASFT: K = {dc.samples} rollouts per problem through the vLLM (CPU) server, a round "
-        f"every {dc.refresh_interval} steps, `linear` weights, sequence ratio with DFT factor. "
+        f"{dc.warmup_steps} SFT steps, then trained {dc.arm_steps} more steps per arm from that "
+        f"checkpoint, at the same learning rate (not tuned per arm). RASFT: K = {dc.samples} rollouts per "
+        f"problem through the vLLM (CPU) server, a round every {dc.refresh_interval} steps, `linear` "
+        f"weights, sequence ratio with DFT factor. "
+        + (f"GRPO: the same rounds (K = {dc.samples}, max_tokens {dc.max_tokens}, {dc.refresh_interval} steps "
+           f"per round), every rollout trained with its group-relative advantage, clip ε = 0.2, no KL, "
+           f"no demonstration. " if grpo_dir is not None else "") +
         f"Evaluation: avg@{n} at temperature {dc.eval_temperature} on the held-out split, the same "
         f"per-problem sampling seeds for every checkpoint; ± is the standard error over problems. "
         f"Seed {dc.seed}.",
@@ -105,8 +112,9 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
         d, se = paired_difference(final["RASFT"]["per_problem"], final[other]["per_problem"])
         lines.append(f"- RASFT − {other} at its last step: {d:+.3f} ± {se:.3f} (paired over the same held-out "
                      f"problems and sampling seeds; one training seed).")
-    lines += ["", "SFT and RASFT take the same number of optimizer steps; RASFT's steps also carry the "
-                  "correct rollouts (at small weights), so it trains on more tokens (last column). "
+    lines += ["", "SFT, RASFT and GRPO take the same number of optimizer steps; RASFT's steps also carry the "
+                  "correct rollouts (at small weights), so it trains on more tokens (last column); GRPO's "
+                  "steps carry all K rollouts of each problem and no demonstration. "
                   "`SFT (tokens)`, when present, is plain SFT run for as many loss tokens as RASFT."]
     # The per-step table and plot cover the arms evaluated at the same steps.
     arms = [a for a in arms if [p["step"] for p in curves[a]] == [p["step"] for p in curves[arms[0]]]]
@@ -125,6 +133,13 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
     for r in rounds:
         lines.append(f"| {r['round']} | {r['problems']} | {' '.join(map(str, r['p_hist']))} | {r['frac_k0']:.2f} | "
                      f"{r['frac_kK']:.2f} | {r['mean_expert_weight']:.3f} | {r['rollouts_added']} | {r['ess']:.1f} |")
+    if grpo_dir is not None:
+        lines += ["", "## GRPO rounds", "",
+                  "| round | problems | mean reward | zero-variance groups | groups trained | rollouts trained |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in grpo_rounds:
+            lines.append(f"| {r['round']} | {r['grpo_groups']} | {r['grpo_mean_reward']:.3f} | "
+                         f"{r['grpo_zero_variance_frac']:.2f} | {r['grpo_groups_trained']} | {r['grpo_sequences']} |")
     tm = _last_metrics(rasft_dir)
     lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in dc.times.items()]
@@ -133,5 +148,6 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path) -> Path:
     lines += [f"![{p}]({p})" for p in plots]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"curves": curves, "rounds": rounds, "times": dc.times}, indent=1))
+    (out / "results.json").write_text(json.dumps({"curves": curves, "rounds": rounds, "grpo_rounds": grpo_rounds,
+                                                  "times": dc.times}, indent=1))
     return path

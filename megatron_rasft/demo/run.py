@@ -1,11 +1,14 @@
 """The embedded demo, stage by stage (each stage's output lands in the run directory):
 
-  task → tokenizer → tiny Llama (HF) → Megatron checkpoint → SFT warm-up → two arms from the same
-  checkpoint (plain SFT; RASFT with rollout rounds through the vLLM server) → evaluation of every
-  saved checkpoint of both arms on the held-out split (avg@n through the same server) → report.
+  task → tokenizer → tiny Llama (HF) → Megatron checkpoint → SFT warm-up → arms from the same
+  checkpoint (plain SFT; RASFT and GRPO with rollout rounds through the vLLM server; plain SFT for
+  as many loss tokens as RASFT) → evaluation of every saved checkpoint of every arm on the held-out
+  split (avg@n through the same server) → report.
 
 Training runs as `python -m megatron_rasft train` subprocesses (exactly what a user runs); one vLLM
-server serves the rollouts of the RASFT arm and every evaluation (weights refreshed in place).
+server serves the rollouts of the RASFT and GRPO arms and every evaluation (weights refreshed in
+place). RASFT and GRPO take the same optimizer steps, learning rate and rollout budget per round
+(K rollouts of `refresh_interval × arm_global_batch` problems, `max_tokens` each).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class DemoConfig:
     eval_temperature: float = 1.0
     max_tokens: int = 64
     token_matched: bool = True  # also run plain SFT for as many loss tokens as RASFT trained on
+    grpo: bool = True  # the RL baseline arm: GRPO (loss.method = "grpo", its defaults) from the same checkpoint
     times: dict = field(default_factory=dict)
 
     @classmethod
@@ -176,6 +180,13 @@ def run_demo(dc: DemoConfig) -> Path:
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
                           {"rollout": {"server_url": server.url}, "train": {"refresh_interval": dc.refresh_interval}})
         arms = {"SFT": sft, "RASFT": rasft}
+        if dc.grpo:
+            # Same steps, lr and rollout budget per round as RASFT; every rollout trains, with its
+            # group-relative advantage; no demonstration.
+            with _stage("arm: GRPO", dc):
+                arms["GRPO"] = phase("grpo", "grpo", dc.arm_steps, warm_ckpt, dc.arm_lr,
+                                     {"rollout": {"server_url": server.url},
+                                      "train": {"refresh_interval": dc.refresh_interval}})
         if dc.token_matched:
             # RASFT's steps also carry correct rollouts: a control arm of plain SFT run for as many
             # loss tokens as RASFT trained on (its learning-rate schedule stretched to match).
@@ -191,7 +202,7 @@ def run_demo(dc: DemoConfig) -> Path:
         if server is not None:
             server.stop()
     dc.times["total"] = round(time.time() - t_start, 1)
-    path = report.write_report(out, dc, curves, rasft)
+    path = report.write_report(out, dc, curves, rasft, arms.get("GRPO"))
     text = path.read_text()
     print("\n## Result" + text.split("## Result", 1)[1].split("\n## ", 1)[0], flush=True)
     _log(f"report: {path}  (total {dc.times['total']:.0f}s)")

@@ -70,7 +70,12 @@ class Logger:
         if not self.enabled:
             return
         extra = ""
-        if "ratio" in m:
+        if "clip_frac_low" in m:  # grpo: ρ = π_θ/π_old per token, clipped below / above
+            extra += (f" ρ={m.get('ratio', 1):.3f} A={m.get('advantage', 0):+.3f}"
+                      f" clip={m['clip_frac_low']:.2f}/{m['clip_frac_high']:.2f} H={m.get('entropy', 0):.3f}")
+            if "logp_mismatch" in m:
+                extra += f" |Δlogp|={m['logp_mismatch']:.2e}"
+        elif "ratio" in m:
             extra += f" r={m['ratio']:.3f} clip={m.get('ratio_clip_frac', 0):.2f}"
         if "token_factor" in m:
             extra += f" φ={m['token_factor']:.3f}"

@@ -55,7 +55,7 @@ def train(cfg: RunConfig) -> dict:
         print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
               f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, tc, cfg.parallel, total_steps=tc.train_iters)
-    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp))
+    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo))
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
     logger = Logger(run, rank0(), tensorboard=tc.tensorboard,
                     wandb_project=tc.wandb_project, config=cfg.to_dict())
@@ -170,9 +170,9 @@ def _nan_tolerant(loss_func):
     pipeline stage and DP replica finishes the step and the loop stops them all together."""
     from megatron_rasft.loss import NonFiniteLogits
 
-    def guarded(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+    def guarded(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **grpo_inputs):
         try:
-            return loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)
+            return loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **grpo_inputs)
         except NonFiniteLogits:
             nan = logits.float().sum() * float("nan")
             count = loss_mask.sum()

@@ -60,7 +60,7 @@ def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
     if cfg.checkpoint.load:
         load_mcore_into_model(policy, cfg.checkpoint.load)
     reference = None
-    if cfg.loss.needs_ref_logp or cfg.loss.needs_ref_logits:
+    if cfg.needs_ref_logp or cfg.loss.needs_ref_logits:
         reference = _chunks(mcfg, cfg.parallel, groups.collection)
         if cfg.checkpoint.load:
             load_mcore_into_model(reference, cfg.checkpoint.load)

@@ -19,7 +19,8 @@ from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
 def _logprob_loss_func(tp_group):
     from megatron_rasft.loss.kernels import vocab_parallel_logprob
 
-    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits):
+    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **_grpo_inputs):
+        # GRPO columns (old_logp, advantage, rollout_logp) ride along in the batch; scoring ignores them.
         b, s, v = logits.shape
         logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), labels.reshape(-1),
                                          tp_group=tp_group).view(b, s)

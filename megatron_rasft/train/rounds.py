@@ -26,6 +26,7 @@ from megatron_rasft.parallel.groups import barrier, rank0
 from megatron_rasft.parallel.wait import rank0_done
 from megatron_rasft.records import RoundResult, TrainSequence, read_records, write_records
 from megatron_rasft.rundir import RunDir, expert_key, parse_key, rollout_key
+from megatron_rasft.train.grpo_round import grpo_sequences, to_seq
 
 
 def _stage_times() -> dict:
@@ -53,6 +54,9 @@ class Rounds:
     def __init__(self, cfg, run: RunDir, data, models, groups):
         if data.tokenizer is None:
             raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
+        if cfg.loss.method == "grpo" and cfg.rollout.selection != "all":
+            raise ValueError(f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection = "
+                             f"'all' (got {cfg.rollout.selection!r})")
         self.cfg, self.run, self.data, self.models, self.groups = cfg, run, data, models, groups
         self.server = self.client = None
         self.served_round = None  # the round whose export the server was last refreshed to
@@ -84,7 +88,7 @@ class Rounds:
         for path in self.run.all_train_seqs() if wanted else []:
             for ts in read_records(path, TrainSequence):
                 if ts.key in wanted:
-                    pool[ts.key] = Seq(ts.key, ts.tokens, ts.prompt_len)
+                    pool[ts.key] = to_seq(ts)
         return pool
 
     # -- one round -----------------------------------------------------------------------------
@@ -147,8 +151,7 @@ class Rounds:
     def read_result(self, r: int) -> tuple[RoundResult, dict]:
         """Round `r`'s result and `{key: Seq}` of its rollouts, from its finished records."""
         (result,) = read_records(self.run.round_result(r), RoundResult)
-        seqs = {ts.key: Seq(ts.key, ts.tokens, ts.prompt_len)
-                for ts in read_records(self.run.train_seqs(r), TrainSequence)}
+        seqs = {ts.key: to_seq(ts) for ts in read_records(self.run.train_seqs(r), TrainSequence)}
         if len(self.summaries) <= r:
             self.summaries.append(result.summary)
         return result, seqs
@@ -299,6 +302,8 @@ class Rounds:
         if problem_ids:  # the `released` selection can leave a window without rollouts
             weights, rollouts = self._sample_verify_weigh(r, problem_ids, hf_dir, probe, times)
         write_records(self.run.weights(r), weights)
+        if self.cfg.loss.method == "grpo":
+            return self._grpo_result(r, problem_ids, weights, rollouts, times)
         seqs, items = [], []
         max_len = self.cfg.model.seq_length + 1
         for w in weights:
@@ -333,6 +338,24 @@ class Rounds:
         print(f"[round {r}] {summary['problems']} problems, {summary['rollouts_added']} rollouts added, "
               f"mean A_E {summary['mean_expert_weight']:.3f}, k=0 {summary['frac_k0']:.0%}, "
               f"k=K {summary['frac_kK']:.0%}, p-hist [{hist}], ESS {summary['ess']:.1f}", flush=True)
+
+    def _grpo_result(self, r: int, problem_ids: list, weights: list, rollouts: dict, times: dict) -> None:
+        """Under grpo: every rollout of the trained groups, with its advantage (`grpo_round.py`)."""
+        from megatron_rasft.records import ProblemVerdicts, Verdict
+        from megatron_rasft.weighting import round_summary
+
+        verdicts = [Verdict(pv.problem_id, r, x["sample_index"], bool(x["correct"]), x["reason"])
+                    for pv in (read_records(self.run.verdicts(r), ProblemVerdicts) if problem_ids else [])
+                    for x in pv.rollouts]
+        seqs, items, stats = grpo_sequences(r, problem_ids, verdicts, rollouts, self.data.prompt_ids,
+                                            self.data.eos_id, self.cfg.model.seq_length + 1, self.cfg.grpo)
+        summary = {"round": r, **round_summary(weights), "rolled_out": len(problem_ids), "probes": 0,
+                   "hard_pool": 0, **{f"grpo_{k}": v for k, v in stats.items()}}
+        write_records(self.run.train_seqs(r), seqs)
+        write_records(self.run.round_result(r), [RoundResult(r, {}, items, {}, summary, stage_times=dict(times))])
+        print(f"[round {r}] {stats['groups']} groups, mean reward {stats['mean_reward']:.3f}, zero-variance "
+              f"{stats['zero_variance_frac']:.0%}, {stats['groups_trained']} groups ({stats['sequences']} rollouts) "
+              f"trained", flush=True)
 
     def close(self) -> None:
         if self.server is not None and self.server.managed:

@@ -2,9 +2,11 @@
 order of `state.py`.
 
 For each new window of problems (when the queue cannot fill the next global batch): the window's
-rollout round (`rounds.py`, RASFT with `train.refresh_interval > 0`), then the reference pass that
-scores, under the frozen reference, every sequence the window brings that has no cached log-probs
-yet (cached in RUN/ref_logp/), then the window's groups join the queue. `take` pops one global
+rollout round (`rounds.py`, RASFT or GRPO with `train.refresh_interval > 0`), under GRPO the π_old
+pass that scores the round's rollouts with the current policy (cached in RUN/old_logp/,
+`grpo_round.py`), then the reference pass that scores, under the frozen reference, every sequence
+the window brings that has no cached log-probs yet (cached in RUN/ref_logp/), then the window's
+groups join the queue (under GRPO: the round's trained groups, rollouts only). `take` pops one global
 batch and builds this data-parallel rank's share of it as training sequences.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+from megatron_rasft.model.provider import unwrap
 from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
+from megatron_rasft.train.grpo_round import grpo_window_groups
 from megatron_rasft.train.refpass import RefCache, score
 from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
@@ -36,11 +40,18 @@ class TrainingStream:
         # of it when rounds are synchronous, what was not hidden when they overlap).
         self.times = {"export": 0.0, "refresh": 0.0, "rollout": 0.0, "verify": 0.0, "reference": 0.0, "train": 0.0,
                       "round_wait": 0.0}
+        self.grpo = cfg.loss.method == "grpo"
+        self._empty_rounds = 0  # consecutive GRPO rounds that gave nothing to train (dynamic sampling)
+        if self.grpo:
+            self.times["old_logp"] = 0.0
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
         self.ref_cache = RefCache(run.ref_logp)
-        self.ref_logp: dict = self.ref_cache.load_all() if cfg.loss.needs_ref_logp else {}
+        self.ref_logp: dict = self.ref_cache.load_all() if cfg.needs_ref_logp else {}
+        # GRPO's π_old log-probs of every round's rollouts, scored at the round boundary.
+        self.old_cache = RefCache(run.old_logp)
+        self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
-        if tc.refresh_interval > 0 and cfg.loss.method == "rasft":
+        if tc.refresh_interval > 0 and cfg.loss.method in ("rasft", "grpo"):
             from megatron_rasft.train.rounds import Rounds
 
             self.rounds = Rounds(cfg, run, data, models, groups)
@@ -76,9 +87,19 @@ class TrainingStream:
                     self.times[k] += v
                 self.times["round_wait"] = self.rounds.wait_s
                 self.rollouts.update(new)
-            if self.cfg.loss.needs_ref_logp:
-                self._reference_pass(state.window, ids, extra_items, new)
-            state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
+            if self.grpo:
+                self._old_logp_pass(state.window, new)
+            if self.cfg.needs_ref_logp:  # grpo trains no demonstration: score its rollouts only
+                self._reference_pass(state.window, [] if self.grpo else ids, extra_items, new)
+            if self.grpo:
+                self._empty_rounds = 0 if extra_items else self._empty_rounds + 1
+                if self._empty_rounds * self.window_size >= len(self.problem_ids):
+                    raise RuntimeError(f"loss.method = 'grpo': the last {self._empty_rounds} rounds (every problem "
+                                       f"once) gave no group to train: all rewards of each group were equal and "
+                                       f"grpo.filter_zero_variance is on (see RUN/rounds/)")
+                state.queue += grpo_window_groups(state.window, extra_items, self.cfg.train.seed)
+            else:
+                state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
             state.window += 1
             state.ahead = ahead
 
@@ -125,7 +146,22 @@ class TrainingStream:
 
     def _seq(self, key: str, weight: float):
         base = self.data.experts.get(key) or self.rollouts[key]
-        return replace(base, weight=weight, ref_logp=self.ref_logp.get(key))
+        return replace(base, weight=weight, ref_logp=self.ref_logp.get(key), old_logp=self.old_logp.get(key))
+
+    def _old_logp_pass(self, r: int, new: dict) -> None:
+        """π_old of round `r`'s rollouts: scored (collectively) by the current policy, the one the
+        round exported and the server sampled from, before any step trains on them; read back from
+        RUN/old_logp/ when a resumed run already scored them."""
+        cached = self.old_cache.load(RunDir.old_logp_group(r))
+        if cached is None and new:  # every rank holds the same `new` (read from the round's records)
+            t0 = time.time()
+            cfg = self.cfg
+            cached = score(unwrap(self.models.policy), list(new.values()), self.groups,
+                           micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
+                           pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
+            self.old_cache.save(RunDir.old_logp_group(r), cached)
+            self.times["old_logp"] += time.time() - t0
+        self.old_logp.update(cached or {})
 
     def _reference_pass(self, window: int, ids: list, extra_items: list, new: dict) -> None:
         """Score (collectively) the window's sequences that have no reference log-probs yet."""
