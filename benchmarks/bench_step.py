@@ -18,7 +18,7 @@ What each method costs inside the step:
   grpo        + the clipped-surrogate coefficient from `old_logp` (π_old's log-probs, carried with each
               sequence like `ref_logp`: the policy's own forward-only pass at the round boundary, the
               same cost as `ref pass`) and per-sequence advantages of both signs; grpo.kl_coef = 0.
---smoke: a 2-layer, hidden-64 model, vocab 512, seq 64, one repeat (checks the script runs).
+--smoke: the smallest model (benchmarks/_shapes.py SMOKE_MODEL), one repeat (checks the script runs).
 Times: median of --repeats after one warm-up, methods run round-robin (a shared, noisy machine
 drifts alike for all); wall-clock and process CPU time (all threads). On a shared CPU box run
 with `--threads 1`: CPU time then measures the work of the step and hardly moves with the load
@@ -170,7 +170,6 @@ def main(argv=None):
     add_model_args(p)
     p.add_argument("--pack", action="store_true", help="pack sequences (block-diagonal attention)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, one repeat: check that it runs")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE_MODEL, repeats=1)
