@@ -462,7 +462,7 @@ def not_run(env: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=False, help="folder for gpu_check.json and the per-run logs")
-    p.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes, gloo, CPU: check the script itself")
+    p.add_argument("--cpu-dry-run", "--smoke", action="store_true", help="tiny shapes, gloo, CPU: check the script itself")
     p.add_argument("--work", default=None, help="scratch folder for runs/checkpoints (default: /dev/shm or OUT)")
     p.add_argument("--sections", default="loss,kl_memory,loss_time,train,resume,convert")
     p.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)

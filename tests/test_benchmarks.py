@@ -26,8 +26,8 @@ def test_run_all_covers_every_script():
 
 # The real-model benchmarks prepare SmolLM2-135M and start a vLLM server on it: their smoke modes take
 # several minutes each on the 2-core box (the end-to-end test in test_real_model.py covers the same path).
-# gpu_check.sh's smoke mode is its --cpu-dry-run, which tests/test_gpu_check.py runs and checks.
-SLOW = {"bench_real_model.py", "real_solvability.py", "gpu_check.sh"}
+# gpu_check's smoke mode is its --cpu-dry-run, which tests/test_gpu_check.py runs and checks.
+SLOW = {"bench_real_model.py", "real_solvability.py", "gpu_check.sh", "gpu_check.py"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SCRIPTS])
