@@ -76,13 +76,23 @@ def server_problems(server) -> list:
 
 @pytest.fixture(autouse=True)
 def _session_server_restored(request):
-    """After each test that used the session server: it must be healthy and as it was. Otherwise it
-    is put back (restart on the original checkpoint), so later tests do not inherit the damage,
-    and the test fails."""
+    """After each test that used the session server: its original weights are reloaded, then it
+    must be healthy and serve them. Otherwise it is put back (restart on the original checkpoint),
+    so later tests do not inherit the damage, and the test fails."""
     yield
     if "vllm_server" not in request.fixturenames:
         return
     server = request.getfixturevalue("vllm_server")
+    if server.alive():
+        # Runs refresh the session server to their own exports; module-scoped set-ups keep using it
+        # across tests, so the original weights go back after every test, then the check below
+        # proves the server healthy and serving them.
+        from megatron_rasft.rollout.refresh import refresh_weights
+
+        try:
+            refresh_weights(server, server.original[0])
+        except Exception as e:  # noqa: BLE001 - reported (and repaired) by the check below
+            print(f"[conftest] putting the session server's weights back failed: {e}")
     problems = server_problems(server)
     if problems:
         server.restart(server.original[0])
