@@ -236,7 +236,7 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
                             f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
                             f"checkpoint.load={smollm2_mcore}", f"rollout.server_url={server.url}",
                             "train.train_iters=2", "train.global_batch_size=2", "train.micro_batch_size=2",
-                            "train.refresh_interval=2", "rollout.num_samples=2", "rollout.max_tokens=128",
+                            "train.refresh_interval=2", "rollout.sampling.n=2", "rollout.sampling.max_tokens=128",
                             timeout_s=600)
         assert rc == 0, out[-4000:]
         assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
