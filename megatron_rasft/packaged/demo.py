@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     _log("model prepared, problems written, checkpoint converted")
     common = [f"train.data_path={out / 'data' / 'train.jsonl'}", f"train.tokenizer={hf}",
               f"train.global_batch_size={args.global_batch}", f"train.lr={args.lr}",
-              f"rollout.num_samples={args.k}", f"rollout.max_tokens={args.max_tokens}"]
+              f"rollout.sampling.n={args.k}", f"rollout.sampling.max_tokens={args.max_tokens}"]
     warm = _train(out, "warmup", common + [f"checkpoint.load={mcore}", "loss.method=sft", "train.refresh_interval=0",
                                            f"train.train_iters={args.warmup_steps}"])
     arms = {}
