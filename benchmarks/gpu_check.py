@@ -470,6 +470,10 @@ def main(argv=None) -> int:
     dry = args.cpu_dry_run
     if args.export_child:
         return export_child(*args.export_child, dry)
+    if not args.out and args.cpu_dry_run:  # a dry run only checks the script: a scratch folder will do
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix="gpu_check_dry_")
     if not args.out:
         p.error("--out is required")
     if dry and torch.cuda.is_available():
