@@ -60,9 +60,6 @@ save_interval = 1
     rc, out = run_train(config, root / "ref")
     assert rc == 0, out
     yield root, config, out
-    from megatron_rasft.rollout.refresh import refresh_weights
-
-    refresh_weights(vllm_server, vllm_server.model_dir)  # put the session server's weights back
 
 
 def _train_records(run: Path) -> list:

@@ -70,7 +70,6 @@ def _teach(model_dir: Path, out_dir: Path, problems: list[dict], steps: int = 8,
 @pytest.fixture(scope="module")
 def mech(vllm_server, tmp_path_factory):
     from megatron_rasft.convert.pipeline import hf_to_mcore
-    from megatron_rasft.rollout.refresh import refresh_weights
 
     root = tmp_path_factory.mktemp("mechanism")
     problems = make_problems(8, seed=3, min_digits=1, max_digits=2)
@@ -103,11 +102,7 @@ lr_warmup_iters = 0
 load = "{root / 'mcore'}"
 save_interval = 1
 """)
-    try:
-        yield {"root": root, "config": config, "start": start, "problems": {p["id"]: p for p in problems}}
-    finally:
-        refresh_weights(vllm_server, vllm_server.model_dir)  # the session server's weights back
-        assert vllm_server.healthy()
+    yield {"root": root, "config": config, "start": start, "problems": {p["id"]: p for p in problems}}
 
 
 # ---- the independent recomputation -------------------------------------------------------------

@@ -57,9 +57,6 @@ load = "{root / 'mcore'}"
 save_interval = 1
 """)
         yield root, config, proxy
-    from megatron_rasft.rollout.refresh import refresh_weights
-
-    refresh_weights(vllm_server, vllm_server.model_dir)  # put the session server's weights back
 
 
 def test_overlap_equals_sync_and_sft_when_rounds_add_nothing(setup):

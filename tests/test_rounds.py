@@ -55,16 +55,6 @@ save_interval = 1
     return root, config
 
 
-@pytest.fixture(autouse=True)
-def _server_weights_back(vllm_server):
-    """Each run refreshes the session server to its policy: put the original weights back after
-    every test (conftest then checks that the server serves them)."""
-    yield
-    from megatron_rasft.rollout.refresh import refresh_weights
-
-    refresh_weights(vllm_server, vllm_server.model_dir)
-
-
 def _train(config, run_dir, *sets, nproc=1):
     return run_train(config, run_dir, *sets, nproc=nproc)
 
