@@ -243,7 +243,7 @@ class RolloutConfig:
     dtype: str = "auto"
     startup_timeout_s: float = 300.0
     selection: str = "all"  # all | released (the released code's expert-NLL band, see train/selection.py)
-    verifier: str = "math"  # math | code
+    verifier: str = "math"  # math | math-verify | released | code
     verifier_timeout_s: float = 10.0
     verifier_workers: int = 2
     refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
@@ -255,7 +255,8 @@ class RolloutConfig:
         _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
         self.selection = released_preset("rollout.selection", self.selection)
         _one_of("rollout.selection", self.selection, ("all", "released"))
-        _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
+        self.verifier = released_preset("rollout.verifier", self.verifier)
+        _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "released", "code"))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The `reference` selection (released code's expert-NLL band) and the training stream."""
+"""The `released` selection (released code's expert-NLL band) and the training stream."""
 import numpy as np
 
 from megatron_rasft.train.selection import Band, mean_nll, select

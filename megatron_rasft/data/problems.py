@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import PLACEHOLDER_ANSWERS
 from megatron_rasft.records import Problem
-from megatron_rasft.verify.reference import last_boxed
+from megatron_rasft.verify.answers import last_boxed
 
 
 

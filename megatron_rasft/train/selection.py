@@ -1,7 +1,7 @@
 """Which problems of a window get rollouts.
 
 `all`: every problem of the window.
-`reference`: the released code's NLL band. The expert demonstration's mean token NLL under the
+`released`: the released code's NLL band. The expert demonstration's mean token NLL under the
 initial model is calibrated once into quantile thresholds (easy floor q0.10, a band that moves
 linearly from [q0.20, q0.45] at step 0 to [q0.50, q0.75] at the last step, hard ceiling q0.95).
 In each window, under the *current* policy:
