@@ -128,20 +128,20 @@ def _main(args) -> int:
         raise ValueError("--benchmarks is required (comma-separated names)")
     if not (args.model or args.server_url):
         raise ValueError("give --model, --server-url, --responses or --compare")
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.eval.runner import evaluate
     from megatron_rasft.rollout.client import RolloutError
     from megatron_rasft.rollout.server import ServerError
 
     problems = _load_all(specs, args.data_dir, args.limit)
     sampling = args.sampling
-    cfg = RolloutConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
-                        max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
-                        server_url=args.server_url)
+    cfg = ServerConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
+                       max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
+                       url=args.server_url)
     try:
         results = evaluate(args.model or args.server_url, problems, sampling, args.out,
                            template=args.prompt_template, tokenizer=args.tokenizer, workers=args.workers,
-                           math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, rollout_cfg=cfg,
+                           math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, server_cfg=cfg,
                            progress=not args.no_progress)
     except (ServerError, RolloutError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
