@@ -131,7 +131,7 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     assert step_losses(root / "degenerate") == step_losses(root / "sft")
 
 
-def test_rounds_with_tensor_parallel_and_reference_selection(setup, vllm_server):
+def test_rounds_with_tensor_parallel_and_released_selection(setup, vllm_server):
     """TP=2 in 2 gloo processes, with the released code's NLL-band selection of what to roll out."""
     root, config = setup
     # Seed 11: the first window holds in-band problems and hard ones, none within 0.1 of a threshold.

@@ -31,7 +31,8 @@ def add_arguments(p):
     src.add_argument("--model", help="HF checkpoint directory: start a vLLM server on it for this run")
     src.add_argument("--server-url", help="use a running vLLM server at this URL")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model); needed with --server-url")
-    p.add_argument("--config", help="run config TOML whose [rollout] section gives the defaults")
+    p.add_argument("--config",
+                   help="run config TOML whose [rollout.sampling] and [rollout.server] tables give the defaults")
     for name, (field, typ) in _SAMPLING.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.sampling.{field}")
     for name, typ in _SERVER.items():
