@@ -256,10 +256,18 @@ class SelectionConfig:
     """Which problems of a window are rolled out (`[rollout.selection]`, train/selection.py)."""
 
     rule: str = "all"  # all | released (the released code's expert-NLL band and hard pool)
+    # `released` rule: the share of a window's in-band problems rolled out (rounded up), and of the
+    # hard pool probed (rounded down, at least one); the released code's values.
+    rollout_fraction: float = 0.35
+    probe_fraction: float = 0.03
 
     def __post_init__(self):
         self.rule = released_preset("rollout.selection.rule", self.rule)
         _one_of("rollout.selection.rule", self.rule, ("all", "released"))
+        _check(0 < self.rollout_fraction <= 1, f"rollout.selection.rollout_fraction must be in (0, 1], "
+                                               f"got {self.rollout_fraction}")
+        _check(0 < self.probe_fraction <= 1, f"rollout.selection.probe_fraction must be in (0, 1], "
+                                             f"got {self.probe_fraction}")
 
 
 @dataclass

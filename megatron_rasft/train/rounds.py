@@ -233,7 +233,9 @@ class Rounds:
         band = self._band()
         pool = dict(state.hard_pool)
         sel = select(problem_ids, lambda ids: self._score_nll(unwrap(self.models.policy), ids), band,
-                     state.step, self.cfg.train.schedule.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}")
+                     state.step, self.cfg.train.schedule.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}",
+                     rollout_fraction=self.cfg.rollout.selection.rollout_fraction,
+                     probe_fraction=self.cfg.rollout.selection.probe_fraction)
         return {**sel, "hard_pool": pool}
 
     def _ensure_server(self, hf_dir: Path, probe, times: dict, r: int) -> None:
