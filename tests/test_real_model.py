@@ -214,7 +214,7 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
     server in place and checks the probe, samples the round; then the server is restarted on the
     trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
-    `server_url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
+    `rollout.server.url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_rasft.cli import main as cli_main
