@@ -57,7 +57,7 @@ from bench_rollout import raw_generate  # noqa: E402 (same folder: the raw-HTTP 
 
 
 def bench_generation(args, work: Path) -> dict:
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.data.tokenize import encode_prompt
     from megatron_rasft.eval.benchmarks import problems_from_dicts
     from megatron_rasft.eval.prompts import render
@@ -69,7 +69,7 @@ def bench_generation(args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = args.model or make_tiny_model(work / "model", train_tokenizer(work / "tok"), seed=0)
-    cfg = RolloutConfig(kv_cache_gib=args.kv_cache_gib, max_model_len=None if args.model else 512,
+    cfg = ServerConfig(kv_cache_gib=args.kv_cache_gib, max_model_len=None if args.model else 512,
                         concurrency=args.concurrency)
     texts = arithmetic_corpus(args.problems, seed=5)
     problems = problems_from_dicts([{"prompt": t[:t.index(";A:") + 3], "answer": t.rsplit("{", 1)[1][:-1]}
@@ -86,7 +86,7 @@ def bench_generation(args, work: Path) -> dict:
         for r in range(args.repeats):
             t0 = time.monotonic()
             evaluate(server, {"heldout": problems}, sampling, work / f"eval_{r}", template="plain",
-                     tokenizer=tok, rollout_cfg=cfg, workers=args.workers)
+                     tokenizer=tok, server_cfg=cfg, workers=args.workers)
             t_eval.append(time.monotonic() - t0)
             t0 = time.monotonic()
             tokens = raw_generate(server.url, payloads, args.concurrency)

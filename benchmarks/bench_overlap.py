@@ -92,22 +92,24 @@ def main() -> None:
 seq_length = 96
 [loss]
 method = "rasft"
-[rollout]
-server_url = "{server.url}"
+[rollout.server]
+url = "{server.url}"
 concurrency = 4
 [rollout.sampling]
 n = {args.samples}
 max_tokens = {args.max_tokens}
 temperature = 1.0
-[train]
-data_path = "{problems}"
+[train.data]
+path = "{problems}"
 tokenizer = "{server.model_dir}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-3
+[train.schedule]
 train_iters = {args.windows * args.refresh_interval}
 global_batch_size = {args.global_batch}
 micro_batch_size = 2
 refresh_interval = {args.refresh_interval}
-lr = 1e-3
 [checkpoint]
 load = "{work / 'mcore'}"
 """)

@@ -60,10 +60,11 @@ def run(out: Path, steps: int, refresh: int, k: int, per_task: int, max_tokens: 
     if not (out / "data" / "meta.json").is_file():
         build(out / "data", {"chain_sum": per_task, "leg_counting": per_task}, {})
     run_dir = out / f"run_{time.strftime('%H%M%S')}"
-    sets = [f"train.run_dir={run_dir}", f"train.data_path={out / 'data' / 'train.jsonl'}", f"train.tokenizer={hf}",
-            f"checkpoint.load={out / 'mcore'}", f"train.train_iters={steps}", f"train.refresh_interval={refresh}",
-            f"rollout.sampling.n={k}", f"rollout.sampling.max_tokens={max_tokens}", "train.global_batch_size=4",
-            "train.micro_batch_size=4"]
+    sets = [f"train.run_dir={run_dir}", f"train.data.path={out / 'data' / 'train.jsonl'}",
+            f"train.data.tokenizer={hf}", f"checkpoint.load={out / 'mcore'}", f"train.schedule.train_iters={steps}",
+            f"train.schedule.refresh_interval={refresh}", f"rollout.sampling.n={k}",
+            f"rollout.sampling.max_tokens={max_tokens}", "train.schedule.global_batch_size=4",
+            "train.schedule.micro_batch_size=4"]
     cmd = [sys.executable, "-m", "megatron_rasft", "train", "--config", str(ROOT / "examples" / "smollm2_cpu.toml")]
     for s in sets:
         cmd += ["--set", s]

@@ -46,7 +46,7 @@ def main() -> None:
     if args.smoke:
         vars(args).update(prompts=4, n=1, max_tokens=8, concurrency=2, repeats=1, kv_cache_gib=0.25)
 
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient, prompt_seed
     from megatron_rasft.rollout.refresh import refresh_weights
@@ -55,7 +55,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model_dir = args.model or make_tiny_model(work / "model", train_tokenizer(work / "tok"), seed=0)
-    cfg = RolloutConfig(kv_cache_gib=args.kv_cache_gib, max_model_len=None if args.model else 512,
+    cfg = ServerConfig(kv_cache_gib=args.kv_cache_gib, max_model_len=None if args.model else 512,
                         concurrency=args.concurrency)
     texts = arithmetic_corpus(args.prompts, seed=1)
     prompts = [t[:t.index(";A:") + 3] for t in texts]

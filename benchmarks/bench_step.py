@@ -118,7 +118,7 @@ def batches_of(seqs: list, ref_logp: dict | None, seq_length: int, micro_batch: 
 def build_policy(mcfg, *, lr: float = 1e-4):
     """(DDP-wrapped chunks, optimizer, the bare GPTModel) at TP = PP = 1, in `mcfg.params_dtype`;
     call after init_distributed."""
-    from megatron_rasft.config import ParallelConfig, TrainConfig
+    from megatron_rasft.config import OptimConfig, ParallelConfig
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.train.optim import build_optimizer
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
@@ -127,7 +127,7 @@ def build_policy(mcfg, *, lr: float = 1e-4):
     model = build_model(mcfg, pcfg)
     chunks = wrap_ddp([model], use_distributed_optimizer=False)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=lr, clip_grad=1.0), pcfg, total_steps=1000)
+    optimizer, _ = build_optimizer(chunks, OptimConfig(lr=lr, clip_grad=1.0), pcfg, total_steps=1000)
     return chunks, optimizer, model
 
 

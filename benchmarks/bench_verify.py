@@ -79,7 +79,7 @@ def bench_code(n, timeout_s):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--math500", default=os.path.join(HERE, "..", "..", "shared", "benchmarks", "math500.jsonl"))
-    ap.add_argument("--mode", default="math-verify", choices=("math", "math-verify", "reference"))
+    ap.add_argument("--mode", default="math-verify", choices=("math", "math-verify", "released"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--code-problems", type=int, default=164)
     ap.add_argument("--timeout-s", type=float, default=20.0)

@@ -248,7 +248,9 @@ def write_config(path: Path, model: dict, train: dict, parallel: dict | None = N
 
     lines = ["[model]"] + [f"{k} = {fmt(v)}" for k, v in model.items()]
     lines += ["", "[parallel]"] + [f"{k} = {fmt(v)}" for k, v in (parallel or {}).items()]
-    lines += ["", "[train]"] + [f"{k} = {fmt(v)}" for k, v in train.items()]
+    lines += ["", "[train]"] + [f"{k} = {fmt(v)}" for k, v in train.items() if not isinstance(v, dict)]
+    for table, values in ((k, v) for k, v in train.items() if isinstance(v, dict)):
+        lines += ["", f"[train.{table}]"] + [f"{k} = {fmt(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -286,8 +288,8 @@ def section_train(res, dev, dry, work: Path, logs: Path):
         for method in ("sft", "rasft"):
             run_dir = work / f"train_{method}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            cfg = write_config(work / f"train_{method}.toml", model, dict(
-                train_iters=steps, global_batch_size=4 * mb, micro_batch_size=mb, lr=1e-5, bf16=not dry,
+            cfg = write_config(work / f"train_{method}.toml", {**model, "params_dtype": "fp32" if dry else "bf16"}, dict(
+                schedule=dict(train_iters=steps, global_batch_size=4 * mb, micro_batch_size=mb), optim=dict(lr=1e-5),
                 seed=0, run_dir=str(run_dir)), parallel)
             rc, text = run_cli(["-m", "megatron_rasft", "train", "--config", str(cfg), "--set", f"loss.method={method}"],
                                logs / f"train_{method}_mb{mb}.log", timeout_s=240)
@@ -333,8 +335,8 @@ def section_resume(res, dev, dry, work: Path, logs: Path):
     full, resumed = work / "resume_full", work / "resume_resumed"
     for d in (full, resumed):
         shutil.rmtree(d, ignore_errors=True)
-    cfg = write_config(work / "resume.toml", dict(TINY), dict(
-        train_iters=4, global_batch_size=4, micro_batch_size=2, lr=1e-3, bf16=not dry, seed=0,
+    cfg = write_config(work / "resume.toml", {**TINY, "params_dtype": "fp32" if dry else "bf16"}, dict(
+        schedule=dict(train_iters=4, global_batch_size=4, micro_batch_size=2), optim=dict(lr=1e-3), seed=0,
         run_dir=str(full)), parallel)
     sets = ["--set", "checkpoint.save_interval=2", "--set", "checkpoint.keep_last=2"]
     rc, text = run_cli(["-m", "megatron_rasft", "train", "--config", str(cfg), *sets], logs / "resume_full.log", 180)

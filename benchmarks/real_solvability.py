@@ -24,14 +24,14 @@ def measure(model_dir, problems: list, k: int, max_tokens: int, seed: int = 1234
     """{task: {"hist": [count of problems with k correct for k in 0..K], "mean_p", "mid"}}"""
     from transformers import AutoTokenizer
 
-    from megatron_rasft.config import RolloutConfig, SamplingConfig
+    from megatron_rasft.config import SamplingConfig, ServerConfig
     from megatron_rasft.data.tokenize import encode_prompt, render_prompt
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.verify.mathv import grade_math
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rc = RolloutConfig(max_model_len=1024, kv_cache_gib=1.0, concurrency=32)
+    rc = ServerConfig(max_model_len=1024, kv_cache_gib=1.0, concurrency=32)
     prompts = [encode_prompt(tok, render_prompt(tok, p["prompt"], "chat")) for p in problems]
     server = RolloutServer(model_dir, rc).start()
     try:

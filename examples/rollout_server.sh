@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serve HF_DIR with vLLM on this machine's visible GPUs, for a trainer that attaches to it with
-# `--set rollout.server_url=http://HOST:PORT`. Runs in the foreground until SIGTERM / Ctrl-C.
+# `--set rollout.server.url=http://HOST:PORT`. Runs in the foreground until SIGTERM / Ctrl-C.
 #
 #   CUDA_VISIBLE_DEVICES=6,7 bash examples/rollout_server.sh hf/Qwen2.5-Math-1.5B 8000
 #
@@ -34,7 +34,7 @@ else
 fi
 if (( NGPUS < 1 )); then
     echo "error: no GPU visible (CUDA_VISIBLE_DEVICES / nvidia-smi); on a CPU machine let the trainer" \
-         "start its own server (leave rollout.server_url unset)" >&2
+         "start its own server (leave rollout.server.url unset)" >&2
     exit 2
 fi
 if (( NGPUS % ROLLOUT_TP )); then

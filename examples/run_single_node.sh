@@ -11,7 +11,7 @@
 #   RUN_DIR        run directory (metrics.jsonl, checkpoints, rollouts, logs) [runs/<config name>]
 #   ROLLOUT_GPUS   GPUs of an external vLLM server (examples/rollout_server.sh) [4,5,6,7]. Empty: no external
 #                  server; the trainer starts one itself on rank 0's GPU (shared with training;
-#                  set a small rollout.kv_cache_gib; fine for CPU runs, not tested on GPUs).
+#                  set a small rollout.server.kv_cache_gib; fine for CPU runs, not tested on GPUs).
 #   TRAIN_GPUS     GPUs of the trainer [all GPUs not in ROLLOUT_GPUS]. Their number / (TP × PP) is the
 #                  data-parallel size, which must divide global_batch_size / micro_batch_size
 #                  (256 / 2 = 128: 1, 2, 4 or 8 data-parallel ranks).
@@ -91,7 +91,7 @@ if [[ -n "$ROLLOUT_GPUS" ]]; then
     fi
     # The trainer exports each new policy to RUN_DIR/hf/policy and the server reloads it from there
     # (same filesystem), verified with a probe prompt.
-    SERVER_ARGS=(--set "rollout.server_url=http://127.0.0.1:$ROLLOUT_PORT")
+    SERVER_ARGS=(--set "rollout.server.url=http://127.0.0.1:$ROLLOUT_PORT")
 fi
 
 # -- 3. Train ----------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ export CUDA_VISIBLE_DEVICES=$TRAIN_GPUS
 run torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megatron_rasft train \
     --config "$CONFIG" \
     --set "checkpoint.load=$MCORE_DIR" \
-    --set "train.data_path=$DATA" \
-    --set "train.tokenizer=$HF_DIR" \
+    --set "train.data.path=$DATA" \
+    --set "train.data.tokenizer=$HF_DIR" \
     --set "train.run_dir=$RUN_DIR" \
     "${SERVER_ARGS[@]}" "$@"

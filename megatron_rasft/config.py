@@ -3,7 +3,7 @@
 A run is described by a TOML file whose tables are named after the fields of `RunConfig`
 (`[model]`, `[parallel]`, `[loss]`, ...; nested concerns are sub-tables: `[rollout.sampling]`).
 `--set loss.method=sft` style overrides are applied on top; values are parsed as TOML literals
-(so `--set train.lr=1e-4`, `--set model.tie_embeddings=true`, `--set rollout.sampling.stop=["\\n"]`),
+(so `--set train.optim.lr=1e-4`, `--set model.tie_embeddings=true`, `--set rollout.sampling.stop=["\\n"]`),
 falling back to a plain string. Renamed keys are still accepted, with a DeprecationWarning naming
 the new spelling (`DEPRECATED_KEYS`).
 """
@@ -230,40 +230,84 @@ class SamplingConfig:
 
 
 @dataclass
-class RolloutConfig:
-    server_url: Optional[str] = None  # attach to an external server instead of starting one
+class ServerConfig:
+    """The vLLM rollout server (`[rollout.server]`): the one the trainer starts on rank 0, or an
+    external one at `url`, and how the client talks to it."""
+
+    url: Optional[str] = None  # attach to an external server instead of starting one
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n = K samples per problem
-    concurrency: int = 8
+    max_model_len: Optional[int] = None  # vLLM's --max-model-len (None: the model's own)
+    kv_cache_gib: float = 1.0  # vLLM's KV cache of a started server, GiB
+    dtype: str = "auto"  # vLLM's --dtype (auto: the checkpoint's; float32 on CPU)
+    startup_timeout_s: float = 300.0  # a started server's start-up; an external one's return after a failure
+    concurrency: int = 8  # requests in flight (vLLM batches them)
     request_timeout_s: float = 600.0
-    max_retries: int = 3
-    max_model_len: Optional[int] = None
-    kv_cache_gib: float = 1.0
-    dtype: str = "auto"
-    startup_timeout_s: float = 300.0
-    selection: str = "all"  # all | released (the released code's expert-NLL band, see train/selection.py)
-    verifier: str = "math"  # math | code
-    verifier_timeout_s: float = 10.0
-    verifier_workers: int = 2
+    max_retries: int = 3  # per request (timeouts, 5xx); per batch for restarts that made no progress
     refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
+
+    def __post_init__(self):
+        _check(self.concurrency >= 1, "rollout.server.concurrency must be >= 1")
+        _check(self.max_retries >= 0, "rollout.server.max_retries must be >= 0")
+
+
+@dataclass
+class SelectionConfig:
+    """Which problems of a window are rolled out (`[rollout.selection]`, train/selection.py)."""
+
+    rule: str = "all"  # all | released (the released code's expert-NLL band and hard pool)
+    # `released` rule: the share of a window's in-band problems rolled out (rounded up), and of the
+    # hard pool probed (rounded down, at least one); the released code's values.
+    rollout_fraction: float = 0.35
+    probe_fraction: float = 0.03
+
+    def __post_init__(self):
+        self.rule = released_preset("rollout.selection.rule", self.rule)
+        _one_of("rollout.selection.rule", self.rule, ("all", "released"))
+        _check(0 < self.rollout_fraction <= 1, f"rollout.selection.rollout_fraction must be in (0, 1], "
+                                               f"got {self.rollout_fraction}")
+        _check(0 < self.probe_fraction <= 1, f"rollout.selection.probe_fraction must be in (0, 1], "
+                                             f"got {self.probe_fraction}")
+
+
+@dataclass
+class VerifierConfig:
+    """How rollouts are checked (`[rollout.verifier]`, docs/verify_and_weighting.md)."""
+
+    kind: str = "math"  # math | math-verify | released (the released code's check) | code
+    timeout_s: float = 10.0  # per rollout
+    workers: int = 2  # verifier processes
+
+    def __post_init__(self):
+        self.kind = released_preset("rollout.verifier.kind", self.kind)
+        _one_of("rollout.verifier.kind", self.kind, ("math", "math-verify", "released", "code"))
+        _check(self.timeout_s > 0, "rollout.verifier.timeout_s must be > 0")
+        _check(self.workers >= 1, "rollout.verifier.workers must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    """A rollout round's settings, one sub-table per concern: the server, what it samples, which
+    problems are rolled out, and how the rollouts are checked."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n = K samples per problem
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
     # Overlapped rounds: window w+1's round is generated, verified and weighed in the background
     # while window w trains, from the weights of w's boundary (docs/training.md, "Overlapped rounds").
     overlap: bool = False
 
-    def __post_init__(self):
-        _check(self.concurrency >= 1, "rollout.concurrency must be >= 1")
-        self.selection = released_preset("rollout.selection", self.selection)
-        _one_of("rollout.selection", self.selection, ("all", "released"))
-        _one_of("rollout.verifier", self.verifier, ("math", "math-verify", "reference", "code"))
 
-
+# The trainer's settings are sub-tables of [train] (as the rollout's are of [rollout]): the TOML stays
+# one section per stage, each old flat `train.X` key maps to exactly one new place, and the stage
+# commands, which read other sections, are not confused by a top-level `data` or `optim`.
 @dataclass
-class TrainConfig:
-    data_path: Optional[str] = None  # problems JSONL; None = synthetic tokens (smoke runs)
-    tokenizer: Optional[str] = None  # HF tokenizer folder (required with data_path)
-    pack: bool = False  # pack several sequences per row (block-diagonal attention, local spec)
-    window_problems: int = 0  # problems per window when refresh_interval = 0 (0 = global_batch_size)
+class TrainDataConfig:
+    """The training problems and how they become sequences (`[train.data]`, docs/training.md)."""
+
+    path: Optional[str] = None  # problems JSONL; None = synthetic tokens (smoke runs)
+    tokenizer: Optional[str] = None  # HF tokenizer folder (required with path)
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
@@ -271,9 +315,21 @@ class TrainConfig:
     placeholder_answers: list = field(default_factory=lambda: list(PLACEHOLDER_ANSWERS))
     prompt_template: str = "chat"  # chat | released | plain
     overlong: str = "truncate"  # truncate | drop
-    train_iters: int = 10
-    global_batch_size: int = 8
-    micro_batch_size: int = 2
+    pack: bool = False  # pack several sequences per row (block-diagonal attention, local spec)
+
+    def __post_init__(self):
+        self.prompt_template = released_preset("train.data.prompt_template", self.prompt_template)
+        _one_of("train.data.prompt_template", self.prompt_template, ("chat", "released", "plain"))
+        _one_of("train.data.overlong", self.overlong, ("truncate", "drop"))
+        if self.path is not None and self.tokenizer is None:
+            raise ValueError("train.data.tokenizer (an HF tokenizer folder) is required with train.data.path")
+
+
+@dataclass
+class OptimConfig:
+    """Megatron's Adam and its learning-rate schedule (`[train.optim]`, train/optim.py): linear
+    warm-up over `lr_warmup_iters`, then cosine decay to `min_lr` over the run."""
+
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
@@ -282,28 +338,53 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    seed: int = 1234
+
+    def __post_init__(self):
+        _check(self.lr >= 0 and self.min_lr >= 0, "train.optim.lr and train.optim.min_lr must be >= 0")
+        _check(self.min_lr <= self.lr, "train.optim.min_lr must be <= train.optim.lr")
+        _check(self.lr_warmup_iters >= 0, "train.optim.lr_warmup_iters must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """How long the run is, how a step is batched, and when rollout rounds happen (`[train.schedule]`)."""
+
+    train_iters: int = 10  # optimizer steps
+    global_batch_size: int = 8  # sequence groups per step (a problem's demonstration with its rollouts)
+    micro_batch_size: int = 2
     refresh_interval: int = 0  # optimizer steps between rollout rounds; 0 = no rounds
-    log_interval: int = 1
+    window_problems: int = 0  # problems per window when refresh_interval = 0 (0 = global_batch_size)
+
+    def __post_init__(self):
+        _check(self.train_iters >= 1, "train.schedule.train_iters must be >= 1")
+        _check(self.micro_batch_size >= 1, "train.schedule.micro_batch_size must be >= 1")
+        _check(self.global_batch_size % self.micro_batch_size == 0,
+               "train.schedule.global_batch_size must be a multiple of micro_batch_size")
+        _check(self.refresh_interval >= 0, "train.schedule.refresh_interval must be >= 0")
+        _check(self.window_problems >= 0, "train.schedule.window_problems must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """What the trainer reports (`[train.logging]`, train/log.py)."""
+
+    log_interval: int = 1  # steps between console lines
     log_batch_keys: bool = False  # metrics.jsonl: each DP rank's sequence keys per step (`dp_keys`)
-    run_dir: str = "runs/default"
-    tensorboard: bool = False
+    tensorboard: bool = False  # RUN/tensorboard/
     wandb_project: Optional[str] = None
 
     def __post_init__(self):
-        _check(self.train_iters >= 1, "train.train_iters must be >= 1")
-        _check(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
-        _check(self.global_batch_size % self.micro_batch_size == 0,
-               "train.global_batch_size must be a multiple of micro_batch_size")
-        _check(self.lr >= 0 and self.min_lr >= 0, "train.lr and train.min_lr must be >= 0")
-        _check(self.min_lr <= self.lr, "train.min_lr must be <= train.lr")
-        self.prompt_template = released_preset("train.prompt_template", self.prompt_template)
-        _one_of("train.prompt_template", self.prompt_template, ("chat", "released", "plain"))
-        _one_of("train.overlong", self.overlong, ("truncate", "drop"))
-        _check(self.refresh_interval >= 0, "train.refresh_interval must be >= 0")
-        _check(self.window_problems >= 0, "train.window_problems must be >= 0")
-        if self.data_path is not None and self.tokenizer is None:
-            raise ValueError("train.tokenizer (an HF tokenizer folder) is required with train.data_path")
+        _check(self.log_interval >= 1, "train.logging.log_interval must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 1234  # model init, data order, selection draws
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass
@@ -352,8 +433,8 @@ class RunConfig:
                    f"model.seq_length ({self.model.seq_length}) exceeds model.max_position_embeddings "
                    f"({self.model.max_position_embeddings})")
         # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
-        _check(self.loss.method != "grpo" or self.train.refresh_interval >= 1,
-               "loss.method = 'grpo' needs rollout rounds: set train.refresh_interval >= 1")
+        _check(self.loss.method != "grpo" or self.train.schedule.refresh_interval >= 1,
+               "loss.method = 'grpo' needs rollout rounds: set train.schedule.refresh_interval >= 1")
         # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
         # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
         _check(self.loss.method != "grpo" or not self.rollout.overlap,
@@ -381,13 +462,37 @@ class RunConfig:
 
 
 # Old spelling -> new spelling (dotted, from the top of the config). Accepted with a warning.
+# `rollout.selection` and `rollout.verifier` were values and are now tables; they come first, so
+# that the old flat keys moving into those tables (`rollout.verifier_workers`) find a table.
+_TABLES_FROM_VALUES = {"rollout.selection": "rollout.selection.rule", "rollout.verifier": "rollout.verifier.kind"}
 DEPRECATED_KEYS = {
+    **_TABLES_FROM_VALUES,
     "rollout.num_samples": "rollout.sampling.n",
     **{f"rollout.{k}": f"rollout.sampling.{k}"
        for k in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "stop", "seed")},
+    "rollout.server_url": "rollout.server.url",
+    **{f"rollout.{k}": f"rollout.server.{k}"
+       for k in ("host", "port", "concurrency", "request_timeout_s", "max_retries", "max_model_len",
+                 "kv_cache_gib", "dtype", "startup_timeout_s", "refresh_atol")},
+    "rollout.verifier_timeout_s": "rollout.verifier.timeout_s",
+    "rollout.verifier_workers": "rollout.verifier.workers",
+    "train.data_path": "train.data.path",
+    **{f"train.{k}": f"train.data.{k}"
+       for k in ("tokenizer", "prompt_field", "response_field", "answer_field", "placeholder_answers",
+                 "prompt_template", "overlong", "pack")},
+    **{f"train.{k}": f"train.optim.{k}"
+       for k in ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                 "clip_grad")},
+    **{f"train.{k}": f"train.schedule.{k}"
+       for k in ("train_iters", "global_batch_size", "micro_batch_size", "refresh_interval", "window_problems")},
+    **{f"train.{k}": f"train.logging.{k}" for k in ("log_interval", "log_batch_keys", "tensorboard", "wandb_project")},
     "eval.n": "eval.sampling.n",
     **{f"eval.{k}": f"eval.sampling.{k}" for k in ("temperature", "top_p", "max_tokens")},
 }
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"config key {old} is deprecated; use {new}", DeprecationWarning, stacklevel=5)
 
 
 def _rename_deprecated(data: dict) -> dict:
@@ -412,15 +517,19 @@ def _rename_deprecated(data: dict) -> dict:
             node = node.get(k) if isinstance(node, dict) else None
         if not isinstance(node, dict) or old_key not in node:
             continue
+        if old in _TABLES_FROM_VALUES and isinstance(node[old_key], dict):
+            continue  # the new table itself
         value = node.pop(old_key)
         *new_path, new_key = new.split(".")
         dst = data
         for k in new_path:
             dst = dst.setdefault(k, {})
+            if not isinstance(dst, dict):
+                raise ValueError(f"config: {'.'.join(new_path)} must be a table (it holds {new})")
         if new_key in dst:
             raise ValueError(f"config: both {old} (deprecated) and {new} are set; keep only {new}")
         dst[new_key] = value
-        warnings.warn(f"config key {old} is deprecated; use {new}", DeprecationWarning, stacklevel=4)
+        _deprecated(old, new)
     return data
 
 
@@ -464,18 +573,41 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings to a nested dict (in place) and return it."""
+    """Apply `section.key=value` strings to a nested dict (in place) and return it. Old spellings
+    stay as they are (`config_from_dict` renames them), except where a value became a table
+    (`rollout.verifier` -> `rollout.verifier.kind`): there the value moves into the table at once,
+    so that neither spelling overwrites the other. Raises ValueError for a malformed item, or when
+    both spellings of such a key are given."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set expects section.key=value, got {item!r}")
         path, text = item.split("=", 1)
-        keys = path.strip().split(".")
+        path = path.strip()
+        keys = path.split(".")
         if len(keys) < 2:
             raise ValueError(f"--set expects section.key=value, got {item!r}")
-        node = data
-        for key in keys[:-1]:
+        node, moved = data, None
+        for i, key in enumerate(keys[:-1]):
+            dotted = ".".join(keys[:i + 1])
+            if dotted in _TABLES_FROM_VALUES and key in node and not isinstance(node[key], dict):
+                node[key] = {_TABLES_FROM_VALUES[dotted].rsplit(".", 1)[1]: node[key]}  # old value spelling
+                moved = dotted
+                _deprecated(dotted, _TABLES_FROM_VALUES[dotted])
             node = node.setdefault(key, {})
-        node[keys[-1]] = _parse_value(text.strip())
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {path}: {dotted} is a value, not a table")
+        value, last = _parse_value(text.strip()), keys[-1]
+        if moved is not None and path == _TABLES_FROM_VALUES[moved]:
+            raise ValueError(f"config: both {moved} (deprecated) and {path} are set; keep only {path}")
+        if path in _TABLES_FROM_VALUES and isinstance(node.get(last), dict) and not isinstance(value, dict):
+            new = _TABLES_FROM_VALUES[path]
+            leaf = new.rsplit(".", 1)[1]
+            if leaf in node[last]:
+                raise ValueError(f"config: both {path} (deprecated) and {new} are set; keep only {new}")
+            node[last][leaf] = value
+            _deprecated(path, new)
+        else:
+            node[last] = value
     return data
 
 

@@ -18,11 +18,11 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import WeightingConfig
 from megatron_rasft.records import ProblemVerdicts, Weight
-from megatron_rasft.verify.reference import last_boxed_braced
+from megatron_rasft.verify.answers import last_boxed_braced
 
 
 @dataclass(frozen=True)
-class ReferenceFilters:
+class ReleasedFilters:
     """Constants of the `released` scheme, all the released code's values."""
 
     dup_jaccard: float = 0.82  # word-3-gram Jaccard at which a rollout is a near duplicate
@@ -45,7 +45,7 @@ class ReferenceFilters:
     rollout_clip: tuple = (0.02, 0.15)
 
 
-REFERENCE = ReferenceFilters()
+RELEASED = ReleasedFilters()
 CORRECTION_MARKERS = ("let me correct", "correcting the calculation", "i need to correct", "rechecking",
                       "let's correct", "wait,", "however, this is incorrect", "the previous reasoning was wrong")
 SHORTCUT_PATTERNS = [re.compile(p) for p in (
@@ -98,7 +98,7 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
 
 
-def gibberish_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+def gibberish_reason(text: str, f: ReleasedFilters = RELEASED) -> Optional[str]:
     """Why a text is gibberish or collapsed (a loop, self-corrections, symbols), or None."""
     if len(text.strip()) < f.min_chars:
         return "too_short"
@@ -120,7 +120,7 @@ def gibberish_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str
     return None
 
 
-def shortcut_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+def shortcut_reason(text: str, f: ReleasedFilters = RELEASED) -> Optional[str]:
     """Why a text answers without working (a stock phrase, or a box in a very short text), or None."""
     low = text.lower()
     if any(p.search(low) for p in SHORTCUT_PATTERNS):
@@ -134,7 +134,7 @@ def shortcut_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]
     return None
 
 
-def format_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
+def format_reason(text: str, f: ReleasedFilters = RELEASED) -> Optional[str]:
     """Why a text is not a boxed worked solution (short, gibberish, no box, no reasoning), or None."""
     if len(text.strip()) < f.format_min_chars:
         return "format_short"
@@ -148,8 +148,8 @@ def format_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
     return None
 
 
-def degenerate_reason(text: str, f: ReferenceFilters = REFERENCE) -> Optional[str]:
-    """Why a rollout is filtered out by the reference rules, or None; checked in the released
+def degenerate_reason(text: str, f: ReleasedFilters = RELEASED) -> Optional[str]:
+    """Why a rollout is filtered out by the released rules, or None; checked in the released
     code's order: too short, gibberish/collapsed, shortcut, format."""
     if len(text.strip()) < f.min_chars:
         return "too_short"
@@ -166,7 +166,7 @@ def _linear(rollouts, cfg: WeightingConfig) -> Weights:
     return Weights(a_e, [per if c else 0.0 for _, c in rollouts], p, k, K)
 
 
-def reference_weights(rollouts, f: ReferenceFilters = REFERENCE) -> Weights:
+def released_weights(rollouts, f: ReleasedFilters = RELEASED) -> Weights:
     """The `released` scheme on [(text, correct)]; `f` exists for tests (e.g. de-dup disabled)."""
     n = len(rollouts)
     grams = [ngrams(t) for t, _ in rollouts]
@@ -218,7 +218,7 @@ def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
     if scheme == "linear":
         return _linear(rollouts, cfg)
     if scheme == "released":
-        return reference_weights(rollouts)
+        return released_weights(rollouts)
     raise ValueError(f"weighting scheme must be one of ('linear', 'released', 'constant'), got {scheme!r}")
 
 

@@ -1,19 +1,26 @@
 """Config loading/validation, the model provider's spec choice and errors, and lazy imports."""
+import dataclasses
 import subprocess
 import sys
+import tomllib
+import warnings
+from pathlib import Path
 
 import pytest
 
-from megatron_rasft.config import LossConfig, ModelConfig, WeightingConfig, load_config
+from megatron_rasft.config import (DEPRECATED_KEYS, LossConfig, ModelConfig, RunConfig, WeightingConfig,
+                                   config_from_dict, load_config)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_toml_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
-    f.write_text('[loss]\nmethod = "sft"\n[train]\nlr = 1e-4\nrun_dir = "x"\n')
-    cfg = load_config(f, ["train.lr=3e-5", "loss.ratio=none", "model.tie_embeddings=true",
+    f.write_text('[loss]\nmethod = "sft"\n[train]\nrun_dir = "x"\n[train.optim]\nlr = 1e-4\n')
+    cfg = load_config(f, ["train.optim.lr=3e-5", "loss.ratio=none", "model.tie_embeddings=true",
                           "rollout.sampling.stop=[\"\\n\"]", "weighting.smoothing=[1, 1]"])
     assert cfg.loss.method == "sft" and cfg.loss.ratio == "none"
-    assert cfg.train.lr == 3e-5 and cfg.model.tie_embeddings is True
+    assert cfg.train.optim.lr == 3e-5 and cfg.model.tie_embeddings is True
     assert cfg.rollout.sampling.stop == ["\n"] and cfg.weighting.smoothing == (1, 1)
     cfg.save(tmp_path / "out" / "config.json")
     assert '"method": "sft"' in (tmp_path / "out" / "config.json").read_text()
@@ -40,9 +47,10 @@ def test_sampling_tables_and_deprecated_spellings(tmp_path):
         load_config(None, ["rollout.sampling.bogus=1"])
     # The released code's presets are "released"; "reference" (the frozen reference model's name) still loads.
     with pytest.warns(DeprecationWarning, match='weighting.scheme = "reference" is deprecated; use "released"'):
-        got = load_config(None, ["weighting.scheme=reference", "rollout.selection=reference",
-                                 "train.prompt_template=reference"])
-    assert (got.weighting.scheme, got.rollout.selection, got.train.prompt_template) == ("released",) * 3
+        got = load_config(None, ["weighting.scheme=reference", "rollout.selection.rule=reference",
+                                 "train.data.prompt_template=reference", "rollout.verifier.kind=reference"])
+    assert (got.weighting.scheme, got.rollout.selection.rule, got.train.data.prompt_template,
+            got.rollout.verifier.kind) == ("released",) * 4
     # One source for the training dtype: the old train.bf16 becomes model.params_dtype.
     with pytest.warns(DeprecationWarning, match='train.bf16 is deprecated; use model.params_dtype = "bf16"'):
         assert load_config(None, ["train.bf16=true"]).model.params_dtype == "bf16"
@@ -54,9 +62,14 @@ def test_sampling_tables_and_deprecated_spellings(tmp_path):
     (["loss.method=foo"], "loss.method must be one of"),
     (["nope.x=1"], "unknown config section"),
     (["train.bogus=1"], "unknown key(s) in [train]: bogus"),
-    (["train.global_batch_size=7", "train.micro_batch_size=2"], "multiple of micro_batch_size"),
+    (["train.optim.bogus=1"], "unknown key(s) in [train.optim]: bogus"),
+    (["rollout.server.bogus=1"], "unknown key(s) in [rollout.server]: bogus"),
+    (["rollout.verifier.timeout=1"], "unknown key(s) in [rollout.verifier]: timeout; known: kind, timeout_s, workers"),
+    (["train.schedule.global_batch_size=7", "train.schedule.micro_batch_size=2"], "multiple of micro_batch_size"),
     (["model.num_attention_heads=6", "model.num_query_groups=4"], "multiple of"),
-    (["train.data_path=p.jsonl"], "train.tokenizer"),
+    (["train.data.path=p.jsonl"], "train.data.tokenizer"),
+    (["rollout.verifier.kind=sympy"], "rollout.verifier.kind must be one of"),
+    (["rollout.selection.rule=some"], "rollout.selection.rule must be one of"),
     (["loss.ratio_min=2.0"], "ratio_min"),
     (["bad"], "section.key=value"),
 ])
@@ -64,6 +77,137 @@ def test_validation_errors(bad, msg):
     with pytest.raises(ValueError, match=None) as e:
         load_config(None, bad)
     assert msg in str(e.value)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for dotted, v in flat.items():
+        *path, key = dotted.split(".")
+        node = out
+        for k in path:
+            node = node.setdefault(k, {})
+        node[key] = v
+    return out
+
+
+# A value for every key that has an old spelling, none of them the default, so that a key landing
+# in the wrong place shows.
+NEW_VALUES = {
+    "rollout.server.url": "http://h:1", "rollout.server.host": "0.0.0.0", "rollout.server.port": 5,
+    "rollout.server.max_model_len": 77, "rollout.server.kv_cache_gib": 2.5, "rollout.server.dtype": "bfloat16",
+    "rollout.server.startup_timeout_s": 9.0, "rollout.server.concurrency": 3, "rollout.server.request_timeout_s": 8.0,
+    "rollout.server.max_retries": 1, "rollout.server.refresh_atol": 0.2,
+    "rollout.selection.rule": "released",
+    "rollout.verifier.kind": "code", "rollout.verifier.timeout_s": 3.0, "rollout.verifier.workers": 4,
+    "rollout.sampling.n": 5, "rollout.sampling.temperature": 0.5, "rollout.sampling.top_p": 0.9,
+    "rollout.sampling.top_k": 7, "rollout.sampling.max_tokens": 33, "rollout.sampling.repetition_penalty": 1.2,
+    "rollout.sampling.stop": ["x"], "rollout.sampling.seed": 9,
+    "train.data.path": "p.jsonl", "train.data.tokenizer": "tok", "train.data.prompt_field": "q",
+    "train.data.response_field": "a", "train.data.answer_field": "g", "train.data.placeholder_answers": ["none"],
+    "train.data.prompt_template": "plain", "train.data.overlong": "drop", "train.data.pack": True,
+    "train.optim.lr": 0.5, "train.optim.min_lr": 0.1, "train.optim.lr_warmup_iters": 3,
+    "train.optim.weight_decay": 0.01, "train.optim.adam_beta1": 0.8, "train.optim.adam_beta2": 0.95,
+    "train.optim.adam_eps": 1e-6, "train.optim.clip_grad": 2.0,
+    "train.schedule.train_iters": 11, "train.schedule.global_batch_size": 6, "train.schedule.micro_batch_size": 3,
+    "train.schedule.refresh_interval": 2, "train.schedule.window_problems": 5,
+    "train.logging.log_interval": 4, "train.logging.log_batch_keys": True, "train.logging.tensorboard": True,
+    "train.logging.wandb_project": "w",
+    "eval.sampling.n": 3, "eval.sampling.temperature": 0.7, "eval.sampling.top_p": 0.8, "eval.sampling.max_tokens": 99,
+}
+
+
+def _get(cfg, dotted: str):
+    for k in dotted.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
+
+
+def test_every_old_key_maps_to_its_new_place():
+    """A config written with every old flat spelling (`train.lr`, `rollout.server_url`,
+    `rollout.verifier`, ...) loads to the same `RunConfig` as its new spelling, with one
+    DeprecationWarning per old key naming the new one; as a TOML file and as `--set` overrides."""
+    assert set(DEPRECATED_KEYS.values()) == set(NEW_VALUES)  # a new deprecated key needs a value here
+    defaults = RunConfig()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        expected = config_from_dict(_nest(NEW_VALUES))
+    for k, v in NEW_VALUES.items():
+        assert _get(expected, k) == v != _get(defaults, k), k
+    inverse = {v: k for k, v in DEPRECATED_KEYS.items()}
+    old_flat = {inverse[k]: v for k, v in NEW_VALUES.items()}
+    old_toml = "".join(f"[{section}]\n" + "".join(f"{k.split('.', 1)[1]} = {_toml_literal(v)}\n"
+                                                   for k, v in old_flat.items() if k.startswith(section + "."))
+                       for section in ("rollout", "train", "eval"))
+    assert '\nverifier = "code"\n' in old_toml and "[train]\ndata_path = " in old_toml  # flat, as they were
+    for how in ("toml", "set"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if how == "toml":
+                got = config_from_dict(tomllib.loads(old_toml))
+            else:
+                got = load_config(None, [f"{k}={_toml_literal(v)}" for k, v in old_flat.items()])
+        assert got == expected, how
+        said = {str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}
+        assert said == {f"config key {o} is deprecated; use {n}" for o, n in DEPRECATED_KEYS.items()}, how
+
+
+def _toml_literal(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(x) for x in v) + "]"
+    return repr(v)
+
+
+@pytest.mark.parametrize("sets", [
+    ["train.lr=1", "train.optim.lr=2"],
+    ["rollout.server_url=http://a:1", "rollout.server.url=http://b:1"],
+    ["rollout.verifier=code", "rollout.verifier.kind=math"],  # a value that became a table, both orders
+    ["rollout.verifier.kind=math", "rollout.verifier=code"],
+    ["rollout.selection=all", "rollout.selection.rule=all"],
+    ["train.refresh_interval=1", "train.schedule.refresh_interval=1"],
+])
+def test_both_spellings_are_an_error(sets):
+    old, new = (sets[0], sets[1]) if len(sets[0].split("=")[0].split(".")) == 2 else (sets[1], sets[0])
+    with pytest.raises(ValueError, match=f"both {old.split('=')[0]} .deprecated. and {new.split('=')[0]} are set; "
+                                         f"keep only {new.split('=')[0]}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        load_config(None, sets)
+
+
+def test_old_value_spelling_beside_its_new_table(tmp_path):
+    """`rollout.verifier` was a value and is now a table: the old value and the table's other
+    keys, in either spelling and from the file or `--set`, meet in one table."""
+    f = tmp_path / "run.toml"
+    f.write_text('[rollout.verifier]\nworkers = 3\n')
+    with pytest.warns(DeprecationWarning, match="rollout.verifier is deprecated; use rollout.verifier.kind"):
+        cfg = load_config(f, ["rollout.verifier=code", "rollout.verifier_timeout_s=4"])
+    assert dataclasses.astuple(cfg.rollout.verifier) == ("code", 4.0, 3)
+    f.write_text('[rollout]\nverifier = "released"\nverifier_workers = 5\n')
+    with pytest.warns(DeprecationWarning):
+        cfg = load_config(f, ["rollout.verifier.timeout_s=6"])
+    assert dataclasses.astuple(cfg.rollout.verifier) == ("released", 6.0, 5)
+
+
+def test_examples_use_the_new_spelling():
+    """Every example loads without a DeprecationWarning."""
+    for path in sorted((ROOT / "examples").glob("*.toml")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            load_config(path)
+        assert "data_path" not in tomllib.loads(path.read_text()).get("train", {}), path
 
 
 def test_dataclass_validation():

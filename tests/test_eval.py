@@ -11,7 +11,7 @@ import pytest
 from megatron_rasft.eval.benchmarks import BenchmarkError, load_benchmark, read_rows
 from megatron_rasft.eval.grade import Grader
 from megatron_rasft.eval.metrics import ks_for, majority_correct, pass_at_k, summarize
-from megatron_rasft.verify.reference import normalize_answer
+from megatron_rasft.verify.answers import normalize_answer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "benchmarks"

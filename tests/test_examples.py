@@ -19,10 +19,10 @@ SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sba
 # Onto the tiny checkpoint (its model_config.json gives the architecture), one process, fp32, one step.
 # Rounds off: the rollout path is exercised by tests/test_rounds.py; here each file's loss, weighting,
 # optimizer and data settings go through a real step.
-SHRINK = ["model.seq_length=64", 'model.params_dtype="fp32"', 'model.transformer_impl="local"', "train.bf16=false",
+SHRINK = ["model.seq_length=64", 'model.params_dtype="fp32"', 'model.transformer_impl="local"',
           "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-          "train.train_iters=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.refresh_interval=0",
-          'train.prompt_template="plain"', "checkpoint.save_interval=0"]
+          "train.schedule.train_iters=1", "train.schedule.global_batch_size=4", "train.schedule.micro_batch_size=2",
+          "train.schedule.refresh_interval=0", 'train.data.prompt_template="plain"', "checkpoint.save_interval=0"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_every_example_loads_and_validates():
     assert {"tiny_cpu.toml", "qwen2.5-math-1.5b.toml"} <= set(CONFIGS)
     for name in CONFIGS:
         cfg = load_config(EXAMPLES / name)
-        assert cfg.train.train_iters >= 1 and cfg.loss.method, name
+        assert cfg.train.schedule.train_iters >= 1 and cfg.loss.method, name
         assert name in (EXAMPLES / "README.md").read_text(), f"{name} is not listed in examples/README.md"
     for name in SCRIPTS:
         check = subprocess.run(["bash", "-n", str(EXAMPLES / name)], capture_output=True, text=True)
@@ -57,7 +57,7 @@ def test_example_runs_one_step_shrunk(name, tiny, tmp_path):
     hf, mcore, data = tiny
     sets = [*SHRINK, f"checkpoint.load={mcore}"]
     if name != "tiny_cpu.toml":  # the model configs train on real problems with the checkpoint's tokenizer
-        sets += [f"train.data_path={data}", f"train.tokenizer={hf}"]
+        sets += [f"train.data.path={data}", f"train.data.tokenizer={hf}"]
     rc, out = run_train(EXAMPLES / name, tmp_path / "run", *sets, timeout_s=600)
     assert rc == 0, out[-3000:]
     losses = step_losses(tmp_path / "run")
@@ -88,7 +88,7 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     hf, _, data = tiny
     env = {"SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3", "SLURM_NNODES": "3", "SLURM_JOB_ID": "77",
            "HF_DIR": str(hf), "DATA": str(data), "MCORE_DIR": str(tmp_path / "mcore"), "RUN_DIR": str(tmp_path / "run")}
-    convert, server, train = _dry_run(env, "examples/qwen2.5-math-7b.toml", "--set", "train.train_iters=5")
+    convert, server, train = _dry_run(env, "examples/qwen2.5-math-7b.toml", "--set", "train.schedule.train_iters=5")
     assert convert[:1] == ["srun"] and _opt(convert, "--nodelist") == "gpu1"
     assert convert[convert.index("--tp") + 1] == "2" and convert[convert.index("--out") + 1] == str(tmp_path / "mcore")
     assert _opt(server, "--nodelist") == "gpu3" and "examples/rollout_server.sh" in server
@@ -98,14 +98,15 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     tail = train[train.index("-c") + 2:]
     assert tail[:2] == ["2", "8"]  # nnodes, processes per node
     sets = [tail[i + 1] for i, a in enumerate(tail) if a == "--set"]
-    assert sets == [f"checkpoint.load={tmp_path / 'mcore'}", f"train.data_path={data}", f"train.tokenizer={hf}",
-                    f"train.run_dir={tmp_path / 'run'}", "rollout.server_url=http://gpu3:8000", "train.train_iters=5"]
+    assert sets == [f"checkpoint.load={tmp_path / 'mcore'}", f"train.data.path={data}", f"train.data.tokenizer={hf}",
+                    f"train.run_dir={tmp_path / 'run'}", "rollout.server.url=http://gpu3:8000",
+                    "train.schedule.train_iters=5"]
     # A checkpoint already converted is not converted again; no rollout node -> no server step.
     (tmp_path / "mcore").mkdir()
     (tmp_path / "mcore" / "model_config.json").write_text("{}")
     steps = _dry_run({**env, "ROLLOUT_NODES": "0"}, "examples/qwen2.5-math-7b.toml")
     assert len(steps) == 1 and _opt(steps[0], "--nodes") == "3"
-    assert "rollout.server_url" not in " ".join(steps[0])
+    assert "rollout.server.url" not in " ".join(steps[0])
 
 
 def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):
@@ -113,7 +114,8 @@ def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):
     (SLURM_NODEID 0 and 1, 2 processes each, rendezvous on 127.0.0.1): 2 steps with DP = 4 give the
     losses of the same config in one process."""
     hf, mcore, data = tiny
-    sets = ["--set", "train.train_iters=2", "--set", "train.global_batch_size=8", "--set", "train.micro_batch_size=2",
+    sets = ["--set", "train.schedule.train_iters=2", "--set", "train.schedule.global_batch_size=8",
+            "--set", "train.schedule.micro_batch_size=2",
             "--set", "checkpoint.save_interval=0", "--set", "parallel.use_distributed_optimizer=true"]
     env = {"SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2", "SLURM_JOB_ID": "88", "ROLLOUT_NODES": "0",
            "GPUS_PER_NODE": "2", "HF_DIR": str(hf), "DATA": str(data), "MCORE_DIR": str(mcore),

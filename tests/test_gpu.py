@@ -4,7 +4,7 @@ On a CUDA machine with Transformer Engine: `pytest -m gpu tests/test_gpu.py`."""
 import pytest
 import torch
 
-from megatron_rasft.config import LossConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_rasft.config import LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_rasft.testing.distributed import spawn
 
 pytestmark = pytest.mark.gpu
@@ -55,7 +55,7 @@ def _steps(rank, world, impl, fp8, weights_path):
                 m.register_forward_hook(lambda mod, *_: fp8_seen.append(bool(getattr(mod, "fp8", False))))
     chunks = wrap_ddp([model], use_distributed_optimizer=True)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=1e-4), pcfg, total_steps=2)
+    optimizer, _ = build_optimizer(chunks, OptimConfig(lr=1e-4), pcfg, total_steps=2)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 1000, (2, 128), generator=g).cuda()
     batch = dict(tokens=tokens, position_ids=torch.arange(128).expand(2, 128).cuda(),

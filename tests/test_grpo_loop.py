@@ -37,22 +37,24 @@ seq_length = 64
 method = "grpo"
 [grpo]
 eps_high = 0.28
-[rollout]
-server_url = "{vllm_server.url}"
+[rollout.server]
+url = "{vllm_server.url}"
 concurrency = 1  # one request at a time: the server's batches, hence its fp32 sums, are the same every run
 [rollout.sampling]
 n = 2
 max_tokens = 24
 temperature = 1.0
-[train]
-data_path = "{problems}"
+[train.data]
+path = "{problems}"
 tokenizer = "{vllm_server.model_dir}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-3
+[train.schedule]
 train_iters = {STEPS}
 global_batch_size = 2
 micro_batch_size = 2
 refresh_interval = 2
-lr = 1e-3
 [checkpoint]
 load = "{root / 'mcore'}"
 save_interval = 1
@@ -129,7 +131,7 @@ def test_pi_old_equals_transformers_on_the_exported_policy(setup):
 def test_pipeline_and_data_parallel_equal_one_process(setup, layout):
     root, config, _ = setup
     # DP = 2 splits the 2 groups' sequences over the ranks: one sequence row per micro-batch each.
-    sets = {"pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": ["train.micro_batch_size=1"]}[layout]
+    sets = {"pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": ["train.schedule.micro_batch_size=1"]}[layout]
     rc, out = run_train(config, root / layout, *sets, nproc=2)
     assert rc == 0, out
     for r in (0, 1):  # same weights served → same samples; the losses compare the training

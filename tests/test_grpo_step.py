@@ -40,7 +40,7 @@ def _reference(model, batches, gcfg):
 def _worker(rank, world):
     from dataclasses import replace
 
-    from megatron_rasft.config import GRPOConfig, LossConfig, ModelConfig, ParallelConfig, TrainConfig
+    from megatron_rasft.config import GRPOConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig
     from megatron_rasft.data.batching import make_rows, stack_microbatches
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.model.provider import build_model
@@ -56,7 +56,7 @@ def _worker(rank, world):
     model = build_model(mcfg, pcfg)
     chunks = wrap_ddp([model], use_distributed_optimizer=False)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=3e-2, clip_grad=0.0), pcfg, total_steps=10)
+    optimizer, _ = build_optimizer(chunks, OptimConfig(lr=3e-2, clip_grad=0.0), pcfg, total_steps=10)
     gcfg = GRPOConfig(eps_high=0.28)
     seqs = _seqs()
     old = score([model], seqs, pgs, micro_batch_size=2, seq_length=mcfg.seq_length, pad_id=0,

@@ -15,7 +15,7 @@ def test_timed_out_run_is_killed_with_its_whole_group(tmp_path):
     """torchrun with 2 ranks, stopped by the timeout while it runs: torchrun and both ranks go."""
     run = tmp_path / "timeout_run"
     with pytest.raises(TimeoutError, match="process group was killed"):
-        run_train(ROOT / "examples" / "tiny_cpu.toml", run, "train.train_iters=100000", nproc=2, timeout_s=12)
+        run_train(ROOT / "examples" / "tiny_cpu.toml", run, "train.schedule.train_iters=100000", nproc=2, timeout_s=12)
     deadline = time.monotonic() + 5
     while processes_matching(str(run)) and time.monotonic() < deadline:
         time.sleep(0.2)

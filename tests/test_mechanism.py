@@ -82,22 +82,24 @@ def mech(vllm_server, tmp_path_factory):
 seq_length = {SEQ_LENGTH}
 [loss]
 method = "rasft"
-[rollout]
-server_url = "{vllm_server.url}"
+[rollout.server]
+url = "{vllm_server.url}"
 [rollout.sampling]
 n = {K}
 max_tokens = 30
 temperature = 1.0
-[train]
-data_path = "{root / 'problems.jsonl'}"
+[train.data]
+path = "{root / 'problems.jsonl'}"
 tokenizer = "{start}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-2
+lr_warmup_iters = 0
+[train.schedule]
 train_iters = 2
 global_batch_size = 4
 micro_batch_size = 2
 refresh_interval = 1
-lr = 1e-2
-lr_warmup_iters = 0
 [checkpoint]
 load = "{root / 'mcore'}"
 save_interval = 1
@@ -180,7 +182,7 @@ def linear_run(mech):
     """One step, then resumed to two: the same trajectory as one uninterrupted run (resume is exact,
     tests/test_rounds.py), and the resume's use of the reference cache is checked below."""
     run = mech["root"] / "linear"
-    rc, out = run_train(mech["config"], run, "train.train_iters=1")
+    rc, out = run_train(mech["config"], run, "train.schedule.train_iters=1")
     assert rc == 0, out
     first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "ref_logp").iterdir()}
     rc, out2 = run_train(mech["config"], run, "checkpoint.resume=true")
@@ -231,12 +233,12 @@ def test_linear_step_losses_recomputed_in_float64(mech, linear_run):
 def test_data_parallel_rounds_equal_one_process_and_shard_the_batch(mech, linear_run):
     """DP = 2 (two gloo processes) with rounds: step 1's loss equals the one-process run's, both
     steps equal their float64 recomputation, and each DP rank trained its own, disjoint share of
-    the global batch (the ranks' keys, logged with train.log_batch_keys, together are the step's
+    the global batch (the ranks' keys, logged with train.logging.log_batch_keys, together are the step's
     sequences)."""
     from transformers import AutoTokenizer
 
     run = mech["root"] / "dp2"
-    rc, out = run_train(mech["config"], run, "train.log_batch_keys=true", nproc=2)
+    rc, out = run_train(mech["config"], run, "train.logging.log_batch_keys=true", nproc=2)
     assert rc == 0, out
     metrics = _check_rasft_steps(mech, run)
     assert metrics[1]["loss"] == pytest.approx(_metrics(linear_run[0])[1]["loss"], rel=1e-6)
@@ -319,8 +321,8 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
 
     kl = method in ("sft_kl", "asft")
     run = mech["root"] / f"base_{method}"
-    rc, out = run_train(mech["config"], run, f"loss.method={method}", "train.refresh_interval=0",
-                        "train.log_batch_keys=true", f"train.train_iters={2 if kl else 1}",
+    rc, out = run_train(mech["config"], run, f"loss.method={method}", "train.schedule.refresh_interval=0",
+                        "train.logging.log_batch_keys=true", f"train.schedule.train_iters={2 if kl else 1}",
                         f"loss.profit_threshold={PROFIT_TAU}")
     assert rc == 0, out
     step = 2 if kl else 1

@@ -8,7 +8,7 @@ every parameter after one Adam step (distributed optimizer on at DP=2).
 import torch
 import torch.distributed as dist
 
-from megatron_rasft.config import LossConfig, ModelConfig, ParallelConfig, TrainConfig
+from megatron_rasft.config import LossConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_rasft.testing.distributed import spawn
 
 MCFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -75,7 +75,7 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
                 p.copy_(layout.shard(g, full_state[g], tp_rank, tp_size))
     chunks = wrap_ddp([model], use_distributed_optimizer=distopt)
     attach_schedule_hooks(chunks)
-    optimizer, _ = build_optimizer(chunks, TrainConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6), pcfg, total_steps=1)
+    optimizer, _ = build_optimizer(chunks, OptimConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6), pcfg, total_steps=1)
 
     batches = _global_batch()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

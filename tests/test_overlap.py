@@ -37,21 +37,23 @@ def setup(vllm_server, tmp_path_factory):
 seq_length = 64
 [loss]
 method = "rasft"
-[rollout]
-server_url = "{vllm_server.url}"
+[rollout.server]
+url = "{vllm_server.url}"
 [rollout.sampling]
 n = {K}
 max_tokens = 40
 temperature = 1.0
-[train]
-data_path = "{problems}"
+[train.data]
+path = "{problems}"
 tokenizer = "{vllm_server.model_dir}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-3
+[train.schedule]
 train_iters = 3
 global_batch_size = 4
 micro_batch_size = 2
 refresh_interval = 1
-lr = 1e-3
 [checkpoint]
 load = "{root / 'mcore'}"
 save_interval = 1
@@ -61,10 +63,10 @@ save_interval = 1
 
 def test_overlap_equals_sync_and_sft_when_rounds_add_nothing(setup):
     root, config, _ = setup
-    nothing = ["train.train_iters=2", "weighting.scheme=constant", "weighting.add_rollouts=false",
+    nothing = ["train.schedule.train_iters=2", "weighting.scheme=constant", "weighting.add_rollouts=false",
                "loss.ratio=none", "loss.token_factor=none"]
     losses = {}
-    for name, sets in {"sft": ["loss.method=sft", "train.train_iters=2"], "sync": nothing,
+    for name, sets in {"sft": ["loss.method=sft", "train.schedule.train_iters=2"], "sync": nothing,
                        "overlap": nothing + ["rollout.overlap=true"]}.items():
         rc, out = run_train(config, root / f"nothing_{name}", *sets)
         assert rc == 0, out[-4000:]
@@ -82,7 +84,7 @@ def _lines(path):
 
 def test_overlap_kill_during_background_round_resumes_exactly(setup):
     root, config, proxy = setup
-    sets = ["rollout.overlap=true", "rollout.concurrency=1"]
+    sets = ["rollout.overlap=true", "rollout.server.concurrency=1"]
     rc, out = run_train(config, root / "full", *sets)
     assert rc == 0, out[-4000:]
     assert "[round 1]" in out and "[round 2]" in out
@@ -90,7 +92,7 @@ def test_overlap_kill_during_background_round_resumes_exactly(setup):
     # Only the killed run goes through the delaying proxy (the samples do not depend on the URL).
     run, console = root / "killed", root / "killed.console.log"
     with open(console, "w") as f:
-        proc = start_train(config, run, *sets, f"rollout.server_url={proxy.url}", stdout=f)
+        proc = start_train(config, run, *sets, f"rollout.server.url={proxy.url}", stdout=f)
     try:
         # The first checkpoint (step 1) is written while round 1 runs in the background.
         deadline = time.time() + 600

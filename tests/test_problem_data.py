@@ -28,7 +28,7 @@ def _humaneval_rows(ids=(0, 2, 4)):
 
 def _render_like_the_round(problems, run):
     """RUN/problems.jsonl as the trainer's round writes it: prompts rendered for the model (here
-    the `reference` ChatML template, which needs no tokenizer)."""
+    the `released` ChatML template, which needs no tokenizer)."""
     from megatron_rasft.data.tokenize import render_prompt
     recs = [type(p)(p.id, render_prompt(None, p.prompt, "released"), p.response, p.answer, p.tests, p.meta)
             for p in problems]

@@ -125,7 +125,7 @@ def test_logits_parity_tp1_tp3_and_tp2_refused(smollm2, smollm2_mcore):
 def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeypatch):
     import importlib.metadata
 
-    from megatron_rasft.config import ModelConfig, TrainConfig
+    from megatron_rasft.config import ModelConfig, TrainDataConfig
     from megatron_rasft.packaged import model as packaged
     from megatron_rasft.train.data import load_dataset
 
@@ -169,8 +169,8 @@ def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeyp
     problems = tmp_path / "p.jsonl"
     problems.write_text(json.dumps({"prompt": "1+1?", "response": "\\boxed{2}"}) + "\n")
     with pytest.raises(ValueError, match=rf"tokenizer {tok_dir} has no chat template"):
-        load_dataset(TrainConfig(data_path=str(problems), tokenizer=str(tok_dir), prompt_template="chat"),
-                     ModelConfig(vocab_size=49152))
+        load_dataset(TrainDataConfig(path=str(problems), tokenizer=str(tok_dir), prompt_template="chat"),
+                     ModelConfig(vocab_size=49152), seed=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,13 +184,13 @@ def test_many_long_seeded_prompts_at_once(vllm_server):
     use offset") and every request failed. The server now starts without chunked prefill."""
     import random
 
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 100) for _ in range(150)] for _ in range(32)]  # 4,800 prompt tokens
-    client = RolloutClient(vllm_server, RolloutConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
+    client = RolloutClient(vllm_server, ServerConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
                                                           "max_retries": 0}), progress=False)
     outs = client.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=11))
     assert len(outs) == 32 and all(len(o) == 2 and len(o[0].token_ids) >= 1 for o in outs)
@@ -214,11 +214,11 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
     server in place and checks the probe, samples the round; then the server is restarted on the
     trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
-    `server_url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
+    `rollout.server.url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_rasft.cli import main as cli_main
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import mcore_to_hf
     from megatron_rasft.packaged.problems import build
     from megatron_rasft.config import SamplingConfig
@@ -228,15 +228,16 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
 
     data = tmp_path / "data"
     build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
-    server = RolloutServer(smollm2, RolloutConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=8),
+    server = RolloutServer(smollm2, ServerConfig(max_model_len=512, kv_cache_gib=0.5, concurrency=8),
                            log_file=tmp_path / "vllm.log").start()
     try:
         run = tmp_path / "run"
         rc, out = run_train(ROOT / "examples" / "smollm2_cpu.toml", run,
-                            f"train.data_path={data / 'train.jsonl'}", f"train.tokenizer={smollm2}",
-                            f"checkpoint.load={smollm2_mcore}", f"rollout.server_url={server.url}",
-                            "train.train_iters=2", "train.global_batch_size=2", "train.micro_batch_size=2",
-                            "train.refresh_interval=2", "rollout.sampling.n=2", "rollout.sampling.max_tokens=128",
+                            f"train.data.path={data / 'train.jsonl'}", f"train.data.tokenizer={smollm2}",
+                            f"checkpoint.load={smollm2_mcore}", f"rollout.server.url={server.url}",
+                            "train.schedule.train_iters=2", "train.schedule.global_batch_size=2",
+                            "train.schedule.micro_batch_size=2", "train.schedule.refresh_interval=2",
+                            "rollout.sampling.n=2", "rollout.sampling.max_tokens=128",
                             timeout_s=600)
         assert rc == 0, out[-4000:]
         assert "[round 0] 4 problems" in out and "[round 1]" not in out, out[-3000:]
@@ -329,7 +330,7 @@ def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
     Under training (lr 2e-5) the probe check saw 0.03-0.05 < refresh_atol 0.05 and accepted it."""
     from safetensors.torch import load_file, save_file
 
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.refresh import hf_prompt_logprobs, reload_in_place
     from megatron_rasft.rollout.server import RolloutServer
@@ -344,7 +345,7 @@ def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
 
     ids = _chat_ids(AutoTokenizer.from_pretrained(smollm2), CHATS[0])
     want = hf_prompt_logprobs(changed, ids)
-    server = RolloutServer(smollm2, RolloutConfig(max_model_len=512, kv_cache_gib=0.5)).start()
+    server = RolloutServer(smollm2, ServerConfig(max_model_len=512, kv_cache_gib=0.5)).start()
     try:
         reload_in_place(server, changed)
         got = RolloutClient(server, server.cfg, progress=False).prompt_logprobs(ids)[1]

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from megatron_rasft.config import RolloutConfig
+from megatron_rasft.config import ServerConfig
 from megatron_rasft.records import Problem, Rollout, read_records, write_records
 from megatron_rasft.config import SamplingConfig
 from megatron_rasft.rollout.client import RolloutClient
@@ -23,7 +23,7 @@ PROMPTS = ["Q:12+34;A:", "Q:7+5;A:", "Q:305+98;A:", "Q:4821+397;A:"]
 
 
 def _client(server, **overrides):
-    return RolloutClient(server, RolloutConfig(**{**vars(server.cfg), **overrides}), progress=False)
+    return RolloutClient(server, ServerConfig(**{**vars(server.cfg), **overrides}), progress=False)
 
 
 def _texts(results):
@@ -123,19 +123,19 @@ def test_port_in_use_is_refused_before_starting(vllm_server):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        server = RolloutServer(vllm_server.model_dir, RolloutConfig(port=port))
+        server = RolloutServer(vllm_server.model_dir, ServerConfig(port=port))
         with pytest.raises(ServerError, match=f"port {port} .* already in use"):
             server.start()
         assert server.proc is None
         from megatron_rasft.cli import main
         assert main(["serve", "--model", vllm_server.model_dir, "--port", str(port)]) == 2
     with pytest.raises(ServerError, match="has no config.json"):
-        RolloutServer(vllm_server.model_dir + "/missing", RolloutConfig()).start()
+        RolloutServer(vllm_server.model_dir + "/missing", ServerConfig()).start()
 
 
 def test_failed_start_shows_the_log_tail(vllm_server, tmp_path):
     # A context longer than the model's max_position_embeddings (512): vLLM refuses at start-up.
-    server = RolloutServer(vllm_server.model_dir, RolloutConfig(max_model_len=4096), log_file=tmp_path / "log")
+    server = RolloutServer(vllm_server.model_dir, ServerConfig(max_model_len=4096), log_file=tmp_path / "log")
     with pytest.raises(ServerError, match=r"(?s)exited with code .*max_model_len"):
         server.start()
     assert server.proc is None

@@ -26,16 +26,17 @@ seq_length = 64
 method = "rasft"
 [parallel]
 distributed_timeout_minutes = {10 / 60}
-[rollout]
-server_url = "{proxy.url}"
+[rollout.server]
+url = "{proxy.url}"
 concurrency = 1
 [rollout.sampling]
 n = 2
 max_tokens = 16
-[train]
-data_path = "{problems}"
+[train.data]
+path = "{problems}"
 tokenizer = "{vllm_server.model_dir}"
 prompt_template = "plain"
+[train.schedule]
 train_iters = 1
 global_batch_size = {WINDOW}
 micro_batch_size = 2

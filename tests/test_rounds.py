@@ -33,21 +33,23 @@ def setup(vllm_server, tmp_path_factory):
 seq_length = 64
 [loss]
 method = "rasft"
-[rollout]
-server_url = "{vllm_server.url}"
+[rollout.server]
+url = "{vllm_server.url}"
 [rollout.sampling]
 n = 2
 max_tokens = 40
 temperature = 1.0
-[train]
-data_path = "{problems}"
+[train.data]
+path = "{problems}"
 tokenizer = "{vllm_server.model_dir}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-3
+[train.schedule]
 train_iters = 2
 global_batch_size = 4
 micro_batch_size = 2
 refresh_interval = 1
-lr = 1e-3
 [checkpoint]
 load = "{root / 'mcore'}"
 save_interval = 1
@@ -77,7 +79,7 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
 
     # Resume into a longer run: rounds 0-1 are not redone (their files stay as they were).
     before = {p: p.stat().st_mtime_ns for p in run.glob("*/round_00[01].json*")}
-    rc, out = _train(config, run, "train.train_iters=3", "checkpoint.resume=true")
+    rc, out = _train(config, run, "train.schedule.train_iters=3", "checkpoint.resume=true")
     assert rc == 0, out
     assert "[resume] from" in out and "[round 0]" not in out and "[round 1]" not in out
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -95,7 +97,7 @@ def test_kill_mid_run_with_rounds_resumes_exactly(setup):
     from megatron_rasft.testing.runs import start_train
 
     root, config = setup
-    sets = ["train.train_iters=3"]
+    sets = ["train.schedule.train_iters=3"]
     rc, out = _train(config, root / "full3", *sets)
     assert rc == 0, out
     run = root / "killed3"
@@ -129,11 +131,11 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     assert step_losses(root / "degenerate") == step_losses(root / "sft")
 
 
-def test_rounds_with_tensor_parallel_and_reference_selection(setup, vllm_server):
+def test_rounds_with_tensor_parallel_and_released_selection(setup, vllm_server):
     """TP=2 in 2 gloo processes, with the released code's NLL-band selection of what to roll out."""
     root, config = setup
     # Seed 11: the first window holds in-band problems and hard ones, none within 0.1 of a threshold.
-    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection=released",
+    rc, out = _train(config, root / "tp2", "parallel.tensor_model_parallel_size=2", "rollout.selection.rule=released",
                      "train.seed=11", nproc=2)
     assert rc == 0, out
     assert (root / "tp2" / "rounds" / "round_001.json").is_file()

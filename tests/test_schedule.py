@@ -43,8 +43,8 @@ def expected_lr(step: int, lr: float, min_lr: float, warmup: int, total: int) ->
 
 
 def test_logged_lr_is_warmup_then_cosine_to_min_lr(tmp_path, init):
-    rc, out = run_train(CONFIG, tmp_path / "run", init[1], "train.train_iters=8", "train.lr=1e-3",
-                        "train.min_lr=1e-4", "train.lr_warmup_iters=3", timeout_s=600)
+    rc, out = run_train(CONFIG, tmp_path / "run", init[1], "train.schedule.train_iters=8", "train.optim.lr=1e-3",
+                        "train.optim.min_lr=1e-4", "train.optim.lr_warmup_iters=3", timeout_s=600)
     assert rc == 0, out
     got = {s: m["lr"] for s, m in _metrics(tmp_path / "run").items()}
     want = {s: expected_lr(s, 1e-3, 1e-4, 3, 8) for s in range(1, 9)}
@@ -71,13 +71,13 @@ def test_clip_grad_bounds_the_update_when_it_binds(tmp_path, init):
 
     hf_dir, load = init
     start = {k: v for f in sorted(Path(hf_dir).glob("*.safetensors")) for k, v in load_file(f).items()}
-    sets = [load, "train.train_iters=1", "train.lr=1e4", "train.adam_eps=1e4", "train.weight_decay=0.0",
-            "train.lr_warmup_iters=0", "checkpoint.save_interval=1"]
+    sets = [load, "train.schedule.train_iters=1", "train.optim.lr=1e4", "train.optim.adam_eps=1e4",
+            "train.optim.weight_decay=0.0", "train.optim.lr_warmup_iters=0", "checkpoint.save_interval=1"]
     deltas, norms = {}, {}
     for name, clip in (("free", 1e9), ("clipped", None)):
         if clip is None:
             clip = norms["free"] / 4
-        rc, out = run_train(CONFIG, tmp_path / name, *sets, f"train.clip_grad={clip!r}", timeout_s=600)
+        rc, out = run_train(CONFIG, tmp_path / name, *sets, f"train.optim.clip_grad={clip!r}", timeout_s=600)
         assert rc == 0, out
         after = _weights_after_step1(tmp_path / name, tmp_path)
         assert after.keys() == start.keys()

@@ -1,8 +1,12 @@
-"""The `reference` selection (released code's expert-NLL band) and the training stream."""
+"""The `released` selection (released code's expert-NLL band) and the training stream."""
 import numpy as np
 
+from megatron_rasft.config import SelectionConfig
 from megatron_rasft.train.selection import Band, mean_nll, select
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
+
+# The default fractions are the released code's: 35 % of the band's candidates, 3 % of the hard pool.
+RELEASED = {"rollout_fraction": SelectionConfig().rollout_fraction, "probe_fraction": SelectionConfig().probe_fraction}
 
 
 def test_band_quantiles_match_numpy_and_move_with_training():
@@ -33,28 +37,34 @@ def test_select_routes_by_band_and_probes_the_hard_pool():
 
     # One pool entry per case, so the probe (3 % of the pool rounds down to 0 -> at least one) is known.
     pool = {"old_easy": 0}
-    out = select(ids, score, band, 0, 10, pool, seed="s")
+    out = select(ids, score, band, 0, 10, pool, seed="s", **RELEASED)
     assert len(out["rollout"]) == 7 and set(out["rollout"]) < {f"m{i}" for i in range(20)}
     # "old_easy" fell below the band: trained again, out of the pool; "hard" (above the band, within
     # the ceiling) joins it, "never" (above the ceiling) does not.
     assert out["probes_retrain"] == ["old_easy"] and out["probes_rollout"] == []
     assert pool == {"hard": 0} and set(scored[-1]) == set(ids) | {"old_easy"}
     pool = {"old_mid": 2}
-    out = select(ids, score, band, 0, 10, pool, seed="s")
+    out = select(ids, score, band, 0, 10, pool, seed="s", **RELEASED)
     assert out["probes_rollout"] == ["old_mid"] and "old_mid" in out["rollout"] and pool == {"old_mid": 2, "hard": 0}
     assert len(out["rollout"]) == 8 and out["probes_retrain"] == []
     pool = {"old_never": 1}
-    out = select(ids, score, band, 0, 10, pool, seed="s")
+    out = select(ids, score, band, 0, 10, pool, seed="s", **RELEASED)
     assert out["probes_retrain"] == out["probes_rollout"] == [] and pool == {"old_never": 2, "hard": 0}
     # 3 % of a pool of 100 -> 3 probes.
     pool = {f"x{i}": 0 for i in range(100)}
     nll.update({f"x{i}": 3.0 for i in range(100)})
-    assert len(select(ids, score, band, 0, 10, pool, seed="s")["probes_rollout"]) == 3
+    assert len(select(ids, score, band, 0, 10, pool, seed="s", **RELEASED)["probes_rollout"]) == 3
 
     # The draw is a function of the seed: the same seed repeats it, other seeds give other draws.
-    draws = [tuple(select(ids, score, band, 0, 10, {}, seed=f"s{j}")["rollout"]) for j in range(10)]
-    assert draws == [tuple(select(ids, score, band, 0, 10, {}, seed=f"s{j}")["rollout"]) for j in range(10)]
+    draws = [tuple(select(ids, score, band, 0, 10, {}, seed=f"s{j}", **RELEASED)["rollout"]) for j in range(10)]
+    assert draws == [tuple(select(ids, score, band, 0, 10, {}, seed=f"s{j}", **RELEASED)["rollout"]) for j in range(10)]
     assert len(set(draws)) >= 8  # C(20, 7) = 77520 possible subsets
+
+    # Other fractions (`[rollout.selection]`): half of the 20 candidates, 10 % of the pool of 100.
+    pool = {f"x{i}": 0 for i in range(100)}
+    out = select(ids, score, band, 0, 10, pool, seed="s", rollout_fraction=0.5, probe_fraction=0.1)
+    assert len(out["probes_rollout"]) == 10 and len(set(out["rollout"]) - set(out["probes_rollout"])) == 10
+    assert RELEASED == {"rollout_fraction": 0.35, "probe_fraction": 0.03}
 
 
 def test_stream_windows_are_deterministic_and_expert_order_ignores_rollouts():

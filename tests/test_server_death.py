@@ -2,10 +2,10 @@
 
 - Trainer-started server: it is restarted, only the prompts it lost are resubmitted, the round
   completes with the rollouts written before the kill kept as they were, and training continues.
-- External server that does not come back within `rollout.startup_timeout_s`: the run stops with
+- External server that does not come back within `rollout.server.startup_timeout_s`: the run stops with
   a clear error (exit code 4) and a checkpoint; once the server is back, `--resume` finishes the
   round without regenerating the rollouts already written.
-Generation runs one prompt at a time (`rollout.concurrency = 1`) so that the kill lands mid-round.
+Generation runs one prompt at a time (`rollout.server.concurrency = 1`) so that the kill lands mid-round.
 """
 import json
 import os
@@ -36,21 +36,24 @@ def setup(vllm_server, tmp_path_factory):
 seq_length = 64
 [loss]
 method = "rasft"
-[rollout]
-num_samples = {K}
-max_tokens = 40
+[rollout.server]
 concurrency = 1
 kv_cache_gib = 0.25
 max_model_len = 512
-[train]
-data_path = "{problems}"
+[rollout.sampling]
+n = {K}
+max_tokens = 40
+[train.data]
+path = "{problems}"
 tokenizer = "{vllm_server.model_dir}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-3
+[train.schedule]
 train_iters = 1
 global_batch_size = 8
 micro_batch_size = 2
 refresh_interval = 1
-lr = 1e-3
 [checkpoint]
 load = "{root / 'mcore'}"
 """)
@@ -144,9 +147,9 @@ def test_external_server_that_does_not_come_back_stops_with_a_checkpoint(setup):
     """Killed during round 1 (after one trained step), so the stop has a step to checkpoint."""
     root, config, server = setup
     run, console = root / "external", root / "external.console.log"
-    sets = [f"rollout.server_url={server.url}", "train.train_iters=2"]
+    sets = [f"rollout.server.url={server.url}", "train.schedule.train_iters=2"]
     with open(console, "w") as f:
-        proc = start_train(config, run, *sets, "rollout.startup_timeout_s=5", stdout=f)
+        proc = start_train(config, run, *sets, "rollout.server.startup_timeout_s=5", stdout=f)
     try:
         before = _kill_when_rollouts_started(proc, run, 1, lambda: os.killpg(server.proc.pid, signal.SIGKILL),
                                              console)

@@ -34,7 +34,7 @@ def _train(run_dir, *sets, nproc=1, wait=True):
 
 
 def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
-    sets = [init_ckpt, "train.train_iters=12", "checkpoint.save_interval=2", "loss.method=rasft"]
+    sets = [init_ckpt, "train.schedule.train_iters=12", "checkpoint.save_interval=2", "loss.method=rasft"]
     rc, out = _train(tmp_path / "full", *sets)
     assert rc == 0, out
     full = step_losses(tmp_path / "full")
@@ -62,7 +62,7 @@ def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
 
 def test_nan_loss_stops_with_usable_checkpoint(tmp_path, init_ckpt):
     run = tmp_path / "nan"
-    rc, out = _train(run, init_ckpt, "train.lr=1e30", "train.lr_warmup_iters=0", "checkpoint.save_interval=1",
+    rc, out = _train(run, init_ckpt, "train.optim.lr=1e30", "train.optim.lr_warmup_iters=0", "checkpoint.save_interval=1",
                      "loss.method=sft")
     assert rc == 3, out
     assert "non-finite loss" in out and "Last checkpoint" in out
@@ -70,13 +70,13 @@ def test_nan_loss_stops_with_usable_checkpoint(tmp_path, init_ckpt):
     assert (run / "ckpt" / latest / "state.json").is_file()
     # The checkpoint written before the NaN step loads and continues (here: into the NaN again,
     # which again stops cleanly, proving the resume path reads it).
-    rc, out = _train(run, init_ckpt, "train.lr=1e30", "train.lr_warmup_iters=0", "loss.method=sft",
+    rc, out = _train(run, init_ckpt, "train.optim.lr=1e30", "train.optim.lr_warmup_iters=0", "loss.method=sft",
                      "checkpoint.resume=true")
     assert "[resume] from" in out and rc == 3, out
 
 
 def test_tp2_and_pp2_runs_match_single_process(tmp_path, init_ckpt):
-    sets = [init_ckpt, "train.train_iters=3", "loss.method=rasft", "train.lr=1e-3"]
+    sets = [init_ckpt, "train.schedule.train_iters=3", "loss.method=rasft", "train.optim.lr=1e-3"]
     rc, out = _train(tmp_path / "one", *sets)
     assert rc == 0, out
     ref = step_losses(tmp_path / "one")

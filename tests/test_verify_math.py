@@ -7,9 +7,9 @@ import pytest
 
 from megatron_rasft.verify.mathv import MathVerifier, gold_answer, grade_math
 from megatron_rasft.verify.pool import TimeoutPool
-from megatron_rasft.verify import reference
-from megatron_rasft.verify.reference import (extract_answer, is_correct, last_boxed, normalize_answer,
-                                             reference_equal)
+from megatron_rasft.verify import answers
+from megatron_rasft.verify.answers import (answers_equal, extract_answer, is_correct, last_boxed,
+                                           normalize_answer)
 
 MATH500 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks", "math500.jsonl")
 
@@ -58,17 +58,17 @@ def test_reasons():
     assert grade_math(r"\boxed{1}", None)["reason"] == "error"
     assert grade_math(r"\boxed{2\sqrt{2}}", r"\sqrt{8}", mode="math")["correct"]
     assert normalize_answer(r"\left( 3, \frac12 \right)") == r"(3,\frac{1}{2})"
-    assert reference_equal("1,000", "1000") and not reference_equal("(1,000)", "1000")
+    assert answers_equal("1,000", "1000") and not answers_equal("(1,000)", "1000")
     # The ground truth falls back to the expert's last box.
     assert gold_answer(None, r"... \boxed{7}") == "7" and gold_answer("8", r"\boxed{7}") == "8"
 
 
-# ---- the released code's rules (`reference` mode) ---------------------------------------------
+# ---- the released code's rules (`released` mode) ---------------------------------------------
 def test_extract_answer():
     assert extract_answer(r"a \boxed{1} b \boxed{\frac{1}{2}} c") == r"\frac{1}{2}"
     assert extract_answer("so $\\boxed{\\left( 3,\\!4 \\right).}$") == "( 3,4 )"  # wrappers, trailing dot
     # The last box unclosed: no fallback to an earlier box; the last-number rule reads "2".
-    assert reference.last_boxed_braced(r"\boxed{1} then \boxed{2") is None
+    assert answers.last_boxed_braced(r"\boxed{1} then \boxed{2") is None
     assert extract_answer(r"\boxed{1} then \boxed{2") == "2"
     assert extract_answer("The final answer is 42.\nThe answer is 7") == "42"
     assert extract_answer("So the answer is 3/4!\nmore 9") == "3/4"
@@ -76,8 +76,8 @@ def test_extract_answer():
     assert extract_answer("Thus the sum is -3.5\n") == "-3.5"
     assert extract_answer("we got 3 then 1/2 and 2.5 finally") == "2.5"  # the last number
     assert extract_answer("no digits at all") is None
-    assert gold_answer("9", r"so \boxed{7}", mode="reference") == "7"  # the expert's answer first
-    assert gold_answer("9", "no answer here", mode="reference") == "9"
+    assert gold_answer("9", r"so \boxed{7}", mode="released") == "7"  # the expert's answer first
+    assert gold_answer("9", "no answer here", mode="released") == "9"
 
 
 REF_EQUAL = [
@@ -107,18 +107,18 @@ def test_latex_parse_failure_falls_back_to_plain_text(monkeypatch):
         calls.append(s)
         raise RuntimeError("parser unavailable")
 
-    monkeypatch.setattr(reference, "_parse_latex", failing)
+    monkeypatch.setattr(answers, "_parse_latex", failing)
     assert is_correct(r"\frac{1}{2}", "0.5") and calls == [r"\frac{1}{2}"]
     assert is_correct(r"\sqrt{9}", r"\frac{6}{2}")
     assert not is_correct(r"2\sqrt{2}", r"\sqrt{8}")  # "2sqrt(2)": sympify rejects implicit products
     # A parser that succeeds is used as is (no plain-text route).
     import sympy
-    monkeypatch.setattr(reference, "_parse_latex", lambda s: sympy.Integer(7))
+    monkeypatch.setattr(answers, "_parse_latex", lambda s: sympy.Integer(7))
     assert is_correct(r"\anything", "7") and not is_correct(r"\anything", "8")
 
 
-def test_reference_mode():
-    g = lambda resp, gold: grade_math(resp, gold, mode="reference")  # noqa: E731
+def test_released_mode():
+    g = lambda resp, gold: grade_math(resp, gold, mode="released")  # noqa: E731
     assert g(r"... \boxed{\dfrac{1}{2}}", "0.5")["reason"] == "wrong"  # \dfrac is not rewritten
     assert g(r"... \boxed{\frac{1}{2}}", "0.5") == {"correct": True, "reason": "correct", "extracted": r"\frac{1}{2}"}
     assert g(r"... so $\boxed{3/4}$.", r"\frac{3}{4}")["correct"]
@@ -127,8 +127,28 @@ def test_reference_mode():
     assert g(r"\boxed{7}", r"\left(7\right)")["correct"]  # wrappers stripped from the gold too
 
 
-def test_reference_mode_in_the_pool():
-    with MathVerifier(num_workers=1, timeout_s=10, mode="reference") as v:
+def test_reference_is_the_deprecated_spelling_of_released(tmp_path, capsys):
+    """The released code's check was called "reference" (which names the frozen reference model):
+    the old value still works everywhere a mode is chosen, with a DeprecationWarning."""
+    from megatron_rasft.cli import main
+    from megatron_rasft.records import ProblemVerdicts, read_records
+
+    with pytest.warns(DeprecationWarning, match='mode = "reference" is deprecated; use "released"'):
+        old = grade_math("The final answer is 12.", "12", mode="reference")
+    assert old == grade_math("The final answer is 12.", "12", mode="released") and old["correct"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        grade_math(r"\boxed{1}", "1", mode="bogus")
+    run = _run_dir(tmp_path)
+    with pytest.warns(DeprecationWarning, match='--verifier = "reference" is deprecated'):
+        assert main(["verify", "--run-dir", str(run), "--round", "0", "--verifier", "reference", "--no-progress"]) == 0
+    got = {pv.problem_id: [e["reason"] for e in pv.rollouts] for pv in read_records(run / "verdicts" / "round_000.jsonl", ProblemVerdicts)}
+    # The released rules ran (the `math` mode says "correct" for b's 0.5 against \frac12: its plain-text
+    # route reads only \frac{a}{b}); "no idea" has no box, phrase or number.
+    assert got == {"a": ["correct", "wrong"], "b": ["wrong", "no_answer"]}
+
+
+def test_released_mode_in_the_pool():
+    with MathVerifier(num_workers=1, timeout_s=10, mode="released") as v:
         out = v.grade([(r"so \boxed{\frac{1}{2}}", "0.5"), (r"so \boxed{x^2}", "x^3"), ("nothing", "1")])
     assert [o["reason"] for o in out] == ["correct", "wrong", "no_answer"]
 

@@ -5,8 +5,8 @@ import pytest
 
 from megatron_rasft.config import WeightingConfig
 from megatron_rasft.records import ProblemVerdicts
-from megatron_rasft.weighting import (ReferenceFilters, degenerate_reason, format_reason, gibberish_reason,
-                                      jaccard, ngrams, reference_weights, shortcut_reason, solvability,
+from megatron_rasft.weighting import (ReleasedFilters, degenerate_reason, format_reason, gibberish_reason,
+                                      jaccard, ngrams, released_weights, shortcut_reason, solvability,
                                       weigh, weight_records)
 
 # Three distinct rollouts that pass every reference filter (>= 180 characters, a box, "=" / "so ",
@@ -91,13 +91,13 @@ def test_filtered_rollouts_count_in_K_but_never_enter_the_group():
     assert e != pytest.approx(_hand([2, 1, 0], 1)[0])
     # A correct but filtered rollout is a failure, not a positive: [T1 ok, SHORT "correct", T3 wrong]
     # -> K_tot = 3, k = 1, negatives [T3] -> group [7/3, 1, 0] (not [7/3, 1, 0, 0]).
-    w = reference_weights([(T1, True), (SHORT, True), (T3, False)])
+    w = released_weights([(T1, True), (SHORT, True), (T3, False)])
     a_e, (a_1,) = _hand([7 / 3, 1, 0], 1)
     assert (w.k, w.K, w.negatives) == (1, 3, (2,))
     assert w.expert == pytest.approx(a_e, abs=1e-12) and w.rollouts == pytest.approx([a_1, 0.0, 0.0], abs=1e-12)
     # De-dup first: a lower-cased copy of T1 has the same 3-grams (Jaccard 1) and is not counted.
     dup = T1.replace("First", "FIRST")
-    w = reference_weights([(T1, True), (dup, True), (T3, False)])
+    w = released_weights([(T1, True), (dup, True), (T3, False)])
     assert (w.k, w.K) == (1, 2) and w.rollouts[1] == 0.0
 
 
@@ -120,13 +120,13 @@ def test_negatives_ranked_by_distance_to_045_and_dropped_near_positives():
     texts = [_words_text(pos)] + [_words_text(n) for n in negs]
     sims = [jaccard(ngrams(t), ngrams(texts[0])) for t in texts[1:]]
     assert sims[0] < 0.05 and 0.25 < sims[1] < 0.35 and 0.45 < sims[2] < 0.55 and 0.65 < sims[3] < 0.8
-    w = reference_weights([(texts[0], True)] + [(t, False) for t in texts[1:]])
+    w = released_weights([(texts[0], True)] + [(t, False) for t in texts[1:]])
     assert w.K == 5 and w.k == 1
     # |sim - 0.45|: ~0.45, ~0.15, ~0.05, ~0.25 -> keep rollouts 3, 2, 4 (the farthest, 1, is out).
     assert w.negatives == (3, 2, 4)
     # Ties keep sampling order (stable sort): two negatives equally far from the positive.
     twin = [f"m_{i}" for i in range(60)]
-    w = reference_weights([(texts[0], True), (_words_text(twin), False), (texts[1], False)])
+    w = released_weights([(texts[0], True), (_words_text(twin), False), (texts[1], False)])
     assert w.negatives == (1, 2)
 
 
@@ -137,9 +137,9 @@ def test_near_positive_negative_rule_compares_positive_rollouts_only():
     near = _words_text(pos[:-1] + ["q"])
     assert jaccard(ngrams(near), ngrams(_words_text(pos))) >= 0.88
     rolls = [(_words_text(pos), True), (near, False), (T3, False)]
-    w = reference_weights(rolls, ReferenceFilters(dup_jaccard=1.01))
+    w = released_weights(rolls, ReleasedFilters(dup_jaccard=1.01))
     assert (w.k, w.K, w.negatives) == (1, 3, (2,))
-    assert reference_weights(rolls).K == 2
+    assert released_weights(rolls).K == 2
     # The expert is not compared: a wrong near copy of the expert stays a negative.
     near_expert = T2.replace("Thus \\boxed{42}", "Thus \\boxed{41}")
     e, _ = weigh("released", T2, [(T1, True), (near_expert, False), (T3, False)])

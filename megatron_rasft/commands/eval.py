@@ -38,7 +38,9 @@ def add_arguments(p):
     p.add_argument("--prompt-template", choices=("chat", "qwen25-math-cot", "plain"),
                    help="(default qwen25-math-cot)")
     p.add_argument("--workers", type=int, default=2, help="grading processes / sandbox runs at a time")
-    p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "reference"))
+    p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "released", "reference"),
+                   help="math answers' check (docs/verify_and_weighting.md); reference: deprecated spelling "
+                        "of released")
     p.add_argument("--grade-timeout-s", type=float, default=10.0, help="per answer / program")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     p.add_argument("--kv-cache-gib", type=float, default=4.0, help="server KV cache (with --model)")
@@ -76,8 +78,9 @@ def _apply_config(args) -> None:
     (or EvalConfig's); `args.sampling` becomes the resulting SamplingConfig."""
     import dataclasses
 
-    from megatron_rasft.config import load_config
+    from megatron_rasft.config import load_config, released_preset
 
+    args.math_mode = released_preset("--math-mode", args.math_mode)
     ecfg = load_config(args.config, args.set).eval
     for name in ("data_dir", "prompt_template"):
         if getattr(args, name) is None:
@@ -125,20 +128,20 @@ def _main(args) -> int:
         raise ValueError("--benchmarks is required (comma-separated names)")
     if not (args.model or args.server_url):
         raise ValueError("give --model, --server-url, --responses or --compare")
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.eval.runner import evaluate
     from megatron_rasft.rollout.client import RolloutError
     from megatron_rasft.rollout.server import ServerError
 
     problems = _load_all(specs, args.data_dir, args.limit)
     sampling = args.sampling
-    cfg = RolloutConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
-                        max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
-                        server_url=args.server_url)
+    cfg = ServerConfig(concurrency=args.concurrency, kv_cache_gib=args.kv_cache_gib,
+                       max_model_len=args.max_model_len, request_timeout_s=args.request_timeout_s,
+                       url=args.server_url)
     try:
         results = evaluate(args.model or args.server_url, problems, sampling, args.out,
                            template=args.prompt_template, tokenizer=args.tokenizer, workers=args.workers,
-                           math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, rollout_cfg=cfg,
+                           math_mode=args.math_mode, grade_timeout_s=args.grade_timeout_s, server_cfg=cfg,
                            progress=not args.no_progress)
     except (ServerError, RolloutError) as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None

@@ -19,7 +19,7 @@ _SAMPLING = {  # flag -> SamplingConfig field
     "top_k": ("top_k", int), "max_tokens": ("max_tokens", int),
     "repetition_penalty": ("repetition_penalty", float), "seed": ("seed", int),
 }
-_SERVER = {  # flag -> RolloutConfig field
+_SERVER = {  # flag -> ServerConfig field ([rollout.server])
     "concurrency": int, "kv_cache_gib": float, "max_model_len": int, "port": int, "request_timeout_s": float,
 }
 
@@ -31,11 +31,12 @@ def add_arguments(p):
     src.add_argument("--model", help="HF checkpoint directory: start a vLLM server on it for this run")
     src.add_argument("--server-url", help="use a running vLLM server at this URL")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model); needed with --server-url")
-    p.add_argument("--config", help="run config TOML whose [rollout] section gives the defaults")
+    p.add_argument("--config",
+                   help="run config TOML whose [rollout.sampling] and [rollout.server] tables give the defaults")
     for name, (field, typ) in _SAMPLING.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.sampling.{field}")
     for name, typ in _SERVER.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.{name}")
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"rollout.server.{name}")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--problem-ids", help="file with one problem id per line (default: all problems)")
     p.add_argument("--log-file", help="server log (default: RUN/rollouts/vllm_server.log)")
@@ -59,7 +60,8 @@ def main(args) -> int:
         if args.stop is not None:
             sampling["stop"] = args.stop
         server_fields = {k: getattr(args, k) for k in _SERVER if getattr(args, k) is not None}
-        cfg = dataclasses.replace(base, sampling=dataclasses.replace(base.sampling, **sampling), **server_fields)
+        sampling_cfg = dataclasses.replace(base.sampling, **sampling)
+        server_cfg = dataclasses.replace(base.server, **server_fields)
         if args.round < 0:
             raise ValueError("--round must be >= 0")
         tok_dir = args.tokenizer or args.model
@@ -81,14 +83,14 @@ def main(args) -> int:
     log_file = args.log_file or RunDir(args.run_dir).rollout_command_log
     try:
         if args.model:
-            server = RolloutServer(args.model, cfg, log_file=log_file)
+            server = RolloutServer(args.model, server_cfg, log_file=log_file)
             print(f"starting vLLM on {args.model} (log {log_file}) ...", flush=True)
             server.start()
         else:
-            server = RolloutServer.attach(args.server_url, cfg)
+            server = RolloutServer.attach(args.server_url, server_cfg)
         with server:
-            client = RolloutClient(server, cfg, progress=not args.no_progress)
-            out = rollout_round(args.run_dir, args.round, client.generate, cfg.sampling, tokenizer=tokenizer,
+            client = RolloutClient(server, server_cfg, progress=not args.no_progress)
+            out = rollout_round(args.run_dir, args.round, client.generate, sampling_cfg, tokenizer=tokenizer,
                                 problem_ids=ids)
     except (RecordError, ValueError, FileNotFoundError, ServerError) as e:
         print(f"error: {e}", flush=True)

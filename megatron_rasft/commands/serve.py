@@ -30,13 +30,13 @@ def main(args) -> int:
     import signal
     import time
 
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.rollout.server import RolloutServer, ServerError
 
     try:
-        cfg = RolloutConfig(host=args.host, port=args.port, kv_cache_gib=args.kv_cache_gib,
-                            max_model_len=args.max_model_len, dtype=args.dtype,
-                            startup_timeout_s=args.startup_timeout_s)
+        cfg = ServerConfig(host=args.host, port=args.port, kv_cache_gib=args.kv_cache_gib,
+                           max_model_len=args.max_model_len, dtype=args.dtype,
+                           startup_timeout_s=args.startup_timeout_s)
     except ValueError as e:
         print(f"error: {e}", flush=True)
         return 2

@@ -12,7 +12,7 @@ def add_arguments(p):
     p.add_argument("--config", help="TOML run configuration (sections: model, parallel, loss, "
                                     "grpo, weighting, rollout, train, checkpoint, eval)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.lr=1e-5")
+                   help="override a config value (repeatable), e.g. --set train.optim.lr=1e-5")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt/latest if present")
 
 

@@ -6,7 +6,7 @@ Reads RUN/verdicts/round_NNN.jsonl alone (each record carries the expert respons
 rollouts' texts with correctness) and writes RUN/weights/round_NNN.jsonl (rewritten atomically):
 one `expert` weight per problem and one `rollout` weight per correct rollout trained on.
 """
-HELP = "compute solvability weights (linear | reference | constant) into RUN/weights/round_NNN.jsonl"
+HELP = "compute solvability weights (linear | released | constant) into RUN/weights/round_NNN.jsonl"
 
 
 def add_arguments(p):

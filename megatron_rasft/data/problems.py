@@ -8,7 +8,7 @@ index), so rounds, caches and checkpoints can refer to it across restarts.
 Placeholder answers (`proof`, `notfound`, `N/A`, ...: datasets such as NuminaMath use them for
 problems without a closed-form answer) are not ground truth: such a problem is marked
 `meta["unverifiable"]` (the reason) and gets no rollouts, so its demonstration keeps A_E = 1.
-The list is `PLACEHOLDER_ANSWERS` (configurable: `train.placeholder_answers`), compared after
+The list is `PLACEHOLDER_ANSWERS` (configurable: `train.data.placeholder_answers`), compared after
 stripping `$`, spaces and a `\\text{}` wrapper, case-insensitively; an empty answer is one too.
 
 HumanEval-style code problems (`tests.format` "humaneval" or "io") run the problem's code prefix
@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import PLACEHOLDER_ANSWERS
 from megatron_rasft.records import Problem
-from megatron_rasft.verify.reference import last_boxed
+from megatron_rasft.verify.answers import last_boxed
 
 
 
@@ -94,11 +94,11 @@ def read_problems(path: str | Path, *, prompt_field: str = "prompt", response_fi
         prompt = row.get(prompt_field, row.get("instruction") if prompt_field == "prompt" else None)
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: missing or empty prompt field {prompt_field!r} "
-                             f"(set train.prompt_field); keys present: {sorted(row)}")
+                             f"(set train.data.prompt_field); keys present: {sorted(row)}")
         response = row.get(response_field)
         if require_response and (not isinstance(response, str) or not response.strip()):
             raise ValueError(f"{where}: missing or empty response field {response_field!r} "
-                             f"(set train.response_field)")
+                             f"(set train.data.response_field)")
         pid = str(row.get("id", lineno - 1))
         if pid in seen:
             raise ValueError(f"{where}: duplicate problem id {pid!r}")

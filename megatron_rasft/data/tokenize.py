@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# The released code's system prompt (ChatML), used by the `reference` template.
-REFERENCE_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# The released code's system prompt (ChatML), used by the `released` template.
+RELEASED_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def render_prompt(tokenizer, prompt: str, template: str) -> str:
@@ -19,7 +19,7 @@ def render_prompt(tokenizer, prompt: str, template: str) -> str:
     if template == "plain":
         return prompt
     if template == "released":
-        return (f"<|im_start|>system\n{REFERENCE_SYSTEM}<|im_end|>\n"
+        return (f"<|im_start|>system\n{RELEASED_SYSTEM}<|im_end|>\n"
                 f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):

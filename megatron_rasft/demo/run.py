@@ -87,6 +87,15 @@ def _toml(values: dict, prefix: str = "") -> str:
     return text
 
 
+def _merge(dst: dict, src: dict) -> None:
+    """Merge the nested dict `src` into `dst` in place (tables merged key by key)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
 def _train(config: Path, log: Path) -> None:
     """Run one training phase as its own process, streaming its console to ours and to `log`."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
@@ -102,7 +111,7 @@ def _train(config: Path, log: Path) -> None:
 
 
 def run_demo(dc: DemoConfig) -> Path:
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import hf_to_mcore, mcore_to_hf
     from megatron_rasft.demo import evaluate, report
     from megatron_rasft.demo.task import make_problems, write_jsonl
@@ -138,24 +147,26 @@ def run_demo(dc: DemoConfig) -> Path:
 
     common = {
         "model": {"seq_length": dc.seq_length},
-        "rollout": {"kv_cache_gib": 0.5, "max_model_len": 256,
+        "rollout": {"server": {"kv_cache_gib": 0.5, "max_model_len": 256},
                     "sampling": {"n": dc.samples, "temperature": 1.0, "top_p": 1.0, "max_tokens": dc.max_tokens,
                                  "seed": dc.seed}},
-        "train": {"data_path": str(out / "data" / "train.jsonl"), "tokenizer": str(tok_dir),
-                  "prompt_template": "plain", "global_batch_size": dc.global_batch,
-                  "micro_batch_size": dc.micro_batch, "seed": dc.seed, "log_interval": 10, "pack": True},
+        "train": {"seed": dc.seed,
+                  "data": {"path": str(out / "data" / "train.jsonl"), "tokenizer": str(tok_dir),
+                           "prompt_template": "plain", "pack": True},
+                  "schedule": {"global_batch_size": dc.global_batch, "micro_batch_size": dc.micro_batch},
+                  "logging": {"log_interval": 10}},
     }
 
     def phase(name, method, steps, load, lr, extra=None):
         cfg = json.loads(json.dumps(common))
         cfg["loss"] = {"method": method}
-        cfg["train"].update(run_dir=str(out / name), train_iters=steps, lr=lr, min_lr=lr / 10,
-                            lr_warmup_iters=min(10, steps // 5),
-                            global_batch_size=dc.global_batch if name == "warmup" else dc.arm_global_batch)
+        cfg["train"]["run_dir"] = str(out / name)
+        cfg["train"]["optim"] = {"lr": lr, "min_lr": lr / 10, "lr_warmup_iters": min(10, steps // 5)}
+        cfg["train"]["schedule"].update(
+            train_iters=steps, global_batch_size=dc.global_batch if name == "warmup" else dc.arm_global_batch)
         cfg["checkpoint"] = {"load": str(load), "save_interval": dc.eval_every if name != "warmup" else 0,
                              "keep_last": 100}
-        for section, kv in (extra or {}).items():
-            cfg.setdefault(section, {}).update(kv)
+        _merge(cfg, extra or {})
         path = out / f"{name}.toml"
         path.write_text(_toml(cfg))
         _train(path, out / f"{name}.log")
@@ -171,22 +182,23 @@ def run_demo(dc: DemoConfig) -> Path:
             hf_warm = out / "hf" / "warmup"
             if not (hf_warm / "config.json").is_file():
                 mcore_to_hf(warm_ckpt, hf_warm, hf_config_from=hf0, quiet=True, force=True)
-            rc = RolloutConfig(kv_cache_gib=0.5, max_model_len=256, concurrency=8)
-            server = RolloutServer(hf_warm, rc, log_file=out / "logs" / "vllm.log").start()
+            sc = ServerConfig(kv_cache_gib=0.5, max_model_len=256, concurrency=8)
+            server = RolloutServer(hf_warm, sc, log_file=out / "logs" / "vllm.log").start()
             _log(f"   vLLM (CPU) serving at {server.url}")
         with _stage("arm: SFT", dc):
             sft = phase("sft", "sft", dc.arm_steps, warm_ckpt, dc.arm_lr)
         with _stage("arm: RASFT", dc):
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
-                          {"rollout": {"server_url": server.url}, "train": {"refresh_interval": dc.refresh_interval}})
+                          {"rollout": {"server": {"url": server.url}},
+                           "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
         arms = {"SFT": sft, "RASFT": rasft}
         if dc.grpo:
             # Same steps, lr and rollout budget per round as RASFT; every rollout trains, with its
             # group-relative advantage; no demonstration.
             with _stage("arm: GRPO", dc):
                 arms["GRPO"] = phase("grpo", "grpo", dc.arm_steps, warm_ckpt, dc.arm_lr,
-                                     {"rollout": {"server_url": server.url},
-                                      "train": {"refresh_interval": dc.refresh_interval}})
+                                     {"rollout": {"server": {"url": server.url}},
+                                      "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
         if dc.token_matched:
             # RASFT's steps also carry correct rollouts: a control arm of plain SFT run for as many
             # loss tokens as RASFT trained on (its learning-rate schedule stretched to match).

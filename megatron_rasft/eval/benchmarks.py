@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from megatron_rasft.verify.reference import last_boxed
+from megatron_rasft.verify.answers import last_boxed
 
 EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 

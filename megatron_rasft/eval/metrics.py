@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional, Sequence
 
-from megatron_rasft.verify.reference import normalize_answer
+from megatron_rasft.verify.answers import normalize_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -79,13 +79,13 @@ def sample_row(benchmark: str, problem: EvalProblem, j: int, prompt: str, comple
 
 
 # ----------------------------------------------------------------------------- generation source
-def _open_source(source, rollout_cfg, out_dir: Path, progress: bool):
+def _open_source(source, server_cfg, out_dir: Path, progress: bool):
     """-> (generate, server we started or None, model label, model dir or None)."""
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.server import RolloutServer
 
-    cfg = rollout_cfg or RolloutConfig()
+    cfg = server_cfg or ServerConfig()
     if isinstance(source, RolloutServer):
         return RolloutClient(source, cfg, progress=progress).generate, None, source.model_dir or source.url, source.model_dir
     if isinstance(source, (str, Path)):
@@ -129,7 +129,7 @@ def _check_config(out_dir: Path, config: dict) -> None:
 
 # ----------------------------------------------------------------------------- the evaluation
 def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "plain", tokenizer=None,
-             workers: int = 2, math_mode: str = "math", grade_timeout_s: float = 10.0, rollout_cfg=None,
+             workers: int = 2, math_mode: str = "math", grade_timeout_s: float = 10.0, server_cfg=None,
              progress: bool = False, report: bool = True) -> dict:
     """Generate `sampling.n` completions per problem, grade them, write samples and reports.
 
@@ -137,6 +137,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
         `RolloutServer`, or a generator `fn(prompts, sampling, keys=, on_result=)`.
     benchmarks: name -> list of `EvalProblem`s or dicts (`prompt` + `answer`, or `tests`).
     sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops).
+    server_cfg: the `ServerConfig` of the server started or attached here, and of the client.
     tokenizer: tokenizer or its directory (default: the model's); prompts are sent as token ids
         (BOS added like the trainer does) when there is one, as text otherwise.
     Returns {benchmark: metrics} (also in out_dir/results.json).
@@ -149,7 +150,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
               "sampling": {k: getattr(sampling, k) for k in _GUARDED},
               "benchmarks": {name: len(ps) for name, ps in problems.items()}}
     _check_config(out_dir, config)
-    generate, server, label, model_dir = _open_source(source, rollout_cfg, out_dir, progress)
+    generate, server, label, model_dir = _open_source(source, server_cfg, out_dir, progress)
     try:
         tok = _load_tokenizer(tokenizer, model_dir)
         if template == "chat" and tok is None:

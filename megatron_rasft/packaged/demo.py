@@ -135,15 +135,17 @@ def main(argv=None) -> int:
         _run([ROOT / "tools" / "convert_checkpoint.py", "hf-to-mcore", "--hf-dir", hf, "--out", mcore, "--quiet",
               "--force"], out / "logs" / "convert.log")
     _log("model prepared, problems written, checkpoint converted")
-    common = [f"train.data_path={out / 'data' / 'train.jsonl'}", f"train.tokenizer={hf}",
-              f"train.global_batch_size={args.global_batch}", f"train.lr={args.lr}",
+    common = [f"train.data.path={out / 'data' / 'train.jsonl'}", f"train.data.tokenizer={hf}",
+              f"train.schedule.global_batch_size={args.global_batch}", f"train.optim.lr={args.lr}",
               f"rollout.sampling.n={args.k}", f"rollout.sampling.max_tokens={args.max_tokens}"]
-    warm = _train(out, "warmup", common + [f"checkpoint.load={mcore}", "loss.method=sft", "train.refresh_interval=0",
-                                           f"train.train_iters={args.warmup_steps}"])
+    warm = _train(out, "warmup", common + [f"checkpoint.load={mcore}", "loss.method=sft",
+                                           "train.schedule.refresh_interval=0",
+                                           f"train.schedule.train_iters={args.warmup_steps}"])
     arms = {}
     for name, method in (("sft", "sft"), ("rasft", "rasft")):
-        sets = common + [f"checkpoint.load={warm}", f"loss.method={method}", f"train.train_iters={args.arm_steps}",
-                         f"train.refresh_interval={args.refresh_interval}", "train.seed=1"]
+        sets = common + [f"checkpoint.load={warm}", f"loss.method={method}",
+                         f"train.schedule.train_iters={args.arm_steps}",
+                         f"train.schedule.refresh_interval={args.refresh_interval}", "train.seed=1"]
         arms[name] = _train(out, name, sets)
     evals = {"base": _eval(hf, "base", out, args)}
     for name, mc in (("warm-up", warm), ("SFT", arms["sft"]), ("RASFT", arms["rasft"])):

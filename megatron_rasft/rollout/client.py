@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from megatron_rasft.config import RolloutConfig, SamplingConfig
+from megatron_rasft.config import SamplingConfig, ServerConfig
 from megatron_rasft.rollout.server import RolloutServer, ServerError, http_json
 
 Prompt = Union[str, list]  # text, or token ids (sent as they are: no BOS is added to ids)
@@ -68,11 +68,11 @@ class _ServerDown(Exception):
 class RolloutClient:
     """Client of one `RolloutServer`. `generate` is the `Generator` seam.
 
-    cfg supplies concurrency, request_timeout_s and max_retries (per request for timeouts and
+    cfg (`[rollout.server]`) supplies concurrency, request_timeout_s and max_retries (per request for timeouts and
     5xx answers; per batch for server restarts that made no progress).
     """
 
-    def __init__(self, server: RolloutServer, cfg: RolloutConfig, progress: bool = True):
+    def __init__(self, server: RolloutServer, cfg: ServerConfig, progress: bool = True):
         self.server = server
         self.cfg = cfg
         self.progress = progress
@@ -160,7 +160,7 @@ class RolloutClient:
 
     def _recover(self, n_lost: int) -> None:
         """The server stopped answering: restart ours, or wait for an external one (at most
-        `rollout.startup_timeout_s`, polling /health). Raises ServerError when it cannot come back."""
+        `rollout.server.startup_timeout_s`, polling /health). Raises ServerError when it cannot come back."""
         self._model = None
         if self.server.alive():
             return  # a transient connection error: just resubmit
@@ -175,13 +175,13 @@ class RolloutClient:
         else:
             wait_s = self.cfg.startup_timeout_s
             print(f"[rollout] external server at {self.server.url} is down; waiting up to {wait_s:.0f}s "
-                  f"(rollout.startup_timeout_s) for it to come back, then resubmitting {n_lost} prompts", flush=True)
+                  f"(rollout.server.startup_timeout_s) for it to come back, then resubmitting {n_lost} prompts", flush=True)
             start = last_note = time.monotonic()
             while not self.server.healthy(timeout_s=2.0):
                 now = time.monotonic()
                 if now - start > wait_s:
                     raise ServerError(f"external rollout server {self.server.url} is down and did not come back "
-                                      f"within {wait_s:.0f}s (rollout.startup_timeout_s); restart it and rerun")
+                                      f"within {wait_s:.0f}s (rollout.server.startup_timeout_s); restart it and rerun")
                 if now - last_note >= 30.0:
                     print(f"[rollout] still waiting for {self.server.url} ({now - start:.0f}s of {wait_s:.0f}s)",
                           flush=True)
@@ -212,7 +212,7 @@ class RolloutClient:
                                          timeout=self.cfg.request_timeout_s)
             except Exception as e:  # noqa: BLE001 - classified below
                 if _is_timeout(e):
-                    problem = f"timed out after {self.cfg.request_timeout_s}s (rollout.request_timeout_s)"
+                    problem = f"timed out after {self.cfg.request_timeout_s}s (rollout.server.request_timeout_s)"
                 elif _is_connection_error(e):
                     down.set()
                     raise _ServerDown() from e
@@ -229,7 +229,7 @@ class RolloutClient:
                 problem = f"server error {status}: {_error_text(body)}"
             self._count("retries")
             time.sleep(min(2.0 ** attempt, 10.0))
-        raise RolloutError(f"request failed {self.cfg.max_retries + 1} times (rollout.max_retries): {problem}")
+        raise RolloutError(f"request failed {self.cfg.max_retries + 1} times (rollout.server.max_retries): {problem}")
 
     def prompt_logprobs(self, prompt: Prompt) -> tuple[list, list]:
         """(prompt token ids, log π(token_t | tokens_<t) for t ≥ 1) under the served weights —

@@ -83,7 +83,7 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
 
     expected: log π_new(probe_t | probe_<t) for t ≥ 1 (see `RolloutClient.prompt_logprobs`).
     atol: the largest |Δ log-prob| accepted on the probe; default the server config's
-    `rollout.refresh_atol` (its one source).
+    `rollout.server.refresh_atol` (its one source).
     The in-place path is skipped when config.json differs from the served model's (vLLM does not
     notice a shape change: it reloads what fits and serves garbage), and a restart follows an
     in-place reload whose probe does not match `expected`.

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_rasft.config import RolloutConfig
+from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
@@ -99,12 +99,12 @@ def _die_with_parent():
 class RolloutServer:
     """A vLLM server for `model_dir`, started by us (`start`) or external (`attach`).
 
-    `cfg` supplies host, port (0 = a free one), max_model_len, kv_cache_gib, dtype and
+    `cfg` (`[rollout.server]`) supplies host, port (0 = a free one), max_model_len, kv_cache_gib, dtype and
     startup_timeout_s. `enforce_eager=None` means eager on CPU (CUDA graphs / torch.compile only
     cost start-up time there) and compiled on GPU. `extra_args` go verbatim to the server.
     """
 
-    def __init__(self, model_dir: str | Path, cfg: RolloutConfig, log_file: Optional[str | Path] = None,
+    def __init__(self, model_dir: str | Path, cfg: ServerConfig, log_file: Optional[str | Path] = None,
                  enforce_eager: Optional[bool] = None, extra_args: Sequence[str] = (),
                  env: Optional[dict] = None):
         self.model_dir = str(model_dir) if model_dir is not None else None
@@ -121,9 +121,9 @@ class RolloutServer:
 
     # ----------------------------------------------------------------- external servers
     @classmethod
-    def attach(cls, url: str, cfg: Optional[RolloutConfig] = None, timeout_s: float = 10.0) -> "RolloutServer":
+    def attach(cls, url: str, cfg: Optional[ServerConfig] = None, timeout_s: float = 10.0) -> "RolloutServer":
         """An already running server at `url` (not started or stopped by us)."""
-        server = cls(None, cfg or RolloutConfig(server_url=url))
+        server = cls(None, cfg or ServerConfig(url=url))
         server.managed = False
         server.url = url.rstrip("/")
         if not server.healthy(timeout_s):
@@ -168,8 +168,8 @@ class RolloutServer:
         if self.port == 0:
             self.port = free_port(cfg.host)
         elif port_in_use(cfg.host, self.port):
-            raise ServerError(f"port {self.port} on {cfg.host} is already in use; set rollout.port "
-                              f"to a free port (or 0 to pick one) or attach with rollout.server_url")
+            raise ServerError(f"port {self.port} on {cfg.host} is already in use; set rollout.server.port "
+                              f"to a free port (or 0 to pick one) or attach with rollout.server.url")
         if self.log_file is None:
             fd, name = tempfile.mkstemp(prefix="vllm_server_", suffix=".log")
             os.close(fd)
@@ -201,7 +201,7 @@ class RolloutServer:
             if self.healthy(timeout_s=2.0):
                 return
             time.sleep(0.5)
-        raise ServerError(f"vLLM server not ready after {timeout_s:.0f}s (rollout.startup_timeout_s); "
+        raise ServerError(f"vLLM server not ready after {timeout_s:.0f}s (rollout.server.startup_timeout_s); "
                           f"log {self.log_file}:\n{self.log_tail()}")
 
     def healthy(self, timeout_s: float = 5.0) -> bool:

@@ -15,13 +15,13 @@ def start_tiny_server(work_dir: str | Path, seed: int = 0, log_file: Optional[st
     """Build a tokenizer and a tiny model under `work_dir` and start a vLLM server on it with a
     small footprint (0.25 GiB KV cache, 512-token context). Returns the started `RolloutServer`
     (`.url`, `.model_dir`, `.stop()`)."""
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.rollout.server import RolloutServer
 
     work_dir = Path(work_dir)
     tok_dir = train_tokenizer(work_dir / "tokenizer")
     model_dir = make_tiny_model(work_dir / "model", tok_dir, seed=seed)
-    cfg = RolloutConfig(**{"kv_cache_gib": 0.25, "max_model_len": 512, "concurrency": 4,
+    cfg = ServerConfig(**{"kv_cache_gib": 0.25, "max_model_len": 512, "concurrency": 4,
                            **config_overrides})
     return RolloutServer(model_dir, cfg, log_file=log_file or work_dir / "vllm_server.log").start()
 

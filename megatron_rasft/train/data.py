@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from megatron_rasft.config import ModelConfig, TrainConfig
+from megatron_rasft.config import ModelConfig, TrainDataConfig
 from megatron_rasft.data.batching import Seq
 from megatron_rasft.data.problems import Problem, read_problems
 from megatron_rasft.data.tokenize import Counts, build_sequence, check_tokenizer, encode_prompt, render_prompt
@@ -22,31 +22,33 @@ class Dataset:
     counts: Counts
 
 
-def load_dataset(tcfg: TrainConfig, mcfg: ModelConfig) -> Dataset:
+def load_dataset(dcfg: TrainDataConfig, mcfg: ModelConfig, seed: int) -> Dataset:
+    """The problems of `dcfg.path` tokenised (or, without a path, synthetic sequences drawn with
+    `seed`). Raises ValueError when every problem is dropped as over-long."""
     max_len = mcfg.seq_length + 1  # inputs are tokens[:-1]
-    if tcfg.data_path is None:
-        return _synthetic(mcfg, tcfg.seed)
+    if dcfg.path is None:
+        return _synthetic(mcfg, seed)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tcfg.tokenizer)
-    check_tokenizer(tok, mcfg.vocab_size, where=f" {tcfg.tokenizer}")
-    problems = read_problems(tcfg.data_path, prompt_field=tcfg.prompt_field,
-                             response_field=tcfg.response_field, answer_field=tcfg.answer_field,
-                             placeholders=tcfg.placeholder_answers)
+    tok = AutoTokenizer.from_pretrained(dcfg.tokenizer)
+    check_tokenizer(tok, mcfg.vocab_size, where=f" {dcfg.tokenizer}")
+    problems = read_problems(dcfg.path, prompt_field=dcfg.prompt_field,
+                             response_field=dcfg.response_field, answer_field=dcfg.answer_field,
+                             placeholders=dcfg.placeholder_answers)
     counts = Counts()
     prompt_ids, experts = {}, {}
     for p in problems:
-        ids = encode_prompt(tok, render_prompt(tok, p.prompt, tcfg.prompt_template))
+        ids = encode_prompt(tok, render_prompt(tok, p.prompt, dcfg.prompt_template))
         resp = tok(p.response, add_special_tokens=False)["input_ids"]
-        built = build_sequence(ids, resp, tok.eos_token_id, max_len=max_len, overlong=tcfg.overlong,
+        built = build_sequence(ids, resp, tok.eos_token_id, max_len=max_len, overlong=dcfg.overlong,
                                counts=counts, key=f"problem {p.id}")
         if built is None:
             continue
         prompt_ids[p.id] = ids
         experts[expert_key(p.id)] = Seq(expert_key(p.id), built[0], built[1])
     if not experts:
-        raise ValueError(f"{tcfg.data_path}: every problem was dropped ({counts.summary()}); "
-                         f"raise model.seq_length ({mcfg.seq_length}) or use train.overlong = 'truncate'")
+        raise ValueError(f"{dcfg.path}: every problem was dropped ({counts.summary()}); "
+                         f"raise model.seq_length ({mcfg.seq_length}) or use train.data.overlong = 'truncate'")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Dataset(tok, {p.id: p for p in problems if p.id in prompt_ids}, prompt_ids, experts, pad,
                    tok.eos_token_id, counts)

@@ -38,27 +38,27 @@ def train(cfg: RunConfig) -> dict:
     from megatron_rasft.train.stream import TrainingStream
 
     # -- set up --------------------------------------------------------------------------------
-    tc, run = cfg.train, RunDir(cfg.train.run_dir)
-    groups = init_distributed(cfg.parallel, seed=tc.seed)
-    _check_batch(tc, groups.dp_size)
+    sched, log_cfg, run = cfg.train.schedule, cfg.train.logging, RunDir(cfg.train.run_dir)
+    groups = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    _check_batch(sched, groups.dp_size)
     models = build_policy_and_reference(cfg, groups)
     cfg.model = models.model_config  # architecture from the checkpoint when one is loaded
     if rank0():
         run.root.mkdir(parents=True, exist_ok=True)
         cfg.save(run.config)
         print(cfg.pretty(), flush=True)
-    data = load_dataset(tc, cfg.model)
+    data = load_dataset(cfg.train.data, cfg.model, seed=cfg.train.seed)
     if rank0() and (data.counts.truncated or data.counts.dropped_overlong or data.counts.dropped_prompt_too_long):
         print(f"[data] over-long samples: {data.counts.summary()}; e.g. {data.counts.examples}", flush=True)
     unverifiable = [p for p in data.problems.values() if p.meta.get("unverifiable")]
     if rank0() and unverifiable:
         print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
               f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
-    optimizer, scheduler = build_optimizer(models.policy, tc, cfg.parallel, total_steps=tc.train_iters)
+    optimizer, scheduler = build_optimizer(models.policy, cfg.train.optim, cfg.parallel, total_steps=sched.train_iters)
     loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo))
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
-    logger = Logger(run, rank0(), tensorboard=tc.tensorboard,
-                    wandb_project=tc.wandb_project, config=cfg.to_dict())
+    logger = Logger(run, rank0(), tensorboard=log_cfg.tensorboard,
+                    wandb_project=log_cfg.wandb_project, config=cfg.to_dict())
     fpt = flops_per_token(models.num_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length)
     peak = peak_flops()
 
@@ -72,15 +72,15 @@ def train(cfg: RunConfig) -> dict:
 
     # -- the loop ------------------------------------------------------------------------------
     t_loop, steps_done, last_saved = time.time(), 0, None
-    while state.step < tc.train_iters:
+    while state.step < sched.train_iters:
         try:
             stream.fill(state)  # new windows (rounds, reference pass) when the queue runs short
         except RoundFailed as e:
             _stop_after_failed_round(e, run, state, models, optimizer, scheduler, cfg, groups, stream, logger)
         t0 = time.time()
         items, seqs = stream.take(state)
-        rows = make_rows(seqs, cfg.model.seq_length, data.pad_id, pack=tc.pack)
-        batches = stack_microbatches(rows, tc.micro_batch_size, cfg.model.seq_length, data.pad_id)
+        rows = make_rows(seqs, cfg.model.seq_length, data.pad_id, pack=cfg.train.data.pack)
+        batches = stack_microbatches(rows, sched.micro_batch_size, cfg.model.seq_length, data.pad_id)
         for chunk in models.policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -97,12 +97,13 @@ def train(cfg: RunConfig) -> dict:
         dt = time.time() - t0
         stream.times["train"] += dt
         m = _step_metrics(m, state, lr, grad_norm, dt, groups, fpt, peak, stream.times)
-        if tc.log_batch_keys:
+        if log_cfg.log_batch_keys:
             m["dp_keys"] = _dp_keys(seqs, groups)
         logger.write(m)
-        if state.step % tc.log_interval == 0 or state.step == tc.train_iters:
-            logger.step_line(m, tc.train_iters, (time.time() - t_loop) / steps_done * (tc.train_iters - state.step))
-        if state.step == tc.train_iters or (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0):
+        final = state.step == sched.train_iters
+        if state.step % log_cfg.log_interval == 0 or final:
+            logger.step_line(m, sched.train_iters, (time.time() - t_loop) / steps_done * (sched.train_iters - state.step))
+        if final or (cfg.checkpoint.save_interval and state.step % cfg.checkpoint.save_interval == 0):
             if stream.rounds is not None:
                 state.rounds = stream.round_summaries
             last_saved = checkpoint.save(run.ckpt, state.step, models.policy, optimizer, scheduler,
@@ -113,10 +114,10 @@ def train(cfg: RunConfig) -> dict:
     return {"step": state.step, "tokens": state.tokens_trained, "checkpoint": str(last_saved), "times": stream.times}
 
 
-def _check_batch(tc, dp_size: int) -> None:
-    if tc.global_batch_size % (tc.micro_batch_size * dp_size):
-        raise ValueError(f"train.global_batch_size ({tc.global_batch_size}) must be a multiple of "
-                         f"micro_batch_size × data-parallel size ({tc.micro_batch_size} × {dp_size})")
+def _check_batch(sched, dp_size: int) -> None:
+    if sched.global_batch_size % (sched.micro_batch_size * dp_size):
+        raise ValueError(f"train.schedule.global_batch_size ({sched.global_batch_size}) must be a multiple of "
+                         f"micro_batch_size × data-parallel size ({sched.micro_batch_size} × {dp_size})")
 
 
 def _stop_after_failed_round(error, run, state, models, optimizer, scheduler, cfg, groups, stream, logger):

@@ -8,7 +8,7 @@ see `rundir.py`), each stage resumable by itself; the round's `RoundResult` reco
 finished round, and a round killed half-way picks up where its stages stopped.
 Rank 0 drives the server and the stages; the export and the reference pass are collective.
 A server that dies mid-round is restarted (trainer-started) or waited for (external, at most
-`rollout.startup_timeout_s`); only the prompts it lost are resubmitted, after the server has been
+`rollout.server.startup_timeout_s`); only the prompts it lost are resubmitted, after the server has been
 made to serve the round's weights again. If it cannot come back, `RoundFailed` is raised on every
 rank and the loop saves a checkpoint from which `--resume` redoes nothing already written.
 """
@@ -53,10 +53,10 @@ class Rounds:
 
     def __init__(self, cfg, run: RunDir, data, models, groups):
         if data.tokenizer is None:
-            raise ValueError("rollout rounds need real problems: set train.data_path and train.tokenizer")
-        if cfg.loss.method == "grpo" and cfg.rollout.selection != "all":
-            raise ValueError(f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection = "
-                             f"'all' (got {cfg.rollout.selection!r})")
+            raise ValueError("rollout rounds need real problems: set train.data.path and train.data.tokenizer")
+        if cfg.loss.method == "grpo" and cfg.rollout.selection.rule != "all":
+            raise ValueError(f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = "
+                             f"'all' (got {cfg.rollout.selection.rule!r})")
         self.cfg, self.run, self.data, self.models, self.groups = cfg, run, data, models, groups
         self.server = self.client = None
         self.served_round = None  # the round whose export the server was last refreshed to
@@ -71,7 +71,7 @@ class Rounds:
         path = self.run.problems
         if path.is_file():
             return
-        tok, tmpl = self.data.tokenizer, self.cfg.train.prompt_template
+        tok, tmpl = self.data.tokenizer, self.cfg.train.data.prompt_template
         from megatron_rasft.data.tokenize import render_prompt
 
         recs = [type(p)(p.id, render_prompt(tok, p.prompt, tmpl), p.response, p.answer, p.tests, p.meta)
@@ -181,7 +181,7 @@ class Rounds:
 
         out = self.run.policy_export
         export_to_hf(unwrap(self.models.policy), out, self.cfg.model, self.groups,
-                     hf_config=self.models.hf_config, tokenizer_dir=self.cfg.train.tokenizer)
+                     hf_config=self.models.hf_config, tokenizer_dir=self.cfg.train.data.tokenizer)
         return out
 
     def _probe_expectation(self):
@@ -202,7 +202,7 @@ class Rounds:
         from megatron_rasft.train.selection import mean_nll
 
         seqs = [self.data.experts[expert_key(i)] for i in ids]
-        got = score(chunks, seqs, self.groups, micro_batch_size=self.cfg.train.micro_batch_size,
+        got = score(chunks, seqs, self.groups, micro_batch_size=self.cfg.train.schedule.micro_batch_size,
                     seq_length=self.cfg.model.seq_length, pad_id=self.data.pad_id,
                     vocab_size=self.cfg.model.vocab_size)
         return {i: mean_nll(got[s.key], s.prompt_len) for i, s in zip(ids, seqs)}
@@ -225,7 +225,7 @@ class Rounds:
         return band
 
     def _select(self, r: int, problem_ids: list, state) -> dict:
-        if self.cfg.rollout.selection == "all":
+        if self.cfg.rollout.selection.rule == "all":
             return {"rollout": list(problem_ids), "probes_retrain": [], "probes_rollout": [],
                     "hard_pool": dict(state.hard_pool)}
         from megatron_rasft.train.selection import select
@@ -233,7 +233,9 @@ class Rounds:
         band = self._band()
         pool = dict(state.hard_pool)
         sel = select(problem_ids, lambda ids: self._score_nll(unwrap(self.models.policy), ids), band,
-                     state.step, self.cfg.train.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}")
+                     state.step, self.cfg.train.schedule.train_iters, pool, seed=f"{self.cfg.train.seed}/select/{r}",
+                     rollout_fraction=self.cfg.rollout.selection.rollout_fraction,
+                     probe_fraction=self.cfg.rollout.selection.probe_fraction)
         return {**sel, "hard_pool": pool}
 
     def _ensure_server(self, hf_dir: Path, probe, times: dict, r: int) -> None:
@@ -241,16 +243,16 @@ class Rounds:
         from megatron_rasft.rollout.refresh import refresh_weights
         from megatron_rasft.rollout.server import RolloutServer
 
-        rc = self.cfg.rollout
+        sc = self.cfg.rollout.server
         if self.served_round == r:  # refreshed at the window boundary (an overlapped round)
             return
         t0 = time.time()
         if self.server is None:
-            if rc.server_url:
-                self.server = RolloutServer.attach(rc.server_url, rc)
+            if sc.url:
+                self.server = RolloutServer.attach(sc.url, sc)
             else:
-                self.server = RolloutServer(hf_dir, rc, log_file=self.run.server_log).start()
-            self.client = RolloutClient(self.server, rc)
+                self.server = RolloutServer(hf_dir, sc, log_file=self.run.server_log).start()
+            self.client = RolloutClient(self.server, sc)
 
         def refresh():
             res = refresh_weights(self.server, hf_dir, self.client, probe=probe[0], expected=probe[1])
@@ -280,8 +282,8 @@ class Rounds:
               f"an earlier attempt ({self.client.stats['restarts']} server restarts so far)", flush=True)
         times["rollout"] += time.time() - t0
         t0 = time.time()
-        verify_round(self.run.root, r, verifier=rc.verifier, workers=rc.verifier_workers,
-                     timeout_s=rc.verifier_timeout_s, progress=True)
+        verify_round(self.run.root, r, verifier=rc.verifier.kind, workers=rc.verifier.workers,
+                     timeout_s=rc.verifier.timeout_s, progress=True)
         times["verify"] += time.time() - t0
         weights = []
         wanted = set(problem_ids)

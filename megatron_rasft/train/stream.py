@@ -2,7 +2,7 @@
 order of `state.py`.
 
 For each new window of problems (when the queue cannot fill the next global batch): the window's
-rollout round (`rounds.py`, RASFT or GRPO with `train.refresh_interval > 0`), under GRPO the π_old
+rollout round (`rounds.py`, RASFT or GRPO with `train.schedule.refresh_interval > 0`), under GRPO the π_old
 pass that scores the round's rollouts with the current policy (cached in RUN/old_logp/,
 `grpo_round.py`), then the reference pass that scores, under the frozen reference, every sequence
 the window brings that has no cached log-probs yet (cached in RUN/ref_logp/), then the window's
@@ -29,12 +29,12 @@ class TrainingStream:
     the loop adds the last). Collective: every rank calls `fill` and `take` in the same order."""
 
     def __init__(self, cfg, run: RunDir, data, models, groups, state: LoopState):
-        tc = cfg.train
+        sched = cfg.train.schedule
         self.cfg, self.data, self.models, self.groups = cfg, data, models, groups
-        self.batch_groups = tc.global_batch_size
-        self.window_size = tc.window_problems or tc.global_batch_size
-        if tc.refresh_interval:
-            self.window_size = tc.refresh_interval * tc.global_batch_size
+        self.batch_groups = sched.global_batch_size
+        self.window_size = sched.window_problems or sched.global_batch_size
+        if sched.refresh_interval:
+            self.window_size = sched.refresh_interval * sched.global_batch_size
         self.problem_ids = sorted(data.prompt_ids)
         # round_wait: seconds the trainer's ranks waited for rank 0's part of the rounds (the whole
         # of it when rounds are synchronous, what was not hidden when they overlap).
@@ -51,7 +51,7 @@ class TrainingStream:
         self.old_cache = RefCache(run.old_logp)
         self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
-        if tc.refresh_interval > 0 and cfg.loss.method in ("rasft", "grpo"):
+        if sched.refresh_interval > 0 and cfg.loss.method in ("rasft", "grpo"):
             from megatron_rasft.train.rounds import Rounds
 
             self.rounds = Rounds(cfg, run, data, models, groups)
@@ -121,7 +121,7 @@ class TrainingStream:
         # Start the next window's round now, unless the run ends before that window: the steps
         # before the next boundary are the whole global batches the queue will then hold.
         n_groups = len(ids) + sum(is_expert_key(k) for k, _ in result.rollout_items)
-        if state.step + (len(state.queue) + n_groups) // self.batch_groups >= self.cfg.train.train_iters:
+        if state.step + (len(state.queue) + n_groups) // self.batch_groups >= self.cfg.train.schedule.train_iters:
             return ids, result, new, []
         ahead = next_window_ids(state, self.problem_ids, self.window_size, seed)
         view = SimpleNamespace(step=state.step, hard_pool=dict(result.hard_pool))  # the selection's inputs
@@ -157,7 +157,7 @@ class TrainingStream:
             t0 = time.time()
             cfg = self.cfg
             cached = score(unwrap(self.models.policy), list(new.values()), self.groups,
-                           micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
+                           micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
                            pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
             self.old_cache.save(RunDir.old_logp_group(r), cached)
             self.times["old_logp"] += time.time() - t0
@@ -173,7 +173,7 @@ class TrainingStream:
         t0 = time.time()
         cfg = self.cfg
         scores = score(self.models.reference, list({s.key: s for s in todo}.values()), self.groups,
-                       micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.model.seq_length,
+                       micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
                        pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
         self.ref_cache.save(RunDir.ref_logp_group(window), scores)
         self.ref_logp.update(scores)

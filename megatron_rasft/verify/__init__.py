@@ -1,2 +1,2 @@
-"""Verifiers: math answers (math-verify or the `reference` string rule) and code (a sandbox)."""
-from megatron_rasft.verify.reference import last_boxed, normalize_answer, reference_equal  # noqa: F401
+"""Verifiers: math answers (math-verify, our normalised rule, or the released code's check) and code (a sandbox)."""
+from megatron_rasft.verify.answers import last_boxed, normalize_answer, answers_equal  # noqa: F401

@@ -12,10 +12,20 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
+from megatron_rasft.config import released_preset
+from megatron_rasft.verify.answers import extract_answer, is_correct, last_boxed, own_verdict, strip_wrappers
 from megatron_rasft.verify.pool import TimeoutPool
-from megatron_rasft.verify.reference import extract_answer, is_correct, last_boxed, own_verdict, strip_wrappers
 
-MODES = ("math", "math-verify", "reference")
+MODES = ("math", "math-verify", "released")
+
+
+def check_mode(mode: str, name: str = "mode") -> str:
+    """`mode` validated; the old spelling "reference" of "released" is accepted with a
+    DeprecationWarning ("reference" names the frozen reference model). Raises ValueError otherwise."""
+    mode = released_preset(name, mode)
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 class _TimeoutFlag(logging.Handler):
@@ -38,8 +48,8 @@ _mv_logger.propagate = False
 
 def gold_answer(answer: Optional[str], expert_response: str, mode: str = "math") -> Optional[str]:
     """The ground truth: the explicit answer, else the last \\boxed{} of the expert response. In
-    `reference` mode the released code's order: `extract_answer(expert_response)`, else `answer`."""
-    if mode == "reference":
+    `released` mode the released code's order: `extract_answer(expert_response)`, else `answer`."""
+    if check_mode(mode) == "released":
         return extract_answer(expert_response) or (str(answer) if answer is not None and str(answer).strip() else None)
     if answer is not None and str(answer).strip():
         return str(answer)
@@ -50,21 +60,20 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
                soft_timeout_s: Optional[int] = 5) -> dict:
     """Grade one response against a gold answer string. Returns {"correct", "reason", "extracted"}.
 
-    mode "math" (the combination rule): our rule (`reference.own_verdict`) decides when it is
+    mode "math" (the combination rule): our rule (`answers.own_verdict`) decides when it is
     definite -- a definite mismatch (two plain numbers that differ, `x=3` vs `y=3`) is wrong whatever
     math-verify says, a definite match is correct; when it is undecided, math-verify decides, and a
     math-verify match between two numbers is kept only within a relative 1e-6 (`numeric_guard`:
     math-verify rounds floats to 6 decimal places, which equates 1e-7 with 2e-7).
-    "math-verify": math-verify only, as released; "reference": the released code's rules,
+    "math-verify": math-verify only, as released; "released": the released code's rules,
     `extract_answer(response)` against the gold (wrappers stripped) with `is_correct` (sympy, no
     soft limit: the pool's hard deadline bounds it). `soft_timeout_s` is math-verify's own per-call
     limit (None disables it)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = check_mode(mode)
     if gold is None:
         return {"correct": False, "reason": "error", "extracted": None,
                 "error": "no ground truth: no answer and no \\boxed{} in the expert response"}
-    if mode == "reference":
+    if mode == "released":
         pred = extract_answer(response)
         if pred is None or not pred.strip():
             return {"correct": False, "reason": "no_answer", "extracted": None}
@@ -130,8 +139,7 @@ class MathVerifier:
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, mode: str = "math",
                  soft_timeout: bool = True):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = check_mode(mode)
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
         self.mode, self.timeout_s = mode, timeout_s

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
+from megatron_rasft.config import released_preset
 from megatron_rasft.records import (Problem, ProblemVerdicts, RecordError, RecordWriter, Rollout,
                                     finished_problem_ids, read_records)
 
 from megatron_rasft.rundir import RunDir
 
-VERIFIERS = ("math", "math-verify", "reference", "code")
+VERIFIERS = ("math", "math-verify", "released", "code")
 
 
 def group_rollouts(rollouts: Sequence[Rollout], problems: dict, where: str) -> dict:
@@ -37,6 +38,7 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
                     on_rollout: Optional[Callable[[int], None]] = None) -> list:
     """problems + {problem_id: [Rollout]} -> [ProblemVerdicts] (same order as `problems`).
     Pass a live `math_verifier` (MathVerifier) to reuse its worker pool across calls."""
+    verifier = released_preset("verifier", verifier)  # "reference": the deprecated spelling
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     # Unverifiable problems (a placeholder answer) keep no rollouts: A_E = 1 in every scheme.
@@ -62,7 +64,7 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
         mv = math_verifier or MathVerifier(workers, timeout_s, mode=mode)
         golds = {}
         for p in problems:
-            # `reference`: the released code's ground truth (extracted from the expert response);
+            # `released`: the released code's ground truth (extracted from the expert response);
             # otherwise our records' explicit answer first.
             golds[p.id] = gold_answer(p.answer, p.response, mode=mode)
         try:

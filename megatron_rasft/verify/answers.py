@@ -1,9 +1,9 @@
 """Answer extraction and comparison rules.
 
-- `extract_answer` + `is_correct`: the released RASFT code's rules (the `reference` verifier mode):
+- `extract_answer` + `is_correct`: the released RASFT code's rules (the `released` verifier mode):
   last brace-matched `\\boxed{}` (else "answer is"-style phrases, else the last number); equal as
   stripped strings, as floats within 1e-8, or by `sympy.simplify(gold - pred) == 0`.
-- `last_boxed` + `normalize_answer` / `reference_equal`: this project's extraction and normalised
+- `last_boxed` + `normalize_answer` / `answers_equal`: this project's extraction and normalised
   string rule, the cheap first check of the `math` mode and the majority-vote key of `eval`.
 docs/verify_and_weighting.md lists every step of both.
 """
@@ -181,12 +181,12 @@ def own_verdict(pred: str, gold: str) -> Optional[bool]:
     return False
 
 
-def reference_equal(pred: str, gold: str) -> bool:
+def answers_equal(pred: str, gold: str) -> bool:
     """`own_verdict` is a definite match."""
     return own_verdict(pred, gold) is True
 
 
-# ---- the released code's rules (`reference` verifier mode) -----------------------------------
+# ---- the released code's rules (`released` verifier mode) ------------------------------------
 _ANSWER_PHRASES = [re.compile(p, re.IGNORECASE | re.MULTILINE) for p in (
     r"final answer is(.*)$", r"answer is(.*)$", r"therefore.*?is(.*)$", r"thus.*?is(.*)$")]
 _LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
