@@ -11,6 +11,7 @@ evaluation path against raw requests to the same vLLM server.
 
   python benchmarks/bench_eval.py                  # tiny model built on the spot (CPU)
   python benchmarks/bench_eval.py --model HF_DIR --problems 256 --max-tokens 1024
+  python benchmarks/bench_eval.py --server-url URL --model HF_DIR  # a running server that serves HF_DIR
 """
 from __future__ import annotations
 
@@ -76,7 +77,10 @@ def bench_generation(args, work: Path) -> dict:
                                     for t in texts], "heldout")
     sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=1)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    server = RolloutServer(model_dir, cfg, log_file=work / "server.log").start()
+    if args.server_url:
+        server = RolloutServer.attach(args.server_url, cfg)
+    else:
+        server = RolloutServer(model_dir, cfg, log_file=work / "server.log").start()
     try:
         client = RolloutClient(server, cfg, progress=False)
         payloads = [client.request_payload(encode_prompt(tok, render(p, "plain")), sampling,
@@ -92,7 +96,8 @@ def bench_generation(args, work: Path) -> dict:
             tokens = raw_generate(server.url, payloads, args.concurrency)
             t_raw.append(time.monotonic() - t0)
     finally:
-        server.stop()
+        if not args.server_url:
+            server.stop()
     # Where the difference goes: grading the same completions alone, and writing the reports.
     from megatron_rasft.eval import report
     from megatron_rasft.eval.grade import Grader
@@ -118,6 +123,8 @@ def bench_generation(args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint (default: a tiny random Llama built here)")
+    ap.add_argument("--server-url", help="attach to a running vLLM server that serves --model instead of starting "
+                                         "one (the test suite's shared server)")
     ap.add_argument("--data-dir", default=str(DATA), help="math benchmark files (math500.jsonl)")
     ap.add_argument("--grade-items", type=int, default=400)
     ap.add_argument("--code-items", type=int, default=40)
@@ -131,6 +138,8 @@ def main() -> None:
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks in seconds that the script still runs (numbers meaningless)")
     args = ap.parse_args()
+    if args.server_url and not args.model:
+        ap.error("--server-url needs --model: the checkpoint that server serves")
     if args.smoke:
         vars(args).update(grade_items=8, code_items=2, problems=4, n=1, max_tokens=8, concurrency=2, repeats=1,
                           kv_cache_gib=0.25)

@@ -16,6 +16,8 @@ windows 1 .. W-1, read from RUN/metrics.jsonl between the last step of window 0 
 
   python benchmarks/bench_overlap.py --smoke       # one short pair (checks the path; ~3 min)
   python benchmarks/bench_overlap.py               # the README's numbers
+  python benchmarks/bench_overlap.py --smoke --server-url URL --model HF_DIR
+        # a running server that serves HF_DIR instead of one started here (no pinning: a path check)
 """
 from __future__ import annotations
 
@@ -68,22 +70,32 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2, help="sync/overlap pairs")
     ap.add_argument("--out", help="write the JSON result here")
+    ap.add_argument("--server-url", help="attach to a running vLLM server that serves --model (the test suite's "
+                                         "shared server) instead of starting one pinned to core 0")
+    ap.add_argument("--model", help="with --server-url: the HF checkpoint that server serves")
     args = ap.parse_args()
+    if bool(args.server_url) != bool(args.model):
+        ap.error("--server-url and --model go together")
     if args.smoke:
         args.windows, args.refresh_interval, args.global_batch, args.samples, args.repeats = 3, 1, 4, 2, 1
 
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
+    from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.tiny import start_tiny_server
 
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, trainer_cpus = ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else (set(cpus), set(cpus))
     work = Path(tempfile.mkdtemp(prefix="bench_overlap_"))
-    os.sched_setaffinity(0, server_cpus)  # the server (and its engine processes) inherit core 0
-    server = start_tiny_server(work / "server", startup_timeout_s=900)  # one core on a shared box: slow start
-    os.sched_setaffinity(0, set(cpus))
+    if args.server_url:  # not ours: not pinned, not stopped
+        server, model_dir, server_cpus = RolloutServer.attach(args.server_url), args.model, set(cpus)
+    else:
+        os.sched_setaffinity(0, server_cpus)  # the server (and its engine processes) inherit core 0
+        server = start_tiny_server(work / "server", startup_timeout_s=900)  # one core on a shared box: slow start
+        os.sched_setaffinity(0, set(cpus))
+        model_dir = server.model_dir
     try:
-        hf_to_mcore(server.model_dir, work / "mcore", quiet=True)
+        hf_to_mcore(model_dir, work / "mcore", quiet=True)
         n_problems = args.windows * args.refresh_interval * args.global_batch
         problems = write_jsonl(make_problems(n_problems, seed=7, min_digits=1, max_digits=2), work / "problems.jsonl")
         config = work / "run.toml"
@@ -101,7 +113,7 @@ max_tokens = {args.max_tokens}
 temperature = 1.0
 [train.data]
 path = "{problems}"
-tokenizer = "{server.model_dir}"
+tokenizer = "{model_dir}"
 prompt_template = "plain"
 [train.optim]
 lr = 1e-3
@@ -120,7 +132,8 @@ load = "{work / 'mcore'}"
                 results[mode].append(r)
                 print(f"[{mode} {i}] " + " ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
     finally:
-        server.stop()
+        if not args.server_url:
+            server.stop()
 
     def med(mode, key):
         return statistics.median(r[key] for r in results[mode])

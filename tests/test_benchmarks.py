@@ -28,11 +28,19 @@ def test_run_all_covers_every_script():
 # several minutes each on the 2-core box (the end-to-end test in test_real_model.py covers the same path).
 # gpu_check's smoke mode is its --cpu-dry-run, which tests/test_gpu_check.py runs and checks.
 SLOW = {"bench_real_model.py", "real_solvability.py", "gpu_check.sh", "gpu_check.py"}
+# These talk to a vLLM server: in the suite they attach to the session's server (tests/conftest.py,
+# the same tiny model they would build) instead of starting their own, which saves a server start
+# (20-40 s on this box) each. Starting one is what `make bench` does; the attach path is what the
+# test checks here, and conftest puts the server's original weights back afterwards.
+ATTACH = {"bench_rollout.py", "bench_eval.py", "bench_overlap.py"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SCRIPTS])
-def test_benchmark_smoke(script, tmp_path):
+def test_benchmark_smoke(script, tmp_path, request):
     cmd = (["bash"] if script.endswith(".sh") else [sys.executable]) + [str(BENCH / script), "--smoke"]
+    if script in ATTACH:
+        server = request.getfixturevalue("vllm_server")
+        cmd += ["--server-url", server.url, "--model", str(server.model_dir)]
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(cmd, cwd=BENCH.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
