@@ -424,7 +424,7 @@ def export_child(mcore_dir: str, out_dir: str, dry: bool) -> int:
     cfg = RunConfig()
     cfg.checkpoint.load = mcore_dir
     cfg.model.seq_length = json.loads((Path(mcore_dir) / "model_config.json").read_text())["model"]["seq_length"]
-    cfg.train.bf16 = not dry
+    cfg.model.params_dtype = "fp32" if dry else "bf16"  # a runtime field: kept over the checkpoint's
     cfg.loss.method = "sft"
     pgs = init_distributed(cfg.parallel, seed=0)
     models = build_policy_and_reference(cfg, pgs)
