@@ -43,7 +43,7 @@ def released_preset(name: str, value: Any) -> Any:
     return value
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families)."""
 
@@ -92,7 +92,7 @@ class ModelConfig:
             _one_of("model.rope_scaling.rope_type", kind, ("llama3", "default"))
 
 
-@dataclass
+@dataclass(slots=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -115,7 +115,7 @@ class ParallelConfig:
                "needs a CP reduction)")
 
 
-@dataclass
+@dataclass(slots=True)
 class LossConfig:
     """The loss family of RASFT.md: per-token loss w_t · ℓ_t summed, normalised once globally."""
 
@@ -146,7 +146,7 @@ class LossConfig:
         return self.method in KL_METHODS
 
 
-@dataclass
+@dataclass(slots=True)
 class GRPOConfig:
     """GRPO (`loss.method = "grpo"`, docs/loss.md): group-relative advantages and the clipped surrogate.
 
@@ -176,7 +176,7 @@ class GRPOConfig:
         return self.kl_coef > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class WeightingConfig:
     scheme: str = "linear"  # linear | released | constant
     a_max: float = 1.0
@@ -199,7 +199,7 @@ class WeightingConfig:
                    "weighting.smoothing must be two non-negative numbers (a, b)")
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingConfig:
     """How the rollout server samples: every request passes all of it explicitly (server and model
     defaults never apply). One definition for the trainer's rounds (`[rollout.sampling]`), the
@@ -229,7 +229,7 @@ class SamplingConfig:
         _check(self.top_k >= -1, f"sampling.top_k must be >= -1, got {self.top_k}")
 
 
-@dataclass
+@dataclass(slots=True)
 class ServerConfig:
     """The vLLM rollout server (`[rollout.server]`): the one the trainer starts on rank 0, or an
     external one at `url`, and how the client talks to it."""
@@ -251,7 +251,7 @@ class ServerConfig:
         _check(self.max_retries >= 0, "rollout.server.max_retries must be >= 0")
 
 
-@dataclass
+@dataclass(slots=True)
 class SelectionConfig:
     """Which problems of a window are rolled out (`[rollout.selection]`, train/selection.py)."""
 
@@ -270,7 +270,7 @@ class SelectionConfig:
                                              f"got {self.probe_fraction}")
 
 
-@dataclass
+@dataclass(slots=True)
 class VerifierConfig:
     """How rollouts are checked (`[rollout.verifier]`, docs/verify_and_weighting.md)."""
 
@@ -285,7 +285,7 @@ class VerifierConfig:
         _check(self.workers >= 1, "rollout.verifier.workers must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class RolloutConfig:
     """A rollout round's settings, one sub-table per concern: the server, what it samples, which
     problems are rolled out, and how the rollouts are checked."""
@@ -302,7 +302,7 @@ class RolloutConfig:
 # The trainer's settings are sub-tables of [train] (as the rollout's are of [rollout]): the TOML stays
 # one section per stage, each old flat `train.X` key maps to exactly one new place, and the stage
 # commands, which read other sections, are not confused by a top-level `data` or `optim`.
-@dataclass
+@dataclass(slots=True)
 class TrainDataConfig:
     """The training problems and how they become sequences (`[train.data]`, docs/training.md)."""
 
@@ -325,7 +325,7 @@ class TrainDataConfig:
             raise ValueError("train.data.tokenizer (an HF tokenizer folder) is required with train.data.path")
 
 
-@dataclass
+@dataclass(slots=True)
 class OptimConfig:
     """Megatron's Adam and its learning-rate schedule (`[train.optim]`, train/optim.py): linear
     warm-up over `lr_warmup_iters`, then cosine decay to `min_lr` over the run."""
@@ -345,7 +345,7 @@ class OptimConfig:
         _check(self.lr_warmup_iters >= 0, "train.optim.lr_warmup_iters must be >= 0")
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduleConfig:
     """How long the run is, how a step is batched, and when rollout rounds happen (`[train.schedule]`)."""
 
@@ -364,7 +364,7 @@ class ScheduleConfig:
         _check(self.window_problems >= 0, "train.schedule.window_problems must be >= 0")
 
 
-@dataclass
+@dataclass(slots=True)
 class LoggingConfig:
     """What the trainer reports (`[train.logging]`, train/log.py)."""
 
@@ -377,7 +377,7 @@ class LoggingConfig:
         _check(self.log_interval >= 1, "train.logging.log_interval must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 1234  # model init, data order, selection draws
@@ -387,7 +387,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckpointConfig:
     load: Optional[str] = None  # Megatron dist checkpoint to start from (converted HF model)
     save_interval: int = 0  # 0 = only at the end
@@ -399,7 +399,7 @@ class CheckpointConfig:
         _check(self.keep_last >= 1, "checkpoint.keep_last must be >= 1")
 
 
-@dataclass
+@dataclass(slots=True)
 class EvalConfig:
     """Defaults of `python -m megatron_rasft eval` (its flags override them): the released
     evaluation's headline setting, avg@16 at temperature 1.0."""
@@ -413,7 +413,7 @@ class EvalConfig:
         _one_of("eval.prompt_template", self.prompt_template, ("chat", "qwen25-math-cot", "plain"))
 
 
-@dataclass
+@dataclass(slots=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -294,3 +294,15 @@ def test_eval_command_takes_defaults_from_the_eval_table(tmp_path):
     s = args.sampling
     assert (s.n, s.temperature, args.benchmarks) == (8, 0.6, "math500,gsm8k")  # the flag wins
     assert (s.max_tokens, s.top_k, s.seed, args.prompt_template) == (4096, 0, 1234, "qwen25-math-cot")  # defaults
+
+
+def test_config_objects_refuse_unknown_attributes():
+    """Config dataclasses have slots: a misspelt or removed setting assigned in code (such as the
+    removed `train.bf16`) raises instead of being silently ignored."""
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.train.bf16 = True
+    with pytest.raises(AttributeError):
+        cfg.model.param_dtype = "bf16"
+    cfg.model.params_dtype = "bf16"  # a real field still assigns
+    assert cfg.model.params_dtype == "bf16"
