@@ -19,7 +19,7 @@ export the server loaded), so r_s ≠ 1 and it is recomputed from the run's cach
 The reference pass's cache is compared with the initial model's log-probs, every sequence is scored
 exactly once, and a resumed run reuses the cache.
 
-The `released` scheme is checked the same way (one step) on a task of its own: worked solutions in
+The `released` scheme is checked the same way (two steps) on a task of its own: worked solutions in
 words, long enough to pass the released rollout filters, with the released rule (de-dup, filters,
 group-normalised tanh rewards, rollout scale and clip) written out in the test.
 """
@@ -400,9 +400,10 @@ def _wordy_problems(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def released_run(tmp_path_factory):
-    """One `rasft` step with a real round and `weighting.scheme = "released"` on the wordy task,
-    against a vLLM server of its own (started on the untaught model while the model is taught: the
-    trainer pushes its starting weights before round 0). Returns (run dir, problems, start model)."""
+    """Two `rasft` steps, each after a real round, with `weighting.scheme = "released"` on the wordy
+    task (8 problems, two windows of one global batch), against a vLLM server of its own (started on
+    the untaught model while the model is taught: the trainer pushes its starting weights before
+    round 0). Returns (run dir, problems, start model)."""
     import random
     import threading
 
@@ -416,7 +417,7 @@ def released_run(tmp_path_factory):
     corpus = [f"Question: what is {a} + {b}? Answer: " + _worked_solution(a, b, rng)
               for a, b in ((rng.randint(0, 999), rng.randint(0, 999)) for _ in range(500))]
     model_dir = make_tiny_model(root / "model", train_tokenizer(root / "tokenizer", corpus, vocab_size=256))
-    problems = _wordy_problems(4, seed=5)
+    problems = _wordy_problems(8, seed=5)
     write_jsonl(problems, root / "problems.jsonl")
     # Taught in a thread while the server starts in this one (the server dies with the thread that
     # started it: PR_SET_PDEATHSIG).
@@ -459,10 +460,11 @@ temperature = 1.0
 data_path = "{root / 'problems.jsonl'}"
 tokenizer = "{start}"
 prompt_template = "plain"
-train_iters = 1
+train_iters = 2
 global_batch_size = 4
 micro_batch_size = 2
 refresh_interval = 1
+lr = 1e-2
 lr_warmup_iters = 0
 [checkpoint]
 load = "{root / 'mcore'}"
@@ -557,19 +559,16 @@ def _released_weights64(samples: list[tuple[str, bool]]) -> tuple[float, list[fl
     return s[0] / (1 + k), a_rollouts
 
 
-def test_released_step_loss_recomputed_in_float64(released_run):
-    """One `rasft` step under the `released` scheme equals Σ_s Σ_t A_s q_t ℓ_t / N recomputed in
-    float64 from the rollout texts, with verdicts and the released weights computed here (r_s = 1:
-    the policy is the reference at step 1). Some rollouts pass the filters and are trained on, some
-    A_E ≠ 1, and the run's weight records agree with the rule written here."""
-    from transformers import AutoTokenizer
-
-    run, problems, start = released_run
-    tok = AutoTokenizer.from_pretrained(start)
-    rollouts = [json.loads(line) for line in (run / "rollouts" / "round_000.jsonl").read_text().splitlines()]
-    assert sorted({ro["problem_id"] for ro in rollouts}) == sorted(problems)  # the window is the whole set
+def _released_window(run: Path, r: int, problems: dict, tok) -> tuple[list, dict]:
+    """The sequences step r+1 trains under the `released` scheme, rebuilt from the problems and the
+    round's rollout records with verdicts and weights computed here: [(key, tokens, prompt_len, A_s)]
+    and {(problem id, sample index or None for the expert): A}."""
+    rollouts = [json.loads(line) for line in (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()]
+    window = sorted({ro["problem_id"] for ro in rollouts})
+    assert len(window) == 4, window  # rollout selection `all`: the whole window
     seqs, weights = [], {}
-    for pid, p in sorted(problems.items()):
+    for pid in window:
+        p = problems[pid]
         prompt = tok(p["prompt"])["input_ids"]
         samples = sorted((ro for ro in rollouts if ro["problem_id"] == pid), key=lambda ro: ro["sample_index"])
         assert len(samples) == K
@@ -584,21 +583,42 @@ def test_released_step_loss_recomputed_in_float64(released_run):
                 ids = list(ro["token_ids"])
                 if ro["finish_reason"] == "stop" and ids[-1:] != [tok.eos_token_id]:
                     ids.append(tok.eos_token_id)
-                seqs.append((f"r0/{pid}/{ro['sample_index']}", (prompt + ids)[:WORDY_SEQ_LENGTH + 1], len(prompt), a))
-    trained = len(seqs) - len(problems)
-    assert trained > 0, "no rollout passed the released filters as a correct survivor"
-    assert any(abs(weights[(pid, None)] - 1) > 1e-6 for pid in problems), weights
-    summary = json.loads((run / "rounds" / "round_000.json").read_text())["summary"]
-    assert summary["rollouts_added"] == trained
-    logged = {(w["problem_id"], w["sample_index"]): w["weight"]
-              for w in map(json.loads, (run / "weights" / "round_000.jsonl").read_text().splitlines())}
-    assert logged.keys() == weights.keys()
-    for key, a in weights.items():
-        assert logged[key] == pytest.approx(a, rel=1e-9, abs=1e-12), key
+                seqs.append((f"r{r}/{pid}/{ro['sample_index']}", (prompt + ids)[:WORDY_SEQ_LENGTH + 1],
+                             len(prompt), a))
+    return seqs, weights
 
-    lp = _logprobs64(start, [s[1] for s in seqs])
-    loss, n_tokens = _loss64(seqs, lp, lp)
+
+def test_released_step_losses_recomputed_in_float64(released_run):
+    """Two `rasft` steps under the `released` scheme, each equal to Σ_s Σ_t A_s r_s q_t ℓ_t / N
+    recomputed in float64 from the rollout texts, with verdicts and the released weights computed
+    here and the reference log-probs from the starting model (step 1: r_s = 1; step 2: the policy is
+    the step-1 weights, so r_s ≠ 1). Some rollouts pass the filters and are trained on, some A_E ≠ 1,
+    and the run's weight records agree with the rule written here."""
+    from transformers import AutoTokenizer
+
+    run, problems, start = released_run
+    tok = AutoTokenizer.from_pretrained(start)
     metrics = _metrics(run)
-    assert sorted(metrics) == [1]
-    assert metrics[1]["tokens"] == n_tokens
-    assert metrics[1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert sorted(metrics) == [1, 2]
+    trained, expert_weights = 0, []
+    for r, policy in ((0, start), (1, run / "hf" / "policy")):
+        seqs, weights = _released_window(run, r, problems, tok)
+        trained += len(seqs) - 4
+        expert_weights += [a for (_, index), a in weights.items() if index is None]
+        summary = json.loads((run / "rounds" / f"round_{r:03d}.json").read_text())["summary"]
+        assert summary["rollouts_added"] == len(seqs) - 4
+        logged = {(w["problem_id"], w["sample_index"]): w["weight"]
+                  for w in map(json.loads, (run / "weights" / f"round_{r:03d}.jsonl").read_text().splitlines())}
+        assert logged.keys() == weights.keys()
+        for key, a in weights.items():
+            assert logged[key] == pytest.approx(a, rel=1e-9, abs=1e-12), (r, key)
+        ref_lp = _logprobs64(start, [s[1] for s in seqs])
+        policy_lp = ref_lp if r == 0 else _logprobs64(policy, [s[1] for s in seqs])
+        if r == 1:  # the policy has moved: the ratio matters
+            ratios = [math.exp(float((q[s[2] - 1:] - p[s[2] - 1:]).mean())) for s, p, q in zip(seqs, policy_lp, ref_lp)]
+            assert max(abs(x - 1) for x in ratios) > 1e-3, ratios
+        loss, n_tokens = _loss64(seqs, policy_lp, ref_lp)
+        assert metrics[r + 1]["tokens"] == n_tokens, r
+        assert metrics[r + 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), r
+    assert trained > 0, "no rollout passed the released filters as a correct survivor"
+    assert any(abs(a - 1) > 1e-6 for a in expert_weights), expert_weights
