@@ -18,6 +18,10 @@ Step 1's policy is the starting model (r_s = 1); step 2's is the weights after s
 export the server loaded), so r_s ≠ 1 and it is recomputed from the run's cached reference log-probs.
 The reference pass's cache is compared with the initial model's log-probs, every sequence is scored
 exactly once, and a resumed run reuses the cache.
+
+The `released` scheme is checked the same way (two steps) on a task of its own: worked solutions in
+words, long enough to pass the released rollout filters, with the released rule (de-dup, filters,
+group-normalised tanh rewards, rollout scale and clip) written out in the test.
 """
 from __future__ import annotations
 
@@ -349,3 +353,274 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
     loss = sum(float(BASELINES[method](lp, k).sum()) for lp, k in terms) / n_tokens
     assert record["tokens"] == n_tokens
     assert record["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+
+# ---- the `released` scheme, on natural-language worked solutions ------------------------------
+#
+# The released filters drop terse outputs such as the toy task's `1+7+0=8;...;\boxed{N}` (too short,
+# a shortcut box, symbols), so this set-up has its own task, tokenizer, model and vLLM server:
+# two-digit additions with a worked solution in words (> 180 characters, the reasoning marker `=`
+# and "therefore"/"hence", distinct sentences), whose phrasing varies between problems so that
+# a partly taught model's samples differ from one another (word-3-gram Jaccard below the de-dup
+# threshold) and some of them are correct.
+
+PLACES = ("ones", "tens", "hundreds")
+OPENINGS = ("We add {a} and {b} digit by digit, starting from the ones place.",
+            "Let us add {a} and {b} one column at a time, from the right.",
+            "To find {a} + {b}, we add the digits column by column.")
+COLUMNS = ("In the {place} place we have {x} + {y} + {c} = {s}, so we write {d} and carry {c2}.",
+           "The {place} column gives {x} + {y} + {c} = {s}; we write down {d} and carry {c2}.")
+CLOSINGS = ("Therefore the sum of {a} and {b} is {n}, and the final answer is \\boxed{{{n}}}.",
+            "Hence {a} + {b} = {n}, so the answer is \\boxed{{{n}}}.")
+WORDY_SEQ_LENGTH = 192  # prompt + the longest worked solution + EOS is ~100 tokens: nothing truncated
+
+
+def _worked_solution(a: int, b: int, rng) -> str:
+    """`a + b` worked column by column in words, ending in `\\boxed{a+b}`; phrasing drawn from `rng`."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    out, carry = [rng.choice(OPENINGS).format(a=a, b=b)], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (int(d[i]) if i < len(d) else 0 for d in (da, db))
+        s = x + y + carry
+        out.append(rng.choice(COLUMNS).format(place=PLACES[i], x=x, y=y, c=carry, s=s, d=s % 10, c2=s // 10))
+        carry = s // 10
+    out.append(rng.choice(CLOSINGS).format(a=a, b=b, n=a + b))
+    return " ".join(out)
+
+
+def _wordy_problems(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        out.append({"id": f"w{i}", "prompt": f"Question: what is {a} + {b}? Answer: ",
+                    "response": _worked_solution(a, b, rng), "answer": str(a + b)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def released_run(tmp_path_factory):
+    """Two `rasft` steps, each after a real round, with `weighting.scheme = "released"` on the wordy
+    task (8 problems, two windows of one global batch), against a vLLM server of its own (started on
+    the untaught model while the model is taught: the trainer pushes its starting weights before
+    round 0). Returns (run dir, problems, start model)."""
+    import random
+    import threading
+
+    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+    from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("released")
+    rng = random.Random(1)
+    corpus = [f"Question: what is {a} + {b}? Answer: " + _worked_solution(a, b, rng)
+              for a, b in ((rng.randint(0, 999), rng.randint(0, 999)) for _ in range(500))]
+    model_dir = make_tiny_model(root / "model", train_tokenizer(root / "tokenizer", corpus, vocab_size=256))
+    problems = _wordy_problems(8, seed=5)
+    write_jsonl(problems, root / "problems.jsonl")
+    # Taught in a thread while the server starts in this one (the server dies with the thread that
+    # started it: PR_SET_PDEATHSIG).
+    taught = {}
+
+    def teach():
+        try:
+            taught["dir"] = _teach(model_dir, root / "hf_start", problems, steps=20)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+            taught["error"] = e
+
+    thread = threading.Thread(target=teach, daemon=True)
+    thread.start()
+    server = RolloutServer(model_dir, RolloutConfig(kv_cache_gib=0.25, max_model_len=512, concurrency=4),
+                           log_file=root / "vllm_server.log")
+    try:
+        server.start()
+    finally:
+        thread.join()
+    try:
+        if "error" in taught:
+            raise taught["error"]
+        start = taught["dir"]
+        hf_to_mcore(start, root / "mcore", quiet=True)
+        config = root / "run.toml"
+        config.write_text(f"""
+[model]
+seq_length = {WORDY_SEQ_LENGTH}
+[loss]
+method = "rasft"
+[weighting]
+scheme = "released"
+[rollout]
+server_url = "{server.url}"
+[rollout.sampling]
+n = {K}
+max_tokens = 128
+temperature = 1.0
+[train]
+data_path = "{root / 'problems.jsonl'}"
+tokenizer = "{start}"
+prompt_template = "plain"
+train_iters = 2
+global_batch_size = 4
+micro_batch_size = 2
+refresh_interval = 1
+lr = 1e-2
+lr_warmup_iters = 0
+[checkpoint]
+load = "{root / 'mcore'}"
+""")
+        run = root / "run"
+        rc, out = run_train(config, run)
+        assert rc == 0, out
+        yield run, {p["id"]: p for p in problems}, start
+    finally:
+        server.stop()
+
+
+def _last_box(text: str):
+    """The content of the last `\\boxed{`, braces counted from there; None when there is none or
+    it is unclosed (the released `last_boxed_braced`)."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, j = 0, i + len("\\boxed")
+    for j in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + len("\\boxed{"):j]
+    return None
+
+
+def _filtered(text: str) -> bool:
+    """The released filters (docs/verify_and_weighting.md, "Weighting schemes", `released` step 3),
+    written out here: too short, gibberish/collapsed, shortcut, format."""
+    from collections import Counter
+
+    stripped, low = text.strip(), text.lower()
+    norm = " ".join(low.split())
+    words = norm.split()
+    sentences = Counter(s.strip() for s in re.split(r"[.\n]", norm) if len(s.strip()) >= 12)
+    windows = Counter(tuple(words[i:i + 8]) for i in range(len(words) - 7))
+    markers = ("let me correct", "correcting the calculation", "i need to correct", "rechecking",
+               "let's correct", "wait,", "however, this is incorrect", "the previous reasoning was wrong")
+    gibberish = (len(stripped) < 20 or (sentences and max(sentences.values()) >= 3)
+                 or (len(words) >= 30 and max(windows.values()) >= 3)
+                 or sum(m in norm for m in markers) >= 2
+                 or sum(not c.isalnum() and not c.isspace() for c in norm) / len(norm) > 0.42)
+    phrases = (r"according to the problem[, ]+the correct answer is",
+               r"based on the given information[, ]+we know that the correct answer is",
+               r"the correct answer is\s*[:：]?\s*\\boxed", r"therefore[, ]+the correct answer is",
+               r"thus[, ]+the correct answer is")
+    box = _last_box(text)
+    shortcut = (any(re.search(p, low) for p in phrases)
+                or (box is not None and len(stripped) < 180
+                    and re.fullmatch(r"[A-Da-d①-⑨0-9,， ]{1,12}", box.strip()))
+                or (box is not None and len(stripped) < 120))
+    reasoning = ("=", "therefore", "thus", "hence", "so ", "let ", "we have", "we get", "substitute", "solve")
+    bad_format = len(stripped) < 80 or box is None or not any(m in low for m in reasoning)
+    return bool(gibberish or shortcut or bad_format)
+
+
+def _released_weights64(samples: list[tuple[str, bool]]) -> tuple[float, list[float]]:
+    """The released rule on [(text, correct)] in sampling order (docs/verify_and_weighting.md):
+    de-dup at word-3-gram Jaccard ≥ 0.82 (K_tot = kept), filters, negatives = up to 3 wrong
+    survivors below 0.88 similarity to a positive ranked by |sim − 0.45|, group rewards
+    [1 + 2(1 − k/K_tot)] + [1]·k + [0]·negatives, s = tanh(0.4 z), A_E = s_0/(1+k), each positive
+    0.25·clip(s_j/(1+k), 0.02, 0.15); A_E = 1 and nothing trained when the group is degenerate.
+    Returns (A_E, [A_j per sample])."""
+    def grams(t):
+        w = t.lower().split()
+        return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+    def jac(a, b):
+        return 1.0 if not a and not b else (len(a & b) / len(a | b) if a and b else 0.0)
+
+    g = [grams(t) for t, _ in samples]
+    kept = []
+    for j in range(len(samples)):
+        if all(jac(g[j], g[i]) < 0.82 for i in kept):
+            kept.append(j)
+    survivors = [j for j in kept if not _filtered(samples[j][0])]
+    pos = [j for j in survivors if samples[j][1]]
+    k, k_tot = len(pos), len(kept)
+    if not pos:
+        return 1.0, [0.0] * len(samples)
+    negs = sorted(((abs(max(jac(g[j], g[i]) for i in pos) - 0.45), j) for j in survivors
+                   if not samples[j][1] and max(jac(g[j], g[i]) for i in pos) < 0.88), key=lambda x: x[0])[:3]
+    r = [1 + 2 * (1 - k / k_tot)] + [1.0] * k + [0.0] * len(negs)
+    if all(abs(x - r[0]) <= 1e-8 + 1e-5 * abs(r[0]) for x in r):
+        return 1.0, [0.0] * len(samples)
+    mean = sum(r) / len(r)
+    std = math.sqrt(sum((x - mean) ** 2 for x in r) / len(r))
+    s = [math.tanh(0.4 * (x - mean) / (std + 1e-6)) for x in r]
+    a_rollouts = [0.0] * len(samples)
+    for j, s_j in zip(pos, s[1:]):
+        a_rollouts[j] = 0.25 * min(max(s_j / (1 + k), 0.02), 0.15)
+    return s[0] / (1 + k), a_rollouts
+
+
+def _released_window(run: Path, r: int, problems: dict, tok) -> tuple[list, dict]:
+    """The sequences step r+1 trains under the `released` scheme, rebuilt from the problems and the
+    round's rollout records with verdicts and weights computed here: [(key, tokens, prompt_len, A_s)]
+    and {(problem id, sample index or None for the expert): A}."""
+    rollouts = [json.loads(line) for line in (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()]
+    window = sorted({ro["problem_id"] for ro in rollouts})
+    assert len(window) == 4, window  # rollout selection `all`: the whole window
+    seqs, weights = [], {}
+    for pid in window:
+        p = problems[pid]
+        prompt = tok(p["prompt"])["input_ids"]
+        samples = sorted((ro for ro in rollouts if ro["problem_id"] == pid), key=lambda ro: ro["sample_index"])
+        assert len(samples) == K
+        a_expert, a_rollouts = _released_weights64([(ro["text"], _verdict(ro["text"], p["answer"]))
+                                                    for ro in samples])
+        weights[(pid, None)] = a_expert
+        expert = prompt + tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append((f"e/{pid}", expert[:WORDY_SEQ_LENGTH + 1], len(prompt), a_expert))
+        for ro, a in zip(samples, a_rollouts):
+            if a > 0:
+                weights[(pid, ro["sample_index"])] = a
+                ids = list(ro["token_ids"])
+                if ro["finish_reason"] == "stop" and ids[-1:] != [tok.eos_token_id]:
+                    ids.append(tok.eos_token_id)
+                seqs.append((f"r{r}/{pid}/{ro['sample_index']}", (prompt + ids)[:WORDY_SEQ_LENGTH + 1],
+                             len(prompt), a))
+    return seqs, weights
+
+
+def test_released_step_losses_recomputed_in_float64(released_run):
+    """Two `rasft` steps under the `released` scheme, each equal to Σ_s Σ_t A_s r_s q_t ℓ_t / N
+    recomputed in float64 from the rollout texts, with verdicts and the released weights computed
+    here and the reference log-probs from the starting model (step 1: r_s = 1; step 2: the policy is
+    the step-1 weights, so r_s ≠ 1). Some rollouts pass the filters and are trained on, some A_E ≠ 1,
+    and the run's weight records agree with the rule written here."""
+    from transformers import AutoTokenizer
+
+    run, problems, start = released_run
+    tok = AutoTokenizer.from_pretrained(start)
+    metrics = _metrics(run)
+    assert sorted(metrics) == [1, 2]
+    trained, expert_weights = 0, []
+    for r, policy in ((0, start), (1, run / "hf" / "policy")):
+        seqs, weights = _released_window(run, r, problems, tok)
+        trained += len(seqs) - 4
+        expert_weights += [a for (_, index), a in weights.items() if index is None]
+        summary = json.loads((run / "rounds" / f"round_{r:03d}.json").read_text())["summary"]
+        assert summary["rollouts_added"] == len(seqs) - 4
+        logged = {(w["problem_id"], w["sample_index"]): w["weight"]
+                  for w in map(json.loads, (run / "weights" / f"round_{r:03d}.jsonl").read_text().splitlines())}
+        assert logged.keys() == weights.keys()
+        for key, a in weights.items():
+            assert logged[key] == pytest.approx(a, rel=1e-9, abs=1e-12), (r, key)
+        ref_lp = _logprobs64(start, [s[1] for s in seqs])
+        policy_lp = ref_lp if r == 0 else _logprobs64(policy, [s[1] for s in seqs])
+        if r == 1:  # the policy has moved: the ratio matters
+            ratios = [math.exp(float((q[s[2] - 1:] - p[s[2] - 1:]).mean())) for s, p, q in zip(seqs, policy_lp, ref_lp)]
+            assert max(abs(x - 1) for x in ratios) > 1e-3, ratios
+        loss, n_tokens = _loss64(seqs, policy_lp, ref_lp)
+        assert metrics[r + 1]["tokens"] == n_tokens, r
+        assert metrics[r + 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), r
+    assert trained > 0, "no rollout passed the released filters as a correct survivor"
+    assert any(abs(a - 1) > 1e-6 for a in expert_weights), expert_weights
