@@ -409,7 +409,7 @@ def released_run(tmp_path_factory):
     import random
     import threading
 
-    from megatron_rasft.config import RolloutConfig
+    from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
@@ -433,7 +433,7 @@ def released_run(tmp_path_factory):
 
     thread = threading.Thread(target=teach, daemon=True)
     thread.start()
-    server = RolloutServer(model_dir, RolloutConfig(kv_cache_gib=0.25, max_model_len=512, concurrency=4),
+    server = RolloutServer(model_dir, ServerConfig(kv_cache_gib=0.25, max_model_len=512, concurrency=4),
                            log_file=root / "vllm_server.log")
     try:
         server.start()
@@ -452,22 +452,24 @@ seq_length = {WORDY_SEQ_LENGTH}
 method = "rasft"
 [weighting]
 scheme = "released"
-[rollout]
-server_url = "{server.url}"
+[rollout.server]
+url = "{server.url}"
 [rollout.sampling]
 n = {K}
 max_tokens = 128
 temperature = 1.0
-[train]
-data_path = "{root / 'problems.jsonl'}"
+[train.data]
+path = "{root / 'problems.jsonl'}"
 tokenizer = "{start}"
 prompt_template = "plain"
+[train.optim]
+lr = 1e-2
+lr_warmup_iters = 0
+[train.schedule]
 train_iters = 2
 global_batch_size = 4
 micro_batch_size = 2
 refresh_interval = 1
-lr = 1e-2
-lr_warmup_iters = 0
 [checkpoint]
 load = "{root / 'mcore'}"
 """)
