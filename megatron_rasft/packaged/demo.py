@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_rasft.packaged.resources import run_sampled
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "smollm2_cpu.toml"
 TASKS = "chain_sum:{n},leg_counting:{n}"
@@ -32,12 +34,20 @@ def _log(msg: str) -> None:
 
 
 def _run(args: list, log: Path) -> None:
-    """Run a stage (stdout+stderr to `log`); a failure shows the log's tail."""
+    """Run a stage (stdout+stderr to `log`); a failure shows the log's tail.
+
+    The stage's peak RSS (its own processes, and the vLLM server's) and wall time are added to
+    OUT/logs/resources.json under the log's name.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        rc, usage = run_sampled([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    resources = log.parent / "resources.json"
+    table = json.loads(resources.read_text()) if resources.is_file() else {}
+    table[log.stem] = dict(usage, exit=rc)
+    resources.write_text(json.dumps(table, indent=1) + "\n")
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"stage failed (exit {rc}); log {log}:\n{tail}")
