@@ -351,3 +351,34 @@ def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
     finally:
         server.stop()
     assert max(abs(a - b) for a, b in zip(want, got[-len(want):])) < 1e-3
+
+
+def test_demo_report_histogram_and_standard_errors(tmp_path):
+    """The real-model report's first-round histogram per task and its ± (standard error over
+    problems of each problem's accuracy), against numpy on the same hand-made records."""
+    import numpy as np
+
+    from megatron_rasft.packaged.demo_report import _eval_lines, first_round_histogram
+    from megatron_rasft.records import EvalSample, Verdict, write_records
+    from megatron_rasft.rundir import RunDir
+
+    # Round 0 with K = 2: chain_sum/0/0 2 correct, chain_sum/0/1 0, leg_counting/0/0 1.
+    correct = {"chain_sum/0/0": [1, 1], "chain_sum/0/1": [0, 0], "leg_counting/0/0": [0, 1]}
+    write_records(RunDir(tmp_path / "rasft").verdicts(0),
+                  [Verdict(pid, 0, j, bool(c), "correct" if c else "wrong") for pid, cs in correct.items()
+                   for j, c in enumerate(cs)])
+    assert first_round_histogram(tmp_path / "rasft", 2) == {"chain_sum": [1, 0, 1], "leg_counting": [0, 1, 0]}
+
+    # Two models, 4 problems, n = 2 samples each; the same problems (paired).
+    acc = {"sft": [[1, 0], [0, 0], [1, 1], [0, 1]], "rasft": [[1, 1], [0, 1], [1, 1], [0, 0]]}
+    for model, per_problem in acc.items():
+        write_records(tmp_path / "eval" / model / "samples" / "rg.jsonl",
+                      [EvalSample("rg", f"p{i}", j, "q", "a", None, bool(c), "x") for i, cs in enumerate(per_problem)
+                       for j, c in enumerate(cs)])
+        (tmp_path / "eval" / model / "results.json").write_text(json.dumps({"rg": {}}))
+    text = "\n".join(_eval_lines(tmp_path, ["sft", "rasft"]))
+    for model in ("sft", "rasft"):
+        p = np.array(acc[model]).mean(axis=1)
+        assert f"| {model} | {100 * p.mean():.1f} ± {100 * p.std(ddof=1) / np.sqrt(len(p)):.1f} |" in text, text
+    d = np.array(acc["rasft"]).mean(axis=1) - np.array(acc["sft"]).mean(axis=1)
+    assert f"rg: {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} points over 4" in text, text

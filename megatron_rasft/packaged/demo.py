@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_rasft.packaged.demo_report import report
 from megatron_rasft.packaged.resources import run_sampled
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,29 +91,6 @@ def _eval(model: Path, name: str, out: Path, args) -> dict:
     return json.loads((dest / "results.json").read_text())
 
 
-def _rounds(run: Path) -> list:
-    from megatron_rasft.records import RoundResult, read_records
-    from megatron_rasft.rundir import RunDir
-
-    return [r.summary for p in RunDir(run).all_round_results() for r in read_records(p, RoundResult)]
-
-
-def report(out: Path, evals: dict, rounds: list, args, minutes: float) -> str:
-    benches = list(next(iter(evals.values()))) if evals else []
-    lines = ["# Real-model run: SmolLM2-135M-Instruct, reasoning-gym", "",
-             f"Warm-up {args.warmup_steps} SFT steps, then {args.arm_steps} steps per arm; K = {args.k}, "
-             f"a round every {args.refresh_interval} steps; evaluation avg@{args.eval_n} at temperature 1.0, "
-             f"first {args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min.", "",
-             "| model | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
-    for name, res in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * res[b]['avg@n']:.1f}" for b in benches) + " |")
-    lines += ["", "RASFT rounds (histogram of k correct out of K per problem, k = 0..K):", ""]
-    for r in rounds:
-        lines.append(f"- round {r['round']}: {r['problems']} problems, p-hist {r['p_hist']}, k=0 {r['frac_k0']:.0%}, "
-                     f"k=K {r['frac_kK']:.0%}, rollouts added {r['rollouts_added']}")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo_real")
@@ -133,7 +111,6 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     if args.gsm8k and not Path(args.gsm8k).is_file():
         raise SystemExit(f"--gsm8k {args.gsm8k}: no such file (pass --gsm8k '' to skip it)")
-    t0 = time.time()
     hf = out / "models" / "smollm2-135m-instruct"
     _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
     if not (out / "data" / "meta.json").is_file():
@@ -155,10 +132,10 @@ def main(argv=None) -> int:
         sets = common + [f"checkpoint.load={warm}", f"loss.method={method}", f"train.train_iters={args.arm_steps}",
                          f"train.refresh_interval={args.refresh_interval}", "train.seed=1"]
         arms[name] = _train(out, name, sets)
-    evals = {"base": _eval(hf, "base", out, args)}
-    for name, mc in (("warm-up", warm), ("SFT", arms["sft"]), ("RASFT", arms["rasft"])):
-        evals[name] = _eval(_export(mc, out / "hf" / name.lower(), hf, out), name.lower(), out, args)
-    text = report(out, evals, _rounds(out / "rasft"), args, (time.time() - t0) / 60)
+    _eval(hf, "base", out, args)
+    for name, mc in (("warm-up", warm), ("sft", arms["sft"]), ("rasft", arms["rasft"])):
+        _eval(_export(mc, out / "hf" / name, hf, out), name, out, args)
+    text = report(out, args)
     (out / "report.md").write_text(text)
     print(text, flush=True)
     return 0

@@ -1,0 +1,114 @@
+"""RUN/report.md of the real-model run (`megatron_rasft.packaged.demo`), from the files the run
+wrote: the evaluations' graded samples, the RASFT arm's verdicts and rounds, every training run's
+metrics, and the stages' peak memory (logs/resources.json). Nothing is typed in by hand."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from megatron_rasft.packaged.timings import SPLIT_KEYS, median_split, round_splits, step_stats
+from megatron_rasft.records import EvalSample, RoundResult, Verdict, read_records
+from megatron_rasft.rundir import RunDir
+
+
+def per_problem_accuracy(eval_dir: Path, benchmark: str) -> dict:
+    """problem id -> fraction of its samples graded correct, from EVAL/samples/<benchmark>.jsonl."""
+    hits = defaultdict(list)
+    for s in read_records(Path(eval_dir) / "samples" / f"{benchmark}.jsonl", EvalSample):
+        hits[s.id].append(s.correct)
+    return {pid: sum(c) / len(c) for pid, c in hits.items()}
+
+
+def mean_se(values: list) -> tuple:
+    """Mean and its standard error (sample standard deviation / sqrt(count)); SE 0 for one value."""
+    m = sum(values) / len(values)
+    var = sum((x - m) ** 2 for x in values) / max(len(values) - 1, 1)
+    return m, math.sqrt(var / len(values))
+
+
+def first_round_histogram(run_dir: Path, k: int) -> dict:
+    """task -> [number of problems with c correct of their rollouts, c = 0..k] in round 0; the task is
+    the problem id's first `/`-separated part (reasoning-gym ids are `task/split/index`)."""
+    correct = defaultdict(int)
+    seen = set()
+    for v in read_records(RunDir(run_dir).verdicts(0), Verdict):
+        seen.add(v.problem_id)
+        correct[v.problem_id] += int(v.correct)
+    hist = defaultdict(lambda: [0] * (k + 1))
+    for pid in sorted(seen):
+        hist[pid.split("/")[0]][min(correct[pid], k)] += 1
+    return dict(hist)
+
+
+def _eval_lines(out: Path, models: list) -> list:
+    benches = sorted(json.loads((out / "eval" / models[0] / "results.json").read_text()))
+    acc = {m: {b: per_problem_accuracy(out / "eval" / m, b) for b in benches} for m in models}
+    lines = ["| model | " + " | ".join(f"{b} (avg@n, %)" for b in benches) + " |", "|---|" + "---|" * len(benches)]
+    for m in models:
+        cells = []
+        for b in benches:
+            mean, se = mean_se(list(acc[m][b].values()))
+            cells.append(f"{100 * mean:.1f} ± {100 * se:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if {"sft", "rasft"} <= set(models):
+        diffs = []
+        for b in benches:
+            common = sorted(set(acc["rasft"][b]) & set(acc["sft"][b]))
+            mean, se = mean_se([acc["rasft"][b][p] - acc["sft"][b][p] for p in common])
+            diffs.append(f"{b}: {100 * mean:+.1f} ± {100 * se:.1f} points over {len(common)} problems")
+        lines += ["", "RASFT − SFT, paired over the same problems and sampling seeds: " + "; ".join(diffs) + "."]
+    return lines
+
+
+def _perf_lines(out: Path) -> list:
+    lines = ["| run | steps | s / step (median) | loss tokens / step | loss tokens / s |", "|---|---|---|---|---|"]
+    for name in ("warmup", "sft", "rasft"):
+        st = step_stats(out / name)
+        lines.append(f"| {name} | {st['steps']} | {st['step_s_median']:.1f} | {st['tokens_per_step_median']:.0f} | "
+                     f"{st['tokens_per_s_median']:.0f} |")
+    splits = round_splits(out / "rasft")
+    lines += ["", "RASFT rounds, seconds per stage (reference pass and training: of the window the round feeds):", "",
+              "| round | " + " | ".join(SPLIT_KEYS) + " |", "|---|" + "---|" * len(SPLIT_KEYS)]
+    for i, s in enumerate(splits):
+        lines.append(f"| {i} | " + " | ".join(f"{s[k]:.1f}" for k in SPLIT_KEYS) + " |")
+    med = median_split(splits)
+    lines.append(f"| median of {len(splits)} | " + " | ".join(f"{med[k]:.1f}" for k in SPLIT_KEYS) + " |")
+    resources = out / "logs" / "resources.json"
+    if resources.is_file():
+        table = json.loads(resources.read_text())
+        lines += ["", "Stages: wall time and peak RSS (summed over the stage's processes, sampled every 0.5 s; "
+                  "the vLLM server's api server, engine core and worker apart):", "",
+                  "| stage | wall (s) | peak RSS (GiB) | vLLM server peak RSS (GiB) |", "|---|---|---|---|"]
+        for stage, r in table.items():
+            lines.append(f"| {stage} | {r['wall_s']:.0f} | {r['peak_rss_main_gib']:.2f} | {r['peak_rss_vllm_gib']:.2f} |")
+    return lines
+
+
+def report(out: Path, args) -> str:
+    """The report's markdown. `args` are the run's command-line settings; the total time is the sum
+    of the stages' wall times in logs/resources.json (so a continued run counts each stage once)."""
+    resources = out / "logs" / "resources.json"
+    stages = json.loads(resources.read_text()) if resources.is_file() else {}
+    minutes = sum(r["wall_s"] for r in stages.values()) / 60
+    models = [m for m in ("base", "warm-up", "sft", "rasft") if (out / "eval" / m / "results.json").is_file()]
+    lines = ["# Real-model run: SmolLM2-135M-Instruct, reasoning-gym", "",
+             f"Warm-up {args.warmup_steps} SFT steps (batch {args.global_batch}, lr {args.lr:g}), then "
+             f"{args.arm_steps} steps per arm from it; K = {args.k}, a round every {args.refresh_interval} steps, "
+             f"{args.max_tokens} new tokens; evaluation avg@{args.eval_n} at temperature 1.0 on the first "
+             f"{args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min (the stages' wall times summed).", "",
+             "± is the standard error over problems (each problem's accuracy is the mean of its samples).", ""]
+    lines += _eval_lines(out, models)
+    lines += ["", "First RASFT round, problems by number of correct rollouts out of K (k = 0..K):", "",
+              "| task | problems | " + " | ".join(f"k = {c}" for c in range(args.k + 1)) + " |",
+              "|---|---|" + "---|" * (args.k + 1)]
+    for task, h in first_round_histogram(out / "rasft", args.k).items():
+        lines.append(f"| {task} | {sum(h)} | " + " | ".join(map(str, h)) + " |")
+    lines += ["", "All RASFT rounds:", ""]
+    for r in (r.summary for p in RunDir(out / "rasft").all_round_results() for r in read_records(p, RoundResult)):
+        lines.append(f"- round {r['round']}: {r['problems']} problems, p-hist {r['p_hist']}, "
+                     f"k=0 {r['frac_k0']:.0%}, k=K {r['frac_kK']:.0%}, rollouts added {r['rollouts_added']}")
+    lines += ["", "## Time and memory", ""] + _perf_lines(out)
+    return "\n".join(lines) + "\n"
+
