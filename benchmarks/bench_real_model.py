@@ -1,6 +1,7 @@
 """The 135M real model under the real loop: training step time and tokens/s, a round's time split
-(export, refresh, rollout, verify, reference pass, train), peak RSS of the trainer and of the
-trainer-started vLLM server (its whole process tree), sampled every 0.5 s.
+(export, refresh, rollout, verify, reference pass, train), peak memory of the trainer and of the
+trainer-started vLLM server: the largest process's peak RSS (VmHWM) and the group's summed PSS
+sampled every 0.5 s (`megatron_rasft.packaged.resources`).
 
   python benchmarks/bench_real_model.py --out runs/bench_real [--steps 6] [--refresh-interval 2]
   python benchmarks/bench_real_model.py --smoke        # 2 steps, 1 round, K = 2, 2 problems per task
@@ -54,7 +55,8 @@ def run(out: Path, steps: int, refresh: int, k: int, per_task: int, max_tokens: 
     return {**steps, "rounds": len(rounds),
             "round_split_median_s": median_split(splits[1:] or splits),
             "first_round_split_s": splits[0] if splits else {},
-            "peak_rss_trainer_gib": usage["peak_rss_main_gib"], "peak_rss_vllm_gib": usage["peak_rss_vllm_gib"],
+            "peak_rss_trainer_gib": usage["peak_hwm_main_gib"], "peak_rss_vllm_gib": usage["peak_hwm_vllm_gib"],
+            "peak_pss_trainer_gib": usage["peak_pss_main_gib"], "peak_pss_vllm_gib": usage["peak_pss_vllm_gib"],
             "wall_s": usage["wall_s"], "p_hist": [r["p_hist"] for r in rounds]}
 
 
@@ -74,7 +76,8 @@ def main() -> int:
     print(json.dumps(res, indent=1))
     print(f"step {res['step_s_median']:.1f} s (median of {res['steps']}), {res['tokens_per_s_median']:.0f} loss tokens/s; "
           f"round split (median of rounds after the first, s): {res['round_split_median_s']}; "
-          f"peak RSS trainer {res['peak_rss_trainer_gib']:.2f} GiB, vLLM server {res['peak_rss_vllm_gib']:.2f} GiB")
+          f"peak RSS of the largest process: trainer {res['peak_rss_trainer_gib']:.2f} GiB, vLLM {res['peak_rss_vllm_gib']:.2f} GiB; "
+          f"peak PSS summed: trainer tree {res['peak_pss_trainer_gib']:.2f} GiB, vLLM server {res['peak_pss_vllm_gib']:.2f} GiB")
     return 0
 
 

@@ -37,8 +37,8 @@ def _log(msg: str) -> None:
 def _run(args: list, log: Path) -> None:
     """Run a stage (stdout+stderr to `log`); a failure shows the log's tail.
 
-    The stage's peak RSS (its own processes, and the vLLM server's) and wall time are added to
-    OUT/logs/resources.json under the log's name.
+    The stage's peak memory (its own processes, and the vLLM server's: `resources.run_sampled`) and
+    wall time are added to OUT/logs/resources.json under the log's name.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")

@@ -77,12 +77,15 @@ def _perf_lines(out: Path) -> list:
     lines.append(f"| median of {len(splits)} | " + " | ".join(f"{med[k]:.1f}" for k in SPLIT_KEYS) + " |")
     resources = out / "logs" / "resources.json"
     if resources.is_file():
-        table = json.loads(resources.read_text())
-        lines += ["", "Stages: wall time and peak RSS (summed over the stage's processes, sampled every 0.5 s; "
-                  "the vLLM server's api server, engine core and worker apart):", "",
-                  "| stage | wall (s) | peak RSS (GiB) | vLLM server peak RSS (GiB) |", "|---|---|---|---|"]
-        for stage, r in table.items():
-            lines.append(f"| {stage} | {r['wall_s']:.0f} | {r['peak_rss_main_gib']:.2f} | {r['peak_rss_vllm_gib']:.2f} |")
+        lines += ["", "Stages: wall time and peak memory. PSS: the stage's processes' proportional set sizes summed "
+                  "(sampled every 0.5 s; shared pages counted once); RSS: the largest single process's peak "
+                  "resident set (VmHWM). vLLM: the server's api server, engine core and worker.", "",
+                  "| stage | wall (s) | PSS (GiB) | largest RSS (GiB) | vLLM PSS (GiB) | vLLM largest RSS (GiB) |",
+                  "|---|---|---|---|---|---|"]
+        for stage, r in json.loads(resources.read_text()).items():
+            cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("peak_pss_main_gib", "peak_hwm_main_gib",
+                                                                 "peak_pss_vllm_gib", "peak_hwm_vllm_gib")]
+            lines.append(f"| {stage} | {r['wall_s']:.0f} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -1,59 +1,79 @@
-"""Peak resident memory of a command's process tree, split into the trainer's processes and the
-vLLM server's (api server, engine core, worker), sampled while the command runs.
+"""Peak memory of a command's process tree, split into the vLLM server's processes (api server,
+engine core, worker) and all others (for a training stage: the trainer and its helpers), sampled
+while the command runs.
 
-The peaks are of the summed RSS of each group at one sampling instant (psutil, every `interval_s`),
-so shared pages are counted once per process that maps them: an upper bound on the group's memory.
+Two figures per group:
+- peak PSS: the largest sum, at one sampling instant, of the group's proportional set sizes
+  (/proc/PID/smaps_rollup `Pss`: a page shared by n processes counts 1/n in each, so sums do not
+  double-count what forked helpers share with their parent, as summed RSS does);
+- peak RSS of the largest process: the largest `VmHWM` (the kernel's own high-water mark of the
+  process's resident set, exact, not sampled) over the group's processes.
 """
 from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 GIB = 2**30
 
 
-def tree_rss(proc) -> tuple[int, int]:
-    """(summed RSS of the non-vLLM processes, summed RSS of the vLLM processes) in `proc`'s tree, bytes.
+def _proc_kib(pid: int, path: str, key: str) -> int:
+    """The `key:` line of /proc/PID/PATH in kB, 0 when the process or line is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
-    `proc` is a `psutil.Process`; verifier sandboxes (short-lived, cmdline naming `verify`) count in
-    neither group. A tree that has exited gives (0, 0).
-    """
+
+def _is_vllm(p) -> bool:
+    name, cmd = p.name(), " ".join(p.cmdline())
+    return "vllm" in cmd or "VLLM" in name or "EngineCore" in name
+
+
+def tree_memory(proc) -> dict:
+    """PSS summed per group and the largest VmHWM per group of `proc`'s tree, bytes:
+    {"main_pss", "vllm_pss", "main_hwm", "vllm_hwm"}. `proc` is a `psutil.Process`; processes that
+    exit while being read are left out; a tree that has exited gives zeros."""
     import psutil
 
+    out = {"main_pss": 0, "vllm_pss": 0, "main_hwm": 0, "vllm_hwm": 0}
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0, 0
-    trainer = server = 0
+        return out
     for p in procs:
         try:
-            rss = p.memory_info().rss
-            cmd = " ".join(p.cmdline())
-            name = p.name()
+            group = "vllm" if _is_vllm(p) else "main"
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if "vllm" in cmd or "VLLM" in name or "EngineCore" in name:
-            server += rss
-        elif "verify" not in cmd:
-            trainer += rss
-    return trainer, server
+        out[f"{group}_pss"] += _proc_kib(p.pid, "smaps_rollup", "Pss") * 1024
+        out[f"{group}_hwm"] = max(out[f"{group}_hwm"], _proc_kib(p.pid, "status", "VmHWM") * 1024)
+    return out
 
 
 def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[int, dict]:
-    """Run `cmd` (subprocess.Popen arguments) to completion, sampling its tree's RSS.
+    """Run `cmd` (subprocess.Popen arguments) to completion, sampling its tree's memory.
 
-    Returns (exit code, {"peak_rss_main_gib", "peak_rss_vllm_gib", "wall_s"}): "main" is every
-    process of the tree except the vLLM server's (for a training stage: the trainer).
+    Returns (exit code, {"peak_pss_main_gib", "peak_pss_vllm_gib", "peak_hwm_main_gib",
+    "peak_hwm_vllm_gib", "wall_s"}); "hwm" is the largest single process's VmHWM of the group
+    (see the module docstring), "main" every process except the vLLM server's.
     """
     import psutil
 
     t0 = time.time()
     proc = subprocess.Popen(cmd, **popen_kwargs)
     ps = psutil.Process(proc.pid)
-    peak_main = peak_vllm = 0
+    peak = {"main_pss": 0, "vllm_pss": 0, "main_hwm": 0, "vllm_hwm": 0}
     while proc.poll() is None:
-        main, vllm = tree_rss(ps)
-        peak_main, peak_vllm = max(peak_main, main), max(peak_vllm, vllm)
+        for key, value in tree_memory(ps).items():
+            peak[key] = max(peak[key], value)
         time.sleep(interval_s)
-    return proc.returncode, {"peak_rss_main_gib": round(peak_main / GIB, 3),
-                             "peak_rss_vllm_gib": round(peak_vllm / GIB, 3), "wall_s": round(time.time() - t0, 1)}
+    return proc.returncode, {"peak_pss_main_gib": round(peak["main_pss"] / GIB, 3),
+                             "peak_pss_vllm_gib": round(peak["vllm_pss"] / GIB, 3),
+                             "peak_hwm_main_gib": round(peak["main_hwm"] / GIB, 3),
+                             "peak_hwm_vllm_gib": round(peak["vllm_hwm"] / GIB, 3),
+                             "wall_s": round(time.time() - t0, 1)}
