@@ -358,16 +358,17 @@ def test_demo_report_histogram_and_standard_errors(tmp_path):
     problems of each problem's accuracy), against numpy on the same hand-made records."""
     import numpy as np
 
-    from megatron_rasft.packaged.demo_report import _eval_lines, first_round_histogram
-    from megatron_rasft.records import EvalSample, Verdict, write_records
+    from megatron_rasft.packaged.demo_report import _eval_lines, round_histogram
+    from megatron_rasft.records import EvalSample, ProblemVerdicts, write_records
     from megatron_rasft.rundir import RunDir
 
     # Round 0 with K = 2: chain_sum/0/0 2 correct, chain_sum/0/1 0, leg_counting/0/0 1.
     correct = {"chain_sum/0/0": [1, 1], "chain_sum/0/1": [0, 0], "leg_counting/0/0": [0, 1]}
     write_records(RunDir(tmp_path / "rasft").verdicts(0),
-                  [Verdict(pid, 0, j, bool(c), "correct" if c else "wrong") for pid, cs in correct.items()
-                   for j, c in enumerate(cs)])
-    assert first_round_histogram(tmp_path / "rasft", 2) == {"chain_sum": [1, 0, 1], "leg_counting": [0, 1, 0]}
+                  [ProblemVerdicts(pid, 0, "demo", [{"sample_index": j, "text": "t", "correct": bool(c),
+                                                     "reason": "correct" if c else "wrong", "extracted": None}
+                                                    for j, c in enumerate(cs)]) for pid, cs in correct.items()])
+    assert round_histogram(tmp_path / "rasft", 0, 2) == {"chain_sum": [1, 0, 1], "leg_counting": [0, 1, 0]}
 
     # Two models, 4 problems, n = 2 samples each; the same problems (paired).
     acc = {"sft": [[1, 0], [0, 0], [1, 1], [0, 1]], "rasft": [[1, 1], [0, 1], [1, 1], [0, 0]]}

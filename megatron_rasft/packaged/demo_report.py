@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from megatron_rasft.packaged.timings import SPLIT_KEYS, median_split, round_splits, step_stats
-from megatron_rasft.records import EvalSample, RoundResult, Verdict, read_records
+from megatron_rasft.records import EvalSample, ProblemVerdicts, RoundResult, read_records
 from megatron_rasft.rundir import RunDir
 
 
@@ -28,17 +28,12 @@ def mean_se(values: list) -> tuple:
     return m, math.sqrt(var / len(values))
 
 
-def first_round_histogram(run_dir: Path, k: int) -> dict:
-    """task -> [number of problems with c correct of their rollouts, c = 0..k] in round 0; the task is
-    the problem id's first `/`-separated part (reasoning-gym ids are `task/split/index`)."""
-    correct = defaultdict(int)
-    seen = set()
-    for v in read_records(RunDir(run_dir).verdicts(0), Verdict):
-        seen.add(v.problem_id)
-        correct[v.problem_id] += int(v.correct)
+def round_histogram(run_dir: Path, round_: int, k: int) -> dict:
+    """task -> [number of problems with c correct of their rollouts, c = 0..k] in round `round_`; the
+    task is the problem id's first `/`-separated part (reasoning-gym ids are `task/split/index`)."""
     hist = defaultdict(lambda: [0] * (k + 1))
-    for pid in sorted(seen):
-        hist[pid.split("/")[0]][min(correct[pid], k)] += 1
+    for pv in read_records(RunDir(run_dir).verdicts(round_), ProblemVerdicts):
+        hist[pv.problem_id.split("/")[0]][min(sum(bool(r["correct"]) for r in pv.rollouts), k)] += 1
     return dict(hist)
 
 
@@ -67,7 +62,7 @@ def _perf_lines(out: Path) -> list:
     for name in ("warmup", "sft", "rasft"):
         st = step_stats(out / name)
         lines.append(f"| {name} | {st['steps']} | {st['step_s_median']:.1f} | {st['tokens_per_step_median']:.0f} | "
-                     f"{st['tokens_per_s_median']:.0f} |")
+                     f"{st['tokens_per_s_median']:.1f} |")
     splits = round_splits(out / "rasft")
     lines += ["", "RASFT rounds, seconds per stage (reference pass and training: of the window the round feeds):", "",
               "| round | " + " | ".join(SPLIT_KEYS) + " |", "|---|" + "---|" * len(SPLIT_KEYS)]
@@ -80,12 +75,13 @@ def _perf_lines(out: Path) -> list:
         lines += ["", "Stages: wall time and peak memory. PSS: the stage's processes' proportional set sizes summed "
                   "(sampled every 0.5 s; shared pages counted once); RSS: the largest single process's peak "
                   "resident set (VmHWM). vLLM: the server's api server, engine core and worker.", "",
-                  "| stage | wall (s) | PSS (GiB) | largest RSS (GiB) | vLLM PSS (GiB) | vLLM largest RSS (GiB) |",
-                  "|---|---|---|---|---|---|"]
+                  "| stage | wall (s) | PSS (GiB) | largest RSS (GiB) | vLLM PSS (GiB) | vLLM largest RSS (GiB) | "
+                  "load average (mean, max) |", "|---|---|---|---|---|---|---|"]
         for stage, r in json.loads(resources.read_text()).items():
             cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("peak_pss_main_gib", "peak_hwm_main_gib",
                                                                  "peak_pss_vllm_gib", "peak_hwm_vllm_gib")]
-            lines.append(f"| {stage} | {r['wall_s']:.0f} | " + " | ".join(cells) + " |")
+            load = f"{r['load1_mean']:.1f}, {r['load1_max']:.1f}" if "load1_mean" in r else "–"
+            lines.append(f"| {stage} | {r['wall_s']:.0f} | " + " | ".join(cells) + f" | {load} |")
     return lines
 
 
@@ -103,15 +99,16 @@ def report(out: Path, args) -> str:
              f"{args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min (the stages' wall times summed).", "",
              "± is the standard error over problems (each problem's accuracy is the mean of its samples).", ""]
     lines += _eval_lines(out, models)
-    lines += ["", "First RASFT round, problems by number of correct rollouts out of K (k = 0..K):", "",
-              "| task | problems | " + " | ".join(f"k = {c}" for c in range(args.k + 1)) + " |",
-              "|---|---|" + "---|" * (args.k + 1)]
-    for task, h in first_round_histogram(out / "rasft", args.k).items():
-        lines.append(f"| {task} | {sum(h)} | " + " | ".join(map(str, h)) + " |")
-    lines += ["", "All RASFT rounds:", ""]
-    for r in (r.summary for p in RunDir(out / "rasft").all_round_results() for r in read_records(p, RoundResult)):
-        lines.append(f"- round {r['round']}: {r['problems']} problems, p-hist {r['p_hist']}, "
-                     f"k=0 {r['frac_k0']:.0%}, k=K {r['frac_kK']:.0%}, rollouts added {r['rollouts_added']}")
+    summaries = [r.summary for p in RunDir(out / "rasft").all_round_results() for r in read_records(p, RoundResult)]
+    lines += ["", "RASFT rounds: problems by number of correct rollouts out of K (k = 0..K), per task:", "",
+              "| round | task | problems | " + " | ".join(f"k = {c}" for c in range(args.k + 1)) + " | 0 < k < K |",
+              "|---|---|---|" + "---|" * (args.k + 2)]
+    for r in summaries:
+        for task, h in round_histogram(out / "rasft", r["round"], args.k).items():
+            lines.append(f"| {r['round']} | {task} | {sum(h)} | " + " | ".join(map(str, h)) +
+                         f" | {sum(h[1:-1]) / sum(h):.0%} |")
+    lines += [""] + [f"Round {r['round']}: {r['rollouts_added']} correct rollouts added to training, "
+                     f"k=0 {r['frac_k0']:.0%}, k=K {r['frac_kK']:.0%}." for r in summaries]
     lines += ["", "## Time and memory", ""] + _perf_lines(out)
     return "\n".join(lines) + "\n"
 

@@ -11,6 +11,7 @@ Two figures per group:
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[
     """Run `cmd` (subprocess.Popen arguments) to completion, sampling its tree's memory.
 
     Returns (exit code, {"peak_pss_main_gib", "peak_pss_vllm_gib", "peak_hwm_main_gib",
-    "peak_hwm_vllm_gib", "wall_s"}); "hwm" is the largest single process's VmHWM of the group
+    "peak_hwm_vllm_gib", "load1_mean", "load1_max", "wall_s"}); "hwm" is the largest single process's VmHWM of the group
     (see the module docstring), "main" every process except the vLLM server's.
     """
     import psutil
@@ -68,12 +69,15 @@ def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[
     proc = subprocess.Popen(cmd, **popen_kwargs)
     ps = psutil.Process(proc.pid)
     peak = {"main_pss": 0, "vllm_pss": 0, "main_hwm": 0, "vllm_hwm": 0}
+    loads = []  # the machine's 1-minute load average: how contended the timings were
     while proc.poll() is None:
         for key, value in tree_memory(ps).items():
             peak[key] = max(peak[key], value)
+        loads.append(os.getloadavg()[0])
         time.sleep(interval_s)
     return proc.returncode, {"peak_pss_main_gib": round(peak["main_pss"] / GIB, 3),
                              "peak_pss_vllm_gib": round(peak["vllm_pss"] / GIB, 3),
                              "peak_hwm_main_gib": round(peak["main_hwm"] / GIB, 3),
                              "peak_hwm_vllm_gib": round(peak["vllm_hwm"] / GIB, 3),
-                             "wall_s": round(time.time() - t0, 1)}
+                             "load1_mean": round(sum(loads) / max(len(loads), 1), 1),
+                             "load1_max": round(max(loads, default=0.0), 1), "wall_s": round(time.time() - t0, 1)}
