@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     if args.gsm8k and not Path(args.gsm8k).is_file():
         raise SystemExit(f"--gsm8k {args.gsm8k}: no such file (pass --gsm8k '' to skip it)")
     hf = out / "models" / "smollm2-135m-instruct"
-    _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
+    if not (hf / "prepared.json").is_file():
+        _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
     if not (out / "data" / "meta.json").is_file():
         _run([ROOT / "tools" / "make_dataset.py", "--out", out / "data",
               "--train", TASKS.format(n=args.train_per_task), "--test", TASKS.format(n=args.test_per_task)],
