@@ -10,7 +10,10 @@ Every stage is a command a user would run (`tools/prepare_model.py`, `tools/make
 `convert_checkpoint.py`, `python -m megatron_rasft train`, `... eval`), as subprocesses; a stage
 whose output exists is skipped, so an interrupted run continues where it stopped.
 
-  python -m megatron_rasft.packaged.demo [--out runs/demo_real] [--warmup-steps 30] [--arm-steps 20]
+  python -m megatron_rasft.packaged.demo [--out runs/demo_real] [--warmup-steps 20] [--arm-steps 6]
+
+The defaults are the README's run: ~40 min on the shared 2-core box; peak memory ~7 GiB for the
+trainer plus ~3.4 GiB for the vLLM server it starts for the rounds.
 """
 from __future__ import annotations
 
@@ -94,17 +97,17 @@ def _eval(model: Path, name: str, out: Path, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo_real")
-    p.add_argument("--train-per-task", type=int, default=300)
-    p.add_argument("--test-per-task", type=int, default=50)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--arm-steps", type=int, default=20)
-    p.add_argument("--refresh-interval", type=int, default=5)
+    p.add_argument("--train-per-task", type=int, default=200)
+    p.add_argument("--test-per-task", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--arm-steps", type=int, default=6)
+    p.add_argument("--refresh-interval", type=int, default=2)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--eval-n", type=int, default=4)
-    p.add_argument("--eval-limit", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--eval-n", type=int, default=2)
+    p.add_argument("--eval-limit", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "benchmarks" / "gsm8k.jsonl"),
                    help="GSM8K test file (evaluation only; '' to skip)")
     args = p.parse_args(argv)
