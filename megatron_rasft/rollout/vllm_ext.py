@@ -32,15 +32,16 @@ class TiedWeightsReload:
 
     def reload_weights_tied(self, weights_path: str) -> int:
         """`reload_weights(weights_path=...)`, then re-run the post-load processing of every tied
-        layer. Returns the number of layers re-processed."""
+        unquantized embedding / LM head layer (building the CPU kernel's packed copy of the weight
+        is all it does, so running it again is safe; a quantized layer's processing may not be, and
+        is left alone). Returns the number of layers re-processed."""
         from vllm.config import set_current_vllm_config
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
         self.reload_weights(weights_path=weights_path)
-        model = self.model_runner.get_model()
-        layers = tied_layers(model)
+        layers = [m for m in tied_layers(self.model_runner.get_model())
+                  if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod)]
         with set_current_vllm_config(self.vllm_config):
             for layer in layers:
-                quant_method = getattr(layer, "quant_method", None)
-                if quant_method is not None:
-                    quant_method.process_weights_after_loading(layer)
+                layer.quant_method.process_weights_after_loading(layer)
         return len(layers)
