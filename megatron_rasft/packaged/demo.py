@@ -10,7 +10,10 @@ Every stage is a command a user would run (`tools/prepare_model.py`, `tools/make
 `convert_checkpoint.py`, `python -m megatron_rasft train`, `... eval`), as subprocesses; a stage
 whose output exists is skipped, so an interrupted run continues where it stopped.
 
-  python -m megatron_rasft.packaged.demo [--out runs/demo_real] [--warmup-steps 30] [--arm-steps 20]
+  python -m megatron_rasft.packaged.demo [--out runs/demo_real] [--warmup-steps 20] [--arm-steps 6]
+
+The defaults are the README's run: ~40 min on the shared 2-core box; peak memory ~7 GiB for the
+trainer plus ~3.4 GiB for the vLLM server it starts for the rounds.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_rasft.packaged.demo_report import report
+from megatron_rasft.packaged.resources import run_sampled
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "smollm2_cpu.toml"
 TASKS = "chain_sum:{n},leg_counting:{n}"
@@ -32,12 +38,20 @@ def _log(msg: str) -> None:
 
 
 def _run(args: list, log: Path) -> None:
-    """Run a stage (stdout+stderr to `log`); a failure shows the log's tail."""
+    """Run a stage (stdout+stderr to `log`); a failure shows the log's tail.
+
+    The stage's peak memory (its own processes, and the vLLM server's: `resources.run_sampled`) and
+    wall time are added to OUT/logs/resources.json under the log's name.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     with log.open("w") as f:
-        rc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        rc, usage = run_sampled([sys.executable] + [str(a) for a in args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    resources = log.parent / "resources.json"
+    table = json.loads(resources.read_text()) if resources.is_file() else {}
+    table[log.stem] = dict(usage, exit=rc)
+    resources.write_text(json.dumps(table, indent=1) + "\n")
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"stage failed (exit {rc}); log {log}:\n{tail}")
@@ -80,52 +94,29 @@ def _eval(model: Path, name: str, out: Path, args) -> dict:
     return json.loads((dest / "results.json").read_text())
 
 
-def _rounds(run: Path) -> list:
-    from megatron_rasft.records import RoundResult, read_records
-    from megatron_rasft.rundir import RunDir
-
-    return [r.summary for p in RunDir(run).all_round_results() for r in read_records(p, RoundResult)]
-
-
-def report(out: Path, evals: dict, rounds: list, args, minutes: float) -> str:
-    benches = list(next(iter(evals.values()))) if evals else []
-    lines = ["# Real-model run: SmolLM2-135M-Instruct, reasoning-gym", "",
-             f"Warm-up {args.warmup_steps} SFT steps, then {args.arm_steps} steps per arm; K = {args.k}, "
-             f"a round every {args.refresh_interval} steps; evaluation avg@{args.eval_n} at temperature 1.0, "
-             f"first {args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min.", "",
-             "| model | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
-    for name, res in evals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * res[b]['avg@n']:.1f}" for b in benches) + " |")
-    lines += ["", "RASFT rounds (histogram of k correct out of K per problem, k = 0..K):", ""]
-    for r in rounds:
-        lines.append(f"- round {r['round']}: {r['problems']} problems, p-hist {r['p_hist']}, k=0 {r['frac_k0']:.0%}, "
-                     f"k=K {r['frac_kK']:.0%}, rollouts added {r['rollouts_added']}")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo_real")
-    p.add_argument("--train-per-task", type=int, default=300)
-    p.add_argument("--test-per-task", type=int, default=50)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--arm-steps", type=int, default=20)
-    p.add_argument("--refresh-interval", type=int, default=5)
+    p.add_argument("--train-per-task", type=int, default=200)
+    p.add_argument("--test-per-task", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--arm-steps", type=int, default=6)
+    p.add_argument("--refresh-interval", type=int, default=2)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--eval-n", type=int, default=4)
-    p.add_argument("--eval-limit", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--eval-n", type=int, default=2)
+    p.add_argument("--eval-limit", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--gsm8k", default=str(ROOT.parent / "shared" / "benchmarks" / "gsm8k.jsonl"),
                    help="GSM8K test file (evaluation only; '' to skip)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     if args.gsm8k and not Path(args.gsm8k).is_file():
         raise SystemExit(f"--gsm8k {args.gsm8k}: no such file (pass --gsm8k '' to skip it)")
-    t0 = time.time()
     hf = out / "models" / "smollm2-135m-instruct"
-    _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
+    if not (hf / "prepared.json").is_file():
+        _run([ROOT / "tools" / "prepare_model.py", "smollm2", "--out", hf], out / "logs" / "prepare.log")
     if not (out / "data" / "meta.json").is_file():
         _run([ROOT / "tools" / "make_dataset.py", "--out", out / "data",
               "--train", TASKS.format(n=args.train_per_task), "--test", TASKS.format(n=args.test_per_task)],
@@ -147,10 +138,10 @@ def main(argv=None) -> int:
                          f"train.schedule.train_iters={args.arm_steps}",
                          f"train.schedule.refresh_interval={args.refresh_interval}", "train.seed=1"]
         arms[name] = _train(out, name, sets)
-    evals = {"base": _eval(hf, "base", out, args)}
-    for name, mc in (("warm-up", warm), ("SFT", arms["sft"]), ("RASFT", arms["rasft"])):
-        evals[name] = _eval(_export(mc, out / "hf" / name.lower(), hf, out), name.lower(), out, args)
-    text = report(out, evals, _rounds(out / "rasft"), args, (time.time() - t0) / 60)
+    _eval(hf, "base", out, args)
+    for name, mc in (("warm-up", warm), ("sft", arms["sft"]), ("rasft", arms["rasft"])):
+        _eval(_export(mc, out / "hf" / name, hf, out), name, out, args)
+    text = report(out, args)
     (out / "report.md").write_text(text)
     print(text, flush=True)
     return 0

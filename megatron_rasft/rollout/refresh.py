@@ -1,7 +1,8 @@
 """Load new policy weights into the rollout server, and prove they are the ones serving.
 
 In place (no restart, ~1 s for small models; needs VLLM_SERVER_DEV_MODE=1, which our servers set):
-  POST /pause?mode=wait → POST /collective_rpc {method: reload_weights, kwargs: {weights_path}} →
+  POST /pause?mode=wait → POST /collective_rpc {method: reload_weights_tied (vllm_ext.py; plain
+  reload_weights on an attached server), kwargs: {weights_path}} →
   POST /reset_prefix_cache (the reload does not clear it, and cached KV blocks of the old weights
   would otherwise be reused) → POST /resume.
 Only tensors are reloaded: the checkpoint must have the served model's architecture and shapes.
@@ -50,17 +51,20 @@ def check_checkpoint(hf_dir: str | Path) -> Path:
 
 
 def reload_in_place(server: RolloutServer, hf_dir: str | Path, timeout_s: float = 600.0) -> None:
-    """pause → reload_weights → reset_prefix_cache → resume. Raises `ServerError` on any failure
-    (a 404 means the dev endpoints are off: start the server with VLLM_SERVER_DEV_MODE=1)."""
+    """pause → reload_weights (`reload_weights_tied` on a server we started: `vllm_ext.py`) →
+    reset_prefix_cache → resume. Raises `ServerError` on any failure (a 404 means the dev endpoints
+    are off: start the server with VLLM_SERVER_DEV_MODE=1)."""
     def post(path, payload=None):
         status, body = http_json(f"{server.url}{path}", payload or {}, timeout=timeout_s, method="POST")
         if status != 200:
             raise ServerError(f"POST {path} -> {status}: {body}")
 
+    # Our servers load the worker extension whose reload also rebuilds tied layers (vllm_ext.py); an
+    # attached server may not have it, and a stale tied head there is caught by the probe check.
+    method = "reload_weights_tied" if server.managed else "reload_weights"
     post("/pause?mode=wait")  # let in-flight requests finish on the old weights
     try:
-        post("/collective_rpc", {"method": "reload_weights",
-                                 "kwargs": {"weights_path": str(Path(hf_dir).resolve())}})
+        post("/collective_rpc", {"method": method, "kwargs": {"weights_path": str(Path(hf_dir).resolve())}})
         post("/reset_prefix_cache")
     finally:
         post("/resume")
