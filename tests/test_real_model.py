@@ -14,6 +14,7 @@ The model is prepared once per session (fixture `smollm2`), ~30 s.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -184,14 +185,13 @@ def test_many_long_seeded_prompts_at_once(vllm_server):
     use offset") and every request failed. The server now starts without chunked prefill."""
     import random
 
-    from megatron_rasft.config import ServerConfig
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 100) for _ in range(150)] for _ in range(32)]  # 4,800 prompt tokens
-    client = RolloutClient(vllm_server, ServerConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
-                                                          "max_retries": 0}), progress=False)
+    client = RolloutClient(vllm_server, dataclasses.replace(vllm_server.cfg, concurrency=32, max_retries=0),
+                           progress=False)
     outs = client.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=11))
     assert len(outs) == 32 and all(len(o) == 2 and len(o[0].token_ids) >= 1 for o in outs)
 
