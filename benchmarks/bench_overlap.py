@@ -48,7 +48,7 @@ def run(config: Path, run_dir: Path, overlap: bool, trainer_cpus: set) -> dict:
     recs = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if r.get("kind") == "train"]
     cfg = json.loads((run_dir / "config.json").read_text())
-    per_window = cfg["train"]["refresh_interval"]
+    per_window = cfg["train"]["schedule"]["refresh_interval"]
     first, last = recs[per_window - 1], recs[-1]  # the last step of window 0, the last step
     windows = (last["step"] - first["step"]) / per_window
 

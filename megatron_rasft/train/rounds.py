@@ -24,7 +24,7 @@ from megatron_rasft.data.batching import Seq
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
 from megatron_rasft.parallel.wait import rank0_done
-from megatron_rasft.records import RoundResult, TrainSequence, read_records, write_records
+from megatron_rasft.records import ProblemVerdicts, RoundResult, TrainSequence, read_records, write_records
 from megatron_rasft.rundir import RunDir, expert_key, parse_key, rollout_key
 from megatron_rasft.train.grpo_round import grpo_sequences, to_seq
 
@@ -267,7 +267,7 @@ class Rounds:
         times["refresh"] += time.time() - t0
 
     def _sample_verify_weigh(self, r: int, problem_ids: list, hf_dir: Path, probe, times: dict):
-        from megatron_rasft.records import ProblemVerdicts, Rollout
+        from megatron_rasft.records import Rollout
         from megatron_rasft.rollout.stage import rollout_round
         from megatron_rasft.verify.stage import verify_round
         from megatron_rasft.weighting import weight_records
@@ -286,15 +286,21 @@ class Rounds:
                      timeout_s=rc.verifier.timeout_s, progress=True)
         times["verify"] += time.time() - t0
         weights = []
-        wanted = set(problem_ids)
-        for pv in read_records(self.run.verdicts(r), ProblemVerdicts):
-            if pv.problem_id in wanted:
-                weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
+        for pv in self._verdicts_in_order(r, problem_ids):
+            weights += weight_records(pv, self.cfg.weighting.scheme, self.cfg.weighting)
         if not self.cfg.weighting.add_rollouts:
             weights = [w for w in weights if w.kind == "expert"]
         rollouts = {(x.problem_id, x.sample_index): x
                     for x in read_records(self.run.rollouts(r), Rollout)}
         return weights, rollouts
+
+    def _verdicts_in_order(self, r: int, problem_ids: list) -> list:
+        """The round's `ProblemVerdicts` of `problem_ids`, in that order. The verdict file is in the
+        order generations finished (it varies with server batching and timing); what the trainer
+        builds from it must not, or two runs of one seed train their rollouts in different orders."""
+        order = {pid: i for i, pid in enumerate(problem_ids)}
+        pvs = [pv for pv in read_records(self.run.verdicts(r), ProblemVerdicts) if pv.problem_id in order]
+        return sorted(pvs, key=lambda pv: order[pv.problem_id])
 
     def _stages(self, r: int, sel: dict, hf_dir: Path, probe, times: dict) -> None:
         from megatron_rasft.weighting import round_summary
@@ -343,12 +349,12 @@ class Rounds:
 
     def _grpo_result(self, r: int, problem_ids: list, weights: list, rollouts: dict, times: dict) -> None:
         """Under grpo: every rollout of the trained groups, with its advantage (`grpo_round.py`)."""
-        from megatron_rasft.records import ProblemVerdicts, Verdict
+        from megatron_rasft.records import Verdict
         from megatron_rasft.weighting import round_summary
 
         verdicts = [Verdict(pv.problem_id, r, x["sample_index"], bool(x["correct"]), x["reason"])
-                    for pv in (read_records(self.run.verdicts(r), ProblemVerdicts) if problem_ids else [])
-                    for x in pv.rollouts]
+                    for pv in (self._verdicts_in_order(r, problem_ids) if problem_ids else [])
+                    for x in sorted(pv.rollouts, key=lambda x: x["sample_index"])]
         seqs, items, stats = grpo_sequences(r, problem_ids, verdicts, rollouts, self.data.prompt_ids,
                                             self.data.eos_id, self.cfg.model.seq_length + 1, self.cfg.grpo)
         summary = {"round": r, **round_summary(weights), "rolled_out": len(problem_ids), "probes": 0,
