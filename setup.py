@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors",
     "transformers",
     "tqdm",
+    "tomli-w",  # writes the run configs the demo and the tests generate (reading is the stdlib's tomllib)
 ]
 
 EXTRAS = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import run_train, start_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, start_train, step_losses
 
 STEPS = 3
 
@@ -29,36 +29,14 @@ def setup(vllm_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_loop")
     hf_to_mcore(vllm_server.model_dir, root / "mcore", quiet=True)
     problems = write_jsonl(make_problems(16, seed=5, min_digits=1, max_digits=1), root / "problems.jsonl")
-    config = root / "run.toml"
-    config.write_text(f"""
-[model]
-seq_length = 64
-[loss]
-method = "grpo"
-[grpo]
-eps_high = 0.28
-[rollout.server]
-url = "{vllm_server.url}"
-concurrency = 1  # one request at a time: the server's batches, hence its fp32 sums, are the same every run
-[rollout.sampling]
-n = 2
-max_tokens = 24
-temperature = 1.0
-[train.data]
-path = "{problems}"
-tokenizer = "{vllm_server.model_dir}"
-prompt_template = "plain"
-[train.optim]
-lr = 1e-3
-[train.schedule]
-train_iters = {STEPS}
-global_batch_size = 2
-micro_batch_size = 2
-refresh_interval = 2
-[checkpoint]
-load = "{root / 'mcore'}"
-save_interval = 1
-""")
+    # concurrency 1: one request at a time, so the server's batches, hence its fp32 sums, are the same every run.
+    config = loop_config(root / "run.toml", server_url=vllm_server.url, problems=problems,
+                         tokenizer=vllm_server.model_dir, load=root / "mcore", overrides={
+                             "loss": {"method": "grpo"}, "grpo": {"eps_high": 0.28},
+                             "rollout": {"server": {"concurrency": 1}, "sampling": {"max_tokens": 24}},
+                             "train": {"schedule": {"train_iters": STEPS, "global_batch_size": 2,
+                                                    "refresh_interval": 2}},
+                             "checkpoint": {"save_interval": 1}})
     rc, out = run_train(config, root / "ref")
     assert rc == 0, out
     yield root, config, out

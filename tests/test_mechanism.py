@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import run_train
+from megatron_rasft.testing.runs import loop_config, run_train
 
 SEQ_LENGTH = 64
 K = 4
@@ -80,34 +80,12 @@ def mech(vllm_server, tmp_path_factory):
     write_jsonl(problems, root / "problems.jsonl")
     start = _teach(Path(vllm_server.model_dir), root / "hf_start", problems)
     hf_to_mcore(start, root / "mcore", quiet=True)
-    config = root / "run.toml"
-    config.write_text(f"""
-[model]
-seq_length = {SEQ_LENGTH}
-[loss]
-method = "rasft"
-[rollout.server]
-url = "{vllm_server.url}"
-[rollout.sampling]
-n = {K}
-max_tokens = 30
-temperature = 1.0
-[train.data]
-path = "{root / 'problems.jsonl'}"
-tokenizer = "{start}"
-prompt_template = "plain"
-[train.optim]
-lr = 1e-2
-lr_warmup_iters = 0
-[train.schedule]
-train_iters = 2
-global_batch_size = 4
-micro_batch_size = 2
-refresh_interval = 1
-[checkpoint]
-load = "{root / 'mcore'}"
-save_interval = 1
-""")
+    config = loop_config(root / "run.toml", server_url=vllm_server.url, problems=root / "problems.jsonl",
+                         tokenizer=start, load=root / "mcore", overrides={
+                             "model": {"seq_length": SEQ_LENGTH},
+                             "rollout": {"sampling": {"n": K, "max_tokens": 30}},
+                             "train": {"optim": {"lr": 1e-2, "lr_warmup_iters": 0}},
+                             "checkpoint": {"save_interval": 1}})
     yield {"root": root, "config": config, "start": start, "problems": {p["id"]: p for p in problems}}
 
 
@@ -444,35 +422,12 @@ def released_run(tmp_path_factory):
             raise taught["error"]
         start = taught["dir"]
         hf_to_mcore(start, root / "mcore", quiet=True)
-        config = root / "run.toml"
-        config.write_text(f"""
-[model]
-seq_length = {WORDY_SEQ_LENGTH}
-[loss]
-method = "rasft"
-[weighting]
-scheme = "released"
-[rollout.server]
-url = "{server.url}"
-[rollout.sampling]
-n = {K}
-max_tokens = 128
-temperature = 1.0
-[train.data]
-path = "{root / 'problems.jsonl'}"
-tokenizer = "{start}"
-prompt_template = "plain"
-[train.optim]
-lr = 1e-2
-lr_warmup_iters = 0
-[train.schedule]
-train_iters = 2
-global_batch_size = 4
-micro_batch_size = 2
-refresh_interval = 1
-[checkpoint]
-load = "{root / 'mcore'}"
-""")
+        config = loop_config(root / "run.toml", server_url=server.url, problems=root / "problems.jsonl",
+                             tokenizer=start, load=root / "mcore", overrides={
+                                 "model": {"seq_length": WORDY_SEQ_LENGTH},
+                                 "weighting": {"scheme": "released"},
+                                 "rollout": {"sampling": {"n": K, "max_tokens": 128}},
+                                 "train": {"optim": {"lr": 1e-2, "lr_warmup_iters": 0}}})
         run = root / "run"
         rc, out = run_train(config, run)
         assert rc == 0, out

@@ -7,7 +7,7 @@ import json
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.testing.proxy import DelayingProxy
-from megatron_rasft.testing.runs import run_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, step_losses
 
 DELAY_S, WINDOW = 9.0, 4  # seconds per generation request (one at a time); problems per round
 
@@ -18,32 +18,12 @@ def test_round_longer_than_the_collective_timeout_completes(vllm_server, tmp_pat
     hf_to_mcore(vllm_server.model_dir, tmp_path / "mcore", quiet=True)
     problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
     with DelayingProxy(vllm_server.url, DELAY_S) as proxy:
-        config = tmp_path / "run.toml"
-        config.write_text(f"""
-[model]
-seq_length = 64
-[loss]
-method = "rasft"
-[parallel]
-distributed_timeout_minutes = {10 / 60}
-[rollout.server]
-url = "{proxy.url}"
-concurrency = 1
-[rollout.sampling]
-n = 2
-max_tokens = 16
-[train.data]
-path = "{problems}"
-tokenizer = "{vllm_server.model_dir}"
-prompt_template = "plain"
-[train.schedule]
-train_iters = 1
-global_batch_size = {WINDOW}
-micro_batch_size = 2
-refresh_interval = 1
-[checkpoint]
-load = "{tmp_path / 'mcore'}"
-""")
+        config = loop_config(tmp_path / "run.toml", server_url=proxy.url, problems=problems,
+                             tokenizer=vllm_server.model_dir, load=tmp_path / "mcore", overrides={
+                                 "parallel": {"distributed_timeout_minutes": 10 / 60},
+                                 "rollout": {"server": {"concurrency": 1}, "sampling": {"max_tokens": 16}},
+                                 "train": {"optim": {"lr": 1e-4},
+                                           "schedule": {"train_iters": 1, "global_batch_size": WINDOW}}})
         rc, out = run_train(config, tmp_path / "run", nproc=2)
         delayed = proxy.delayed_requests
     assert rc == 0, out[-4000:]

@@ -15,7 +15,7 @@ import pytest
 from megatron_rasft.train.state import LoopState, next_window_ids
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import run_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,33 +27,9 @@ def setup(vllm_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
     hf_to_mcore(vllm_server.model_dir, root / "mcore", quiet=True)
     problems = write_jsonl(make_problems(16, seed=3, min_digits=1, max_digits=2), root / "problems.jsonl")
-    config = root / "run.toml"
-    config.write_text(f"""
-[model]
-seq_length = 64
-[loss]
-method = "rasft"
-[rollout.server]
-url = "{vllm_server.url}"
-[rollout.sampling]
-n = 2
-max_tokens = 40
-temperature = 1.0
-[train.data]
-path = "{problems}"
-tokenizer = "{vllm_server.model_dir}"
-prompt_template = "plain"
-[train.optim]
-lr = 1e-3
-[train.schedule]
-train_iters = 2
-global_batch_size = 4
-micro_batch_size = 2
-refresh_interval = 1
-[checkpoint]
-load = "{root / 'mcore'}"
-save_interval = 1
-""")
+    config = loop_config(root / "run.toml", server_url=vllm_server.url, problems=problems,
+                         tokenizer=vllm_server.model_dir, load=root / "mcore",
+                         overrides={"checkpoint": {"save_interval": 1}})
     return root, config
 
 

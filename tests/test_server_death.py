@@ -18,7 +18,7 @@ import pytest
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.rollout.server import SERVER_MODULE
-from megatron_rasft.testing.runs import run_train, start_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, start_train, step_losses
 
 WINDOW, K = 8, 2  # problems per round (refresh_interval 1 × global batch 8), samples per problem
 
@@ -30,33 +30,11 @@ def setup(vllm_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("server_death")
     hf_to_mcore(vllm_server.model_dir, root / "mcore", quiet=True)
     problems = write_jsonl(make_problems(32, seed=5, min_digits=1, max_digits=2), root / "problems.jsonl")
-    config = root / "run.toml"
-    config.write_text(f"""
-[model]
-seq_length = 64
-[loss]
-method = "rasft"
-[rollout.server]
-concurrency = 1
-kv_cache_gib = 0.25
-max_model_len = 512
-[rollout.sampling]
-n = {K}
-max_tokens = 40
-[train.data]
-path = "{problems}"
-tokenizer = "{vllm_server.model_dir}"
-prompt_template = "plain"
-[train.optim]
-lr = 1e-3
-[train.schedule]
-train_iters = 1
-global_batch_size = 8
-micro_batch_size = 2
-refresh_interval = 1
-[checkpoint]
-load = "{root / 'mcore'}"
-""")
+    config = loop_config(root / "run.toml", server_url=None, problems=problems,
+                         tokenizer=vllm_server.model_dir, load=root / "mcore", overrides={
+                             "rollout": {"server": {"concurrency": 1, "kv_cache_gib": 0.25, "max_model_len": 512},
+                                         "sampling": {"n": K}},
+                             "train": {"schedule": {"train_iters": 1, "global_batch_size": 8}}})
     yield root, config, vllm_server
     from megatron_rasft.rollout.refresh import refresh_weights
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 
 @dataclass
 class DemoConfig:
@@ -75,16 +77,6 @@ def _stage(name: str, dc: DemoConfig):
                 _log(f"   {name}: {dc.times[name]:.1f}s")
 
     return _Timer()
-
-
-def _toml(values: dict, prefix: str = "") -> str:
-    """Tables of scalars and lists; a dict value becomes a sub-table (`[rollout.sampling]`)."""
-    text = ""
-    for section, kv in values.items():
-        flat = [f"{k} = {json.dumps(v)}" for k, v in kv.items() if not isinstance(v, dict)]
-        text += "\n".join([f"[{prefix}{section}]"] + flat) + "\n"
-        text += _toml({k: v for k, v in kv.items() if isinstance(v, dict)}, prefix=f"{prefix}{section}.")
-    return text
 
 
 def _merge(dst: dict, src: dict) -> None:
@@ -168,7 +160,7 @@ def run_demo(dc: DemoConfig) -> Path:
                              "keep_last": 100}
         _merge(cfg, extra or {})
         path = out / f"{name}.toml"
-        path.write_text(_toml(cfg))
+        path.write_text(tomli_w.dumps(cfg))
         _train(path, out / f"{name}.log")
         return out / name
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomli_w
+
 from megatron_rasft.parallel.net import free_port
 from megatron_rasft.rundir import RunDir
 
@@ -81,3 +83,33 @@ def step_losses(run_dir) -> dict:
         if rec.get("kind") == "train":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def loop_config(path, *, server_url: str | None, problems, tokenizer, load, overrides: dict | None = None) -> Path:
+    """Write the run config the loop tests share to `path` and return it: `rasft` with a real round
+    before every step (`refresh_interval` 1) on a checkpoint converted from the served tiny model,
+    K = 2 rollouts of 40 tokens, plain prompts, 2 steps of 4 problems. `server_url` None: the trainer
+    starts its own server. `overrides` is a nested dict merged into it table by table
+    (`{"rollout": {"sampling": {"n": 4}}}`)."""
+    values = {
+        "model": {"seq_length": 64},
+        "loss": {"method": "rasft"},
+        "rollout": {"server": {"url": server_url} if server_url else {},
+                    "sampling": {"n": 2, "max_tokens": 40, "temperature": 1.0}},
+        "train": {"data": {"path": str(problems), "tokenizer": str(tokenizer), "prompt_template": "plain"},
+                  "optim": {"lr": 1e-3},
+                  "schedule": {"train_iters": 2, "global_batch_size": 4, "micro_batch_size": 2,
+                               "refresh_interval": 1}},
+        "checkpoint": {"load": str(load)},
+    }
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(values, overrides or {})
+    Path(path).write_text(tomli_w.dumps(values))
+    return Path(path)
