@@ -79,11 +79,12 @@ def _stage(name: str, dc: DemoConfig):
     return _Timer()
 
 
-def _merge(dst: dict, src: dict) -> None:
-    """Merge the nested dict `src` into `dst` in place (tables merged key by key)."""
+def merge_tables(dst: dict, src: dict) -> None:
+    """Merge the nested dict `src` into `dst` in place: tables (dicts) key by key, any other value
+    replaces. Used for run configs built as nested dicts (here and in `testing.runs.loop_config`)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+            merge_tables(dst[k], v)
         else:
             dst[k] = v
 
@@ -158,7 +159,7 @@ def run_demo(dc: DemoConfig) -> Path:
             train_iters=steps, global_batch_size=dc.global_batch if name == "warmup" else dc.arm_global_batch)
         cfg["checkpoint"] = {"load": str(load), "save_interval": dc.eval_every if name != "warmup" else 0,
                              "keep_last": 100}
-        _merge(cfg, extra or {})
+        merge_tables(cfg, extra or {})
         path = out / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
         _train(path, out / f"{name}.log")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tomli_w
 
+from megatron_rasft.demo.run import merge_tables
 from megatron_rasft.parallel.net import free_port
 from megatron_rasft.rundir import RunDir
 
@@ -102,14 +103,6 @@ def loop_config(path, *, server_url: str | None, problems, tokenizer, load, over
                                "refresh_interval": 1}},
         "checkpoint": {"load": str(load)},
     }
-
-    def merge(dst: dict, src: dict) -> None:
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-
-    merge(values, overrides or {})
+    merge_tables(values, overrides or {})
     Path(path).write_text(tomli_w.dumps(values))
     return Path(path)
