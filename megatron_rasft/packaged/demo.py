@@ -59,17 +59,20 @@ def _run(args: list, log: Path) -> None:
 
 def _train(out: Path, name: str, sets: list) -> Path:
     """A training run in OUT/NAME; returns its final checkpoint's model folder."""
+    from megatron_rasft.rundir import RunDir
+    from megatron_rasft.train.checkpoint import latest
+
     run = out / name
-    done = sorted((run / "ckpt").glob("iter_*"))
-    if not done:
+    done = latest(RunDir(run).ckpt)
+    if done is None:
         t0 = time.time()
         args = ["-m", "megatron_rasft", "train", "--config", CONFIG, "--set", f"train.run_dir={run}"]
         for s in sets:
             args += ["--set", s]
         _run(args, out / "logs" / f"{name}.log")
         _log(f"{name}: {time.time() - t0:.0f}s")
-        done = sorted((run / "ckpt").glob("iter_*"))
-    return done[-1] / "model"
+        done = latest(RunDir(run).ckpt)
+    return done / "model"
 
 
 def _export(mcore: Path, hf_out: Path, base_hf: Path, out: Path) -> Path:
