@@ -45,9 +45,11 @@ def run(config: Path, run_dir: Path, overlap: bool, trainer_cpus: set) -> dict:
     wall = time.monotonic() - t0
     if p.returncode:
         raise SystemExit(f"training run failed ({run_dir}):\n{p.stdout[-4000:]}")
-    recs = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from megatron_rasft.rundir import RunDir
+
+    recs = [json.loads(s) for s in RunDir(run_dir).metrics.read_text().splitlines()]
     recs = [r for r in recs if r.get("kind") == "train"]
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = json.loads(RunDir(run_dir).config.read_text())
     per_window = cfg["train"]["schedule"]["refresh_interval"]
     first, last = recs[per_window - 1], recs[-1]  # the last step of window 0, the last step
     windows = (last["step"] - first["step"]) / per_window
