@@ -11,7 +11,7 @@ import pytest
 
 from megatron_rasft.config import load_config
 from megatron_rasft.parallel.net import free_port
-from megatron_rasft.testing.runs import ROOT, kill_group, run_train, step_losses
+from megatron_rasft.testing.runs import ROOT, kill_group, run_train, run_trains, step_losses
 
 EXAMPLES = ROOT / "examples"
 CONFIGS = sorted(p.name for p in EXAMPLES.glob("*.toml"))
@@ -52,15 +52,28 @@ def test_every_example_loads_and_validates():
         assert name in (EXAMPLES / "README.md").read_text(), f"{name} is not listed in examples/README.md"
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_example_runs_one_step_shrunk(name, tiny, tmp_path):
+@pytest.fixture(scope="module")
+def shrunk_runs(tiny, tmp_path_factory):
+    """Every example config, shrunk, one step: {name: (Future of (exit code, output), run dir)}.
+    The runs share nothing (no rounds), so they run two at a time."""
     hf, mcore, data = tiny
-    sets = [*SHRINK, f"checkpoint.load={mcore}"]
-    if name != "tiny_cpu.toml":  # the model configs train on real problems with the checkpoint's tokenizer
-        sets += [f"train.data.path={data}", f"train.data.tokenizer={hf}"]
-    rc, out = run_train(EXAMPLES / name, tmp_path / "run", *sets, timeout_s=600)
+    root = tmp_path_factory.mktemp("shrunk")
+    jobs = {}
+    for name in CONFIGS:
+        sets = [*SHRINK, f"checkpoint.load={mcore}"]
+        if name != "tiny_cpu.toml":  # the model configs train on real problems with the checkpoint's tokenizer
+            sets += [f"train.data.path={data}", f"train.data.tokenizer={hf}"]
+        jobs[name] = (EXAMPLES / name, root / name, sets)
+    futures = run_trains(jobs, timeout_s=600)
+    return {name: (futures[name], root / name) for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_example_runs_one_step_shrunk(name, shrunk_runs):
+    future, run = shrunk_runs[name]
+    rc, out = future.result()
     assert rc == 0, out[-3000:]
-    losses = step_losses(tmp_path / "run")
+    losses = step_losses(run)
     assert list(losses) == [1] and 0 < losses[1] < 20, losses
 
 

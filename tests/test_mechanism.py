@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train
+from megatron_rasft.testing.runs import loop_config, run_train, run_trains
 
 SEQ_LENGTH = 64
 K = 4
@@ -110,29 +110,41 @@ def _logprobs64(model_dir: Path, seqs: list[list[int]]) -> list[torch.Tensor]:
     return out
 
 
-def _window(run: Path, r: int, problems: dict, tok) -> tuple[list, dict]:
-    """The sequences step r+1 trains, rebuilt from the problems and the round's rollout records:
-    [(key, tokens, prompt_len, A_s)] with the `linear` weights, and {problem id: A_E}."""
+def _round_samples(run: Path, r: int, problems: dict, tok, seq_length: int):
+    """Round r's window rebuilt from the problems and the rollout records, one problem at a time in
+    id order: (problem id, problem, prompt ids, expert sequence, K samples by sample index)."""
     rollouts = [json.loads(line) for line in (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()]
     window = sorted({ro["problem_id"] for ro in rollouts})
     assert len(window) == 4, window  # rollout selection `all`: the whole window
-    seqs, a_expert = [], {}
     for pid in window:
         p = problems[pid]
         prompt = tok(p["prompt"])["input_ids"]
+        expert = prompt + tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         samples = sorted((ro for ro in rollouts if ro["problem_id"] == pid), key=lambda ro: ro["sample_index"])
         assert len(samples) == K
+        yield pid, p, prompt, expert[:seq_length + 1], samples
+
+
+def _rollout_seq(ro: dict, prompt: list[int], tok, seq_length: int) -> list[int]:
+    """Prompt + the rollout's tokens, as trained: a stop on EOS keeps EOS in the response."""
+    ids = list(ro["token_ids"])
+    if ro["finish_reason"] == "stop" and ids[-1:] != [tok.eos_token_id]:
+        ids.append(tok.eos_token_id)
+    return (prompt + ids)[:seq_length + 1]
+
+
+def _window(run: Path, r: int, problems: dict, tok) -> tuple[list, dict]:
+    """The sequences step r+1 trains, rebuilt from the problems and the round's rollout records:
+    [(key, tokens, prompt_len, A_s)] with the `linear` weights, and {problem id: A_E}."""
+    seqs, a_expert = [], {}
+    for pid, p, prompt, expert, samples in _round_samples(run, r, problems, tok, SEQ_LENGTH):
         correct = [ro for ro in samples if _verdict(ro["text"], p["answer"])]
         k = len(correct)
         p_solve = k / K
         a_expert[pid] = A_MAX - (A_MAX - A_MIN) * p_solve
-        expert = prompt + tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((f"e/{pid}", expert[:SEQ_LENGTH + 1], len(prompt), a_expert[pid]))
+        seqs.append((f"e/{pid}", expert, len(prompt), a_expert[pid]))
         for ro in correct:
-            ids = list(ro["token_ids"])
-            if ro["finish_reason"] == "stop" and ids[-1:] != [tok.eos_token_id]:
-                ids.append(tok.eos_token_id)  # a stop on EOS: EOS is part of the trained response
-            seqs.append((f"r{r}/{pid}/{ro['sample_index']}", (prompt + ids)[:SEQ_LENGTH + 1], len(prompt),
+            seqs.append((f"r{r}/{pid}/{ro['sample_index']}", _rollout_seq(ro, prompt, tok, SEQ_LENGTH), len(prompt),
                          BETA * p_solve / k))
     return seqs, a_expert
 
@@ -291,8 +303,22 @@ BASELINES = {  # per-token loss of RASFT.md's baselines table, with λ = 0.1 and
 }
 
 
+@pytest.fixture(scope="module")
+def baseline_runs(mech):
+    """One run per baseline (two steps for the KL methods), two at a time: they have no rounds.
+    -> {method: Future of (exit code, output)}."""
+    jobs = {}
+    for method in BASELINES:
+        kl = method in ("sft_kl", "asft")
+        jobs[method] = (mech["config"], mech["root"] / f"base_{method}",
+                        [f"loss.method={method}", "train.schedule.refresh_interval=0",
+                         "train.logging.log_batch_keys=true", f"train.schedule.train_iters={2 if kl else 1}",
+                         f"loss.profit_threshold={PROFIT_TAU}"])
+    return run_trains(jobs)
+
+
 @pytest.mark.parametrize("method", list(BASELINES))
-def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
+def test_baseline_step_in_the_loop_recomputed_in_float64(mech, baseline_runs, method):
     """One step of each baseline through the real loop equals Σ_t loss_t / N recomputed in float64
     from the keys the step trained. The KL methods are checked at step 2, where the policy (the
     step-1 checkpoint converted to HF) differs from the reference (the starting model), so the KL
@@ -303,9 +329,7 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, method):
 
     kl = method in ("sft_kl", "asft")
     run = mech["root"] / f"base_{method}"
-    rc, out = run_train(mech["config"], run, f"loss.method={method}", "train.schedule.refresh_interval=0",
-                        "train.logging.log_batch_keys=true", f"train.schedule.train_iters={2 if kl else 1}",
-                        f"loss.profit_threshold={PROFIT_TAU}")
+    rc, out = baseline_runs[method].result()
     assert rc == 0, out
     step = 2 if kl else 1
     policy = mech["start"]
@@ -522,27 +546,16 @@ def _released_window(run: Path, r: int, problems: dict, tok) -> tuple[list, dict
     """The sequences step r+1 trains under the `released` scheme, rebuilt from the problems and the
     round's rollout records with verdicts and weights computed here: [(key, tokens, prompt_len, A_s)]
     and {(problem id, sample index or None for the expert): A}."""
-    rollouts = [json.loads(line) for line in (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()]
-    window = sorted({ro["problem_id"] for ro in rollouts})
-    assert len(window) == 4, window  # rollout selection `all`: the whole window
     seqs, weights = [], {}
-    for pid in window:
-        p = problems[pid]
-        prompt = tok(p["prompt"])["input_ids"]
-        samples = sorted((ro for ro in rollouts if ro["problem_id"] == pid), key=lambda ro: ro["sample_index"])
-        assert len(samples) == K
+    for pid, p, prompt, expert, samples in _round_samples(run, r, problems, tok, WORDY_SEQ_LENGTH):
         a_expert, a_rollouts = _released_weights64([(ro["text"], _verdict(ro["text"], p["answer"]))
                                                     for ro in samples])
         weights[(pid, None)] = a_expert
-        expert = prompt + tok(p["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append((f"e/{pid}", expert[:WORDY_SEQ_LENGTH + 1], len(prompt), a_expert))
+        seqs.append((f"e/{pid}", expert, len(prompt), a_expert))
         for ro, a in zip(samples, a_rollouts):
             if a > 0:
                 weights[(pid, ro["sample_index"])] = a
-                ids = list(ro["token_ids"])
-                if ro["finish_reason"] == "stop" and ids[-1:] != [tok.eos_token_id]:
-                    ids.append(tok.eos_token_id)
-                seqs.append((f"r{r}/{pid}/{ro['sample_index']}", (prompt + ids)[:WORDY_SEQ_LENGTH + 1],
+                seqs.append((f"r{r}/{pid}/{ro['sample_index']}", _rollout_seq(ro, prompt, tok, WORDY_SEQ_LENGTH),
                              len(prompt), a))
     return seqs, weights
 

@@ -75,6 +75,21 @@ def run_train(config, run_dir, *sets: str, nproc: int = 1, timeout_s: float = 90
     return proc.returncode, out
 
 
+def run_trains(jobs: dict, workers: int = 2, timeout_s: float = 900) -> dict:
+    """Several independent `run_train`s, at most `workers` at a time: {name: (config, run_dir,
+    sets)} -> {name: Future of (exit code, console output)}, every one finished (`.result()`
+    re-raises a run's `TimeoutError`). Each run has OMP_NUM_THREADS=1 (`start_train`), so on a
+    2-core machine two at a time take about half the time of one after the other. Only for runs
+    that share nothing: no rollout rounds (a round refreshes the server's weights to its own
+    export, which would change what a concurrent run samples)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(run_train, config, run_dir, *sets, timeout_s=timeout_s)
+                   for name, (config, run_dir, sets) in jobs.items()}
+    return futures
+
+
 def step_losses(run_dir) -> dict:
     """step -> loss from RUN/metrics.jsonl, keeping the last record of each step (a resumed run
     rewrites the steps it redid)."""

@@ -32,13 +32,13 @@ class OverlappedRounds:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self, r: int, problem_ids: list, view) -> float:
+    def start(self, r: int, problem_ids: list, view) -> dict:
         """Begin round `r` on `problem_ids` from the current weights and leave the rest to rank 0's
-        thread. `view`: `.step` and `.hard_pool` for the selection. -> seconds spent (export and
-        refresh). Raises RoundFailed when the server cannot be refreshed."""
+        thread. `view`: `.step` and `.hard_pool` for the selection. -> {"export": s, "refresh": s},
+        the seconds spent at the boundary. Raises RoundFailed when the server cannot be refreshed."""
         start = self.rounds.begin(r, problem_ids, view)
         self._launch(start)
-        return start["refresh_s"]
+        return {"export": start["export_s"], "refresh": start["refresh_s"]}
 
     def resume(self, r: int, state) -> None:
         """A resumed run whose round `r` was in the background when it stopped: refresh the server

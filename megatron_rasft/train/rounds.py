@@ -115,14 +115,15 @@ class Rounds:
         selection (from `state.step`, `state.hard_pool`), and, on rank 0, the start record
         (`RUN/rounds/start_R.json`: what the rest of the round needs, so that a resumed run can
         finish it without the weights it started from) and the refresh of the server to the
-        export. -> the start record. Raises RoundFailed when the server cannot be refreshed.
-        Collective."""
+        export. -> the start record (with `export_s` and `refresh_s`: the seconds each part took).
+        Raises RoundFailed when the server cannot be refreshed. Collective."""
         t0 = time.time()
         hf_dir = self._export()
+        t_export = time.time()
         probe = self._probe_expectation()
         sel = self._select(r, problem_ids, state)
         start = {"round": r, "problem_ids": list(problem_ids), "hf_dir": str(hf_dir), "probe": list(probe),
-                 "selection": sel, "refresh_s": 0.0}
+                 "selection": sel, "export_s": t_export - t0, "refresh_s": 0.0}
         failure = None
         t1 = time.time()
         if rank0():
@@ -133,7 +134,7 @@ class Rounds:
             tmp.replace(path)
             failure = self.on_rank0(r, lambda: self.refresh_for(start))
         self.wait_for_rank0(r, failure, t1)
-        start["refresh_s"] = time.time() - t0
+        start["refresh_s"] = time.time() - t_export  # the probe, the selection and the server's refresh
         return start
 
     def refresh_for(self, start: dict) -> None:

@@ -125,7 +125,8 @@ class TrainingStream:
             return ids, result, new, []
         ahead = next_window_ids(state, self.problem_ids, self.window_size, seed)
         view = SimpleNamespace(step=state.step, hard_pool=dict(result.hard_pool))  # the selection's inputs
-        self.times["refresh"] += self.overlap.start(state.window + 1, ahead, view)
+        for k, v in self.overlap.start(state.window + 1, ahead, view).items():
+            self.times[k] += v
         return ids, result, new, ahead
 
     def take(self, state: LoopState) -> tuple[list, list]:
