@@ -18,7 +18,7 @@ import pytest
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.testing.proxy import DelayingProxy
-from megatron_rasft.testing.runs import loop_config, run_train, start_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, run_trains, start_train, step_losses
 
 K = 2
 
@@ -42,15 +42,19 @@ def test_overlap_equals_sync_and_sft_when_rounds_add_nothing(setup):
     root, config, _ = setup
     nothing = ["train.schedule.train_iters=2", "weighting.scheme=constant", "weighting.add_rollouts=false",
                "loss.ratio=none", "loss.token_factor=none"]
+    # The SFT run has no rounds, so it runs beside the synchronous one (only one run at a time may
+    # use the server: a round refreshes its weights).
+    runs = run_trains({"sft": (config, root / "nothing_sft", ["loss.method=sft", "train.schedule.train_iters=2"]),
+                       "sync": (config, root / "nothing_sync", nothing)})
+    runs["overlap"] = run_train(config, root / "nothing_overlap", *nothing, "rollout.overlap=true")
     losses = {}
-    for name, sets in {"sft": ["loss.method=sft", "train.schedule.train_iters=2"], "sync": nothing,
-                       "overlap": nothing + ["rollout.overlap=true"]}.items():
-        rc, out = run_train(config, root / f"nothing_{name}", *sets)
+    for name, result in runs.items():
+        rc, out = result if name == "overlap" else result.result()
         assert rc == 0, out[-4000:]
         losses[name] = step_losses(root / f"nothing_{name}")
-        if name == "overlap":  # round 1 really ran, begun at the boundary before window 0
-            assert (root / "nothing_overlap" / "rounds" / "start_001.json").is_file()
-            assert (root / "nothing_overlap" / "rounds" / "round_001.json").is_file()
+    # Round 1 really ran in the overlapped run, begun at the boundary before window 0.
+    assert (root / "nothing_overlap" / "rounds" / "start_001.json").is_file()
+    assert (root / "nothing_overlap" / "rounds" / "round_001.json").is_file()
     assert len(losses["sft"]) == 2
     assert losses["overlap"] == losses["sync"] == losses["sft"]
 

@@ -8,7 +8,9 @@
 Training runs as `python -m megatron_rasft train` subprocesses (exactly what a user runs); one vLLM
 server serves the rollouts of the RASFT and GRPO arms and every evaluation (weights refreshed in
 place). RASFT and GRPO take the same optimizer steps, learning rate and rollout budget per round
-(K rollouts of `refresh_interval × arm_global_batch` problems, `max_tokens` each).
+(K rollouts of `refresh_interval × arm_global_batch` problems, `max_tokens` each). The two arms
+that need no server run beside others (the SFT arm while the server starts, the token-matched arm
+beside GRPO): every number is the same as one after the other, the wall time shorter.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,8 +172,19 @@ def run_demo(dc: DemoConfig) -> Path:
         warm = phase("warmup", "sft", dc.warmup_steps, mcore0, dc.lr)
     warm_ckpt = checkpoint.latest(RunDir(warm).ckpt) / "model"
 
+    def timed(name, fn):
+        with _stage(name, dc):
+            return fn()
+
+    # Two arms need no rollout server and run beside work that does not use the trainer's cores
+    # much: the SFT arm while the server starts, the token-matched arm beside the GRPO arm (whose
+    # time goes mostly to its rounds). Each arm is its own process with its own seed and thread
+    # count, so running them side by side changes no number, only the wall time.
     server = None
+    side = ThreadPoolExecutor(max_workers=1)
     try:
+        sft_job = side.submit(timed, "arm: SFT", lambda: phase("sft", "sft", dc.arm_steps, warm_ckpt, dc.arm_lr))
+        # The server is started on this thread: it is bound to the life of the thread that starts it.
         with _stage("rollout server", dc):
             hf_warm = out / "hf" / "warmup"
             if not (hf_warm / "config.json").is_file():
@@ -178,13 +192,22 @@ def run_demo(dc: DemoConfig) -> Path:
             sc = ServerConfig(kv_cache_gib=0.5, max_model_len=256, concurrency=8)
             server = RolloutServer(hf_warm, sc, log_file=out / "logs" / "vllm.log").start()
             _log(f"   vLLM (CPU) serving at {server.url}")
-        with _stage("arm: SFT", dc):
-            sft = phase("sft", "sft", dc.arm_steps, warm_ckpt, dc.arm_lr)
+        sft = sft_job.result()
         with _stage("arm: RASFT", dc):
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
                           {"rollout": {"server": {"url": server.url}},
                            "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
         arms = {"SFT": sft, "RASFT": rasft}
+        tokens_job = None
+        if dc.token_matched:
+            # RASFT's steps also carry correct rollouts: a control arm of plain SFT run for as many
+            # loss tokens as RASFT trained on (its learning-rate schedule stretched to match).
+            ratio = report.tokens_trained(rasft) / max(report.tokens_trained(sft), 1)
+            steps = max(dc.arm_steps, round(dc.arm_steps * ratio))
+            _log(f"   RASFT trained on {ratio:.2f}× the loss tokens of SFT: {steps} SFT steps")
+            tokens_job = side.submit(timed, "arm: SFT, token-matched",
+                                     lambda: phase("sft_tokens", "sft", steps, warm_ckpt, dc.arm_lr,
+                                                   {"checkpoint": {"save_interval": steps}}))
         if dc.grpo:
             # Same steps, lr and rollout budget per round as RASFT; every rollout trains, with its
             # group-relative advantage; no demonstration.
@@ -192,18 +215,12 @@ def run_demo(dc: DemoConfig) -> Path:
                 arms["GRPO"] = phase("grpo", "grpo", dc.arm_steps, warm_ckpt, dc.arm_lr,
                                      {"rollout": {"server": {"url": server.url}},
                                       "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
-        if dc.token_matched:
-            # RASFT's steps also carry correct rollouts: a control arm of plain SFT run for as many
-            # loss tokens as RASFT trained on (its learning-rate schedule stretched to match).
-            with _stage("arm: SFT, token-matched", dc):
-                ratio = report.tokens_trained(rasft) / max(report.tokens_trained(sft), 1)
-                steps = max(dc.arm_steps, round(dc.arm_steps * ratio))
-                _log(f"   RASFT trained on {ratio:.2f}× the loss tokens of SFT: {steps} SFT steps")
-                arms["SFT (tokens)"] = phase("sft_tokens", "sft", steps, warm_ckpt, dc.arm_lr,
-                                             {"checkpoint": {"save_interval": steps}})
+        if tokens_job is not None:
+            arms["SFT (tokens)"] = tokens_job.result()
         with _stage("evaluation", dc):
             curves = evaluate.evaluate_arms(server, out, arms, hf_warm, hf0, test, dc, tok_dir)
     finally:
+        side.shutdown(wait=True)  # an arm still running (after an error here) finishes first
         if server is not None:
             server.stop()
     dc.times["total"] = round(time.time() - t_start, 1)
