@@ -33,23 +33,34 @@ def _train(run_dir, *sets, nproc=1, wait=True):
     return run_train(CONFIG, run_dir, *sets, nproc=nproc, timeout_s=600)
 
 
-def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
-    sets = [init_ckpt, "train.schedule.train_iters=12", "checkpoint.save_interval=2", "loss.method=rasft"]
-    rc, out = _train(tmp_path / "full", *sets)
-    assert rc == 0, out
-    full = step_losses(tmp_path / "full")
-    assert sorted(full) == list(range(1, 13))
-
-    killed = tmp_path / "killed"
-    proc = _train(killed, *sets, wait=False)
+def _kill_after_steps(proc, run_dir, steps: int = 5) -> None:
+    """kill -9 the run's whole group once it has logged `steps` steps (after a checkpoint)."""
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill -9 after a few steps and a checkpoint
-        m = killed / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 5:
+    while time.time() < deadline and proc.poll() is None:
+        m = run_dir / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= steps:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_resume_after_kill_is_exact(tmp_path, init_ckpt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sets = [init_ckpt, "train.schedule.train_iters=12", "checkpoint.save_interval=2", "loss.method=rasft"]
+    killed = tmp_path / "killed"
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the uninterrupted run, beside the one killed
+        full_job = pool.submit(_train, tmp_path / "full", *sets)
+        proc = _train(killed, *sets, wait=False)
+        try:
+            _kill_after_steps(proc, killed)
+        finally:
+            rc, out = full_job.result()
+    assert rc == 0, out
+    full = step_losses(tmp_path / "full")
+    assert sorted(full) == list(range(1, 13))
+
     partial = step_losses(killed)
     assert 5 <= len(partial) < 12, partial
     rc, out = _train(killed, *sets, "checkpoint.resume=true")
