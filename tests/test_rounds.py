@@ -15,7 +15,7 @@ import pytest
 from megatron_rasft.train.state import LoopState, next_window_ids
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train, step_losses
+from megatron_rasft.testing.runs import loop_config, run_train, run_trains, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,11 +98,14 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     """Rounds on, every weight forced to 1 (constant scheme, no rollouts added), ratio and token
     factor off: the per-step losses are exactly those of plain SFT on the same stream."""
     root, config = setup
-    rc, out = _train(config, root / "sft", "loss.method=sft")
-    assert rc == 0, out
-    rc, out = _train(config, root / "degenerate", "weighting.scheme=constant", "weighting.add_rollouts=false",
-                     "loss.ratio=none", "loss.token_factor=none")
-    assert rc == 0, out
+    # Side by side: the SFT run has no rounds, so it does not touch the server.
+    runs = run_trains({"sft": (config, root / "sft", ["loss.method=sft"]),
+                       "degenerate": (config, root / "degenerate", [
+                           "weighting.scheme=constant", "weighting.add_rollouts=false", "loss.ratio=none",
+                           "loss.token_factor=none"])})
+    for name in ("sft", "degenerate"):
+        rc, out = runs[name].result()
+        assert rc == 0, (name, out)
     assert "[round 1]" in out  # the rounds really ran
     assert step_losses(root / "degenerate") == step_losses(root / "sft")
 
