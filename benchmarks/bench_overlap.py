@@ -11,13 +11,15 @@ windows 1 .. W-1, read from RUN/metrics.jsonl between the last step of window 0 
                         = the sync run's `time_round_wait` per window
   train                 `time_train` per window (forward/backward + optimizer)
   exposed (overlap)     the overlap run's `time_round_wait` per window: what was not hidden
-  hidden                from the overlap run alone: (bg - waited) / min(bg, train), with bg = the
-                        background part of its rounds (generation + verification) per window
-                        and waited = its `time_round_wait` less the refresh at the boundary
-                        (`time_refresh`; export and refresh are not overlapped): the share of
-                        what overlap could hide that it did hide (1.0 = perfect). The bound
-                        min(bg, train) is printed in seconds: when it is small next to the
-                        run-to-run spread, so is the fraction's meaning
+  hidden                from the overlap run alone: (bg - waited) / min(bg, busy), with bg = the
+                        background part of its rounds (generation + verification) per window,
+                        waited = its `time_round_wait` less the refresh at the boundary
+                        (`time_refresh`; export and refresh are not overlapped), and busy = its
+                        wall time per window less `time_round_wait` (what the trainer did
+                        beside the round: training, the reference pass, checkpoints, logging).
+                        The share of what overlap could hide that it did hide (1.0 = perfect).
+                        The bound min(bg, busy) is printed in seconds: when it is small next to
+                        the run-to-run spread, so is the fraction's meaning
   hidden by wall time   (wall_sync - wall_overlap) / min(round_sync, train): the same share from
                         two runs' wall clocks, so it carries their spread (it can exceed 1)
 
@@ -152,14 +154,15 @@ load = "{work / 'mcore'}"
     round_s, train_s = med("sync", "round_wait"), med("sync", "train")
     bg_o = med("overlap", "background")  # the part of a round that runs beside training
     waited_o = max(0.0, med("overlap", "round_wait") - med("overlap", "refresh"))  # for the background part
-    bound_o = min(bg_o, med("overlap", "train"))  # at most this much of a window can be hidden
+    busy_o = wall_o - med("overlap", "round_wait")  # the trainer's own work per window
+    bound_o = min(bg_o, busy_o)  # at most this much of a window can be hidden
     summary = {
         "server_cpus": sorted(server_cpus), "trainer_cpus": sorted(trainer_cpus), "args": vars(args),
         "wall_per_window_sync": wall_s, "wall_per_window_overlap": wall_o, "speedup": wall_s / wall_o,
         "round_sync": round_s, "train_sync": train_s, "train_overlap": med("overlap", "train"),
         "exposed_overlap": med("overlap", "round_wait"), "rollout_sync": med("sync", "rollout"),
-        "background_overlap": bg_o, "waited_overlap": waited_o, "hideable_overlap": bound_o,
-        "hidden_fraction": (bg_o - waited_o) / bound_o,
+        "background_overlap": bg_o, "waited_overlap": waited_o, "busy_overlap": busy_o, "hideable_overlap": bound_o,
+        "hidden_fraction": (bg_o - waited_o) / bound_o if bound_o > 0 else float("nan"),
         "hidden_fraction_by_wall": (wall_s - wall_o) / min(round_s, train_s),
         "runs": results,
     }
