@@ -16,7 +16,9 @@ windows 1 .. W-1, read from RUN/metrics.jsonl between the last step of window 0 
                         waited = its `time_round_wait` less the refresh at the boundary
                         (`time_refresh`; export and refresh are not overlapped), and busy = its
                         wall time per window less `time_round_wait` (what the trainer did
-                        beside the round: training, the reference pass, checkpoints, logging).
+                        beside the round: training, the reference pass, checkpoints, logging,
+                        and the boundary's export and probe, which cannot overlap: so the
+                        bound is a little generous).
                         The share of what overlap could hide that it did hide (1.0 = perfect).
                         The bound min(bg, busy) is printed in seconds: when it is small next to
                         the run-to-run spread, so is the fraction's meaning

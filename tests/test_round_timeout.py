@@ -1,8 +1,8 @@
-"""A rollout round longer than the collective timeout: 2 gloo processes with an 8 s process-group
-timeout (`parallel.distributed_timeout_minutes`), and a round made to last >= 24 s by a proxy that
-holds every generation request to the real vLLM server back for 6 s. Rank 1 waits for rank 0's
+"""A rollout round longer than the collective timeout: 2 gloo processes with a 10 s process-group
+timeout (`parallel.distributed_timeout_minutes`), and a round made to last >= 25 s by a proxy that
+holds every generation request to the real vLLM server back for 6.5 s. Rank 1 waits for rank 0's
 round without a deadline (parallel/wait.py), and the run completes. With the barrier the loop used
-before, rank 1 aborts after 8 s (gloo's timeout)."""
+before, rank 1 aborts after 10 s (gloo's timeout)."""
 import json
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
@@ -10,7 +10,7 @@ from megatron_rasft.testing.proxy import DelayingProxy
 from megatron_rasft.testing.runs import loop_config, run_train, step_losses
 
 # Collective timeout (s); seconds each generation request is held (one at a time); problems per round.
-TIMEOUT_S, DELAY_S, WINDOW = 8, 6.0, 4
+TIMEOUT_S, DELAY_S, WINDOW = 10, 6.5, 4
 
 
 def test_round_longer_than_the_collective_timeout_completes(vllm_server, tmp_path):
@@ -29,6 +29,6 @@ def test_round_longer_than_the_collective_timeout_completes(vllm_server, tmp_pat
         delayed = proxy.delayed_requests
     assert rc == 0, out[-4000:]
     result = json.loads((tmp_path / "run" / "rounds" / "round_000.json").read_text())
-    # The round really outlasted the timeout: its generation alone took >= 3x the timeout.
-    assert delayed >= WINDOW and result["stage_times"]["rollout"] >= 3 * TIMEOUT_S, (delayed, result["stage_times"])
+    # The round really outlasted the timeout: its generation alone took >= 2.5x the timeout.
+    assert delayed >= WINDOW and result["stage_times"]["rollout"] >= 2.5 * TIMEOUT_S, (delayed, result["stage_times"])
     assert list(step_losses(tmp_path / "run")) == [1]

@@ -1,5 +1,5 @@
-"""parallel/wait.py in 2 real gloo processes whose collectives time out after 4 s: rank 0 works for
-10 s while rank 1 waits in `rank0_done` (a barrier times out there), then both learn that rank 0
+"""parallel/wait.py in 2 real gloo processes whose collectives time out after 5 s: rank 0 works for
+12.5 s while rank 1 waits in `rank0_done` (a barrier times out there), then both learn that rank 0
 succeeded; a second call (a new store key) after 2 s of work carries rank 0's failure to rank 1.
 The store itself gets a long timeout, so that a slow start of one process on a loaded machine does
 not fail the rendezvous."""
@@ -8,7 +8,7 @@ import time
 
 from megatron_rasft.testing.distributed import spawn
 
-TIMEOUT_S, WORK_S = 4, 10.0
+TIMEOUT_S, WORK_S = 5, 12.5
 
 
 def _ranks(rank, world_size):

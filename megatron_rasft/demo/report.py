@@ -141,7 +141,9 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path, grpo_dir: Path | 
             lines.append(f"| {r['round']} | {r['grpo_groups']} | {r['grpo_mean_reward']:.3f} | "
                          f"{r['grpo_zero_variance_frac']:.2f} | {r['grpo_groups_trained']} | {r['grpo_sequences']} |")
     tm = _last_metrics(rasft_dir)
-    lines += ["", "## Time", "", "| stage | seconds |", "| --- | --- |"]
+    lines += ["", "## Time", "", "Wall seconds per stage. The SFT arm runs while the rollout server starts, and the "
+              "token-matched SFT arm beside the GRPO arm, so those stages overlap: they add up to more than the total.",
+              "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in dc.times.items()]
     lines += ["", "RASFT arm, inside the trainer (cumulative): " +
               ", ".join(f"{k[5:]} {tm[k]:.1f}s" for k in sorted(tm) if k.startswith("time_")), ""]

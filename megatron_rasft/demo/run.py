@@ -92,8 +92,9 @@ def merge_tables(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def _train(config: Path, log: Path) -> None:
-    """Run one training phase as its own process, streaming its console to ours and to `log`."""
+def _train(config: Path, log: Path, tag: str) -> None:
+    """Run one training phase as its own process, streaming its console to ours (each line tagged
+    with the phase: two arms may print at once) and to `log`."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "megatron_rasft", "train", "--config", str(config)],
@@ -101,7 +102,7 @@ def _train(config: Path, log: Path) -> None:
         for line in proc.stdout:
             f.write(line)
             if line.startswith(("step", "[round", "[resume", "done", "error", "[data")):
-                print("   " + line.rstrip(), flush=True)
+                print(f"   [{tag}] " + line.rstrip(), flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"training failed (exit {proc.returncode}); see {log}")
 
@@ -165,7 +166,7 @@ def run_demo(dc: DemoConfig) -> Path:
         merge_tables(cfg, extra or {})
         path = out / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
-        _train(path, out / f"{name}.log")
+        _train(path, out / f"{name}.log", name)
         return out / name
 
     with _stage("warm-up SFT", dc):
@@ -176,10 +177,10 @@ def run_demo(dc: DemoConfig) -> Path:
         with _stage(name, dc):
             return fn()
 
-    # Two arms need no rollout server and run beside work that does not use the trainer's cores
-    # much: the SFT arm while the server starts, the token-matched arm beside the GRPO arm (whose
-    # time goes mostly to its rounds). Each arm is its own process with its own seed and thread
-    # count, so running them side by side changes no number, only the wall time.
+    # Two arms need no rollout server and run beside work that leaves the cores idle much of the
+    # time: the SFT arm while the server starts, the token-matched arm beside the GRPO arm (which
+    # waits on its rounds). Each arm is its own process with its own seed and thread count, so
+    # running them side by side changes no number, only the wall time (the stage times overlap).
     server = None
     side = ThreadPoolExecutor(max_workers=1)
     try:
