@@ -292,6 +292,7 @@ def _token_terms64(policy_dir: Path, ref_dir: Path, seqs: list[tuple[list[int], 
     return out
 
 
+KL_METHODS = ("sft_kl", "asft")  # checked at step 2, where the policy has moved off the reference
 PROFIT_TAU = 0.99  # the starting model puts its demonstration tokens at q ≈ 0.95-0.9996: some on each side
 
 BASELINES = {  # per-token loss of RASFT.md's baselines table, with λ = 0.1 and τ = PROFIT_TAU
@@ -309,7 +310,7 @@ def baseline_runs(mech):
     -> {method: Future of (exit code, output)}."""
     jobs = {}
     for method in BASELINES:
-        kl = method in ("sft_kl", "asft")
+        kl = method in KL_METHODS
         jobs[method] = (mech["config"], mech["root"] / f"base_{method}",
                         [f"loss.method={method}", "train.schedule.refresh_interval=0",
                          "train.logging.log_batch_keys=true", f"train.schedule.train_iters={2 if kl else 1}",
@@ -327,7 +328,7 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, baseline_runs, me
 
     from megatron_rasft.convert.pipeline import mcore_to_hf
 
-    kl = method in ("sft_kl", "asft")
+    kl = method in KL_METHODS
     run = mech["root"] / f"base_{method}"
     rc, out = baseline_runs[method].result()
     assert rc == 0, out

@@ -46,10 +46,10 @@ def test_overlap_equals_sync_and_sft_when_rounds_add_nothing(setup):
     # use the server: a round refreshes its weights).
     runs = run_trains({"sft": (config, root / "nothing_sft", ["loss.method=sft", "train.schedule.train_iters=2"]),
                        "sync": (config, root / "nothing_sync", nothing)})
-    runs["overlap"] = run_train(config, root / "nothing_overlap", *nothing, "rollout.overlap=true")
+    results = {name: future.result() for name, future in runs.items()}
+    results["overlap"] = run_train(config, root / "nothing_overlap", *nothing, "rollout.overlap=true")
     losses = {}
-    for name, result in runs.items():
-        rc, out = result if name == "overlap" else result.result()
+    for name, (rc, out) in results.items():
         assert rc == 0, out[-4000:]
         losses[name] = step_losses(root / f"nothing_{name}")
     # Round 1 really ran in the overlapped run, begun at the boundary before window 0.
