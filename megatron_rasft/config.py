@@ -66,6 +66,12 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     transformer_impl: str = "auto"  # auto | local | te
+    # Core attention of the local spec (the TE spec always uses TE's fused attention): "sdpa" (torch's
+    # fused scaled_dot_product_attention; O(s) memory per head) or "local" (Megatron's
+    # DotProductAttention, which keeps the [b, heads, s, s] probabilities: ~84 GiB at seq 4096 for a
+    # 1B model). Default "sdpa": the same function (tests/test_attention.py), and the only one of
+    # the two that fits long sequences on one GPU without Transformer Engine.
+    attention: str = "sdpa"  # sdpa | local
     fp8: Optional[str] = None  # None | "hybrid" | "e4m3"
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
     fp8_amax_history_len: int = 1024
@@ -85,6 +91,7 @@ class ModelConfig:
             self.fp8 = None
         _one_of("model.params_dtype", self.params_dtype, ("fp32", "bf16", "fp16"))
         _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "te"))
+        _one_of("model.attention", self.attention, ("sdpa", "local"))
         _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
         _one_of("model.fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
         if self.rope_scaling is not None:

@@ -3,6 +3,8 @@
 Layer specs: `local` (pure Megatron-Core modules; what runs on CPU) or `te` (Transformer Engine;
 required for FP8). `transformer_impl = "auto"` picks `te` on a GPU with TE importable and `local`
 otherwise. Asking for FP8 or `te` where TE or CUDA is missing fails here, naming what is missing.
+The local spec's core attention is `model.attention`: "sdpa" (model/attention.py, torch's fused
+kernels) or "local" (Megatron's DotProductAttention, which materialises the scores).
 """
 from __future__ import annotations
 
@@ -130,11 +132,17 @@ def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
 
 
 def layer_spec(mcfg: ModelConfig):
+    """The transformer layer's `ModuleSpec`: TE's, or the local one with `model.attention`'s core attention."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if resolve_impl(mcfg) == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=mcfg.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+    if mcfg.attention == "sdpa":
+        from megatron_rasft.model.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def _rope_kwargs(mcfg: ModelConfig) -> dict:

@@ -10,7 +10,7 @@ import torch
 from megatron_rasft.config import ModelConfig, RunConfig
 
 # Fields that describe how to run the model rather than what it is: the run config decides them.
-_RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "fp8", "fp8_recipe",
+_RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "attention", "fp8", "fp8_recipe",
                    "fp8_amax_history_len", "fp8_amax_compute_algo")
 
 
