@@ -1,11 +1,20 @@
 """One-GPU check of the CUDA path: loss kernels, a ~1B training step (MFU), checkpoint/resume, conversion.
 
-    python benchmarks/gpu_check.py --out DIR            # on one CUDA GPU (run by gpu_check.sh)
+    python benchmarks/gpu_check.py --out DIR [--logs DIR] [--time-limit S]   # on one CUDA GPU (gpu_check.sh)
     python benchmarks/gpu_check.py --out DIR --cpu-dry-run   # same sections, tiny shapes, gloo, CPU
+    python benchmarks/gpu_check.py --plan [--time-limit S] [--gpu-mem-gib 78]   # the plan; runs nothing
 
-Writes DIR/gpu_check.json (every figure and every section's status) and prints a log. Each section
-runs even if an earlier one failed; a failure is recorded with its traceback, never skipped silently.
-What cannot run on the target host (no Transformer Engine, no vLLM) is listed under "not_run".
+Writes DIR/gpu_check.json (the plan, versions, every figure and every section's status) and prints a
+log; the per-run logs go to --logs (gpu_check.sh tars them into one file). Each section runs even if
+an earlier one failed; a failure is recorded with its traceback, never skipped silently. A section
+whose time estimate exceeds what is left of --time-limit is not started and is recorded as
+"skipped: ..." with both numbers. What cannot run on the target host (no Transformer Engine, no
+vLLM) is listed under "not_run".
+
+Plan (`--plan`, also stored as "plan" in the JSON): per section its shapes, a peak-memory estimate and
+a time estimate, each with its formula and inputs. Memory terms are model/memory.py's (the per-layer
+activation term is checked against the bytes autograd keeps by tests/test_attention.py); times rest
+on stated assumptions (process start, a model-FLOPs utilisation, disk bandwidth), not measurements.
 
 Sections
   env       torch / CUDA / GPU / megatron-core versions.
@@ -19,9 +28,10 @@ Sections
             KL kernel vs a naive full-vocab KL (log_softmax both, autograd), forward + backward.
   loss_time compute_loss fwd+bwd time, rasft vs sft, same inputs (median of 5 after a warm-up).
   train     `python -m megatron_rasft train` (one process, NCCL, local spec, bf16, synthetic data) on a
-            Llama-3.2-1B-shaped model at seq 4,096, 20 steps, sft then rasft (reference log-probs
+            Llama-3.2-1B-shaped model at seq 4,096 (local spec, model.attention = "sdpa": Megatron's
+            unfused attention does not fit without Transformer Engine), 12 steps, sft then rasft (reference log-probs
             from the run's cache, as in the loop). Micro-batch 2 (halved on out-of-memory), global
-            batch 4 micro-batches. Median over steps 4-20 of tokens/s, model TFLOP/s and MFU as the
+            batch 4 micro-batches. Median over steps 4-12 of tokens/s, model TFLOP/s and MFU as the
             loop logs them (FLOPs/token = 6·N + 12·L·h·s, see train/log.py; loss tokens only, so a
             useful-work MFU), and the same over all processed positions (rows are padded to the
             sequence length: hardware MFU), against the dense BF16 peak of the H100/H200 SXM,
@@ -29,7 +39,9 @@ Sections
             from torch.cuda.max_memory_allocated (the loop's `mem_peak_gib`).
   resume    tiny model: 4 steps saving at step 2 and 4; the step-2 checkpoint is then resumed
             (--resume) in a copy of the run, whose steps 3-4 must equal the uninterrupted run's
-            bit for bit.
+            bit for bit. Both runs under torch.use_deterministic_algorithms(True) and
+            CUBLAS_WORKSPACE_CONFIG=:4096:8 (SDPA's flash and memory-efficient backward are then
+            deterministic; cuDNN attention is excluded by torch).
   convert   the 1B sft run's checkpoint: Megatron → HF (tools/convert_checkpoint.py) → Megatron → HF;
             both HF copies must be identical tensor for tensor; and the live-model export
             (convert/export.py, the path the rollout rounds use) of the same checkpoint loaded on the
@@ -56,13 +68,29 @@ sys.path.insert(0, str(ROOT))
 
 H200_DENSE_BF16_TFLOPS = 989.0
 LOSS_RTOL, LOSS_ATOL, GRAD_TOL = 1e-4, 1e-6, 1e-2
+GPU_MEM_GIB = 78.0  # what the lent H100 80GB gives (about 78 GiB); the H200 has about 139
+TIME_LIMIT_S = 540  # gpu_check.sh's default --time-limit: one device command may run 600 s
+MARGIN_S = 45  # kept free at the end of --time-limit: the JSON, the logs' tar, timeout's kill-after
+# Assumptions of the time estimates (not measured: no GPU has run this check yet).
+ASSUME = dict(process_start_s=60.0,  # python start, imports, NCCL init, model build, data, first step's warm-up
+              tiny_process_start_s=30.0, mfu=0.30,  # model-FLOPs utilisation of the bf16 step without TE
+              disk_gb_per_s=1.0,  # checkpoint writes and reads (/dev/shm or local disk)
+              loss_case_s=2.0)  # one loss method at B·S·V = 622M, ours and the float64 reference
+WHEELS = ("megatron-core", "psutil")  # what the GPU image lacks (psutil: dist_checkpointing.save hangs without it)
 
 # Llama-3.2-1B shapes (tied embeddings, 1.24B parameters) and a tiny stand-in for the dry run.
 BIG = dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
            vocab_size=128256, seq_length=4096, max_position_embeddings=4096, rotary_base=500000.0,
-           tie_embeddings=True)
+           tie_embeddings=True, transformer_impl="local", attention="sdpa")
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
-            vocab_size=256, seq_length=64, max_position_embeddings=64, rotary_base=10000.0, tie_embeddings=True)
+            vocab_size=256, seq_length=64, max_position_embeddings=64, rotary_base=10000.0, tie_embeddings=True,
+            transformer_impl="local", attention="sdpa")
+TRAIN_STEPS, TRAIN_SKIP, TRAIN_MICRO_BATCH, TRAIN_MICRO_BATCHES = 12, 3, 2, 4
+LOSS_SHAPE_BSV = (4, 1024, 151936)
+KL_SHAPE_NV = (4096, 151936)
+# Run under the resume section's training runs: deterministic kernels before anything else is imported.
+DETERMINISTIC_PRELUDE = ("import sys, runpy, torch; torch.use_deterministic_algorithms(True); "
+                         "sys.argv[0] = 'megatron_rasft'; runpy.run_module('megatron_rasft', run_name='__main__')")
 
 
 def log(msg: str) -> None:
@@ -139,7 +167,7 @@ def section_loss(res, dev, dry):
     from megatron_rasft.config import LossConfig
     from megatron_rasft.loss import compute_loss
 
-    B, S, V = (2, 32, 1024) if dry else (4, 1024, 151936)
+    B, S, V = (2, 32, 1024) if dry else LOSS_SHAPE_BSV
     x, ref_x, labels, mask, seq_id, weight, ref_logp = loss_inputs(B, S, V, dev)
     out = {"shape_BSV": [B, S, V], "dtype": "bf16", "tolerances": {"loss_rtol": LOSS_RTOL, "loss_atol": LOSS_ATOL,
                                                                     "grad_max_abs_over_max_ref": GRAD_TOL}}
@@ -169,7 +197,7 @@ def section_loss(res, dev, dry):
 def section_kl_memory(res, dev, dry):
     from megatron_rasft.loss import vocab_parallel_kl
 
-    N, V = (64, 1024) if dry else (4096, 151936)
+    N, V = (64, 1024) if dry else KL_SHAPE_NV
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(N, V, generator=g).to(device=dev, dtype=torch.bfloat16)
     y = torch.randn(N, V, generator=g).to(device=dev, dtype=torch.bfloat16)
@@ -208,7 +236,7 @@ def section_loss_time(res, dev, dry):
     from megatron_rasft.config import LossConfig
     from megatron_rasft.loss import compute_loss
 
-    B, S, V = (2, 32, 1024) if dry else (4, 1024, 151936)
+    B, S, V = (2, 32, 1024) if dry else LOSS_SHAPE_BSV
     x, _, labels, mask, seq_id, weight, ref_logp = loss_inputs(B, S, V, dev, seed=2)
 
     def run(method):
@@ -244,7 +272,7 @@ def sync(dev):
 # ---------------------------------------------------------------------------------------------
 def write_config(path: Path, model: dict, train: dict, parallel: dict | None = None) -> Path:
     def fmt(v):
-        return "true" if v is True else "false" if v is False else json.dumps(v)
+        return "true" if v is True else "false" if v is False else json.dumps(v, ensure_ascii=False)
 
     lines = ["[model]"] + [f"{k} = {fmt(v)}" for k, v in model.items()]
     lines += ["", "[parallel]"] + [f"{k} = {fmt(v)}" for k, v in (parallel or {}).items()]
@@ -255,7 +283,17 @@ def write_config(path: Path, model: dict, train: dict, parallel: dict | None = N
     return path
 
 
+_DEADLINE = [float("inf")]  # time.monotonic() by which the check must be done (main sets it from --time-limit)
+
+
+def time_left() -> float:
+    return _DEADLINE[0] - time.monotonic()
+
+
 def run_cli(args: list, log_path: Path, timeout_s: float) -> tuple[int, str]:
+    """`python ARGS` in the repository with its output in `log_path`; killed after `timeout_s` or at
+    the check's deadline, whichever comes first (rc 124)."""
+    timeout_s = max(5.0, min(timeout_s, time_left()))
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     t0 = time.time()
@@ -277,19 +315,19 @@ def train_records(run_dir: Path) -> list:
 
 def section_train(res, dev, dry, work: Path, logs: Path):
     model = dict(TINY if dry else BIG)
-    steps = 4 if dry else 20
-    skip = 1 if dry else 3  # warm-up steps left out of the medians
+    steps = 4 if dry else TRAIN_STEPS
+    skip = 1 if dry else TRAIN_SKIP  # warm-up steps left out of the medians
     parallel = {"backend": "gloo" if dry else "nccl"}
     out = {"model": model, "steps": steps, "timed_steps": f"{skip + 1}-{steps}",
            "peak_tflops_dense_bf16": None if dry else H200_DENSE_BF16_TFLOPS}
     res["train"] = out
-    for mb in ([2] if dry else [2, 1]):  # the largest micro-batch first; halve on out-of-memory
+    for mb in ([2] if dry else [TRAIN_MICRO_BATCH, 1]):  # the planned micro-batch first; 1 on out-of-memory
         per_method = {}
         for method in ("sft", "rasft"):
             run_dir = work / f"train_{method}"
             shutil.rmtree(run_dir, ignore_errors=True)
             cfg = write_config(work / f"train_{method}.toml", {**model, "params_dtype": "fp32" if dry else "bf16"}, dict(
-                schedule=dict(train_iters=steps, global_batch_size=4 * mb, micro_batch_size=mb), optim=dict(lr=1e-5),
+                schedule=dict(train_iters=steps, global_batch_size=TRAIN_MICRO_BATCHES * mb, micro_batch_size=mb), optim=dict(lr=1e-5),
                 seed=0, run_dir=str(run_dir)), parallel)
             rc, text = run_cli(["-m", "megatron_rasft", "train", "--config", str(cfg), "--set", f"loss.method={method}"],
                                logs / f"train_{method}_mb{mb}.log", timeout_s=240)
@@ -302,7 +340,7 @@ def section_train(res, dev, dry, work: Path, logs: Path):
             recs = train_records(run_dir)[skip:]
             med = lambda k: statistics.median(r[k] for r in recs if r.get(k) is not None)  # noqa: E731
             step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in recs)
-            positions = 4 * mb * model["seq_length"]  # every row is padded to seq_length
+            positions = TRAIN_MICRO_BATCHES * mb * model["seq_length"]  # every row is padded to seq_length
             mfu = med("mfu") if any(r.get("mfu") for r in recs) else None
             per_method[method] = dict(step_s=step_s, tokens_per_s=med("tokens_per_s"), mfu=mfu,
                                       positions_per_s=positions / step_s,
@@ -339,7 +377,8 @@ def section_resume(res, dev, dry, work: Path, logs: Path):
         schedule=dict(train_iters=4, global_batch_size=4, micro_batch_size=2), optim=dict(lr=1e-3), seed=0,
         run_dir=str(full)), parallel)
     sets = ["--set", "checkpoint.save_interval=2", "--set", "checkpoint.keep_last=2"]
-    rc, text = run_cli(["-m", "megatron_rasft", "train", "--config", str(cfg), *sets], logs / "resume_full.log", 180)
+    det = ["-c", DETERMINISTIC_PRELUDE]  # torch.use_deterministic_algorithms(True); run_cli sets CUBLAS_WORKSPACE_CONFIG
+    rc, text = run_cli([*det, "train", "--config", str(cfg), *sets], logs / "resume_full.log", 180)
     if rc:
         raise RuntimeError(f"tiny run failed (rc {rc}):\n{text[-3000:]}")
     # The same run stopped after its step-2 checkpoint: a copy of the run directory up to that point.
@@ -350,14 +389,15 @@ def section_resume(res, dev, dry, work: Path, logs: Path):
     (resumed / "ckpt" / "latest").write_text("iter_0000002")
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("".join(s + "\n" for s in lines if json.loads(s).get("step", 0) <= 2))
-    rc, text = run_cli(["-m", "megatron_rasft", "train", "--config", str(cfg), *sets, "--set",
+    rc, text = run_cli([*det, "train", "--config", str(cfg), *sets, "--set",
                         f"train.run_dir={resumed}", "--resume"], logs / "resume_resumed.log", 180)
     if rc or "[resume] from" not in text:
         raise RuntimeError(f"resumed run failed (rc {rc}):\n{text[-3000:]}")
     a = {r["step"]: r["loss"] for r in train_records(full)}
     b = {r["step"]: r["loss"] for r in train_records(resumed)}
     exact = [a[s] == b[s] for s in (3, 4)]
-    res["resume"] = dict(full=a, resumed=b, exact=all(exact),
+    res["resume"] = dict(full=a, resumed=b, exact=all(exact), deterministic_algorithms=True,
+                         cublas_workspace_config=":4096:8",
                          max_abs_diff=max(abs(a[s] - b[s]) for s in (3, 4)))
     log(f"resume: steps 3-4 {[a[3], a[4]]} vs resumed {[b[3], b[4]]} -> {'exact' if all(exact) else 'NOT exact'}")
     if not all(exact):
@@ -434,18 +474,160 @@ def export_child(mcore_dir: str, out_dir: str, dry: bool) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# the plan: shapes, memory and time per section, with the formulas' inputs
+# ---------------------------------------------------------------------------------------------
+GIB = 2**30
+
+
+def param_count(m: dict) -> int:
+    """Parameters of the Llama-shaped model `m` (BIG/TINY keys): embedding V·h (tied with the output
+    layer), per layer QKV h·(n + 2·g)·hd, output projection n·hd·h, SwiGLU 3·h·f, two norms 2·h; final norm h."""
+    h, f, n, g = m["hidden_size"], m["ffn_hidden_size"], m["num_attention_heads"], m["num_query_groups"]
+    hd = h // n
+    layer = h * (n + 2 * g) * hd + n * hd * h + 3 * h * f + 2 * h
+    return m["vocab_size"] * h * (1 if m["tie_embeddings"] else 2) + m["num_layers"] * layer + h
+
+
+def train_plan(m: dict, mb: int, method: str, steps: int, peak_tflops: float) -> dict:
+    """Peak memory and time of one `train` run of the `train` section (model `m`, micro-batch `mb`)."""
+    from megatron_rasft.model.memory import loss_peak_terms, model_activation_terms, static_terms
+
+    P = param_count(m)
+    s, h, L = m["seq_length"], m["hidden_size"], m["num_layers"]
+    shape = dict(layers=L, micro_batch=mb, seq=s, hidden=h, vocab=m["vocab_size"], ffn=m["ffn_hidden_size"],
+                 heads=m["num_attention_heads"], kv_heads=m["num_query_groups"], head_dim=h // m["num_attention_heads"],
+                 params_dtype="bf16", attention=m["attention"], packed=False, device="cuda")
+    static = static_terms(params=P, params_dtype="bf16", reference=method == "rasft")
+    acts = model_activation_terms(**shape)
+    loss = loss_peak_terms(micro_batch=mb, seq=s, vocab=m["vocab_size"], params_dtype="bf16")
+    mem = sum(static.values()) + sum(acts.values()) + sum(loss.values())
+    tokens = TRAIN_MICRO_BATCHES * mb * s
+    flops_token = 6 * P + 12 * L * h * s  # train/log.py's FLOPs per token (fwd + bwd)
+    step_s = tokens * flops_token / (ASSUME["mfu"] * peak_tflops * 1e12)
+    ckpt_bytes = 2 * P + 12 * P  # bf16 weights + fp32 main weights and Adam moments
+    ref_s = steps * step_s / 3 if method == "rasft" else 0.0  # forward only: a third of a step per sequence
+    secs = ASSUME["process_start_s"] + steps * step_s + ref_s + ckpt_bytes / (ASSUME["disk_gb_per_s"] * 1e9)
+    return dict(
+        memory_gib=mem / GIB,
+        memory_terms_gib={k: round(v / GIB, 3) for k, v in {**static, **acts, **loss}.items()},
+        memory_inputs=dict(params=P, micro_batch=mb, seq=s, tokens_per_micro_batch=mb * s, **{
+            k: shape[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "vocab", "attention")},
+            dtype="bf16", formula="static (weights, fp32 grads, fp32 main + Adam, reference) + layers × per-layer "
+                                  "activations + model-level activations + logits and loss work (model/memory.py)"),
+        seconds=secs,
+        time_inputs=dict(steps=steps, tokens_per_step=tokens, flops_per_token=flops_token, step_s=round(step_s, 3),
+                         mfu_assumed=ASSUME["mfu"], peak_tflops=peak_tflops, reference_pass_s=round(ref_s, 1),
+                         checkpoint_gb=round(ckpt_bytes / 1e9, 1), disk_gb_per_s=ASSUME["disk_gb_per_s"],
+                         process_start_s=ASSUME["process_start_s"],
+                         formula="process start + steps × tokens·FLOPs/token / (MFU·peak) + reference pass "
+                                 "+ checkpoint bytes / disk bandwidth"))
+
+
+def plan(limit_s: float = TIME_LIMIT_S, gpu_mem_gib: float = GPU_MEM_GIB, peak_tflops: float = H200_DENSE_BF16_TFLOPS,
+         sections: tuple = ("loss", "kl_memory", "loss_time", "train", "resume", "convert")) -> dict:
+    """The non-dry check's sections with shapes, peak-memory and time estimates and their inputs;
+    `fits` says whether every section's memory is below `gpu_mem_gib` and the total time below
+    `limit_s − MARGIN_S`."""
+    out = {}
+    B, S, V = LOSS_SHAPE_BSV
+    n = B * S * V
+    out["loss"] = dict(
+        shape_BSV=[B, S, V], memory_gib=n * (2 * 2 + 2 * 2 + 6 * 8) / GIB,
+        memory_inputs=dict(elements=n, formula="B·S·V × (2 bf16 inputs + the clone and its bf16 grad "
+                                               "+ ≤ 6 float64 tensors of the reference) bytes"),
+        seconds=len(_rasft_family()) * ASSUME["loss_case_s"],
+        time_inputs=dict(methods=len(_rasft_family()), loss_case_s=ASSUME["loss_case_s"]))
+    N, V2 = KL_SHAPE_NV
+    out["kl_memory"] = dict(
+        shape_NV=[N, V2], memory_gib=N * V2 * (2 * 2 + 2 + 6 * 4) / GIB,
+        memory_inputs=dict(elements=N * V2, formula="N·V × (2 bf16 inputs + bf16 grad + ≤ 6 fp32 tensors of the naive KL)"),
+        seconds=2 * ASSUME["loss_case_s"], time_inputs=dict(cases=2, loss_case_s=ASSUME["loss_case_s"]))
+    out["loss_time"] = dict(
+        shape_BSV=[B, S, V], memory_gib=n * (2 + 2 + 2 + 2 * 4) / GIB,
+        memory_inputs=dict(elements=n, formula="B·S·V × (bf16 input, clone, grad + 2 fp32 work tensors)"),
+        seconds=12 * ASSUME["loss_case_s"] / 4, time_inputs=dict(calls=12, seconds_per_call=ASSUME["loss_case_s"] / 4))
+    runs = {m: train_plan(BIG, TRAIN_MICRO_BATCH, m, TRAIN_STEPS, peak_tflops) for m in ("sft", "rasft")}
+    out["train"] = dict(model=BIG, micro_batch=TRAIN_MICRO_BATCH, micro_batches=TRAIN_MICRO_BATCHES, steps=TRAIN_STEPS,
+                        runs=runs, memory_gib=max(r["memory_gib"] for r in runs.values()),
+                        seconds=sum(r["seconds"] for r in runs.values()))
+    # What the same run would need with Megatron's unfused attention (bug 5 of issue 21).
+    out["train"]["memory_gib_with_attention_local"] = train_plan(
+        {**BIG, "attention": "local"}, TRAIN_MICRO_BATCH, "rasft", TRAIN_STEPS, peak_tflops)["memory_gib"]
+    out["resume"] = dict(model=TINY, memory_gib=0.1, memory_inputs=dict(formula="tiny model: < 0.1 GiB"),
+                         seconds=2 * (ASSUME["tiny_process_start_s"] + 5.0),
+                         time_inputs=dict(runs=2, tiny_process_start_s=ASSUME["tiny_process_start_s"],
+                                          formula="2 runs × (start + ≤ 5 s for 4 tiny steps and 2 checkpoints)"))
+    P = param_count(BIG)
+    hf_gb = 2 * P / 1e9
+    out["convert"] = dict(
+        memory_gib=(2 * P + 2 * P) / GIB,
+        memory_inputs=dict(params=P, formula="the export child: bf16 weights + their gathered HF copy (2·P + 2·P)"),
+        seconds=ASSUME["process_start_s"] + 6 * hf_gb / ASSUME["disk_gb_per_s"] + 3 * 10.0,
+        time_inputs=dict(hf_gb=round(hf_gb, 2), disk_gb_per_s=ASSUME["disk_gb_per_s"], process_start_s=ASSUME["process_start_s"],
+                         formula="export child start + 3 conversions and the export, each reading and writing ~2·P "
+                                 "bytes, + 10 s of imports per conversion"))
+    chosen = {k: out[k] for k in sections}
+    total = sum(v["seconds"] for v in chosen.values())
+    peak = max(v["memory_gib"] for v in chosen.values())
+    return dict(sections=chosen, total_seconds=total, time_limit_s=limit_s, margin_s=MARGIN_S,
+                peak_memory_gib=peak, gpu_memory_gib=gpu_mem_gib, assumptions=ASSUME,
+                fits_time=total <= limit_s - MARGIN_S, fits_memory=peak <= gpu_mem_gib)
+
+
+def print_plan(p: dict) -> None:
+    print(f"gpu_check plan: {len(p['sections'])} sections; time limit {p['time_limit_s']:.0f} s "
+          f"(margin {p['margin_s']} s); GPU memory {p['gpu_memory_gib']:.0f} GiB")
+    print(f"assumptions (not measured): {json.dumps(p['assumptions'], ensure_ascii=False)}")
+    for name, sec in p["sections"].items():
+        shape = {k: v for k, v in sec.items() if k.startswith("shape") or k in ("micro_batch", "steps")}
+        print(f"--- {name}: est. {sec['seconds']:.0f} s, peak {sec['memory_gib']:.1f} GiB  {json.dumps(shape, ensure_ascii=False)}")
+        for run, r in sec.get("runs", {}).items():
+            print(f"    {run}: {r['seconds']:.0f} s, {r['memory_gib']:.1f} GiB")
+            print(f"      memory inputs: {json.dumps(r['memory_inputs'], ensure_ascii=False)}")
+            print(f"      memory terms (GiB): {json.dumps(r['memory_terms_gib'], ensure_ascii=False)}")
+            print(f"      time inputs: {json.dumps(r['time_inputs'], ensure_ascii=False)}")
+        if "memory_gib_with_attention_local" in sec:
+            print(f"    the same rasft run with model.attention = 'local': {sec['memory_gib_with_attention_local']:.1f} GiB")
+        for key in ("memory_inputs", "time_inputs"):
+            if key in sec:
+                print(f"    {key.replace('_', ' ')}: {json.dumps(sec[key], ensure_ascii=False)}")
+    print(f"total: est. {p['total_seconds']:.0f} s of {p['time_limit_s'] - p['margin_s']:.0f} s usable -> "
+          f"{'fits' if p['fits_time'] else 'DOES NOT FIT'}; peak est. {p['peak_memory_gib']:.1f} GiB of "
+          f"{p['gpu_memory_gib']:.0f} GiB -> {'fits' if p['fits_memory'] else 'DOES NOT FIT'}")
+
+
+# ---------------------------------------------------------------------------------------------
 def environment(dry: bool) -> dict:
+    """Versions of everything the check runs on (also printed into the JSON)."""
+    import importlib.metadata
     import importlib.util
 
     env = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                cuda_available=torch.cuda.is_available(), dry_run=dry, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     if torch.cuda.is_available():
-        env.update(gpu=torch.cuda.get_device_name(), gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+        env.update(gpu=torch.cuda.get_device_name(), gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            env["driver"] = None
     from megatron_rasft.compat import check_megatron
 
     env["megatron_core"] = str(check_megatron())
+    for dist_name in ("transformers", "safetensors", "numpy", "psutil", "triton", "packaging"):
+        try:
+            env[dist_name] = importlib.metadata.version(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist_name] = None
     for mod in ("transformer_engine", "vllm", "triton", "transformers"):
         env[f"has_{mod}"] = importlib.util.find_spec(mod) is not None
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        env["commit"] = None  # the device copy of the tree has no .git
     return env
 
 
@@ -462,16 +644,34 @@ def not_run(env: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    t_start = time.monotonic()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=False, help="folder for gpu_check.json and the per-run logs")
+    p.add_argument("--out", required=False, help="folder for gpu_check.json")
+    p.add_argument("--logs", default=None, help="folder for the per-run logs (default OUT/logs)")
     p.add_argument("--cpu-dry-run", "--smoke", action="store_true", help="tiny shapes, gloo, CPU: check the script itself")
     p.add_argument("--work", default=None, help="scratch folder for runs/checkpoints (default: /dev/shm or OUT)")
     p.add_argument("--sections", default="loss,kl_memory,loss_time,train,resume,convert")
+    p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
+                   help=f"seconds for the whole check; sections that would end later than this less {MARGIN_S} s "
+                        f"are not started (default {TIME_LIMIT_S})")
+    p.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)  # gpu_check.sh's epoch start
+    p.add_argument("--gpu-mem-gib", type=float, default=GPU_MEM_GIB, help="GPU memory the plan must fit")
+    p.add_argument("--plan", action="store_true", help="print the sections, shapes, time and memory estimates; run nothing")
     p.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     dry = args.cpu_dry_run
     if args.export_child:
         return export_child(*args.export_child, dry)
+    sections = tuple(args.sections.split(","))
+    if args.plan:
+        the_plan = plan(args.time_limit, args.gpu_mem_gib, sections=sections)
+        print_plan(the_plan)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu_check_plan.json").write_text(json.dumps(the_plan, indent=1, ensure_ascii=False))
+        return 0 if the_plan["fits_time"] and the_plan["fits_memory"] else 1
+    elapsed = time.time() - args.started_at if args.started_at else 0.0
+    _DEADLINE[0] = t_start - elapsed + args.time_limit - MARGIN_S
     if not args.out and args.cpu_dry_run:  # a dry run only checks the script: a scratch folder will do
         import tempfile
 
@@ -485,7 +685,8 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU visible; use --cpu-dry-run to check the script on CPU", file=sys.stderr)
         return 2
     out_dir = Path(args.out)
-    logs = out_dir / "logs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.logs) if args.logs else out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     # Scratch space: the ~1.24B run's checkpoint (bf16 model + fp32 optimizer state, ~18 GB) and its
     # conversions. /dev/shm when it is large enough (a container's default is 64 MB), else /tmp.
@@ -497,18 +698,28 @@ def main(argv=None) -> int:
     dev = torch.device("cpu") if dry else torch.device("cuda", 0)
 
     env = environment(dry)
-    res = {"env": env, "not_run": not_run(env), "status": {}}
-    log(json.dumps(env))
+    the_plan = plan(args.time_limit, args.gpu_mem_gib, sections=sections)
+    res = {"env": env, "not_run": not_run(env), "plan": the_plan, "status": {}}
+    log(json.dumps(env, ensure_ascii=False))
+    if not dry:
+        print_plan(the_plan)
     for what, why in res["not_run"].items():
         log(f"NOT RUN here: {why}")
-    sections = dict(loss=section_loss, kl_memory=section_kl_memory, loss_time=section_loss_time,
-                    train=section_train, resume=section_resume, convert=section_convert)
+    fns = dict(loss=section_loss, kl_memory=section_kl_memory, loss_time=section_loss_time,
+               train=section_train, resume=section_resume, convert=section_convert)
     result_path = out_dir / "gpu_check.json"
-    for name in args.sections.split(","):
+    for name in sections:
         t0 = time.time()
-        log(f"--- {name}")
+        est = the_plan["sections"][name]["seconds"] if not dry else 0.0
+        if time_left() < est:
+            res["status"][name] = (f"skipped: estimated {est:.0f} s, {max(time_left(), 0):.0f} s left of "
+                                   f"--time-limit {args.time_limit:.0f} s less the {MARGIN_S} s margin")
+            log(res["status"][name])
+            result_path.write_text(json.dumps(res, indent=1, default=str, ensure_ascii=False))
+            continue
+        log(f"--- {name} (estimated {est:.0f} s; {time_left():.0f} s left)")
         try:
-            fn = sections[name]
+            fn = fns[name]
             if name in ("train", "resume", "convert"):
                 fn(res, dev, dry, work, logs)
             else:
@@ -519,8 +730,10 @@ def main(argv=None) -> int:
             log(f"{name} FAILED:\n{traceback.format_exc()}")
         res.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
         if dev.type == "cuda":
+            res.setdefault("peak_memory_gib", {})[name] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
             torch.cuda.empty_cache()
-        result_path.write_text(json.dumps(res, indent=1, default=str))  # after each section: a kill keeps it
+        result_path.write_text(json.dumps(res, indent=1, default=str, ensure_ascii=False))  # after each section: a kill keeps it
     shutil.rmtree(work, ignore_errors=True)
     failed = [k for k, v in res["status"].items() if v != "ok"]
     log(f"wrote {result_path}; {'all sections ok' if not failed else 'FAILED: ' + ', '.join(failed)}")

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# First-run check of one CUDA GPU (≤ 6 minutes): loss kernels vs float64, KL kernel memory, a ~1.24B
-# training step through `python -m megatron_rasft train` (tokens/s, MFU, peak memory, rasft/sft),
-# CUDA checkpoint/resume exactness, conversion/export round trips. Writes OUT/gpu_check.json and
-# OUT/gpu_check.log (plus OUT/logs/ of every run). See benchmarks/gpu_check.py for each section.
+# First-run check of one CUDA GPU, one shot (default 540 s): loss kernels vs float64, KL kernel memory,
+# a ~1.24B training step through `python -m megatron_rasft train` (tokens/s, MFU, peak memory,
+# rasft/sft), CUDA checkpoint/resume exactness, conversion/export round trips. See
+# benchmarks/gpu_check.py for each section, and docs/launch.md ("The one-GPU check") for the device call.
 #
+#   bash benchmarks/gpu_check.sh --plan                   # sections, shapes, time/memory estimates with
+#                                                         # their inputs, and the wheels to carry; runs nothing
 #   bash benchmarks/gpu_check.sh --fetch-wheels          # here (with a package index): bring megatron-core
 #                                                         # and psutil as cp312 wheels into benchmarks/wheels/
-#   bash benchmarks/gpu_check.sh [--out DIR]              # on the GPU host (no index needed)
+#   bash benchmarks/gpu_check.sh [--out DIR] [--time-limit S]   # on the GPU host (no index needed)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run [--out DIR]   # tiny shapes, gloo, on CPU (tests/test_gpu_check.py);
 #                                                         # --smoke is the same
+#
+# Results: OUT/gpu_check.json, OUT/gpu_check.log (this console) and OUT/gpu_check_logs.tar.gz (every
+# run's log), three files, whatever happens (the tar is made after the check ends or is killed).
+# OUT is --out, else the environment's $OUT (kept as it is: the device tool collects it), else
+# benchmarks/results/gpu_check_<date>.
+# --time-limit S (default 540, GPU_CHECK_TIME_LIMIT): the whole script ends within S seconds; the
+# check starts no section that its plan says would end after S − 45 s, and `timeout` kills it at S − 15 s.
 #
 # On a host without megatron-core the brought wheels are installed with
 #   pip install --no-index --no-deps --target $GPU_CHECK_SITE benchmarks/wheels/*.whl
@@ -16,19 +25,22 @@
 # installed there: the script says so and does not run them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+STARTED=$(date +%s.%N)
 DRY=0
-OUT=""
+PLAN=0
+OUT_DIR=""
 FETCH=0
-LIMIT=${GPU_CHECK_TIME_LIMIT:-360}
+LIMIT=${GPU_CHECK_TIME_LIMIT:-540}
 MCORE=${GPU_CHECK_MCORE:-megatron-core==0.16.1}
 PYVER=${GPU_CHECK_PYVER:-3.12}
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu-dry-run|--smoke) DRY=1 ;;  # --smoke: the name every benchmark answers to
-        --out) OUT="$2"; shift ;;
+        --out) OUT_DIR="$2"; shift ;;
         --fetch-wheels) FETCH=1 ;;
+        --plan) PLAN=1 ;;
         --time-limit) LIMIT="$2"; shift ;;
-        *) echo "usage: gpu_check.sh [--cpu-dry-run|--smoke] [--out DIR] [--time-limit S] | --fetch-wheels" >&2; exit 2 ;;
+        *) echo "usage: gpu_check.sh [--plan] [--cpu-dry-run|--smoke] [--out DIR] [--time-limit S] | --fetch-wheels" >&2; exit 2 ;;
     esac
     shift
 done
@@ -37,14 +49,40 @@ PYTHON=${PYTHON:-python3}
 
 if [[ $FETCH == 1 ]]; then
     mkdir -p benchmarks/wheels
-    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
-        --platform manylinux_2_28_x86_64 -d benchmarks/wheels "$MCORE" psutil
+    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d benchmarks/wheels "$MCORE" psutil
 fi
 
-OUT=${OUT:-benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)$([[ $DRY == 1 ]] && echo _cpu_dry_run)}
+wheels_line() {  # what the device call must carry
+    shopt -s nullglob
+    local w=(benchmarks/wheels/*.whl)
+    if [[ ${#w[@]} == 0 ]]; then
+        echo "carry: benchmarks/wheels (EMPTY: run 'bash benchmarks/gpu_check.sh --fetch-wheels' here first; needs $MCORE and psutil, cp$PYVER manylinux x86_64)"
+    else
+        echo "carry: benchmarks/wheels ($(du -ch "${w[@]}" | tail -n1 | cut -f1) in ${#w[@]} wheels: $(basename -a "${w[@]}" | tr '\n' ' '))"
+    fi
+}
+
+if [[ $PLAN == 1 ]]; then
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -W ignore benchmarks/gpu_check.py --plan \
+        --time-limit "$LIMIT" ${OUT_DIR:+--out "$OUT_DIR"}
+    rc=$?
+    wheels_line
+    exit $rc
+fi
+
+OUT=${OUT_DIR:-${OUT:-benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)$([[ $DRY == 1 ]] && echo _cpu_dry_run)}}
 mkdir -p "$OUT"
+# The per-run logs live outside OUT (the device tool returns at most 8 files) and are tarred into it.
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_logs.XXXXXX")
+finish() {
+    tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$LOGS" . 2>/dev/null && rm -rf "$LOGS"
+}
+trap finish EXIT
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), out $OUT, python $($PYTHON -c 'import sys; print(sys.version.split()[0])')"
+echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), out $OUT, time limit ${LIMIT}s, python $($PYTHON -c 'import sys; print(sys.version.split()[0])')"
+wheels_line
 
 if [[ $DRY == 0 ]]; then
     if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -70,7 +108,7 @@ if [[ -n "$missing" ]]; then
     fi
     SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
     echo "installing ${wheels[*]} into $SITE (no index, no deps)"
-    $PYTHON -m pip install -q --no-index --no-deps --target "$SITE" "${wheels[@]}" || exit 2
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}" || exit 2
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,10 +116,12 @@ $PYTHON -c "import importlib.util as u
 for m, why in (('transformer_engine', 'Transformer Engine spec and FP8'), ('vllm', 'vLLM rollout server (stays CPU-tested)')):
     print(f'{\"available\" if u.find_spec(m) else \"NOT AVAILABLE, not run\"}: {why}')"
 
-args=(--out "$OUT")
+args=(--out "$OUT" --logs "$LOGS" --time-limit "$LIMIT" --started-at "$STARTED")
 [[ $DRY == 1 ]] && args+=(--cpu-dry-run)
-# Hard cap: a hung NCCL initialisation must not hold the machine; the JSON is written after each section.
-timeout --signal=TERM --kill-after=10 "$LIMIT" "$PYTHON" -W ignore benchmarks/gpu_check.py "${args[@]}"
+# Hard cap 15 s before the limit (the tar and the tee still have to finish): a hung NCCL
+# initialisation must not hold the machine; the JSON is written after each section.
+CAP=$(awk -v l="$LIMIT" -v s="$STARTED" -v n="$(date +%s.%N)" 'BEGIN { c = l - 15 - (n - s); print (c < 10 ? 10 : int(c)) }')
+timeout --signal=TERM --kill-after=5 "$CAP" "$PYTHON" -W ignore benchmarks/gpu_check.py "${args[@]}"
 rc=$?
-[[ $rc == 124 ]] && echo "error: gpu_check.py ran past ${LIMIT}s; $OUT/gpu_check.json holds the sections that finished"
+[[ $rc == 124 ]] && echo "error: gpu_check.py ran past ${CAP}s; $OUT/gpu_check.json holds the sections that finished"
 exit $rc
