@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# First-run check of one CUDA GPU, one shot (default 540 s): loss kernels vs float64, KL kernel memory,
+# First-run check of one CUDA GPU, one shot (default 480 s): loss kernels vs float64, KL kernel memory,
 # a ~1.24B training step through `python -m megatron_rasft train` (tokens/s, MFU, peak memory,
 # rasft/sft), CUDA checkpoint/resume exactness, conversion/export round trips. See
 # benchmarks/gpu_check.py for each section, and docs/launch.md ("The one-GPU check") for the device call.
@@ -16,7 +16,7 @@
 # run's log), three files, whatever happens (the tar is made after the check ends or is killed).
 # OUT is --out, else the environment's $OUT (kept as it is: the device tool collects it), else
 # benchmarks/results/gpu_check_<date>.
-# --time-limit S (default 540, GPU_CHECK_TIME_LIMIT): the whole script ends within S seconds; the
+# --time-limit S (default 480, GPU_CHECK_TIME_LIMIT): the whole script ends within S seconds; the
 # check starts no section that its plan says would end after S − 45 s, and `timeout` kills it at S − 15 s.
 #
 # On a host without megatron-core the brought wheels are installed with
@@ -30,9 +30,7 @@ DRY=0
 PLAN=0
 OUT_DIR=""
 FETCH=0
-LIMIT=${GPU_CHECK_TIME_LIMIT:-540}
-MCORE=${GPU_CHECK_MCORE:-megatron-core==0.16.1}
-PYVER=${GPU_CHECK_PYVER:-3.12}
+LIMIT=${GPU_CHECK_TIME_LIMIT:-480}
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu-dry-run|--smoke) DRY=1 ;;  # --smoke: the name every benchmark answers to
@@ -44,31 +42,20 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-PYTHON=${PYTHON:-python3}
-[[ -x .venv/bin/python && "$PYTHON" == python3 ]] && PYTHON=.venv/bin/python
+source benchmarks/_gpu_env.sh  # PYTHON, gpu_env_install, gpu_env_wheels_line
 
 if [[ $FETCH == 1 ]]; then
     mkdir -p benchmarks/wheels
-    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+    exec "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$GPU_ENV_PYVER" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -d benchmarks/wheels "$MCORE" psutil
+        --platform any -d benchmarks/wheels "$GPU_ENV_MCORE" psutil
 fi
-
-wheels_line() {  # what the device call must carry
-    shopt -s nullglob
-    local w=(benchmarks/wheels/*.whl)
-    if [[ ${#w[@]} == 0 ]]; then
-        echo "carry: benchmarks/wheels (EMPTY: run 'bash benchmarks/gpu_check.sh --fetch-wheels' here first; needs $MCORE and psutil, cp$PYVER manylinux x86_64)"
-    else
-        echo "carry: benchmarks/wheels ($(du -ch "${w[@]}" | tail -n1 | cut -f1) in ${#w[@]} wheels: $(basename -a "${w[@]}" | tr '\n' ' '))"
-    fi
-}
 
 if [[ $PLAN == 1 ]]; then
     PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -W ignore benchmarks/gpu_check.py --plan \
         --time-limit "$LIMIT" ${OUT_DIR:+--out "$OUT_DIR"}
     rc=$?
-    wheels_line
+    gpu_env_wheels_line
     exit $rc
 fi
 
@@ -82,7 +69,7 @@ finish() {
 trap finish EXIT
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), out $OUT, time limit ${LIMIT}s, python $($PYTHON -c 'import sys; print(sys.version.split()[0])')"
-wheels_line
+gpu_env_wheels_line
 
 if [[ $DRY == 0 ]]; then
     if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -98,20 +85,7 @@ else
 fi
 
 # megatron-core (and psutil, without which dist_checkpointing.save hangs) from the brought wheels.
-missing=$($PYTHON -c "import importlib.util as u; print(' '.join(m for m in ('megatron.core', 'psutil') if u.find_spec(m.split('.')[0]) is None))")
-if [[ -n "$missing" ]]; then
-    shopt -s nullglob
-    wheels=(benchmarks/wheels/*.whl)
-    if [[ ${#wheels[@]} == 0 ]]; then
-        echo "error: $missing not importable and no wheels in benchmarks/wheels/ (run --fetch-wheels where an index is reachable)" >&2
-        exit 2
-    fi
-    SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
-    echo "installing ${wheels[*]} into $SITE (no index, no deps)"
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}" || exit 2
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+gpu_env_install || exit 2
 $PYTHON -c "import importlib.util as u
 for m, why in (('transformer_engine', 'Transformer Engine spec and FP8'), ('vllm', 'vLLM rollout server (stays CPU-tested)')):
     print(f'{\"available\" if u.find_spec(m) else \"NOT AVAILABLE, not run\"}: {why}')"

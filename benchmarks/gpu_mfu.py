@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--method", default="rasft", help="loss method (sft, dft, rasft, ...)")
     p.add_argument("--impl", default="auto", choices=("auto", "local", "te"), help="layer spec")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "local"),
+                   help="core attention of the local spec (model.attention); the TE spec uses its own")
     p.add_argument("--fp8", default=None, choices=("hybrid", "e4m3"), help="FP8 (Hopper + Transformer Engine)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     pgs = init_distributed(ParallelConfig(), seed=0)
     mcfg = model_config(args)
     mcfg.fp8 = args.fp8
+    mcfg.attention = args.attention
     mcfg.params_dtype = "bf16" if on_gpu else mcfg.params_dtype
     impl = resolve_impl(mcfg)  # clear error if te / fp8 cannot run here
     chunks, optimizer, model = build_policy(mcfg)
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if on_gpu else ""
     print(f"{where}: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, ffn "
           f"{args.ffn}, vocab {args.vocab}; {n_all / 1e6:,.1f}M params ({n_matmul / 1e6:,.1f}M in matmuls); "
-          f"spec {impl}, {'bf16' if on_gpu else 'fp32'}{', fp8 ' + args.fp8 if args.fp8 else ''}; loss {args.method}")
+          f"spec {impl}{' (' + args.attention + ' attention)' if impl == 'local' else ''}, {'bf16' if on_gpu else 'fp32'}{', fp8 ' + args.fp8 if args.fp8 else ''}; loss {args.method}")
     print(f"step: {args.micro_batches} micro-batches × {args.micro_batch} × {args.seq} = {tokens} tokens; "
           f"median {t * 1e3:.1f} ms of {args.steps} (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}){mem}")
     line = f"tokens/s/GPU {tokens / t:,.0f}; {fpt / 1e9:.3g} GFLOP/token; {fpt * tokens / t / 1e12:.3g} TFLOP/s"

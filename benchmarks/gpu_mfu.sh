@@ -6,11 +6,15 @@
 #   bash benchmarks/gpu_mfu.sh --smoke                 # tiny shapes, one step, on the GPU if there is one
 #
 # Default shapes: Llama-3.2-1B (16 layers, hidden 2048, 32 heads / 8 KV heads, ffn 8192, vocab 128256),
-# seq 2048, bf16, Transformer Engine spec when importable; see benchmarks/gpu_mfu.py for the FLOP count.
+# seq 2048, bf16, Transformer Engine spec when importable, else the local spec with model.attention =
+# "sdpa" (--attention local: Megatron's unfused attention); see benchmarks/gpu_mfu.py for the FLOP count.
+# Python: $PYTHON, else .venv/bin/python, else python3; megatron-core (and psutil) are installed from
+# benchmarks/wheels/ when missing (benchmarks/_gpu_env.sh; bring them with gpu_check.sh --fetch-wheels).
+# GPU_MFU_TIME_LIMIT (default 290) caps the run in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-[[ -x .venv/bin/python && "$PYTHON" == python ]] && PYTHON=.venv/bin/python
+source benchmarks/_gpu_env.sh  # PYTHON, gpu_env_install
+gpu_env_install
 
 if [[ " $* " != *" --device cpu "* && " $* " != *" --smoke "* ]]; then
     if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -23,4 +27,4 @@ fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # Hard cap: a hung NCCL/TE initialisation must not hold the machine.
-exec timeout --signal=TERM --kill-after=10 290 "$PYTHON" -W ignore benchmarks/gpu_mfu.py "$@"
+exec timeout --signal=TERM --kill-after=10 "${GPU_MFU_TIME_LIMIT:-290}" "$PYTHON" -W ignore benchmarks/gpu_mfu.py "$@"
