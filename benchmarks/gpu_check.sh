@@ -30,6 +30,7 @@ DRY=0
 PLAN=0
 OUT_DIR=""
 FETCH=0
+SECTIONS=""
 LIMIT=${GPU_CHECK_TIME_LIMIT:-480}
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -37,8 +38,9 @@ while [[ $# -gt 0 ]]; do
         --out) OUT_DIR="$2"; shift ;;
         --fetch-wheels) FETCH=1 ;;
         --plan) PLAN=1 ;;
+        --sections) SECTIONS="$2"; shift ;;  # e.g. train,convert (a rerun of what failed)
         --time-limit) LIMIT="$2"; shift ;;
-        *) echo "usage: gpu_check.sh [--plan] [--cpu-dry-run|--smoke] [--out DIR] [--time-limit S] | --fetch-wheels" >&2; exit 2 ;;
+        *) echo "usage: gpu_check.sh [--plan] [--cpu-dry-run|--smoke] [--out DIR] [--time-limit S] [--sections LIST] | --fetch-wheels" >&2; exit 2 ;;
     esac
     shift
 done
@@ -53,7 +55,7 @@ fi
 
 if [[ $PLAN == 1 ]]; then
     PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -W ignore benchmarks/gpu_check.py --plan \
-        --time-limit "$LIMIT" ${OUT_DIR:+--out "$OUT_DIR"}
+        --time-limit "$LIMIT" ${OUT_DIR:+--out "$OUT_DIR"} ${SECTIONS:+--sections "$SECTIONS"}
     rc=$?
     gpu_env_wheels_line
     exit $rc
@@ -90,7 +92,7 @@ $PYTHON -c "import importlib.util as u
 for m, why in (('transformer_engine', 'Transformer Engine spec and FP8'), ('vllm', 'vLLM rollout server (stays CPU-tested)')):
     print(f'{\"available\" if u.find_spec(m) else \"NOT AVAILABLE, not run\"}: {why}')"
 
-args=(--out "$OUT" --logs "$LOGS" --time-limit "$LIMIT" --started-at "$STARTED")
+args=(--out "$OUT" --logs "$LOGS" --time-limit "$LIMIT" --started-at "$STARTED" ${SECTIONS:+--sections "$SECTIONS"})
 [[ $DRY == 1 ]] && args+=(--cpu-dry-run)
 # Hard cap 15 s before the limit (the tar and the tee still have to finish): a hung NCCL
 # initialisation must not hold the machine; the JSON is written after each section.

@@ -36,20 +36,20 @@ _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 class _MaskCache:
     """The additive mask of the last boolean mask seen, shared by every layer of a forward pass:
     one `[b, 1, s, s]` tensor (kept for backward once, not once per layer). Keyed on the identity
-    and version of the boolean mask (a weak reference, so a freed mask is never matched by address)."""
+    and version of the boolean mask (a weak reference, so a freed mask is never matched by address).
+    One tuple, replaced whole: a forward pass in another thread never sees a mixed entry."""
 
     def __init__(self):
-        self.src: Optional[weakref.ref] = None
-        self.key: tuple = ()
-        self.value: Optional[torch.Tensor] = None
+        self.entry: Optional[tuple] = None  # (weakref to the boolean mask, key, additive mask)
 
     def get(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (mask._version, tuple(mask.shape), dtype, mask.device)
-        if self.src is not None and self.src() is mask and self.key == key:
-            return self.value
-        self.value = additive_mask(mask, dtype)
-        self.src, self.key = weakref.ref(mask), key
-        return self.value
+        entry = self.entry
+        if entry is not None and entry[0]() is mask and entry[1] == key:
+            return entry[2]
+        value = additive_mask(mask, dtype)
+        self.entry = (weakref.ref(mask), key, value)
+        return value
 
 
 _MASKS = _MaskCache()
