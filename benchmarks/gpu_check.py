@@ -89,8 +89,11 @@ TRAIN_STEPS, TRAIN_SKIP, TRAIN_MICRO_BATCH, TRAIN_MICRO_BATCHES = 12, 3, 2, 4
 LOSS_SHAPE_BSV = (4, 1024, 151936)
 KL_SHAPE_NV = (4096, 151936)
 # Run under the resume section's training runs: deterministic kernels before anything else is imported.
-DETERMINISTIC_PRELUDE = ("import sys, runpy, torch; torch.use_deterministic_algorithms(True); "
+DETERMINISTIC_PRELUDE = ("import os, sys, runpy, torch; torch.use_deterministic_algorithms(True); "
+                         "print('[gpu_check] deterministic algorithms', torch.are_deterministic_algorithms_enabled(), "
+                         "'CUBLAS_WORKSPACE_CONFIG', os.environ.get('CUBLAS_WORKSPACE_CONFIG'), flush=True); "
                          "sys.argv[0] = 'megatron_rasft'; runpy.run_module('megatron_rasft', run_name='__main__')")
+DETERMINISTIC_LINE = "[gpu_check] deterministic algorithms True CUBLAS_WORKSPACE_CONFIG :4096:8"
 
 
 def log(msg: str) -> None:
@@ -396,12 +399,16 @@ def section_resume(res, dev, dry, work: Path, logs: Path):
     a = {r["step"]: r["loss"] for r in train_records(full)}
     b = {r["step"]: r["loss"] for r in train_records(resumed)}
     exact = [a[s] == b[s] for s in (3, 4)]
-    res["resume"] = dict(full=a, resumed=b, exact=all(exact), deterministic_algorithms=True,
+    # Read back from both runs' own output: the setting the runs had, not the one asked for.
+    deterministic = all(DETERMINISTIC_LINE in (logs / f).read_text() for f in ("resume_full.log", "resume_resumed.log"))
+    res["resume"] = dict(full=a, resumed=b, exact=all(exact), deterministic_algorithms=deterministic,
                          cublas_workspace_config=":4096:8",
                          max_abs_diff=max(abs(a[s] - b[s]) for s in (3, 4)))
     log(f"resume: steps 3-4 {[a[3], a[4]]} vs resumed {[b[3], b[4]]} -> {'exact' if all(exact) else 'NOT exact'}")
     if not all(exact):
         raise AssertionError("resumed losses differ from the uninterrupted run's")
+    if not deterministic:
+        raise AssertionError(f"a resume run did not print {DETERMINISTIC_LINE!r}: deterministic algorithms were not on")
 
 
 def _same_tensors(dir_a: Path, dir_b: Path) -> tuple[int, list]:
