@@ -69,6 +69,7 @@ def test_sampling_tables_and_deprecated_spellings(tmp_path):
     (["model.num_attention_heads=6", "model.num_query_groups=4"], "multiple of"),
     (["train.data.path=p.jsonl"], "train.data.tokenizer"),
     (["rollout.verifier.kind=sympy"], "rollout.verifier.kind must be one of"),
+    (["model.attention=flash"], "model.attention must be one of ('sdpa', 'local')"),
     (["rollout.selection.rule=some"], "rollout.selection.rule must be one of"),
     (["loss.ratio_min=2.0"], "ratio_min"),
     (["bad"], "section.key=value"),
