@@ -670,6 +670,9 @@ def main(argv=None) -> int:
     if args.export_child:
         return export_child(*args.export_child, dry)
     sections = tuple(args.sections.split(","))
+    known = ("loss", "kl_memory", "loss_time", "train", "resume", "convert")
+    if set(sections) - set(known):
+        p.error(f"--sections: unknown {sorted(set(sections) - set(known))}; known: {','.join(known)}")
     if args.plan:
         the_plan = plan(args.time_limit, args.gpu_mem_gib, sections=sections)
         print_plan(the_plan)
