@@ -55,7 +55,8 @@ def train(cfg: RunConfig) -> dict:
         print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
               f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, cfg.train.optim, cfg.parallel, total_steps=sched.train_iters)
-    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo))
+    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo,
+                                             temperature=cfg.policy_temperature))
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
     logger = Logger(run, rank0(), tensorboard=log_cfg.tensorboard,
                     wandb_project=log_cfg.wandb_project, config=cfg.to_dict())
