@@ -215,6 +215,8 @@ class SamplingConfig:
     seed: the base seed (per-prompt and per-round seeds derive from it: `rollout/client.py`,
     `rollout/stage.py`); stop_token_ids: token ids that end a sample besides the model's EOS (e.g. a
     chat model's <|im_end|>, which a stop *string* cannot match: special tokens are not detokenised).
+    Under `loss.method = "grpo"` the rounds' temperature is also that of every log-prob the loss
+    uses (π_θ, π_old, π_ref: `RunConfig.policy_temperature`, docs/loss.md "Sampling temperature").
     """
 
     n: int = 4
@@ -441,13 +443,13 @@ class RunConfig:
         # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
         _check(self.loss.method != "grpo" or self.train.schedule.refresh_interval >= 1,
                "loss.method = 'grpo' needs rollout rounds: set train.schedule.refresh_interval >= 1")
-        # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
-        # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
         # GRPO's π_θ and π_old are the tempered policy softmax(logits / T); greedy sampling (T = 0)
         # has no such policy (and gives K identical samples: no group to learn from).
         _check(self.loss.method != "grpo" or self.rollout.sampling.temperature > 0,
                f"loss.method = 'grpo' needs rollout.sampling.temperature > 0 (got "
                f"{self.rollout.sampling.temperature}): the ratios are those of the sampled policy softmax(logits / T)")
+        # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
+        # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
         _check(self.loss.method != "grpo" or not self.rollout.overlap,
                "loss.method = 'grpo' with rollout.overlap = true is not supported: pi_old must be the policy "
                "that sampled the round; set rollout.overlap = false")
