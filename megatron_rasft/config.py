@@ -159,7 +159,10 @@ class GRPOConfig:
 
     Advantages (megatron_rasft/advantages.py): A_j = (R_j − mean R) / (std R + eps), or R_j − mean R
     with `scale_by_std = false` (Dr.GRPO). Loss: token-level −min(ρ·A, clip(ρ, 1−eps_low, 1+eps_high)·A),
-    ρ = π_θ/π_old, plus `kl_coef` · k3 KL to the frozen reference.
+    ρ = π_θ/π_old, plus `kl_coef` · k3 KL to the frozen reference, each token's k3 capped at `k3_max`.
+    Every log-prob (π_θ, π_old, π_ref) is of the tempered policy softmax(logits / T), T =
+    `rollout.sampling.temperature`, the distribution the rollouts were sampled from
+    (`RunConfig.policy_temperature`).
     """
 
     scale_by_std: bool = True  # false: Dr.GRPO's unscaled advantage R − mean R
@@ -167,6 +170,8 @@ class GRPOConfig:
     eps_low: float = 0.2  # ρ is clipped below at 1 − eps_low
     eps_high: float = 0.2  # ρ is clipped above at 1 + eps_high (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.0  # β of the k3 KL to the frozen reference (0 as in Dr.GRPO and DAPO)
+    # Per-token cap on k3's value (verl's 10): beyond it a token adds the constant k3_max and no gradient.
+    k3_max: float = 10.0
     loss_aggregation: str = "token_mean"  # token_mean (global token mean) | seq_mean (original GRPO)
     filter_zero_variance: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
 
@@ -175,6 +180,7 @@ class GRPOConfig:
         _check(0 <= self.eps_low < 1, f"grpo.eps_low must be in [0, 1), got {self.eps_low}")
         _check(self.eps_high >= 0, f"grpo.eps_high must be >= 0, got {self.eps_high}")
         _check(self.kl_coef >= 0, f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        _check(self.k3_max > 0, f"grpo.k3_max must be > 0, got {self.k3_max}")
         _one_of("grpo.loss_aggregation", self.loss_aggregation, ("token_mean", "seq_mean"))
 
     @property
@@ -216,6 +222,8 @@ class SamplingConfig:
     seed: the base seed (per-prompt and per-round seeds derive from it: `rollout/client.py`,
     `rollout/stage.py`); stop_token_ids: token ids that end a sample besides the model's EOS (e.g. a
     chat model's <|im_end|>, which a stop *string* cannot match: special tokens are not detokenised).
+    Under `loss.method = "grpo"` the rounds' temperature is also that of every log-prob the loss
+    uses (π_θ, π_old, π_ref: `RunConfig.policy_temperature`, docs/loss.md "Sampling temperature").
     """
 
     n: int = 4
@@ -442,11 +450,24 @@ class RunConfig:
         # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
         _check(self.loss.method != "grpo" or self.train.schedule.refresh_interval >= 1,
                "loss.method = 'grpo' needs rollout rounds: set train.schedule.refresh_interval >= 1")
+        # GRPO's π_θ and π_old are the tempered policy softmax(logits / T); greedy sampling (T = 0)
+        # has no such policy (and gives K identical samples: no group to learn from).
+        _check(self.loss.method != "grpo" or self.rollout.sampling.temperature > 0,
+               f"loss.method = 'grpo' needs rollout.sampling.temperature > 0 (got "
+               f"{self.rollout.sampling.temperature}): the ratios are those of the sampled policy softmax(logits / T)")
         # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
         # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
         _check(self.loss.method != "grpo" or not self.rollout.overlap,
                "loss.method = 'grpo' with rollout.overlap = true is not supported: pi_old must be the policy "
                "that sampled the round; set rollout.overlap = false")
+
+    @property
+    def policy_temperature(self) -> float:
+        """The temperature T of the policy the loss trains, and of π_old and π_ref: the rollouts'
+        sampling temperature under `grpo` (its ratios and gradient are those of the policy that
+        sampled, softmax(logits / T)); 1 for every other method, which fits the model itself to
+        demonstrations and selected rollouts (docs/loss.md, "Sampling temperature")."""
+        return self.rollout.sampling.temperature if self.loss.method == "grpo" else 1.0
 
     @property
     def needs_ref_logp(self) -> bool:

@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig
-from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl
+from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob
 from megatron_rasft.testing.distributed import spawn
 
 B, S, V, TP = 2, 10, 16, 2
+T_SAMPLE = 0.6  # a sampling temperature (GRPO)
 
 
-def _batch(seed):
+def _batch(seed, temperature=1.0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, S, V, generator=g) * 2
     ref_logits = logits + torch.randn(B, S, V, generator=g) * 1.5
@@ -27,7 +28,7 @@ def _batch(seed):
     seq_weight = torch.rand(B, S, generator=g).gather(1, seq_id.clamp(min=0))
     ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
     # GRPO: π_old 0.7 nat around the policy (both clips engage), advantages of both signs and one 0.
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, labels.clamp(0, V - 1)[..., None])[..., 0]
     old_logp = logp + 0.7 * torch.randn(B, S, generator=g)
     advantage = torch.tensor([[1.2, -0.7, 0.0], [-1.1, 0.9, 0.0]]).gather(1, seq_id.clamp(min=0, max=2) % 3)
     rollout_logp = old_logp + 0.01 * torch.randn(B, S, generator=g)
@@ -42,7 +43,11 @@ def _cases():
               for r, f in itertools.product(("sequence", "token", "none"), ("dft", "none"))]
     cases += [(LossConfig(method="grpo"), g) for g in (GRPOConfig(), GRPOConfig(eps_high=0.28, kl_coef=0.1),
                                                         GRPOConfig(loss_aggregation="seq_mean", kl_coef=0.05))]
-    return [(cfg, dict(_batch(i), grpo=g)) for i, (cfg, g) in enumerate(cases)]
+    out = [(cfg, dict(_batch(i), grpo=g)) for i, (cfg, g) in enumerate(cases)]
+    # GRPO on rollouts sampled at temperature T: every shard divides its logits by T.
+    out.append((LossConfig(method="grpo"), dict(_batch(len(out), T_SAMPLE), grpo=GRPOConfig(kl_coef=0.1),
+                                                            temperature=T_SAMPLE)))
+    return out
 
 
 def _run(batch, cfg, lo, hi, group):
@@ -52,7 +57,8 @@ def _run(batch, cfg, lo, hi, group):
                                     seq_id=batch["seq_id"], seq_weight=batch["seq_weight"],
                                     ref_logp=batch["ref_logp"], ref_logits=batch["ref_logits"][..., lo:hi].clone(),
                                     old_logp=batch["old_logp"], advantage=batch["advantage"],
-                                    rollout_logp=batch["rollout_logp"], grpo=batch["grpo"], tp_group=group)
+                                    rollout_logp=batch["rollout_logp"], grpo=batch["grpo"], tp_group=group,
+                                    temperature=batch.get("temperature", 1.0))
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), n, grad, metrics
 
@@ -69,6 +75,11 @@ def _worker(rank, world_size, cases):
     kl = vocab_parallel_kl(xg, y, group)
     (kl_grad,) = torch.autograd.grad((kl * torch.arange(kl.numel())).sum(), xg)
     out["kl"], out["kl_grad"], out["entropy"] = kl.detach(), kl_grad, vocab_parallel_entropy(x, group)
+    # Tempered log-prob and entropy of softmax(x / T), and the gradient of a weighted sum of log-probs.
+    logp_t, ent_t = vocab_parallel_logprob(xg, batch["labels"].reshape(-1).clamp(0, V - 1), group,
+                                           return_entropy=True, temperature=T_SAMPLE)
+    (logp_t_grad,) = torch.autograd.grad((logp_t * torch.arange(logp_t.numel())).sum(), xg)
+    out["tempered"] = (logp_t.detach(), ent_t, logp_t_grad)
     # Bad input seen by one rank only must make BOTH ranks raise (no rank left in a collective).
     errors = []
     for bad in (dict(logits=batch["logits"].clone().index_fill_(-1, torch.tensor([V - 1]), float("nan"))),
@@ -122,6 +133,26 @@ def test_kl_and_entropy_kernels_match_full_vocab(tp_results):
         torch.testing.assert_close(out["entropy"], entropy.float(), rtol=1e-5, atol=1e-6)
     grad_tp = torch.cat([out["kl_grad"] for out in ranks], dim=-1)
     torch.testing.assert_close(grad_tp, kl_grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_tempered_logprob_at_tp2_matches_float64(tp_results):
+    """At TP = 2 the log-prob, entropy and gradient of softmax(logits / T) are the full-vocab
+    float64 values (plain autograd), so GRPO's tempered π_θ is the same at TP = 1 and TP = 2."""
+    cases, ranks = tp_results
+    batch = cases[0][1]
+    x = batch["logits"].reshape(-1, V).double().requires_grad_()
+    lsm = torch.log_softmax(x / T_SAMPLE, -1)
+    logp = lsm.gather(-1, batch["labels"].reshape(-1, 1).clamp(0, V - 1))[:, 0]
+    (grad,) = torch.autograd.grad((logp * torch.arange(logp.numel())).sum(), x)
+    entropy = -(lsm.exp() * lsm).sum(-1).detach()
+    assert (logp - torch.log_softmax(x, -1).gather(-1, batch["labels"].reshape(-1, 1).clamp(0, V - 1))[:, 0]
+            ).abs().max() > 0.1  # the temperature matters for this batch
+    for out in ranks:
+        logp_t, ent_t, _ = out["tempered"]
+        torch.testing.assert_close(logp_t, logp.detach().float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ent_t, entropy.float(), rtol=1e-5, atol=1e-6)
+    grad_tp = torch.cat([out["tempered"][2] for out in ranks], dim=-1)
+    torch.testing.assert_close(grad_tp, grad.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_raises_on_every_rank(tp_results):

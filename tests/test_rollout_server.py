@@ -58,8 +58,8 @@ def test_token_ids_and_logprobs_match_transformers(vllm_server):
 
     client = _client(vllm_server)
     tok = AutoTokenizer.from_pretrained(vllm_server.model_dir)
-    # Temperature != 1 and top-p < 1: the returned log-probs must still be the model's raw ones.
-    sampling = SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_tokens=24, seed=3)
+    # Temperature 1, no top-p/top-k: the sampling distribution is the model's own.
+    sampling = SamplingConfig(n=2, temperature=1.0, top_p=1.0, max_tokens=24, seed=3)
     results = client.generate(PROMPTS[:3], sampling)
     for prompt, comps in zip(PROMPTS[:3], results):
         prompt_ids = tok(prompt).input_ids
@@ -72,6 +72,35 @@ def test_token_ids_and_logprobs_match_transformers(vllm_server):
     # Token-id prompts are sent as they are.
     by_ids = client.generate([tok(PROMPTS[0]).input_ids], sampling)
     assert _texts(by_ids) == _texts(results[:1])
+
+
+def test_logprobs_are_those_of_the_tempered_nucleus_that_sampled(vllm_server):
+    """At temperature 0.7 and top-p 0.95 each sampled token's log-prob is log softmax(logits / T)
+    renormalised over the top-p nucleus (the server runs with `--logprobs-mode
+    processed_logprobs`), recomputed from `transformers` with its own top-p warper; vLLM's default
+    raw log-probs (the model's, at T = 1) are far from it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TopPLogitsWarper
+
+    T, top_p = 0.7, 0.95
+    client = _client(vllm_server)
+    tok = AutoTokenizer.from_pretrained(vllm_server.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_server.model_dir, dtype=torch.float32).eval()
+    results = client.generate(PROMPTS[:2], SamplingConfig(n=2, temperature=T, top_p=top_p, max_tokens=24, seed=3))
+    worst_raw = 0.0
+    for prompt, comps in zip(PROMPTS[:2], results):
+        n = len(tok(prompt).input_ids)
+        for c in comps:
+            ids = torch.tensor([tok(prompt).input_ids + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, n - 1:-1].double()
+            nucleus = TopPLogitsWarper(top_p)(ids, logits / T)  # -inf outside the nucleus
+            want = torch.log_softmax(nucleus, -1).gather(-1, ids[0, n:, None])[:, 0]
+            raw = torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None])[:, 0]
+            got = torch.tensor(c.logprobs, dtype=torch.float64)
+            assert (got - want).abs().max() <= 1e-2, (got, want)
+            worst_raw = max(worst_raw, (got - raw).abs().max().item())
+    assert worst_raw > 0.1  # the raw mode would fail the comparison above
 
 
 def test_inplace_refresh_serves_new_weights(vllm_server, tmp_path):

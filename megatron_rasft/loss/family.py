@@ -12,6 +12,7 @@ length of its sequence and the normaliser is the number of sequences instead of 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -90,7 +91,8 @@ def _clipped_ratio(log_r: torch.Tensor, cfg: LossConfig):
 
 def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq_weight=None,
                  ref_logp=None, ref_logits=None, old_logp=None, advantage=None, rollout_logp=None,
-                 grpo: Optional[GRPOConfig] = None, tp_group: Optional[dist.ProcessGroup] = None):
+                 grpo: Optional[GRPOConfig] = None, tp_group: Optional[dist.ProcessGroup] = None,
+                 temperature: float = 1.0):
     """Loss numerator, its normaliser and metric sums for one micro-batch.
 
     logits `[B, S, v]` (local vocab shard of rank r: ids [r·v, (r+1)·v)); labels, loss_mask,
@@ -102,16 +104,25 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
     `grpo` its config (None = GRPOConfig() defaults). Returns `(loss_sum, normaliser, metrics)`:
     loss_sum a 0-d fp32 tensor with grad; normaliser = Σ loss_mask (0-d fp32), or the number of
     sequences with `grpo.loss_aggregation = "seq_mean"`; metrics a dict of detached 0-d sums
-    (docs/loss.md defines each). Raises ValueError naming the bad argument.
+    (docs/loss.md defines each). `temperature` (`grpo` only): T of the sampling policy; π_θ is then
+    softmax(logits / T) on every shard before the vocab-parallel log-softmax, and old_logp and
+    ref_logp must be of the same tempered policies (`RunConfig.policy_temperature`; docs/loss.md,
+    "Sampling temperature"). Raises ValueError naming the bad argument.
     """
     grpo = GRPOConfig() if grpo is None else grpo
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if temperature != 1 and cfg.method != "grpo":
+        # The SFT family fits the model itself (docs/loss.md, "Sampling temperature").
+        raise ValueError(f"temperature={temperature} applies to loss.method='grpo' only; "
+                         f"loss.method={cfg.method!r} trains the untempered policy (temperature=1)")
     per_token = dict(old_logp=old_logp, advantage=advantage, rollout_logp=rollout_logp)
     _check_shapes(logits, labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, cfg, grpo, per_token)
     is_grpo = cfg.method == "grpo"
     B, S, v = logits.shape
     N = B * S
     logp_N, ent_N = vocab_parallel_logprob(logits.reshape(N, v), labels.reshape(N), tp_group,
-                                           return_entropy=True)
+                                           return_entropy=True, temperature=float(temperature))
     uses_kl = cfg.method in KL_METHODS
     kl_N = vocab_parallel_kl(logits.reshape(N, v), ref_logits.reshape(N, v), tp_group) if uses_kl else None
 
@@ -218,7 +229,7 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         loss_sum = loss_sum + cfg.kl_coef * kl_term
         metrics["kl_sum"] = (mask_N * kl_N.detach()).sum()
     if is_grpo and grpo.needs_ref_logp:
-        k3_N = k3_kl(logp_N, ref_logp.reshape(N).detach().float(), on_N, cfg.ratio_log_clamp)
+        k3_N = k3_kl(logp_N, ref_logp.reshape(N).detach().float(), on_N, cfg.ratio_log_clamp, grpo.k3_max)
         loss_sum = loss_sum + grpo.kl_coef * (a_N * k3_N).sum()
         metrics["kl_sum"] = (mask_N * k3_N.detach()).sum()
     # Own storage per entry: callers all-reduce metrics in place, and some keys share a tensor.

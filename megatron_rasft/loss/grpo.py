@@ -52,9 +52,14 @@ def clipped_coefficient(logp_N: torch.Tensor, old_logp_N: torch.Tensor, adv_N: t
     return c_N, metrics
 
 
-def k3_kl(logp_N: torch.Tensor, ref_logp_N: torch.Tensor, on_N: torch.Tensor, log_clamp: float) -> torch.Tensor:
+def k3_kl(logp_N: torch.Tensor, ref_logp_N: torch.Tensor, on_N: torch.Tensor, log_clamp: float,
+          k3_max: float) -> torch.Tensor:
     """k3 estimate of KL(π_θ ‖ π_ref) per token (Schulman 2020, "Approximating KL divergence"):
-    exp(d) − d − 1 with d = log π_ref(y_t) − log π_θ(y_t), ≥ 0, unbiased for samples of π_θ.
-    Differentiable through `logp_N`; 0 off the loss tokens; d is clamped to ±`log_clamp`."""
+    min(exp(d) − d − 1, k3_max) with d = clamp(log π_ref(y_t) − log π_θ(y_t), ±log_clamp); ≥ 0,
+    unbiased for samples of π_θ before the cap. Differentiable through `logp_N`; 0 off the loss
+    tokens. The clamp keeps exp() finite in fp32, but exp(20) − 21 = 4.85e8 would still let one
+    token carry a whole step; the cap bounds each token's value at `k3_max` (verl's
+    `kl_penalty(..., "low_var_kl")` clamps at 10 after the same ±20 clamp) and, being a clamp,
+    gives 0 gradient where k3 > k3_max (full gradient at and below it)."""
     d_N = torch.where(on_N, ref_logp_N - logp_N, torch.zeros_like(logp_N)).clamp(-log_clamp, log_clamp)
-    return d_N.exp() - d_N - 1
+    return (d_N.exp() - d_N - 1).clamp(max=k3_max)

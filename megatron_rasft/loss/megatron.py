@@ -40,7 +40,7 @@ _REPORT = {
 
 
 def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None,
-                   grpo: Optional[GRPOConfig] = None):
+                   grpo: Optional[GRPOConfig] = None, temperature: float = 1.0):
     """Return `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, *,
     old_logp=None, advantage=None, rollout_logp=None)`.
 
@@ -50,7 +50,8 @@ def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None
     loss_sum a 0-d tensor with grad, num_tokens a torch.int 0-d tensor (the normaliser: sequences
     under `grpo.loss_aggregation = "seq_mean"`), report name → detached `[value_sum, count]` fp32
     tensors; sum them over micro-batches and data-parallel ranks, then divide. `grpo` is the GRPO
-    config (None = defaults; used by `loss.method = "grpo"` only).
+    config (None = defaults; used by `loss.method = "grpo"` only); `temperature` the sampling
+    temperature of `grpo`'s policy (`RunConfig.policy_temperature`; see `compute_loss`).
     """
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
@@ -60,7 +61,7 @@ def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None
         loss_sum, num_tokens, metrics = compute_loss(
             logits, labels, loss_mask, cfg=cfg, seq_id=seq_id, seq_weight=seq_weight,
             ref_logp=ref_logp, ref_logits=ref_logits, old_logp=old_logp, advantage=advantage,
-            rollout_logp=rollout_logp, grpo=grpo, tp_group=tp_group)
+            rollout_logp=rollout_logp, grpo=grpo, tp_group=tp_group, temperature=temperature)
         one = torch.ones((), device=num_tokens.device)
         # New storage (stack) for every report entry: the schedule works on its tensors in place.
         report = {"loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}

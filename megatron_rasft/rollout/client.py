@@ -10,8 +10,13 @@ correlates their samples (the same random draws). So every prompt gets its own s
 of (base seed, key), where the key is the problem id (or the prompt's index): far apart, and the
 same across restarts and batch orders, so a resumed round regenerates identical samples.
 
-Log-probs are vLLM's default `raw_logprobs`: log-softmax of the model's logits before temperature,
-top-p/top-k and penalties, i.e. log π_θ(token | prefix), comparable with the trainer's.
+Log-probs are those of the distribution each token was sampled from: a server we start runs with
+`--logprobs-mode processed_logprobs` (`rollout/server.py`), so they are the log-softmax of the logits
+after penalties, temperature T and top-k/top-p (renormalised over the kept tokens), i.e.
+log softmax(logits / T) with the default top_p = 1, top_k = 0, the tempered policy that GRPO trains
+and compares with (docs/loss.md, "Sampling temperature"). An external server must be started with
+that flag too; with vLLM's default (`raw_logprobs`) they are the model's untempered log-probs. The
+prompt log-probs of `prompt_logprobs` are the model's own in either mode.
 """
 from __future__ import annotations
 

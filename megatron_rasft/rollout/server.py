@@ -144,7 +144,11 @@ class RolloutServer:
                "--host", cfg.host, "--port", str(self.port), "--dtype", dtype,
                "--kv-cache-memory-bytes", str(int(cfg.kv_cache_gib * (1 << 30))),
                # Sampling defaults come from the request only, never from generation_config.json.
-               "--generation-config", "vllm"]
+               "--generation-config", "vllm",
+               # Sampled tokens' log-probs under the distribution they were drawn from (after
+               # temperature, top-k/top-p, penalties), not vLLM's default raw model log-probs: what
+               # GRPO's π_old (tempered) is compared with in the train/rollout mismatch metric.
+               "--logprobs-mode", "processed_logprobs"]
         if cfg.max_model_len:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
         # `reload_weights_tied` for the in-place refresh: a plain reload leaves a tied LM head stale on CPU.

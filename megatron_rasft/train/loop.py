@@ -30,7 +30,6 @@ def train(cfg: RunConfig) -> dict:
     """Train as `cfg` says; returns {step, tokens, checkpoint (the last one saved), times (seconds
     per stage)}. Raises NonFiniteLoss when a step's loss is not finite. Collective over all ranks."""
     from megatron_rasft.data.batching import make_rows, stack_microbatches
-    from megatron_rasft.loss import make_loss_func
     from megatron_rasft.parallel.groups import init_distributed, rank0
     from megatron_rasft.train.model import build_policy_and_reference
     from megatron_rasft.train.optim import build_optimizer
@@ -55,7 +54,7 @@ def train(cfg: RunConfig) -> dict:
         print(f"[data] {len(unverifiable)} unverifiable problems (no rollouts, A_E = 1; meta.unverifiable in "
               f"RUN/problems.jsonl), e.g. {unverifiable[0].id}: {unverifiable[0].meta['unverifiable']}", flush=True)
     optimizer, scheduler = build_optimizer(models.policy, cfg.train.optim, cfg.parallel, total_steps=sched.train_iters)
-    loss_func = _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo))
+    loss_func = build_loss_func(cfg, groups)
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
     logger = Logger(run, rank0(), tensorboard=log_cfg.tensorboard,
                     wandb_project=log_cfg.wandb_project, config=cfg.to_dict())
@@ -164,6 +163,17 @@ def _dp_keys(seqs: list, groups) -> list:
     parts = [None] * groups.dp_size
     dist.all_gather_object(parts, [s.key for s in seqs], group=groups.dp)
     return parts
+
+
+def build_loss_func(cfg: RunConfig, groups):
+    """The training step's Megatron `loss_func` (`loss.make_loss_func`) for `cfg`: its method, the
+    GRPO settings, the temperature of the policy it trains (`cfg.policy_temperature`: the rollouts'
+    sampling temperature under grpo, 1 otherwise) and the tensor-parallel group of `groups`; a
+    non-finite logit gives a NaN loss instead of an exception (`_nan_tolerant`)."""
+    from megatron_rasft.loss import make_loss_func
+
+    return _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo,
+                                        temperature=cfg.policy_temperature))
 
 
 def _nan_tolerant(loss_func):

@@ -16,14 +16,14 @@ import torch.distributed as dist
 from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
 
 
-def _logprob_loss_func(tp_group):
+def _logprob_loss_func(tp_group, temperature: float = 1.0):
     from megatron_rasft.loss.kernels import vocab_parallel_logprob
 
     def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **_grpo_inputs):
         # GRPO columns (old_logp, advantage, rollout_logp) ride along in the batch; scoring ignores them.
         b, s, v = logits.shape
         logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), labels.reshape(-1),
-                                         tp_group=tp_group).view(b, s)
+                                         tp_group=tp_group, temperature=temperature).view(b, s)
         zero = logits.new_zeros(())
         return zero, torch.tensor(0, dtype=torch.int), {"logp": logp_BS.detach().clone()}
 
@@ -32,17 +32,18 @@ def _logprob_loss_func(tp_group):
 
 @torch.no_grad()
 def score(model_chunks: list, seqs: list[Seq], groups, *, micro_batch_size: int, seq_length: int, pad_id: int,
-          vocab_size: int | None = None) -> dict[str, list]:
+          vocab_size: int | None = None, temperature: float = 1.0) -> dict[str, list]:
     """`{seq.key: per-token log-probs of tokens[1:]}` (a list of len(tokens) − 1 floats, natural
     log) for every sequence, on every rank. `groups`: the run's `ParallelGroups`; each DP rank
-    scores its share. Collective over all ranks."""
+    scores its share. `temperature` T: log-probs of softmax(logits / T) (GRPO's π_old and π_ref
+    at the sampling temperature, `RunConfig.policy_temperature`). Collective over all ranks."""
     from megatron_rasft.train.step import forward_backward, make_forward_step
 
     mine = seqs[groups.dp_rank::groups.dp_size]
     out: dict[str, list] = {}
     for c in model_chunks:
         c.eval()
-    step = make_forward_step(_logprob_loss_func(groups.tp), groups, vocab_size=vocab_size)
+    step = make_forward_step(_logprob_loss_func(groups.tp, temperature), groups, vocab_size=vocab_size)
     chunk = micro_batch_size * 16  # bound the number of micro-batches per schedule call
     n_rounds = _max_over_dp(-(-len(mine) // chunk), groups.dp)
     for i in range(n_rounds):

@@ -159,7 +159,8 @@ class TrainingStream:
             cfg = self.cfg
             cached = score(unwrap(self.models.policy), list(new.values()), self.groups,
                            micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
-                           pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
+                           pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size,
+                           temperature=cfg.policy_temperature)
             self.old_cache.save(RunDir.old_logp_group(r), cached)
             self.times["old_logp"] += time.time() - t0
         self.old_logp.update(cached or {})
@@ -175,7 +176,8 @@ class TrainingStream:
         cfg = self.cfg
         scores = score(self.models.reference, list({s.key: s for s in todo}.values()), self.groups,
                        micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
-                       pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size)
+                       pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size,
+                       temperature=cfg.policy_temperature)
         self.ref_cache.save(RunDir.ref_logp_group(window), scores)
         self.ref_logp.update(scores)
         self.times["reference"] += time.time() - t0
