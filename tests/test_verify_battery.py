@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from megatron_rasft.verify.mathv import MathVerifier, grade_math, numeric_guard
+from megatron_rasft.verify.guard import values_agree as numeric_guard
+from megatron_rasft.verify.mathv import MathVerifier, grade_math
 from megatron_rasft.verify.answers import exact_number, normalize_answer, numbers_equal, own_verdict
 
 MATH500 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks", "math500.jsonl")
