@@ -164,10 +164,10 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
                 stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir)
                 print(f"[eval] {name}: {stats['generated']} problems generated, {stats['skipped']} "
                       f"already done, {stats['seconds']:.1f}s", flush=True)
+            return finish(out_dir, problems, grader.equivalent)
     finally:
         if server is not None:
             server.stop()
-    return finish(out_dir, problems)
 
 
 def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader, sampling,
@@ -201,8 +201,10 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
     return stats
 
 
-def finish(out_dir: Path, problems: dict) -> dict:
-    """Metrics of the current problems from the samples files; write results and reports."""
+def finish(out_dir: Path, problems: dict, equivalent=None) -> dict:
+    """Metrics of the current problems from the samples files; write results and reports.
+    `equivalent`: the grader's pairwise answer equivalence for maj@n (`Grader.equivalent`;
+    default: the `math` rule in this process)."""
     from megatron_rasft.eval import report
 
     results = {}
@@ -213,7 +215,7 @@ def finish(out_dir: Path, problems: dict) -> dict:
             if r["id"] in wanted:
                 by_problem[r["id"]].append(r)
         if by_problem:
-            results[name] = summarize(dict(by_problem), ps[0].kind)
+            results[name] = summarize(dict(by_problem), ps[0].kind, equivalent)
     config_path = out_dir / "config.json"
     meta = json.loads(config_path.read_text()) if config_path.exists() else {}
     report.write_all(out_dir, results, meta)
@@ -268,9 +270,18 @@ def grade_responses(rows: Sequence[dict], problems: dict, out_dir, *, workers: i
         items.append((p, row["completion"]))
         keys.append((row["benchmark"], p, j, row))
     t0 = time.monotonic()
-    with Grader(workers, math_mode, grade_timeout_s) as grader:
+    grader = Grader(workers, math_mode, grade_timeout_s)
+    try:
         verdicts = grader.grade(items)
-    print(f"[eval] graded {len(items)} completions in {time.monotonic() - t0:.1f}s", flush=True)
+        return _finish_graded(out_dir, source, keys, verdicts, problems, grader, time.monotonic() - t0)
+    finally:
+        grader.close()
+
+
+def _finish_graded(out_dir: Path, source: str, keys: list, verdicts: list, problems: dict, grader,
+                   seconds: float) -> dict:
+    """Write the graded samples of `grade_responses` and their metrics."""
+    print(f"[eval] graded {len(keys)} completions in {seconds:.1f}s", flush=True)
     by_bench = defaultdict(list)
     for (name, p, j, row), v in zip(keys, verdicts):
         by_bench[name].append(sample_row(name, p, j, row.get("prompt"), row["completion"], v,
@@ -283,7 +294,7 @@ def grade_responses(rows: Sequence[dict], problems: dict, out_dir, *, workers: i
         indent=2))
     seen = {(k[0], k[1].id) for k in keys}
     graded = {name: [p for p in problems[name] if (name, p.id) in seen] for name in by_bench}
-    return finish(out_dir, graded)
+    return finish(out_dir, graded, grader.equivalent)
 
 
 __all__ = ["evaluate", "grade_responses", "read_responses", "BenchmarkError"]
