@@ -136,7 +136,8 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
     source: an HF model directory (a server is started and stopped here), a server URL, a
         `RolloutServer`, or a generator `fn(prompts, sampling, keys=, on_result=)`.
     benchmarks: name -> list of `EvalProblem`s or dicts (`prompt` + `answer`, or `tests`).
-    sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops).
+    sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops; with
+        a tokenizer its `stop_token_ids` by `rollout.stops.stop_token_ids`, the rounds' rule).
     server_cfg: the `ServerConfig` of the server started or attached here, and of the client.
     tokenizer: tokenizer or its directory (default: the model's); prompts are sent as token ids
         (BOS added like the trainer does) when there is one, as text otherwise.
@@ -161,7 +162,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
         cfg_path.write_text(json.dumps(cfg, indent=2))
         with Grader(workers, math_mode, grade_timeout_s) as grader:
             for name, ps in problems.items():
-                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir)
+                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, model_dir)
                 print(f"[eval] {name}: {stats['generated']} problems generated, {stats['skipped']} "
                       f"already done, {stats['seconds']:.1f}s", flush=True)
             return finish(out_dir, problems, grader.equivalent)
@@ -171,8 +172,9 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
 
 
 def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader, sampling,
-                   template: str, tokenizer, out_dir: Path) -> dict:
+                   template: str, tokenizer, out_dir: Path, model_dir=None) -> dict:
     from megatron_rasft.data.tokenize import encode_prompt
+    from megatron_rasft.rollout.stops import stop_token_ids
 
     t0 = time.monotonic()
     path = sample_path(out_dir, name)
@@ -185,6 +187,13 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
         kinds = {p.kind for p in todo}
         extra = P.stops("code" if kinds == {"code"} else "math", template, any(p.code_prefix for p in todo))
         bench_sampling = dataclasses.replace(sampling, stop=list(dict.fromkeys(list(sampling.stop) + extra)))
+        if tokenizer is not None:  # the rounds' rule: an end-of-turn special token ends the sample
+            bench_sampling = dataclasses.replace(bench_sampling, stop_token_ids=stop_token_ids(
+                tokenizer, model_dir, sampling.stop_token_ids))
+        else:
+            warnings.warn("eval without a tokenizer: samples end only at the server's EOS and at stop "
+                          "strings, which cannot match a special end-of-turn token; give --tokenizer",
+                          stacklevel=2)
         writer = RecordWriter(path)
         try:
             def on_result(i: int, completions: list) -> None:
