@@ -253,9 +253,15 @@ def test_majority_vote_groups_by_the_graders_equivalence():
     assert _voted(["0.3333333", "\\frac{1}{3}", "0.33333333", "0.33333333"], "0.3333333")[1]["maj@n"] == 1.0
     assert _voted(["0.33333333", "0.33333333", "0.3333333", "\\frac{1}{3}"], "0.3333333")[1]["maj@n"] == 0.0
     # Non-transitive: 0.3333333 ≡ 1/3 ≡ 0.33333333 but 0.3333333 ≢ 0.33333333 (two decimals compare
-    # exactly). 1/3 joins the first representative; 0.3333333 is not pulled in through it.
-    samples, r = _voted(["0.33333333", "\\frac{1}{3}", "0.3333333"], "0.3333333")
-    assert r["maj@n"] == 0.0
+    # exactly). 1/3 joins the first representative; 0.3333333 is not pulled in through it, so its
+    # three votes win against two.
+    answers = ["0.33333333", "\\frac{1}{3}", "0.3333333", "0.3333333", "0.3333333"]
+    samples, r = _voted(answers, "0.3333333")
+    assert r["maj@n"] == 1.0
+    same = {(a, b): grade_math("\\boxed{" + b + "}", a)["correct"] for a in answers for b in answers}
+    assert same[("0.33333333", "\\frac{1}{3}")] and same[("\\frac{1}{3}", "0.3333333")]
+    assert not same[("0.33333333", "0.3333333")]
+    assert vote_groups(samples, same) == [[0, 1], [2, 3, 4]]
     # The O(n²) comparisons are asked once per distinct pair of distinct answers, for the whole benchmark.
     asked = []
 
