@@ -70,9 +70,10 @@ def test_rule_precedence_over_tokenizer_files(base_tokenizer, tmp_path):
     ll = _tok(_layout(base_tokenizer, tmp_path / "llama3", llama, "<|end_of_text|>", LLAMA3))
     assert stop_token_ids(ll) == [ll.convert_tokens_to_ids("<|end_of_text|>"), ll.convert_tokens_to_ids("<|eot_id|>")]
     assert round_sampling(SamplingConfig(), 0, ll).stop_token_ids == stop_token_ids(ll)
-    # A base model without a chat template: EOS, then its generation config's ids.
+    # A base model without a chat template: EOS, then its generation config's ids (which do not
+    # replace the EOS, even when they leave it out).
     bare = _tok(_layout(base_tokenizer, tmp_path / "bare", ["<|endoftext|>", "<|fim_pad|>"], "<|endoftext|>", None,
-                        ["<|endoftext|>", "<|fim_pad|>"]))
+                        ["<|fim_pad|>"]))
     assert end_of_turn_id(bare) is None
     assert stop_token_ids(bare) == [bare.eos_token_id, bare.convert_tokens_to_ids("<|fim_pad|>")]
     # The toy tokenizer: its template ends a turn with the EOS itself.
