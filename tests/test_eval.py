@@ -10,7 +10,8 @@ import pytest
 
 from megatron_rasft.eval.benchmarks import BenchmarkError, load_benchmark, read_rows
 from megatron_rasft.eval.grade import Grader
-from megatron_rasft.eval.metrics import ks_for, majority_correct, pass_at_k, summarize
+from megatron_rasft.eval.metrics import ks_for, majority_correct, pass_at_k, summarize, vote_groups
+from megatron_rasft.verify.mathv import grade_math
 from megatron_rasft.verify.answers import normalize_answer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,3 +229,45 @@ def test_python_api_on_a_held_out_split(tmp_path):
     assert evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path)["heldout"] == r
     assert len(script.calls) == 1  # resumed: nothing regenerated
     assert json.loads((tmp_path / "config.json").read_text())["template"] == "plain"
+
+
+def _voted(answers, gold, equivalent=None):
+    """maj@n of one problem whose samples extracted `answers` (graded against `gold` by the math rule)."""
+    from megatron_rasft.verify.mathv import grade_math
+
+    samples = [{"extracted": a, "reason": "x", **({"correct": grade_math("\\boxed{" + a + "}", gold)["correct"]}
+                                                 if a is not None else {"correct": False})} for a in answers]
+    return samples, summarize({"p": samples}, "math", equivalent)
+
+
+def test_majority_vote_groups_by_the_graders_equivalence():
+    # The issue's case: three spellings of ½ against two 3s.
+    samples, r = _voted(["0.5", "\\frac{1}{2}", "\\frac{2}{4}", "3", "3"], "\\frac{1}{2}")
+    assert r["avg@n"] == pytest.approx(0.6) and r["maj@n"] == 1.0
+    assert vote_groups(samples, {(a, b): grade_math("\\boxed{" + b + "}", a)["correct"]
+                                 for a in ("0.5", "\\frac{1}{2}", "\\frac{2}{4}", "3")
+                                 for b in ("\\frac{1}{2}", "\\frac{2}{4}", "3")}) == [[0, 1, 2], [3, 4]]
+    # Grouped without the gold: two equal wrong answers in other spellings outvote one right one.
+    assert _voted(["7", "14/2", "\\frac{1}{2}", None], "\\frac{1}{2}")[1]["maj@n"] == 0.0
+    # Ties go to the group whose representative came first.
+    assert _voted(["0.3333333", "\\frac{1}{3}", "0.33333333", "0.33333333"], "0.3333333")[1]["maj@n"] == 1.0
+    assert _voted(["0.33333333", "0.33333333", "0.3333333", "\\frac{1}{3}"], "0.3333333")[1]["maj@n"] == 0.0
+    # Non-transitive: 0.3333333 ≡ 1/3 ≡ 0.33333333 but 0.3333333 ≢ 0.33333333 (two decimals compare
+    # exactly). 1/3 joins the first representative; 0.3333333 is not pulled in through it, so its
+    # three votes win against two.
+    answers = ["0.33333333", "\\frac{1}{3}", "0.3333333", "0.3333333", "0.3333333"]
+    samples, r = _voted(answers, "0.3333333")
+    assert r["maj@n"] == 1.0
+    same = {(a, b): grade_math("\\boxed{" + b + "}", a)["correct"] for a in answers for b in answers}
+    assert same[("0.33333333", "\\frac{1}{3}")] and same[("\\frac{1}{3}", "0.3333333")]
+    assert not same[("0.33333333", "0.3333333")]
+    assert vote_groups(samples, same) == [[0, 1], [2, 3, 4]]
+    # The O(n²) comparisons are asked once per distinct pair of distinct answers, for the whole benchmark.
+    asked = []
+
+    def counting(pairs):
+        asked.extend(pairs)
+        return [grade_math("\\boxed{" + b + "}", a)["correct"] for a, b in pairs]
+
+    _voted(["3", "3", "x=3", "\\frac{6}{2}", "3", "y=3"], "3", counting)
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 6  # 4 distinct answers: 3, x=3, 6/2, y=3

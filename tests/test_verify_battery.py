@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from megatron_rasft.verify.mathv import MathVerifier, grade_math, numeric_guard
+from megatron_rasft.verify.guard import values_agree
+from megatron_rasft.verify.mathv import MathVerifier, grade_math
 from megatron_rasft.verify.answers import exact_number, normalize_answer, numbers_equal, own_verdict
 
 MATH500 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks", "math500.jsonl")
@@ -73,11 +74,13 @@ def test_own_rule_is_three_valued():
     assert normalize_answer("x = 3") == "3" and normalize_answer("x = 3", keep_lhs=True) == "x=3"
 
 
-def test_numeric_guard():
+def test_values_agree():
     import sympy
-    assert not numeric_guard(sympy.Float("1e-7"), sympy.Float("2e-7"))
-    assert numeric_guard(sympy.sqrt(2), sympy.Float("1.4142136"))
-    assert numeric_guard(sympy.Symbol("x"), sympy.Symbol("x"))  # not numeric: no opinion
+    assert not values_agree(sympy.Float("1e-7"), sympy.Float("2e-7"))
+    assert values_agree(sympy.sqrt(2), sympy.Float("1.4142136"))
+    assert values_agree(sympy.Symbol("x"), sympy.Symbol("x"))
+    x = sympy.Symbol("x")  # a float inside a symbolic expression is compared by its own size too
+    assert not values_agree(sympy.Float("1e-7") * x, sympy.Float("2e-7") * x)
 
 
 def _math500():

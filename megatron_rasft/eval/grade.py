@@ -44,6 +44,13 @@ class Grader:
                 out[i] = verdict
         return out
 
+    def equivalent(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """[(representative, answer), ...] -> whether the math rule accepts `answer` with
+        `representative` as the gold (maj@n's vote groups); in the pool, so a comparison past its
+        deadline counts as "not equivalent"."""
+        verdicts = self.math_verifier().grade([("\\boxed{" + b + "}", a) for a, b in pairs])
+        return [bool(v["correct"]) for v in verdicts]
+
     def math_verifier(self):
         if self._math is None:
             from megatron_rasft.verify.mathv import MathVerifier

@@ -57,7 +57,8 @@ def render(problem: EvalProblem, template: str, tokenizer=None) -> str:
 
 
 def stops(kind: str, template: str, has_prefix: bool) -> list[str]:
-    """Stop strings for a benchmark of `kind` under `template` (EOS ends every sample anyway)."""
+    """Stop strings for a benchmark of `kind` under `template`. Special tokens (EOS, `<|im_end|>`)
+    are matched by id, not here: `rollout.stops.stop_token_ids`."""
     if template == "plain" and kind == "code" and has_prefix:
         return list(PLAIN_CODE_STOPS)
     if template == "qwen25-math-cot":

@@ -136,7 +136,8 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
     source: an HF model directory (a server is started and stopped here), a server URL, a
         `RolloutServer`, or a generator `fn(prompts, sampling, keys=, on_result=)`.
     benchmarks: name -> list of `EvalProblem`s or dicts (`prompt` + `answer`, or `tests`).
-    sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops).
+    sampling: `SamplingConfig` (its `stop` is extended per benchmark by the template's stops; with
+        a tokenizer its `stop_token_ids` by `rollout.stops.stop_token_ids`, the rounds' rule).
     server_cfg: the `ServerConfig` of the server started or attached here, and of the client.
     tokenizer: tokenizer or its directory (default: the model's); prompts are sent as token ids
         (BOS added like the trainer does) when there is one, as text otherwise.
@@ -161,18 +162,19 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
         cfg_path.write_text(json.dumps(cfg, indent=2))
         with Grader(workers, math_mode, grade_timeout_s) as grader:
             for name, ps in problems.items():
-                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir)
+                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, model_dir)
                 print(f"[eval] {name}: {stats['generated']} problems generated, {stats['skipped']} "
                       f"already done, {stats['seconds']:.1f}s", flush=True)
+            return finish(out_dir, problems, grader.equivalent)
     finally:
         if server is not None:
             server.stop()
-    return finish(out_dir, problems)
 
 
 def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader, sampling,
-                   template: str, tokenizer, out_dir: Path) -> dict:
+                   template: str, tokenizer, out_dir: Path, model_dir=None) -> dict:
     from megatron_rasft.data.tokenize import encode_prompt
+    from megatron_rasft.rollout.stops import stop_token_ids
 
     t0 = time.monotonic()
     path = sample_path(out_dir, name)
@@ -185,6 +187,13 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
         kinds = {p.kind for p in todo}
         extra = P.stops("code" if kinds == {"code"} else "math", template, any(p.code_prefix for p in todo))
         bench_sampling = dataclasses.replace(sampling, stop=list(dict.fromkeys(list(sampling.stop) + extra)))
+        if tokenizer is not None:  # the rounds' rule: an end-of-turn special token ends the sample
+            bench_sampling = dataclasses.replace(bench_sampling, stop_token_ids=stop_token_ids(
+                tokenizer, model_dir, sampling.stop_token_ids))
+        else:
+            warnings.warn("eval without a tokenizer: samples end only at the server's EOS and at stop "
+                          "strings, which cannot match a special end-of-turn token; give --tokenizer",
+                          stacklevel=2)
         writer = RecordWriter(path)
         try:
             def on_result(i: int, completions: list) -> None:
@@ -201,8 +210,10 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
     return stats
 
 
-def finish(out_dir: Path, problems: dict) -> dict:
-    """Metrics of the current problems from the samples files; write results and reports."""
+def finish(out_dir: Path, problems: dict, equivalent=None) -> dict:
+    """Metrics of the current problems from the samples files; write results and reports.
+    `equivalent`: the grader's pairwise answer equivalence for maj@n (`Grader.equivalent`;
+    default: the `math` rule in this process)."""
     from megatron_rasft.eval import report
 
     results = {}
@@ -213,7 +224,7 @@ def finish(out_dir: Path, problems: dict) -> dict:
             if r["id"] in wanted:
                 by_problem[r["id"]].append(r)
         if by_problem:
-            results[name] = summarize(dict(by_problem), ps[0].kind)
+            results[name] = summarize(dict(by_problem), ps[0].kind, equivalent)
     config_path = out_dir / "config.json"
     meta = json.loads(config_path.read_text()) if config_path.exists() else {}
     report.write_all(out_dir, results, meta)
@@ -268,9 +279,18 @@ def grade_responses(rows: Sequence[dict], problems: dict, out_dir, *, workers: i
         items.append((p, row["completion"]))
         keys.append((row["benchmark"], p, j, row))
     t0 = time.monotonic()
-    with Grader(workers, math_mode, grade_timeout_s) as grader:
+    grader = Grader(workers, math_mode, grade_timeout_s)
+    try:
         verdicts = grader.grade(items)
-    print(f"[eval] graded {len(items)} completions in {time.monotonic() - t0:.1f}s", flush=True)
+        return _finish_graded(out_dir, source, keys, verdicts, problems, grader, time.monotonic() - t0)
+    finally:
+        grader.close()
+
+
+def _finish_graded(out_dir: Path, source: str, keys: list, verdicts: list, problems: dict, grader,
+                   seconds: float) -> dict:
+    """Write the graded samples of `grade_responses` and their metrics."""
+    print(f"[eval] graded {len(keys)} completions in {seconds:.1f}s", flush=True)
     by_bench = defaultdict(list)
     for (name, p, j, row), v in zip(keys, verdicts):
         by_bench[name].append(sample_row(name, p, j, row.get("prompt"), row["completion"], v,
@@ -283,7 +303,7 @@ def grade_responses(rows: Sequence[dict], problems: dict, out_dir, *, workers: i
         indent=2))
     seen = {(k[0], k[1].id) for k in keys}
     graded = {name: [p for p in problems[name] if (name, p.id) in seen] for name in by_bench}
-    return finish(out_dir, graded)
+    return finish(out_dir, graded, grader.equivalent)
 
 
 __all__ = ["evaluate", "grade_responses", "read_responses", "BenchmarkError"]

@@ -143,7 +143,8 @@ class RolloutServer:
         cmd = [sys.executable, "-m", SERVER_MODULE, "--model", self.model_dir,
                "--host", cfg.host, "--port", str(self.port), "--dtype", dtype,
                "--kv-cache-memory-bytes", str(int(cfg.kv_cache_gib * (1 << 30))),
-               # Sampling defaults come from the request only, never from generation_config.json.
+               # Sampling defaults come from the request only, never from generation_config.json;
+               # its EOS ids come with the request's stop token ids (rollout/stops.py).
                "--generation-config", "vllm",
                # Sampled tokens' log-probs under the distribution they were drawn from (after
                # temperature, top-k/top-p, penalties), not vLLM's default raw model log-probs: what

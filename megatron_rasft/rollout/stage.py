@@ -7,8 +7,8 @@ with all K samples are skipped (never regenerated); lines of a problem left inco
 (seed, round, problem id) only, so a resumed round produces the same samples as an uninterrupted one.
 
 The round's sampling rules live here (`round_sampling`), so the `rollout` command and the trainer's
-round r send identical requests: base seed `seed + 7919·r`, and the tokenizer's EOS plus ChatML's
-`<|im_end|>` (when the vocabulary has it) as stop token ids; prompts are tokenised like the trainer's.
+round r send identical requests: base seed `seed + 7919·r`, and the stop token ids of
+`rollout.stops` (the one rule `eval` uses too); prompts are tokenised like the trainer's.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 from megatron_rasft.records import Problem, RecordError, RecordWriter, Rollout, read_records, write_records
 from megatron_rasft.config import SamplingConfig
 from megatron_rasft.data.tokenize import encode_prompt
+from megatron_rasft.rollout.stops import stop_token_ids
 from megatron_rasft.rundir import RunDir
 
 
@@ -29,13 +30,12 @@ ROUND_SEED_STRIDE = 7919  # a prime: each round draws new samples, far from the 
 
 def round_sampling(sampling: SamplingConfig, round_: int, tokenizer=None) -> SamplingConfig:
     """The sampling of round `round_` from the configured one: base seed `seed + 7919·round_`, and,
-    with a tokenizer, its EOS id and ChatML's `<|im_end|>` (a special token, so no stop *string*
-    can match it) added to the stop token ids."""
+    with a tokenizer, the stop token ids of `rollout.stops.stop_token_ids` (EOS, the generation
+    config's EOS ids, the chat template's end of turn, ChatML's `<|im_end|>`: special tokens, which
+    no stop *string* can match)."""
     stop_ids = list(sampling.stop_token_ids)
     if tokenizer is not None:
-        stop_ids.append(tokenizer.eos_token_id)
-        if "<|im_end|>" in tokenizer.get_vocab():
-            stop_ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        stop_ids = stop_token_ids(tokenizer, configured=stop_ids)
     return dataclasses.replace(sampling, seed=sampling.seed + ROUND_SEED_STRIDE * round_, stop_token_ids=stop_ids)
 
 

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import released_preset
 from megatron_rasft.verify.answers import extract_answer, is_correct, last_boxed, own_verdict, strip_wrappers
+from megatron_rasft.verify.guard import parts_read_all, values_agree
 from megatron_rasft.verify.pool import TimeoutPool
 
 MODES = ("math", "math-verify", "released")
@@ -63,8 +64,10 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
     mode "math" (the combination rule): our rule (`answers.own_verdict`) decides when it is
     definite -- a definite mismatch (two plain numbers that differ, `x=3` vs `y=3`) is wrong whatever
     math-verify says, a definite match is correct; when it is undecided, math-verify decides, and a
-    math-verify match between two numbers is kept only within a relative 1e-6 (`numeric_guard`:
-    math-verify rounds floats to 6 decimal places, which equates 1e-7 with 2e-7).
+    math-verify match is kept only when both answers' values agree at 60 digits (exactly, or
+    within a relative 1e-6 when a decimal is involved) and math-verify read every part of each
+    answer (`verify.guard`: math-verify rounds, which equates 1e-7 with 2e-7 and
+    \\frac{1}{2004!} with \\frac{1}{2006!}, and reads `3 \\\\ 5` as 5).
     "math-verify": math-verify only, as released; "released": the released code's rules,
     `extract_answer(response)` against the gold (wrappers stripped) with `is_correct` (sympy, no
     soft limit: the pool's hard deadline bounds it). `soft_timeout_s` is math-verify's own per-call
@@ -94,39 +97,13 @@ def grade_math(response: str, gold: Optional[str], mode: str = "math",
         pred_p = parse("\\boxed{" + pred + "}", parsing_timeout=soft_timeout_s)
         ok = bool(gold_p) and bool(pred_p) and verify(gold_p, pred_p, timeout_seconds=soft_timeout_s)
         if ok and mode == "math":
-            ok = numeric_guard(gold_p[0], pred_p[0])
+            ok = (values_agree(gold_p[0], pred_p[0]) and parts_read_all(gold, gold_p[0])
+                  and parts_read_all(pred, pred_p[0]))
     except Exception as e:  # noqa: BLE001
         return {"correct": False, "reason": "error", "extracted": pred, "error": f"{type(e).__name__}: {e}"}
     if ok:
         return {"correct": True, "reason": "correct", "extracted": pred}
     return {"correct": False, "reason": "timeout" if _FLAG.hit else "wrong", "extracted": pred}
-
-
-def numeric_guard(gold, pred, rel_tol: float = 1e-6) -> bool:
-    """False when `gold` and `pred` (math-verify's parsed sympy values) are both plain numbers, or
-    finite sets / tuples of the same size of plain numbers, that differ by more than `rel_tol`
-    relative to the larger magnitude (elements compared in sorted order); True otherwise. No
-    absolute floor: tiny values are compared by their own size, unlike math-verify's rounding to
-    6 decimal places."""
-    import sympy
-
-    def values(x):
-        if isinstance(x, sympy.Basic) and x.is_number:
-            v = complex(x.evalf(30))
-            return [v] if v.imag == 0 else None
-        if isinstance(x, (sympy.FiniteSet, sympy.Tuple)):
-            vals = [values(e) for e in x.args]
-            if all(v is not None and len(v) == 1 for v in vals):
-                return sorted(v[0].real for v in vals) if isinstance(x, sympy.FiniteSet) else [v[0].real for v in vals]
-        return None
-
-    try:
-        a, b = values(gold), values(pred)
-    except (TypeError, ValueError):  # not numeric after all: math-verify's verdict stands
-        return True
-    if a is None or b is None or len(a) != len(b):
-        return True
-    return all(abs(complex(x) - complex(y)) <= rel_tol * max(abs(complex(x)), abs(complex(y))) for x, y in zip(a, b))
 
 
 def _grade_task(args):
