@@ -22,6 +22,8 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_rasft.parallel import device_check
+
 _ENABLED = False
 _MODE = None
 
@@ -47,9 +49,65 @@ def _map(d):
     return _CPU if _is_cuda_device(d) else d
 
 
+def _requested(func, args, kwargs) -> tuple[bool, bool]:
+    """(asks for CUDA, asks for the CPU explicitly): what the call would do to placement on a GPU."""
+    if func is torch.Tensor.cuda:
+        return True, False
+    if func is torch.Tensor.cpu:
+        return False, True
+    devs = [kwargs["device"]] if kwargs.get("device") is not None else []
+    if func in _DEVICE_METHODS:
+        devs += [a for a in args[1:] if isinstance(a, (str, torch.device))]
+    if not devs:
+        return False, False
+    cuda = any(_is_cuda_device(d) for d in devs)
+    return cuda, not cuda
+
+
+def _backward_under(mode, func, args, kwargs):
+    """`Tensor.backward(gradient, retain_graph, create_graph, inputs)` or `torch.autograd.backward(
+    tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)` with `mode` pushed:
+    what torch.autograd.backward does after its torch-function check."""
+    try:
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:  # another torch: run it as before, with the mode off
+        return func(*args, **kwargs)
+    if func is torch.Tensor.backward:
+        kw = dict(zip(("gradient", "retain_graph", "create_graph", "inputs"), args[1:]), **kwargs)
+        kw["grad_tensors"] = kw.pop("gradient", None)
+    else:
+        kw = dict(zip(("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"), args[1:]),
+                  **kwargs)
+        if kw.get("grad_variables") is not None:
+            kw["grad_tensors"] = kw["grad_variables"]
+    tensors = (args[0],) if isinstance(args[0], torch.Tensor) else tuple(args[0])
+    inputs = kw.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    create = bool(kw.get("create_graph", False))
+    retain = create if kw.get("retain_graph") is None else kw["retain_graph"]
+    with mode:
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(kw.get("grad_tensors"), len(tensors)),
+                            is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain, create, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpu(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            # Called from inside this handler, the whole backward pass would run with the mode off
+            # (Megatron's autograd functions would meet unmapped CUDA devices): run it under the mode.
+            return _backward_under(self, func, args, kwargs)
+        if device_check.active():
+            cuda, cpu = _requested(func, args, kwargs)
+            out = self._call(func, args, kwargs)
+            device_check.on_call(func, args, kwargs, out, cuda, cpu)
+            return out
+        return self._call(func, args, kwargs)
+
+    @staticmethod
+    def _call(func, args, kwargs):
         if "device" in kwargs:
             kwargs["device"] = _map(kwargs["device"])
         if func is torch.Tensor.cuda:
@@ -161,6 +219,8 @@ def enable() -> bool:
         _MODE = _CudaToCpu()
         _MODE.__enter__()  # stays pushed for the life of the process
         _ENABLED = True
+        if device_check.requested():
+            device_check.activate()
     return True
 
 
