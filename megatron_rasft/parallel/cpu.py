@@ -31,6 +31,7 @@ _CPU = torch.device("cpu")
 # Tensor methods whose positional arguments may carry a device.
 _DEVICE_METHODS = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros,
                    torch.Tensor.new_ones, torch.Tensor.new_full, torch.Tensor.new_tensor}
+_MOVES = (torch.Tensor.to, torch.Tensor.cuda)
 _CUDA_TYPE_NAMES = {"torch.FloatTensor", "torch.DoubleTensor", "torch.HalfTensor",
                     "torch.BFloat16Tensor", "torch.LongTensor", "torch.IntTensor",
                     "torch.ByteTensor", "torch.BoolTensor", "torch.CharTensor", "torch.ShortTensor"}
@@ -102,6 +103,10 @@ class _CudaToCpu(TorchFunctionMode):
         if device_check.active():
             cuda, cpu = _requested(func, args, kwargs)
             out = self._call(func, args, kwargs)
+            if cuda and func in _MOVES and out is args[0] and device_check.place(out) != device_check.DEVICE:
+                # A GPU would return a new tensor and leave this one on the host: keep them apart,
+                # so that code using the original instead of the moved copy fails here too.
+                out = out.clone()
             device_check.on_call(func, args, kwargs, out, cuda, cpu)
             return out
         return self._call(func, args, kwargs)

@@ -83,10 +83,10 @@ def mark_device(t: torch.Tensor) -> torch.Tensor:
 def _tensors(obj, depth: int = 0):
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif depth < 2 and isinstance(obj, (list, tuple)):
+    elif depth < 4 and isinstance(obj, (list, tuple)):
         for o in obj:
             yield from _tensors(o, depth + 1)
-    elif depth < 2 and isinstance(obj, dict):
+    elif depth < 4 and isinstance(obj, dict):
         for o in obj.values():
             yield from _tensors(o, depth + 1)
 
