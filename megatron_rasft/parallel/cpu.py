@@ -50,19 +50,20 @@ def _map(d):
     return _CPU if _is_cuda_device(d) else d
 
 
-def _requested(func, args, kwargs) -> tuple[bool, bool]:
-    """(asks for CUDA, asks for the CPU explicitly): what the call would do to placement on a GPU."""
+def _requested(func, args, kwargs):
+    """Where the call would put its result on a GPU: "device" (a CUDA device named), "host"
+    (`.cpu()`), "unknown" (a CPU device named: under the shim `device=x.device` of a device tensor
+    names the CPU too, so it cannot be told from a real CPU placement), or None (no device named)."""
     if func is torch.Tensor.cuda:
-        return True, False
+        return device_check.DEVICE
     if func is torch.Tensor.cpu:
-        return False, True
+        return device_check.HOST
     devs = [kwargs["device"]] if kwargs.get("device") is not None else []
     if func in _DEVICE_METHODS:
         devs += [a for a in args[1:] if isinstance(a, (str, torch.device))]
     if not devs:
-        return False, False
-    cuda = any(_is_cuda_device(d) for d in devs)
-    return cuda, not cuda
+        return None
+    return device_check.DEVICE if any(_is_cuda_device(d) for d in devs) else device_check.UNKNOWN
 
 
 def _backward_under(mode, func, args, kwargs):
@@ -101,13 +102,13 @@ class _CudaToCpu(TorchFunctionMode):
             # (Megatron's autograd functions would meet unmapped CUDA devices): run it under the mode.
             return _backward_under(self, func, args, kwargs)
         if device_check.active():
-            cuda, cpu = _requested(func, args, kwargs)
+            asked = _requested(func, args, kwargs)
             out = self._call(func, args, kwargs)
-            if cuda and func in _MOVES and out is args[0] and device_check.place(out) != device_check.DEVICE:
+            if asked == device_check.DEVICE and func in _MOVES and out is args[0] and device_check.place(out) != device_check.DEVICE:
                 # A GPU would return a new tensor and leave this one on the host: keep them apart,
                 # so that code using the original instead of the moved copy fails here too.
                 out = out.clone()
-            device_check.on_call(func, args, kwargs, out, cuda, cpu)
+            device_check.on_call(func, args, kwargs, out, asked)
             return out
         return self._call(func, args, kwargs)
 

@@ -10,9 +10,10 @@ tensors; a CPU batch meets CUDA weights). With `MEGATRON_RASFT_DEVICE_CHECK=1` i
   for Megatron's own CUDA factories;
 - a tensor becomes a *device* tensor when it is created with a CUDA device (`device=`, `.cuda()`,
   `.to("cuda")`, mapped by the shim) or goes through `placement.to_device`; a *host* tensor when a
-  factory makes it without a device (or `.cpu()`, `.to("cpu")`); an op's result is a device tensor
-  when one of its tensor inputs is, a host tensor when all of them are, and unmarked otherwise
-  (gradients made by autograd's engine, tensors made inside a function the mode does not see);
+  factory makes it without a device (or `.cpu()`); an op's result is a device tensor when one of
+  its tensor inputs is, a host tensor when all of them are, and unmarked otherwise (gradients made
+  by autograd's engine, tensors made inside a function the mode does not see, and tensors made with
+  an explicit CPU device: under the shim `device=x.device` of a device tensor names the CPU too);
 - every `torch.distributed` collective and point-to-point call (wrapped here at the function
   level, so also when reached from autograd's backward or from a nested call that the shim's
   `TorchFunctionMode` does not see) refuses a host tensor;
@@ -34,7 +35,7 @@ import weakref
 import torch
 
 ENV = "MEGATRON_RASFT_DEVICE_CHECK"
-HOST, DEVICE = "host", "device"
+HOST, DEVICE, UNKNOWN = "host", "device", "unknown"
 
 _ACTIVE = False
 _MARKS: dict = {}  # id(tensor) -> (weakref to it, HOST | DEVICE)
@@ -91,21 +92,22 @@ def _tensors(obj, depth: int = 0):
             yield from _tensors(o, depth + 1)
 
 
-def on_call(func, args, kwargs, out, cuda_requested: bool, cpu_requested: bool) -> None:
-    """Mark the result of one torch call seen by the shim's mode (see the module docstring)."""
+def on_call(func, args, kwargs, out, asked) -> None:
+    """Mark the result of one torch call seen by the shim's mode (see the module docstring);
+    `asked`: where the call asked for its result (`cpu._requested`: DEVICE, HOST, UNKNOWN or None)."""
     name = getattr(func, "__name__", "")
     if name.endswith("_") and not name.endswith("__") or name == "__setitem__":
         return  # in place: the tensor keeps its own place
     outs = list(_tensors(out))
     if not outs:
         return
-    if cuda_requested:
-        where = DEVICE
-    elif cpu_requested:
-        where = HOST
+    if asked in (HOST, DEVICE):
+        where = asked
     else:
         places = [place(t) for t in _tensors((args, kwargs))]
         if not places:
+            if asked == UNKNOWN:
+                return  # a factory given a CPU device: maybe `device=x.device` of a device tensor
             where = HOST  # a factory without a device
         elif DEVICE in places:
             where = DEVICE
