@@ -11,6 +11,12 @@ Megatron-Core's model, schedules, DDP wrapper and optimizers hard-code CUDA in a
    tensor-parallel RNG tracker keeps its semantics);
 3. replaces synchronize/streams/events/memory stats with no-ops.
 
+Autograd's backward (`Tensor.backward`, `torch.autograd.backward`) is itself a torch function: torch
+would run the whole backward pass from inside the mode's handler, with the mode off; the mode runs
+it with itself pushed instead, so backward code meets mapped devices too. With
+`MEGATRON_RASFT_DEVICE_CHECK=1` the mode also tells device tensors from host tensors
+(`device_check.py`), so that the dry run fails where a GPU run would on a tensor left on the host.
+
 It is applied only when `torch.cuda.is_available()` is False, and must run in every process
 (`init_distributed` calls it). Nothing here is active on a GPU machine.
 """
@@ -104,7 +110,8 @@ class _CudaToCpu(TorchFunctionMode):
         if device_check.active():
             asked = _requested(func, args, kwargs)
             out = self._call(func, args, kwargs)
-            if asked == device_check.DEVICE and func in _MOVES and out is args[0] and device_check.place(out) != device_check.DEVICE:
+            if (asked == device_check.DEVICE and func in _MOVES and out is args[0]
+                    and device_check.place(out) != device_check.DEVICE):
                 # A GPU would return a new tensor and leave this one on the host: keep them apart,
                 # so that code using the original instead of the moved copy fails here too.
                 out = out.clone()
