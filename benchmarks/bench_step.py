@@ -120,11 +120,13 @@ def build_policy(mcfg, *, lr: float = 1e-4):
     call after init_distributed."""
     from megatron_rasft.config import OptimConfig, ParallelConfig
     from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.placement import to_device
     from megatron_rasft.train.optim import build_optimizer
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
 
     pcfg = ParallelConfig(use_distributed_optimizer=False)
     model = build_model(mcfg, pcfg)
+    to_device(model, model.config.params_dtype)  # on the GPU, norms in the model's dtype (as the trainer)
     chunks = wrap_ddp([model], use_distributed_optimizer=False)
     attach_schedule_hooks(chunks)
     optimizer, _ = build_optimizer(chunks, OptimConfig(lr=lr, clip_grad=1.0), pcfg, total_steps=1000)
@@ -134,8 +136,10 @@ def build_policy(mcfg, *, lr: float = 1e-4):
 def frozen_copy(mcfg, model):
     from megatron_rasft.config import ParallelConfig
     from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.placement import to_device
 
     ref = build_model(mcfg, ParallelConfig())
+    to_device(ref, ref.config.params_dtype)
     ref.load_state_dict(model.state_dict())
     ref.eval()
     ref.requires_grad_(False)

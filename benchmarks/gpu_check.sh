@@ -83,6 +83,8 @@ if [[ $DRY == 0 ]]; then
     export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 else
     export CUDA_VISIBLE_DEVICES=""
+    # The CPU shim's device-check mode: a tensor that would stay on the host on a GPU fails here too.
+    export MEGATRON_RASFT_DEVICE_CHECK=${MEGATRON_RASFT_DEVICE_CHECK:-1}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 

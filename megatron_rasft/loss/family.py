@@ -83,6 +83,27 @@ def _segments(seq_id_BS: Optional[torch.Tensor], B: int, S: int, device) -> torc
     return seg_BS.reshape(-1)
 
 
+def _bucket_sum(x_N: torch.Tensor, seq_id_BS: Optional[torch.Tensor], B: int, S: int) -> torch.Tensor:
+    """Σ of the detached `x_N` over each bucket of `_segments` (`[B·S + 1]`, fp32), in a fixed order.
+    `index_add_` would do this in one call, but on CUDA it adds with float atomics in an order that
+    changes from run to run, so a resumed run could not reproduce an uninterrupted one bit for bit.
+    Here each row's bucket sums are one float64 matmul of the row with the one-hot of its sequence
+    ids (`[B, S, K]`, K = the largest id + 1: one host sync; float64 also keeps TF32 out of it)."""
+    x_BS = x_N.detach().reshape(B, S).double()
+    out_G = torch.zeros(B * S + 1, dtype=torch.float64, device=x_N.device)
+    rows_BS = out_G[:-1].view(B, S)
+    if seq_id_BS is None:
+        rows_BS[:, 0] = x_BS.sum(-1)
+        return out_G.float()
+    sid_BS = seq_id_BS.long()
+    K = int(sid_BS.max().item()) + 1
+    if K > 0:
+        onehot_BSK = (sid_BS[..., None] == torch.arange(K, device=x_N.device)).double()
+        rows_BS[:, :K] = torch.bmm(x_BS[:, None, :], onehot_BSK)[:, 0]
+    out_G[-1] = torch.where(sid_BS < 0, x_BS, torch.zeros_like(x_BS)).sum()
+    return out_G.float()
+
+
 def _clipped_ratio(log_r: torch.Tensor, cfg: LossConfig):
     """clip(exp(clamp(log_r, −C, C)), r_min, r_max) and whether the clip engaged."""
     raw = log_r.clamp(-cfg.ratio_log_clamp, cfg.ratio_log_clamp).exp()
@@ -160,7 +181,7 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
 
     lp_N = logp_N.detach()
     seg_N = _segments(seq_id, B, S, logits.device)
-    count_G = torch.zeros(N + 1, device=logits.device).index_add_(0, seg_N, mask_N)
+    count_G = _bucket_sum(mask_N, seq_id, B, S)
     metrics = {
         "num_tokens": mask_N.sum(),
         "num_seqs": (count_G[:N] > 0).sum().float(),
@@ -197,12 +218,12 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
         w_N = w_N * c_N
         metrics.update(grpo_metrics)
         metrics["ratio_count"] = metrics["num_tokens"]
-        _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seg_N, count_G, N)
+        _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seq_id, count_G, B, S)
     if cfg.needs_ref_logp:
         diff_N = torch.where(on_N, ref_logp.reshape(N).detach().float() - lp_N, torch.zeros_like(lp_N))
         if cfg.ratio == "sequence":
             # Mean over the masked tokens of each sequence of log π_ref − log π_θ.
-            diff_G = torch.zeros(N + 1, device=logits.device).index_add_(0, seg_N, diff_N)
+            diff_G = _bucket_sum(diff_N, seq_id, B, S)
             r_G, clip_G = _clipped_ratio(diff_G / count_G.clamp(min=1), cfg)
             live_G = count_G > 0
             live_G[N] = False
@@ -237,15 +258,16 @@ def compute_loss(logits, labels, loss_mask, *, cfg: LossConfig, seq_id=None, seq
     return loss_sum, metrics["num_seqs" if seq_mean else "num_tokens"].clone(), metrics
 
 
-def _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seg_N, count_G, N) -> None:
+def _grpo_sequence_metrics(metrics, advantage, rollout_logp, old_logp, on_N, seq_id, count_G, B, S) -> None:
     """Add `adv_sum` (Σ_s A_s), `zero_adv_seqs` (#{s: A_s = 0}) and, given rollout_logp, the
     train/rollout mismatch `mismatch_sum` Σ_t |log π_old − log π_rollout| over `mismatch_count`
     loss tokens whose rollout log-prob is known."""
+    N = B * S
     live_G = count_G > 0
     live_G[N] = False
     adv_N = torch.where(on_N, advantage.reshape(N).detach().float(), torch.zeros(N, device=on_N.device))
     # A is constant over a sequence: its token mean is A_s.
-    adv_G = torch.zeros_like(count_G).index_add_(0, seg_N, adv_N) / count_G.clamp(min=1)
+    adv_G = _bucket_sum(adv_N, seq_id, B, S) / count_G.clamp(min=1)
     metrics["adv_sum"] = (adv_G * live_G).sum()
     metrics["zero_adv_seqs"] = (live_G & (adv_G == 0)).sum().float()
     if rollout_logp is not None:

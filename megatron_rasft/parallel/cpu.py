@@ -11,6 +11,12 @@ Megatron-Core's model, schedules, DDP wrapper and optimizers hard-code CUDA in a
    tensor-parallel RNG tracker keeps its semantics);
 3. replaces synchronize/streams/events/memory stats with no-ops.
 
+Autograd's backward (`Tensor.backward`, `torch.autograd.backward`) is itself a torch function: torch
+would run the whole backward pass from inside the mode's handler, with the mode off; the mode runs
+it with itself pushed instead, so backward code meets mapped devices too. With
+`MEGATRON_RASFT_DEVICE_CHECK=1` the mode also tells device tensors from host tensors
+(`device_check.py`), so that the dry run fails where a GPU run would on a tensor left on the host.
+
 It is applied only when `torch.cuda.is_available()` is False, and must run in every process
 (`init_distributed` calls it). Nothing here is active on a GPU machine.
 """
@@ -22,6 +28,8 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_rasft.parallel import device_check
+
 _ENABLED = False
 _MODE = None
 
@@ -29,6 +37,7 @@ _CPU = torch.device("cpu")
 # Tensor methods whose positional arguments may carry a device.
 _DEVICE_METHODS = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros,
                    torch.Tensor.new_ones, torch.Tensor.new_full, torch.Tensor.new_tensor}
+_MOVES = (torch.Tensor.to, torch.Tensor.cuda)
 _CUDA_TYPE_NAMES = {"torch.FloatTensor", "torch.DoubleTensor", "torch.HalfTensor",
                     "torch.BFloat16Tensor", "torch.LongTensor", "torch.IntTensor",
                     "torch.ByteTensor", "torch.BoolTensor", "torch.CharTensor", "torch.ShortTensor"}
@@ -47,9 +56,71 @@ def _map(d):
     return _CPU if _is_cuda_device(d) else d
 
 
+def _requested(func, args, kwargs):
+    """Where the call would put its result on a GPU: "device" (a CUDA device named), "host"
+    (`.cpu()`), "unknown" (a CPU device named: under the shim `device=x.device` of a device tensor
+    names the CPU too, so it cannot be told from a real CPU placement), or None (no device named)."""
+    if func is torch.Tensor.cuda:
+        return device_check.DEVICE
+    if func is torch.Tensor.cpu:
+        return device_check.HOST
+    devs = [kwargs["device"]] if kwargs.get("device") is not None else []
+    if func in _DEVICE_METHODS:
+        devs += [a for a in args[1:] if isinstance(a, (str, torch.device))]
+    if not devs:
+        return None
+    return device_check.DEVICE if any(_is_cuda_device(d) for d in devs) else device_check.UNKNOWN
+
+
+def _backward_under(mode, func, args, kwargs):
+    """`Tensor.backward(gradient, retain_graph, create_graph, inputs)` or `torch.autograd.backward(
+    tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)` with `mode` pushed:
+    what torch.autograd.backward does after its torch-function check."""
+    try:
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:  # another torch: run it as before, with the mode off
+        return func(*args, **kwargs)
+    if func is torch.Tensor.backward:
+        kw = dict(zip(("gradient", "retain_graph", "create_graph", "inputs"), args[1:]), **kwargs)
+        kw["grad_tensors"] = kw.pop("gradient", None)
+    else:
+        kw = dict(zip(("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"), args[1:]),
+                  **kwargs)
+        if kw.get("grad_variables") is not None:
+            kw["grad_tensors"] = kw["grad_variables"]
+    tensors = (args[0],) if isinstance(args[0], torch.Tensor) else tuple(args[0])
+    inputs = kw.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    create = bool(kw.get("create_graph", False))
+    retain = create if kw.get("retain_graph") is None else kw["retain_graph"]
+    with mode:
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(kw.get("grad_tensors"), len(tensors)),
+                            is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain, create, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpu(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            # Called from inside this handler, the whole backward pass would run with the mode off
+            # (Megatron's autograd functions would meet unmapped CUDA devices): run it under the mode.
+            return _backward_under(self, func, args, kwargs)
+        if device_check.active():
+            asked = _requested(func, args, kwargs)
+            out = self._call(func, args, kwargs)
+            if (asked == device_check.DEVICE and func in _MOVES and out is args[0]
+                    and device_check.place(out) != device_check.DEVICE):
+                # A GPU would return a new tensor and leave this one on the host: keep them apart,
+                # so that code using the original instead of the moved copy fails here too.
+                out = out.clone()
+            device_check.on_call(func, args, kwargs, out, asked)
+            return out
+        return self._call(func, args, kwargs)
+
+    @staticmethod
+    def _call(func, args, kwargs):
         if "device" in kwargs:
             kwargs["device"] = _map(kwargs["device"])
         if func is torch.Tensor.cuda:
@@ -161,6 +232,8 @@ def enable() -> bool:
         _MODE = _CudaToCpu()
         _MODE.__enter__()  # stays pushed for the life of the process
         _ENABLED = True
+        if device_check.requested():
+            device_check.activate()
     return True
 
 

@@ -14,7 +14,10 @@ from megatron_rasft.parallel.net import free_port
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The run's device (`placement.device`)."""
+    from megatron_rasft.parallel.placement import device as run_device
+
+    return run_device()
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         for st in opt.optimizer.state.values():
             if "step" in st:
-                st["step"] = torch.tensor(float(loop_state["step"]), dtype=st["step"].dtype)
+                st["step"] = torch.tensor(float(loop_state["step"]), dtype=st["step"].dtype,
+                                              device=st["step"].device)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_rank{rank()}.pt"
     if rng_file.is_file():  # absent when resuming at a different world size: keep the fresh seeds

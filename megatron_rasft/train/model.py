@@ -39,12 +39,15 @@ def resolve_model_config(cfg: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
 
 
 def _chunks(mcfg, pcfg, pgs):
+    """This rank's model chunks, on the run's device and every parameter in the model's dtype (the
+    one place a chunk is moved: Megatron builds its local-spec norms on the CPU in fp32)."""
     from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.placement import to_device
 
     vpp = pcfg.virtual_pipeline_model_parallel_size
-    if vpp:
-        return [build_model(mcfg, pcfg, pg_collection=pgs, vp_stage=i) for i in range(vpp)]
-    return [build_model(mcfg, pcfg, pg_collection=pgs)]
+    chunks = [build_model(mcfg, pcfg, pg_collection=pgs, vp_stage=i) for i in range(vpp)] if vpp else \
+        [build_model(mcfg, pcfg, pg_collection=pgs)]
+    return [to_device(c, c.config.params_dtype) for c in chunks]
 
 
 def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
@@ -53,6 +56,7 @@ def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
     import torch.distributed as dist
 
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
+    from megatron_rasft.parallel.placement import device
     from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(cfg)
@@ -77,7 +81,7 @@ def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
                              "training step, which is supported with pipeline_model_parallel_size = 1 only")
         kl_reference = reference[0]
     local = sum(p.numel() for c in policy for p in c.parameters())
-    n = torch.tensor([local], dtype=torch.float64)
+    n = torch.tensor([local], dtype=torch.float64, device=device())
     if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
         dist.all_reduce(n, group=groups.mp)
     policy = wrap_ddp(policy, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)

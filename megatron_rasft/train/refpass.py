@@ -25,7 +25,7 @@ def _logprob_loss_func(tp_group, temperature: float = 1.0):
         logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), labels.reshape(-1),
                                          tp_group=tp_group, temperature=temperature).view(b, s)
         zero = logits.new_zeros(())
-        return zero, torch.tensor(0, dtype=torch.int), {"logp": logp_BS.detach().clone()}
+        return zero, logits.new_zeros((), dtype=torch.int), {"logp": logp_BS.detach().clone()}
 
     return loss_func
 
@@ -63,9 +63,11 @@ def score(model_chunks: list, seqs: list[Seq], groups, *, micro_batch_size: int,
 
 
 def _max_over_dp(n: int, dp_group) -> int:
+    from megatron_rasft.parallel.placement import device
+
     if not dist.is_initialized():
         return n
-    t = torch.tensor([n])
+    t = torch.tensor([n], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dp_group)
     return int(t.item())
 

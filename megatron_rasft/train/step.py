@@ -50,10 +50,12 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
     `ref_logits` for the KL baselines in the same step. `vocab_size` (the unpadded vocabulary)
     masks the padding rows of the logits.
     """
+    from megatron_rasft.parallel.placement import to_device
+
     tp_rank = groups.tp_rank
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator))  # the one place a batch moves to the device
         logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         if _is_last_stage(model):
             logits = mask_padded_vocab(logits, vocab_size, tp_rank)
