@@ -193,7 +193,8 @@ def _recompute(setup, run: Path, step: int, round_step: dict, *, scale_by_std=Tr
         adv_sum += a
         rhos.append(rho_T)
     loss /= len(terms) if seq_mean else n_tokens
-    assert rec["tokens"] == n_tokens, (step, rec["tokens"], n_tokens)
+    # The logged `tokens` is the step's normaliser: the sequence count under seq_mean.
+    assert rec["tokens"] == (len(terms) if seq_mean else n_tokens), (step, rec["tokens"], n_tokens)
     assert rec["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, rec["loss"], loss)
     assert rec["ratio"] == pytest.approx(rho_sum / n_tokens, rel=1e-6, abs=1e-6), step
     assert rec["advantage"] == pytest.approx(adv_sum / len(terms), rel=1e-6, abs=1e-6), step
@@ -253,6 +254,12 @@ def test_pi_old_equals_transformers_on_the_exported_policy(setup):
     assert worst < 1e-4, worst
 
 
+def _samples(run: Path, r: int) -> dict:
+    """(problem id, sample index) -> (token ids, vLLM log-probs) of round r's rollouts."""
+    recs = map(json.loads, (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines())
+    return {(d["problem_id"], d["sample_index"]): (d["token_ids"], d["logprobs"]) for d in recs}
+
+
 @pytest.mark.parametrize("layout", ["pp2", "dp2"])
 def test_pipeline_and_data_parallel_equal_one_process(setup, layout):
     root, config = setup["root"], setup["config"]
@@ -260,9 +267,12 @@ def test_pipeline_and_data_parallel_equal_one_process(setup, layout):
     sets = {"pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2": ["train.schedule.micro_batch_size=1"]}[layout]
     rc, out = run_train(config, root / layout, "checkpoint.save_interval=0", *sets, nproc=2)
     assert rc == 0, out[-4000:]
-    for r in (0, 1):  # same weights served → same samples; the losses compare the training
-        assert (root / layout / "rollouts" / f"round_{r:03d}.jsonl").read_text() == \
-            (root / "ref" / "rollouts" / f"round_{r:03d}.jsonl").read_text()
+    # Same weights served → same samples (round 1's weights agree to fp32 rounding, its log-probs
+    # to 1e-3); the losses then compare the training.
+    for r in (0, 1):
+        got, want = (_samples(root / name, r) for name in (layout, "ref"))
+        assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}, r
+        assert max(abs(a - b) for k in want for a, b in zip(got[k][1], want[k][1])) < 1e-3, r
     got, want = step_losses(root / layout), step_losses(root / "ref")
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert min(abs(x) for x in want.values()) > 1e-3, want
