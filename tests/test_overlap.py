@@ -2,6 +2,8 @@
 
 - Rounds that add nothing (constant weights, no rollouts added, ratio and token factor off): the
   overlapped run's per-step losses equal the synchronous run's and plain SFT's, exactly.
+- Each round sampled the policy one window old: the server's log-probs of round 2's rollouts equal
+  `transformers` (float64) on round 2's start export (after step 1), not the step-0 or step-2 weights.
 - kill -9 while a round runs in the background (after a checkpoint), then --resume: the per-step
   losses and every sampled rollout equal an uninterrupted overlapped run's (so the rollouts still
   missing came from the same weights and seeds), the rollouts written before the kill are kept,
