@@ -234,6 +234,20 @@ def test_grpo_step_losses_recomputed_in_float64(setup):
         for k in keys:
             assert train[k].tokens == seqs[k][0] and train[k].advantage == pytest.approx(seqs[k][2], abs=1e-9), k
     assert {ok for _, _, _, ok in seqs.values()} == {True, False}
+    # Each round trains every rollout of its window (no filter), no demonstration, and logs its GRPO
+    # statistics; every step logs the GRPO metrics, vLLM's log-probs agreeing with π_old.
+    from megatron_rasft.records import RoundResult
+
+    for r in (0, 1):
+        (result,) = read_records(run / "rounds" / f"round_{r:03d}.json", RoundResult)
+        assert result.expert_weight == {} and len(result.rollout_items) == 4 * K
+        assert not any(k.startswith("e/") for k, _ in result.rollout_items)
+        assert 0 <= result.summary["grpo_zero_variance_frac"] < 1, result.summary
+    for rec in metrics.values():
+        for k in ("clip_frac_low", "clip_frac_high", "entropy", "zero_adv_frac"):
+            assert math.isfinite(rec[k]), (k, rec)
+        assert rec["logp_mismatch"] < 1e-2, rec
+    assert "clip=" in out and "|Δlogp|=" in out and "zero-variance" in out
 
 
 def test_pi_old_equals_transformers_on_the_exported_policy(setup):
