@@ -460,6 +460,15 @@ class RunConfig:
         _check(self.loss.method != "grpo" or not self.rollout.overlap,
                "loss.method = 'grpo' with rollout.overlap = true is not supported: pi_old must be the policy "
                "that sampled the round; set rollout.overlap = false")
+        # A GRPO group is every rollout of a problem; the `released` selection rolls out a band of
+        # the window only, and would leave the others' demonstrations, which GRPO does not train.
+        _check(self.loss.method != "grpo" or self.rollout.selection.rule == "all",
+               f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = 'all' "
+               f"(got {self.rollout.selection.rule!r})")
+        # The KL baselines run the reference inside the step, next to the policy's logits.
+        _check(self.loss.method not in KL_METHODS or self.parallel.pipeline_model_parallel_size == 1,
+               f"loss.method = {self.loss.method!r} needs the reference logits inside the training step, which "
+               f"is supported with parallel.pipeline_model_parallel_size = 1 only")
 
     @property
     def policy_temperature(self) -> float:

@@ -307,3 +307,29 @@ def test_config_objects_refuse_unknown_attributes():
         cfg.model.param_dtype = "bf16"
     cfg.model.params_dtype = "bf16"  # a real field still assigns
     assert cfg.model.params_dtype == "bf16"
+
+
+GRPO_RUN = ["loss.method=grpo", "train.schedule.refresh_interval=1"]
+
+
+@pytest.mark.parametrize("sets, msg", [
+    # π_old must be the policy that sampled the round: an overlapped round's sampler is a window older.
+    (GRPO_RUN + ["rollout.overlap=true"], "loss.method = 'grpo' with rollout.overlap = true is not supported"),
+    (GRPO_RUN + ["rollout.selection.rule=released"],
+     "loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = 'all' (got 'released')"),
+    (GRPO_RUN + ["train.schedule.refresh_interval=0"], "loss.method = 'grpo' needs rollout rounds"),
+    (["parallel.pipeline_model_parallel_size=2", "loss.method=sft_kl"],
+     "loss.method = 'sft_kl' needs the reference logits inside the training step"),
+    (["parallel.pipeline_model_parallel_size=2", "loss.method=asft"],
+     "loss.method = 'asft' needs the reference logits inside the training step"),
+    (["model.max_position_embeddings=2048", "model.seq_length=4096"],
+     "model.seq_length (4096) exceeds model.max_position_embeddings (2048)"),
+])
+def test_cross_section_refusals(sets, msg):
+    """Rules between sections are checked when the configuration is built (before any process
+    starts), with a message naming the fields; the same configuration without its last setting
+    is accepted (the rule, not a neighbouring one, refused it)."""
+    with pytest.raises(ValueError) as e:
+        load_config(None, sets)
+    assert msg in str(e.value)
+    load_config(None, sets[:-1])

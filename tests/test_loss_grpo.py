@@ -171,6 +171,43 @@ def test_matches_float64_reference(name, gcfg, packed):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_dapo_clip_higher_tells_the_two_bounds_apart(packed):
+    """DAPO's decoupled bounds (ε_low = 0.2, ε_high = 0.28) on tokens placed between them: every
+    other loss token with A > 0 has ρ = 1.24 ∈ (1 + ε_low, 1 + ε_high), so it keeps its gradient (a
+    single bound 0.2 would clip it), and every other one with A < 0 has ρ = 0.76 ∈ (1 − ε_high, 1 − ε_low),
+    so it loses its gradient (a single bound 0.28 would keep it). Loss, gradient and clip counts
+    equal the float64 reference; the same batch with ε_high = ε_low = 0.2 differs in the gradient."""
+    gcfg = GRPOConfig(eps_low=0.2, eps_high=0.28)
+    batch = make_batch(seed=11, packed=packed, rewards=REWARDS_PACKED if packed else REWARDS_ROWS)
+    adv = our_advantages(batch, gcfg)
+    logp = torch.log_softmax(batch["logits"].double(), -1).gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
+    on = batch["loss_mask"] > 0
+    pick = on & (torch.arange(B * S).reshape(B, S) % 2 == 0)
+    between_high, between_low = pick & (adv > 0), pick & (adv < 0)
+    assert between_high.sum() >= 2 and between_low.sum() >= 2
+    old = batch["old_logp"].double()
+    old = torch.where(between_high, logp - math.log(1.24), old)
+    old = torch.where(between_low, logp - math.log(0.76), old)
+    batch["old_logp"] = old.float()
+    loss, n, m, grad = run_ours(batch, gcfg)
+    ref_grad, value, norm, ref_m = reference(batch, gcfg)
+    torch.testing.assert_close(loss.double(), torch.tensor(value, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-6)
+    assert m["clip_low"].item() == ref_m["clip_low"] >= between_low.sum().item()
+    assert m["clip_high"].item() == ref_m["clip_high"]
+    # The tokens between the bounds: the high ones still carry A·ρ·∇ℓ, the low ones nothing.
+    rows = on.nonzero()
+    grad_rows = grad.reshape(B * S, V)[(rows[:, 0] * S + rows[:, 1])]
+    for (b, t), g in zip(rows.tolist(), grad_rows):
+        if between_high[b, t]:
+            assert g.abs().sum() > 1e-6, (b, t)
+        if between_low[b, t]:
+            assert g.abs().sum() == 0, (b, t)
+    single = run_ours(batch, GRPOConfig(eps_low=0.2, eps_high=0.2))[3]
+    assert (single - grad).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
 def test_rho_one_is_the_plain_policy_gradient(packed):
     """π_old = π_θ (the first step after a round): loss and gradient of −Σ A·log π, in float64."""
     batch = make_batch(seed=7, packed=packed, rewards=REWARDS_PACKED if packed else REWARDS_ROWS)

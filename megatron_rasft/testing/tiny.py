@@ -53,3 +53,38 @@ class ScriptedGenerator:
         return out
 
     generate = __call__
+
+
+def teach_tiny(model_dir: str | Path, out_dir: str | Path, problems: list[dict], steps: int = 8,
+               lr: float = 3e-3) -> Path:
+    """`model_dir` (an HF Llama with its tokenizer) trained for `steps` full-batch Adam steps on the
+    problems' demonstrations (prompt, then response + EOS) in plain PyTorch, saved to `out_dir` with
+    the tokenizer files. With the defaults the tiny model solves some toy additions sometimes (not
+    all, not always), so rollout groups have mixed rewards. Returns `out_dir`."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = [(tok(p["prompt"])["input_ids"], tok(p["response"], add_special_tokens=False)["input_ids"]
+             + [tok.eos_token_id]) for p in problems]
+    width = max(len(a) + len(b) for a, b in rows)
+    ids_BS = torch.full((len(rows), width), tok.pad_token_id)
+    labels_BS = torch.full((len(rows), width), -100)
+    for i, (a, b) in enumerate(rows):
+        ids_BS[i, :len(a) + len(b)] = torch.tensor(a + b)
+        labels_BS[i, len(a):len(a) + len(b)] = torch.tensor(b)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        model(input_ids=ids_BS, labels=labels_BS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in model_dir.iterdir():  # tokenizer and generation config
+        if f.is_file() and not (out_dir / f.name).exists():
+            shutil.copy(f, out_dir / f.name)
+    return out_dir

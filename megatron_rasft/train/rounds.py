@@ -54,9 +54,6 @@ class Rounds:
     def __init__(self, cfg, run: RunDir, data, models, groups):
         if data.tokenizer is None:
             raise ValueError("rollout rounds need real problems: set train.data.path and train.data.tokenizer")
-        if cfg.loss.method == "grpo" and cfg.rollout.selection.rule != "all":
-            raise ValueError(f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = "
-                             f"'all' (got {cfg.rollout.selection.rule!r})")
         self.cfg, self.run, self.data, self.models, self.groups = cfg, run, data, models, groups
         self.server = self.client = None
         self.served_round = None  # the round whose export the server was last refreshed to
