@@ -62,8 +62,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        from megatron_rasft.packaged.model import prepare
-        from megatron_rasft.packaged.problems import TASKS, build
+        from megatron_rasft.demo.real_model.model import prepare
+        from megatron_rasft.demo.real_model.problems import TASKS, build
 
         tmp = Path(tempfile.mkdtemp(prefix="solvability_"))
         args.model = args.model or str(prepare("smollm2", tmp / "hf", quiet=True))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train, start_train, step_losses
+from helpers.runs import loop_config, run_train, start_train, step_losses
 
 STEPS = 3
 

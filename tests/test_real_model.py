@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Solve for x: 2x + 3 = 11."]
@@ -30,7 +30,7 @@ CHATS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Solve for x
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
-    from megatron_rasft.packaged.model import prepare
+    from megatron_rasft.demo.real_model.model import prepare
 
     return prepare("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", quiet=True)
 
@@ -127,7 +127,7 @@ def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeyp
     import importlib.metadata
 
     from megatron_rasft.config import ModelConfig, TrainDataConfig
-    from megatron_rasft.packaged import model as packaged
+    from megatron_rasft.demo.real_model import model as packaged
     from megatron_rasft.train.data import load_dataset
 
     # Done once: a second call keeps the folder as it is.
@@ -220,12 +220,12 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     from megatron_rasft.cli import main as cli_main
     from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import mcore_to_hf
-    from megatron_rasft.packaged.problems import build
+    from megatron_rasft.demo.real_model.problems import build
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.refresh import reload_in_place
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.runs import run_train
+    from helpers.runs import run_train
 
     data = tmp_path / "data"
     build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
@@ -360,7 +360,7 @@ def test_demo_report_histogram_and_standard_errors(tmp_path):
     problems of each problem's accuracy), against numpy on the same hand-made records."""
     import numpy as np
 
-    from megatron_rasft.packaged.demo_report import _eval_lines, round_histogram
+    from megatron_rasft.demo.real_model.report import _eval_lines, round_histogram
     from megatron_rasft.records import EvalSample, ProblemVerdicts, write_records
     from megatron_rasft.rundir import RunDir
 

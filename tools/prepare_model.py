@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from megatron_rasft.packaged.model import MODELS, MissingPackages, prepare, prepare_from_gguf
+    from megatron_rasft.demo.real_model.model import MODELS, MissingPackages, prepare, prepare_from_gguf
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", choices=sorted(MODELS), help="a packaged model")

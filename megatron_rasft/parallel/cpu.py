@@ -163,6 +163,3 @@ def enable() -> bool:
         _ENABLED = True
     return True
 
-
-def is_enabled() -> bool:
-    return _ENABLED
