@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # Ranges, not pins: a GPU node keeps its own torch (an NGC container's, a CUDA build) and may run a
 # newer Megatron-Core. The exact versions of the CPU box live in constraints-cpu.txt (the Makefile
 # passes it to pip). torch>=2.6 is megatron-core 0.19's own floor; the versions tested are in the
-# README's support table. megatron_rasft/compat.py checks the installed megatron-core at run time.
+# support table in docs/install.md. megatron_rasft/compat.py checks the installed megatron-core at run time.
 INSTALL_REQUIRES = [
     "torch>=2.6",
     "megatron-core>=0.16.1,<0.20",
@@ -52,7 +52,9 @@ setup(
     name="megatron_rasft",
     version="0.1.0",
     description="Rollout-Adaptive Supervised Fine-Tuning (RASFT) on Megatron-Core",
-    packages=find_packages(include=["megatron_rasft", "megatron_rasft.*"]),
+    # The library only: tests/ (and its helpers), devtools/ (what tests and benchmarks share), benchmarks/,
+    # tools/ and examples/ stay in the repository (tests/test_packaging.py lists the wheel).
+    packages=find_packages(include=["megatron_rasft", "megatron_rasft.*"], exclude=["tests", "tests.*", "devtools", "devtools.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -26,7 +26,7 @@ windows 1 .. W-1, read from RUN/metrics.jsonl between the last step of window 0 
                         two runs' wall clocks, so it carries their spread (it can exceed 1)
 
   python benchmarks/bench_overlap.py --smoke       # one short pair (checks the path; ~3 min)
-  python benchmarks/bench_overlap.py               # the README's numbers
+  python benchmarks/bench_overlap.py               # the numbers in docs/performance.md
   python benchmarks/bench_overlap.py --smoke --server-url URL --model HF_DIR
         # a running server that serves HF_DIR instead of one started here (no pinning: a path check)
 """

@@ -5,7 +5,7 @@ samples out of K) per task and the share of problems with 0 < k < K (what RASFT 
   python benchmarks/real_solvability.py --model HF_DIR --problems train.jsonl [--per-task 24] [--k 4]
   python benchmarks/real_solvability.py --smoke      # prepares SmolLM2 and 3 problems per task
 
-Used to choose the task mix of the real-model run (README, "Real model").
+Used to choose the task mix of the real-model run (docs/results.md, "Real model").
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ whose output exists is skipped, so an interrupted run continues where it stopped
 
   python -m megatron_rasft.demo.real_model [--out runs/demo_real] [--warmup-steps 20] [--arm-steps 6]
 
-The defaults are the README's run: ~40 min on the shared 2-core box; peak memory ~7 GiB for the
+The defaults are the run in docs/results.md ("Real model"): ~40 min on the shared 2-core box; peak memory ~7 GiB for the
 trainer plus ~3.4 GiB for the vLLM server it starts for the rounds.
 """
 from __future__ import annotations
