@@ -30,7 +30,6 @@ class SandboxConfig:
             raise ValueError("sandbox timeout_s, cpu_s, memory_mb and max_procs must be > 0")
 
 
-
 _CLONE_NEWNS, _CLONE_NEWNET = 0x00020000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 try:
@@ -108,9 +107,6 @@ def make_preexec(cfg: SandboxConfig, uid: Optional[int], info: dict, root: str, 
             os.setgid(uid)
             os.setuid(uid)
     return preexec
-
-
-_ISOLATION: Optional[dict] = None
 
 
 def live_pids_of_uid(uid: int) -> list:

@@ -30,6 +30,7 @@ def _program_text(harness: str) -> str:
     return (_VERIFY / "plain.py").read_text() + "\n" + (_VERIFY / harness).read_text()
 
 
+_ISOLATION: Optional[dict] = None  # isolation()'s answer, probed once per process
 
 
 def isolation() -> dict:
@@ -62,7 +63,6 @@ def _probe(cfg: SandboxConfig, info: dict) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return res["outputs"] == [("ok", 1)]
-
 
 
 class Run:
@@ -182,7 +182,6 @@ def tail(b: bytes, n: int = 2000) -> str:
     return b.decode("utf-8", "replace")[-n:]
 
 
-
 # ---- the pairs path -------------------------------------------------------------------------
 def call_outputs(program: str, pairs: list, cfg: SandboxConfig, info: dict, setup: str = "") -> dict:
     """Run `program` and call it on each pair's arguments -> {"status": None or a reason,
@@ -226,7 +225,6 @@ def call_outputs(program: str, pairs: list, cfg: SandboxConfig, info: dict, setu
             outputs[i] = ("exc", "not plain data")
     return {"status": status, "ready": ready, "outputs": outputs, "log": out["log"],
             "returncode": proc.returncode, "uid": run.procs[0][1]}
-
 
 
 def checked_isolation(cfg: SandboxConfig) -> dict:
