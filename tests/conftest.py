@@ -5,9 +5,17 @@ healthy and serves its original weights (a broken server is restarted and the te
 session ends by checking that no trainer, torchrun, spawned rank or vLLM process it started is left.
 """
 import os
+import sys
 
 import pytest
 import torch
+
+# The repository root, for devtools/ (shared with the benchmarks, not shipped) under a bare `pytest`
+# too (`python -m pytest` puts the working directory on sys.path; the `pytest` script does not).
+# tests/ itself is on sys.path through this file (pytest's rootdir-relative import): `helpers.*`.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -397,8 +397,8 @@ def test_demo_real_console_shows_progress_with_an_eta(tmp_path):
     full = plan(20, 6, 24, 2, True)  # the defaults: the measured 40-minute run
     assert list(full)[:6] == ["prepare", "dataset", "convert", "warmup", "sft", "rasft"] and len(full) == 13
     assert abs(sum(full.values()) / 60 - 40.0) < 1.0
-    assert plan(10, 6, 24, 2, True)["warmup"] == full["warmup"] / 2
-    assert plan(20, 6, 24, 2, False)["eval base"] == full["eval base"] / 2
+    assert full["warmup"] / 2 < plan(10, 6, 24, 2, True)["warmup"] < full["warmup"]  # start-up does not halve
+    assert full["eval base"] / 2 < plan(20, 6, 24, 2, False)["eval base"] < full["eval base"]
 
     console = []
     progress = Progress({"a": 100.0, "b": 300.0}, out=lambda s, flush=True: console.append(s))

@@ -5,7 +5,7 @@ log file.
 
 The run's ETA is a plan, not a measurement: each stage has a reference duration, taken from the
 measured 40-minute run with the defaults (docs/results.md, "Real model"), scaled by how many steps or
-samples the stage is asked for; once stages have finished, the remaining reference time is scaled by
+samples the stage is asked for (less a fixed start-up part); once stages have finished, the remaining reference time is scaled by
 how much faster or slower than planned the finished ones ran.
 """
 from __future__ import annotations
@@ -17,6 +17,9 @@ import time
 # SFT arm 4.5, RASFT arm 12.5, 3 exports 0.9, 4 evaluations 10.7.
 REFERENCE_MIN = {"prepare": 0.5, "dataset": 0.3, "convert": 0.3, "warmup": 10.4, "sft": 4.5, "rasft": 12.5,
                  "export": 0.3, "eval": 2.7}
+# Seconds of a stage that do not scale with its steps or samples: a training run's start (model build,
+# checkpoint load) and an evaluation's vLLM server start, on the 2-core box.
+STARTUP_S = {"train": 40.0, "eval": 60.0}
 # What a stage's console shows besides its start and end: the trainer's step, round and resume lines.
 ECHO_PREFIXES = ("step", "[round", "[resume", "done", "error", "[data", "Traceback")
 
@@ -69,13 +72,22 @@ class Progress:
 
 
 def plan(warmup_steps: int, arm_steps: int, eval_limit: int, eval_n: int, gsm8k: bool) -> dict:
-    """Planned seconds of every stage of the real-model run, in the order it runs them."""
+    """Planned seconds of every stage of the real-model run, in the order it runs them: a fixed
+    start-up part (`STARTUP_S`: the trainer's or the evaluation server's start) plus the rest of the
+    reference time scaled by the steps or samples asked for."""
     evals = eval_limit * eval_n / 48 * (1.0 if gsm8k else 0.5)  # the reference: 24 problems x avg@2, 2 benchmarks
-    m = {"prepare": REFERENCE_MIN["prepare"], "dataset": REFERENCE_MIN["dataset"],
-         "convert": REFERENCE_MIN["convert"], "warmup": REFERENCE_MIN["warmup"] * warmup_steps / 20,
-         "sft": REFERENCE_MIN["sft"] * arm_steps / 6, "rasft": REFERENCE_MIN["rasft"] * arm_steps / 6,
-         "eval base": REFERENCE_MIN["eval"] * evals}
+
+    def scaled(kind: str, ref_min: float, factor: float) -> float:
+        fixed = STARTUP_S[kind]
+        return fixed + (60.0 * ref_min - fixed) * factor
+
+    m = {"prepare": 60.0 * REFERENCE_MIN["prepare"], "dataset": 60.0 * REFERENCE_MIN["dataset"],
+         "convert": 60.0 * REFERENCE_MIN["convert"],
+         "warmup": scaled("train", REFERENCE_MIN["warmup"], warmup_steps / 20),
+         "sft": scaled("train", REFERENCE_MIN["sft"], arm_steps / 6),
+         "rasft": scaled("train", REFERENCE_MIN["rasft"], arm_steps / 6),
+         "eval base": scaled("eval", REFERENCE_MIN["eval"], evals)}
     for name in ("warm-up", "sft", "rasft"):
-        m[f"export {name}"] = REFERENCE_MIN["export"]
-        m[f"eval {name}"] = REFERENCE_MIN["eval"] * evals
-    return {k: 60.0 * v for k, v in m.items()}
+        m[f"export {name}"] = 60.0 * REFERENCE_MIN["export"]
+        m[f"eval {name}"] = scaled("eval", REFERENCE_MIN["eval"], evals)
+    return m

@@ -103,7 +103,7 @@ def _eval(model: Path, name: str, out: Path, args, progress: Progress) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_rasft.demo.real_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo_real")
     p.add_argument("--train-per-task", type=int, default=200)
     p.add_argument("--test-per-task", type=int, default=40)
