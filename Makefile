@@ -38,9 +38,9 @@ $(STAMP): setup.py $(CONSTRAINTS)
 demo: venv
 	$(BIN)/python -m megatron_rasft demo
 
-# SmolLM2-135M-Instruct on reasoning-gym problems: warm-up, SFT vs RASFT, evaluation (README, "Real model").
+# SmolLM2-135M-Instruct on reasoning-gym problems: warm-up, SFT vs RASFT, evaluation (docs/results.md, "Real model").
 demo-real: venv
-	$(BIN)/python -m megatron_rasft.packaged.demo
+	$(BIN)/python -m megatron_rasft.demo.real_model
 
 # The layers contract (.importlinter) first: an upward import fails CI before any test runs.
 test: venv

@@ -66,7 +66,7 @@ def bench_generation(args, work: Path) -> dict:
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient, prompt_seed
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.tiny import arithmetic_corpus, make_tiny_model, train_tokenizer
+    from megatron_rasft.demo.toy import arithmetic_corpus, make_tiny_model, train_tokenizer
     from transformers import AutoTokenizer
 
     model_dir = args.model or make_tiny_model(work / "model", train_tokenizer(work / "tok"), seed=0)

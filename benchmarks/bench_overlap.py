@@ -26,7 +26,7 @@ windows 1 .. W-1, read from RUN/metrics.jsonl between the last step of window 0 
                         two runs' wall clocks, so it carries their spread (it can exceed 1)
 
   python benchmarks/bench_overlap.py --smoke       # one short pair (checks the path; ~3 min)
-  python benchmarks/bench_overlap.py               # the README's numbers
+  python benchmarks/bench_overlap.py               # the numbers in docs/performance.md
   python benchmarks/bench_overlap.py --smoke --server-url URL --model HF_DIR
         # a running server that serves HF_DIR instead of one started here (no pinning: a path check)
 """
@@ -96,7 +96,9 @@ def main() -> None:
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.tiny import start_tiny_server
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # devtools/ (not shipped) at the repository root
+    from devtools.tiny_server import start_tiny_server
 
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, trainer_cpus = ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else (set(cpus), set(cpus))

@@ -1,7 +1,7 @@
 """The 135M real model under the real loop: training step time and tokens/s, a round's time split
 (export, refresh, rollout, verify, reference pass, train), peak memory of the trainer and of the
 trainer-started vLLM server: the largest process's peak RSS (VmHWM) and the group's summed PSS
-sampled every 0.5 s (`megatron_rasft.packaged.resources`).
+sampled every 0.5 s (`megatron_rasft.demo.real_model.resources`).
 
   python benchmarks/bench_real_model.py --out runs/bench_real [--steps 6] [--refresh-interval 2]
   python benchmarks/bench_real_model.py --smoke        # 2 steps, 1 round, K = 2, 2 problems per task
@@ -21,16 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_rasft.packaged.resources import run_sampled  # noqa: E402
-from megatron_rasft.packaged.timings import median_split, round_splits, step_stats  # noqa: E402
+from megatron_rasft.demo.real_model.resources import run_sampled  # noqa: E402
+from megatron_rasft.demo.real_model.timings import median_split, round_splits, step_stats  # noqa: E402
 from megatron_rasft.records import RoundResult, read_records  # noqa: E402
 from megatron_rasft.rundir import RunDir  # noqa: E402
 
 
 def run(out: Path, steps: int, refresh: int, k: int, per_task: int, max_tokens: int) -> dict:
     from megatron_rasft.convert.pipeline import hf_to_mcore
-    from megatron_rasft.packaged.model import prepare
-    from megatron_rasft.packaged.problems import build
+    from megatron_rasft.demo.real_model.model import prepare
+    from megatron_rasft.demo.real_model.problems import build
 
     hf = prepare("smollm2", out / "hf", quiet=True)
     if not (out / "mcore" / "model_config.json").is_file():

@@ -57,7 +57,7 @@ def main() -> None:
     from megatron_rasft.rollout.client import RolloutClient, prompt_seed
     from megatron_rasft.rollout.refresh import refresh_weights
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.tiny import arithmetic_corpus, make_tiny_model, reseed_weights, train_tokenizer
+    from megatron_rasft.demo.toy import arithmetic_corpus, make_tiny_model, reseed_weights, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     model_dir = args.model or make_tiny_model(work / "model", train_tokenizer(work / "tok"), seed=0)

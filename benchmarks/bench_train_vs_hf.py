@@ -4,7 +4,7 @@ code's loss, on the same tiny Llama, the same data and the same batches.
     .venv/bin/python benchmarks/bench_train_vs_hf.py [--rounds 3 --steps 4] [--layers 4 --hidden 256
         --ffn 688 --heads 4 --kv-heads 2 --vocab 16384 --seq 256 --global-batch 8 --micro-batch 2]
 
-Set-up (once): a tiny tokenizer and a random `LlamaForCausalLM` (megatron_rasft.testing.tiny), converted
+Set-up (once): a tiny tokenizer and a random `LlamaForCausalLM` (megatron_rasft.demo.toy), converted
 with tools/convert_checkpoint.py; synthetic sequences of uneven length (a quarter to all of the context), prompts
 masked, weights A_s in [0.2, 1].
   hf      the baseline: HF policy + frozen HF reference; per micro-batch (padded to its longest
@@ -166,7 +166,7 @@ def _load_seqs(d: Path):
 def setup(d: Path, args) -> None:
     from dataclasses import asdict
 
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from megatron_rasft.demo.toy import make_tiny_model, train_tokenizer
 
     sys.path.insert(0, str(HERE))
     from bench_step import synthetic_seqs

@@ -8,7 +8,7 @@ mode, the gold self-consistency and the shuffled-answer control (answers graded 
 problem's gold, derangement with seed 0).
 Code: for HumanEval's canonical solutions, one at a time, the full check (`run_tests`: program +
 calls + comparison, or + a second checker interpreter on the driver path) against a bare sandboxed
-interpreter that runs the same program with no checking (`run_bare`), alternated problem by
+interpreter that runs the same program with no checking (`devtools.sandbox_bare.run_bare`), alternated problem by
 problem. Reported: mean seconds per problem and the ratio check / bare, by path.
 """
 import argparse
@@ -16,13 +16,16 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
-from megatron_rasft.verify.mathv import MathVerifier, grade_math
-from megatron_rasft.verify.plan import make_plan
-from megatron_rasft.verify.sandbox import SandboxConfig, build_program, isolation, run_bare, run_tests
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # devtools/ (not shipped) at the repository root
+
+from devtools.sandbox_bare import run_bare  # noqa: E402
+from megatron_rasft.verify.mathv import MathVerifier, grade_math  # noqa: E402
+from megatron_rasft.verify.plan import make_plan  # noqa: E402
+from megatron_rasft.verify.sandbox import SandboxConfig, build_program, isolation, run_tests  # noqa: E402
 
 
 def bench_math(answers, mode, workers):

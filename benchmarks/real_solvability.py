@@ -5,7 +5,7 @@ samples out of K) per task and the share of problems with 0 < k < K (what RASFT 
   python benchmarks/real_solvability.py --model HF_DIR --problems train.jsonl [--per-task 24] [--k 4]
   python benchmarks/real_solvability.py --smoke      # prepares SmolLM2 and 3 problems per task
 
-Used to choose the task mix of the real-model run (README, "Real model").
+Used to choose the task mix of the real-model run (docs/results.md, "Real model").
 """
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        from megatron_rasft.packaged.model import prepare
-        from megatron_rasft.packaged.problems import TASKS, build
+        from megatron_rasft.demo.real_model.model import prepare
+        from megatron_rasft.demo.real_model.problems import TASKS, build
 
         tmp = Path(tempfile.mkdtemp(prefix="solvability_"))
         args.model = args.model or str(prepare("smollm2", tmp / "hf", quiet=True))

@@ -1,5 +1,5 @@
 """Run every benchmark in turn (`make bench`). Each prints its own ratios against a baseline
-measured in the same run; run them on a quiet machine and copy the numbers into README.md.
+measured in the same run; run them on a quiet machine and copy the numbers into docs/performance.md (with the command, date and commit).
 
     python benchmarks/run_all.py [--smoke] [SCRIPT ...]
 

@@ -28,7 +28,7 @@ def mcore_version() -> Version:
         return Version(importlib.metadata.version("megatron-core"))
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError("megatron-core is not installed: `pip install 'megatron-core>=0.16.1,<0.20'` "
-                           "(see README, 'Supported versions')") from None
+                           "(see docs/install.md, 'Supported versions')") from None
 
 
 def mcore_at_least(version: str) -> bool:
@@ -43,7 +43,7 @@ def check_megatron() -> Version:
     v = mcore_version()
     if not MCORE_MIN.release <= v.release < MCORE_BELOW.release:
         raise RuntimeError(f"megatron-core {v} is outside the supported range >={MCORE_MIN},<{MCORE_BELOW} "
-                           f"(see README, 'Supported versions')")
+                           f"(see docs/install.md, 'Supported versions')")
     if mcore_at_least(str(MCORE_NEEDS_TRITON)) and importlib.util.find_spec("triton") is None:
         raise RuntimeError(f"megatron-core {v} imports triton, which is not installed: `pip install triton` "
                            f"(CUDA builds of torch bring it; CPU builds do not)")

@@ -1,7 +1,9 @@
 """Per-sequence weights A from solvability (RASFT.md, "Per-sequence weights from solvability").
 
-`weigh(scheme, expert_response, rollouts, cfg)` is pure: `rollouts` is [(text, correct), ...] in
-sampling order; it returns `(A_E, [A_j per rollout])`, 0.0 for rollouts not trained on.
+`weigh(scheme, rollouts, cfg)` is pure: `rollouts` is [(text, correct), ...] in sampling order;
+it returns `Weights` with `.expert` (A_E) and `.rollouts` ([A_j per rollout], 0.0 for rollouts not
+trained on). No scheme reads the expert response (`released` compares negatives with the positive
+rollouts only).
 
 - `constant`: A_E = 1, every correct rollout 1 (plain SFT on expert + correct samples).
 - `linear` (default): A_E = a_max − (a_max − a_min)·p; each correct rollout β·p/k when p ≥ p_min.
@@ -206,9 +208,11 @@ def released_weights(rollouts, f: ReleasedFilters = RELEASED) -> Weights:
     return Weights(s[0] * sigma, out, k / K_tot, k, K_tot, tuple(j for _, j in negs))
 
 
-def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
-                   cfg: Optional[WeightingConfig] = None) -> Weights:
-    """Like `weigh`, also returning the p, k, K the scheme used (released: K = K_tot)."""
+def weigh(scheme: str, rollouts: Sequence[tuple], cfg: Optional[WeightingConfig] = None) -> Weights:
+    """The weights of one problem's rollouts (see the module docstring): `.expert` (A_E),
+    `.rollouts` ([A_j per rollout], 0.0 for rollouts not trained on), and the p, k, K the scheme
+    used (released: K = K_tot). The correctness flags are the caller's (the verifier's verdicts).
+    Raises ValueError for an unknown scheme."""
     cfg = cfg or WeightingConfig(scheme=scheme)
     rollouts = [(str(t), bool(c)) for t, c in rollouts]
     if scheme == "constant":
@@ -222,19 +226,10 @@ def weigh_detailed(scheme: str, expert_response: str, rollouts: Sequence[tuple],
     raise ValueError(f"weighting scheme must be one of ('linear', 'released', 'constant'), got {scheme!r}")
 
 
-def weigh(scheme: str, expert_response: str, rollouts: Sequence[tuple],
-          cfg: Optional[WeightingConfig] = None) -> tuple:
-    """-> (A_E, [A_j for each rollout]) — see the module docstring. The correctness flags are the
-    caller's (the verifier's verdicts). `expert_response` is part of the interface; no current
-    scheme reads it (`released` compares negatives with the positive rollouts only)."""
-    w = weigh_detailed(scheme, expert_response, rollouts, cfg)
-    return w.expert, w.rollouts
-
-
 def weight_records(pv: ProblemVerdicts, scheme: str, cfg: Optional[WeightingConfig] = None) -> list:
     """Weight records of one problem: the expert, then every rollout with a non-zero weight."""
     rolls = sorted(pv.rollouts, key=lambda r: r["sample_index"])
-    w = weigh_detailed(scheme, pv.expert_response, [(r["text"], r["correct"]) for r in rolls], cfg)
+    w = weigh(scheme, [(r["text"], r["correct"]) for r in rolls], cfg)
     recs = [Weight(pv.problem_id, pv.round, "expert", None, w.expert, w.p, w.k, w.K)]
     recs += [Weight(pv.problem_id, pv.round, "rollout", r["sample_index"], a, w.p, w.k, w.K)
              for r, a in zip(rolls, w.rollouts) if a > 0.0]

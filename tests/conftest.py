@@ -5,14 +5,22 @@ healthy and serves its original weights (a broken server is restarted and the te
 session ends by checking that no trainer, torchrun, spawned rank or vLLM process it started is left.
 """
 import os
+import sys
 
 import pytest
 import torch
 
+# The repository root, for devtools/ (shared with the benchmarks, not shipped) under a bare `pytest`
+# too (`python -m pytest` puts the working directory on sys.path; the `pytest` script does not).
+# tests/ itself is on sys.path through this file (pytest's rootdir-relative import): `helpers.*`.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Inherited by every process the tests start: how the end-of-session check finds leftovers.
-from megatron_rasft.testing.procs import SESSION_ENV, kill_all, tagged_processes  # noqa: E402
+from helpers.procs import SESSION_ENV, kill_all, tagged_processes  # noqa: E402
 
 os.environ[SESSION_ENV] = str(os.getpid())
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
@@ -34,13 +42,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
-    """ONE real vLLM (CPU) server per test session on a tiny random Llama (testing/tiny.py).
+    """ONE real vLLM (CPU) server per test session on a tiny random Llama (devtools/tiny_server.py).
 
     Yields the started `RolloutServer`: `.url`, `.model_dir` (HF checkpoint with tokenizer),
     `.cfg`, `.log_file`. Tests that change its weights or kill it must put it back (refresh to
     `.model_dir` / let the client restart it). Stopped (whole process group) at session end.
     """
-    from megatron_rasft.testing.tiny import start_tiny_server
+    from helpers.tiny import start_tiny_server
 
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.refresh import hf_prompt_logprobs

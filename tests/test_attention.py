@@ -11,7 +11,7 @@ One spawned TP=2 job (gloo, CPU) checks, in float64 on each rank's half of the h
 import pytest
 import torch
 
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64: both compute the same sums in another order
 # 8 query heads in 4 KV groups of head dim 16: each TP rank holds 4 heads in 2 groups, so a wrong

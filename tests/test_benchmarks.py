@@ -48,7 +48,7 @@ def test_benchmark_smoke(script, tmp_path, request):
     try:
         out, _ = proc.communicate(timeout=900)  # a hang guard: minutes on a loaded 2-core box
     except subprocess.TimeoutExpired:
-        from megatron_rasft.testing.runs import kill_group
+        from helpers.runs import kill_group
 
         kill_group(proc)
         out, _ = proc.communicate(timeout=30)

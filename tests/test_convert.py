@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_rasft.convert import hf_io, names, pipeline
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 250
@@ -421,7 +421,7 @@ def test_vllm_reloads_a_converted_export_greedy_like_transformers(vllm_server, t
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.refresh import refresh_weights
     from megatron_rasft.rollout.server import http_json
-    from megatron_rasft.testing.tiny import reseed_weights
+    from helpers.tiny import reseed_weights
 
     original = vllm_server.model_dir
     other = reseed_weights(original, tmp_path / "other", seed=7)

@@ -56,7 +56,7 @@ def test_overlong_truncate_drop_and_prompt_too_long():
 def test_templates_and_tokenizer_check(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_rasft.testing.tiny import train_tokenizer
+    from helpers.tiny import train_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(train_tokenizer(tmp_path / "tok")))
     assert render_prompt(tok, "Q:1+1;A:", "plain") == "Q:1+1;A:"

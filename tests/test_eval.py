@@ -216,7 +216,7 @@ def test_python_api_on_a_held_out_split(tmp_path):
     """The demo's path: problems with `prompt` + `answer`, any generator with the client's signature."""
     from megatron_rasft.eval.runner import evaluate
     from megatron_rasft.config import SamplingConfig
-    from megatron_rasft.testing.tiny import ScriptedGenerator
+    from helpers.tiny import ScriptedGenerator
 
     problems = [{"prompt": f"Q:{a}+{b};A:", "answer": str(a + b)} for a, b in ((1, 2), (30, 4), (5, 5))]
     # Sample j answers a+b+j: sample 0 is right, the others wrong.

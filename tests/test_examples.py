@@ -11,7 +11,7 @@ import pytest
 
 from megatron_rasft.config import load_config
 from megatron_rasft.parallel.net import free_port
-from megatron_rasft.testing.runs import ROOT, kill_group, run_train, run_trains, step_losses
+from helpers.runs import ROOT, kill_group, run_train, run_trains, step_losses
 
 EXAMPLES = ROOT / "examples"
 CONFIGS = sorted(p.name for p in EXAMPLES.glob("*.toml"))
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     """(HF folder with tokenizer, its Megatron conversion, a problems file)."""
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from helpers.tiny import make_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("examples")
     hf = make_tiny_model(root / "hf", train_tokenizer(root / "tok"), hidden_size=64, intermediate_size=128,

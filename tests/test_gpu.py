@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_rasft.config import LossConfig, ModelConfig, OptimConfig, ParallelConfig
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 pytestmark = pytest.mark.gpu
 

@@ -39,8 +39,8 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train, start_train, step_losses
-from megatron_rasft.testing.tiny import teach_tiny
+from helpers.runs import loop_config, run_train, start_train, step_losses
+from helpers.tiny import teach_tiny
 
 STEPS = 4
 K = 4

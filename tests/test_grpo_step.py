@@ -6,7 +6,7 @@ optimizer step (ρ = 1, then ρ ≠ 1 with both clips engaged).
 """
 import torch
 
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 MCFG = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=100,
             seq_length=24, max_position_embeddings=64, make_vocab_size_divisible_by=64)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from megatron_rasft.testing.procs import SESSION_ENV, processes_matching, tagged_processes
-from megatron_rasft.testing.runs import ROOT, run_train
+from helpers.procs import SESSION_ENV, processes_matching, tagged_processes
+from helpers.runs import ROOT, run_train
 
 
 def test_timed_out_run_is_killed_with_its_whole_group(tmp_path):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig
 from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 B, S, V, TP = 2, 10, 16, 2
 T_SAMPLE = 0.6  # a sampling temperature (GRPO)

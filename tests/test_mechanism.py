@@ -34,8 +34,8 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train, run_trains
-from megatron_rasft.testing.tiny import teach_tiny as _teach
+from helpers.runs import loop_config, run_train, run_trains
+from helpers.tiny import teach_tiny as _teach
 
 SEQ_LENGTH = 64
 K = 4
@@ -387,7 +387,7 @@ def released_run(tmp_path_factory):
     from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from helpers.tiny import make_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("released")
     rng = random.Random(1)

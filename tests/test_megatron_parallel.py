@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import LossConfig, ModelConfig, OptimConfig, ParallelConfig
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 MCFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
             vocab_size=250, seq_length=16, max_position_embeddings=64, tie_embeddings=True,

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.proxy import DelayingProxy
-from megatron_rasft.testing.runs import loop_config, run_train, run_trains, start_train, step_losses
+from helpers.proxy import DelayingProxy
+from helpers.runs import loop_config, run_train, run_trains, start_train, step_losses
 
 K = 2
 

@@ -10,7 +10,7 @@ from megatron_rasft.eval.benchmarks import BenchmarkError, load_benchmark
 from megatron_rasft.records import ProblemVerdicts, read_records, write_records
 from megatron_rasft.config import SamplingConfig
 from megatron_rasft.rollout.stage import rollout_round
-from megatron_rasft.testing.tiny import ScriptedGenerator
+from helpers.tiny import ScriptedGenerator
 from megatron_rasft.verify.stage import verify_problems, verify_round
 from megatron_rasft.weighting import weight_records
 

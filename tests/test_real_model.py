@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Solve for x: 2x + 3 = 11."]
@@ -30,7 +30,7 @@ CHATS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Solve for x
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
-    from megatron_rasft.packaged.model import prepare
+    from megatron_rasft.demo.real_model.model import prepare
 
     return prepare("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", quiet=True)
 
@@ -127,7 +127,7 @@ def test_prepare_is_idempotent_and_bad_input_is_named(smollm2, tmp_path, monkeyp
     import importlib.metadata
 
     from megatron_rasft.config import ModelConfig, TrainDataConfig
-    from megatron_rasft.packaged import model as packaged
+    from megatron_rasft.demo.real_model import model as packaged
     from megatron_rasft.train.data import load_dataset
 
     # Done once: a second call keeps the folder as it is.
@@ -220,12 +220,12 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
     from megatron_rasft.cli import main as cli_main
     from megatron_rasft.config import ServerConfig
     from megatron_rasft.convert.pipeline import mcore_to_hf
-    from megatron_rasft.packaged.problems import build
+    from megatron_rasft.demo.real_model.problems import build
     from megatron_rasft.config import SamplingConfig
     from megatron_rasft.rollout.client import RolloutClient
     from megatron_rasft.rollout.refresh import reload_in_place
     from megatron_rasft.rollout.server import RolloutServer
-    from megatron_rasft.testing.runs import run_train
+    from helpers.runs import run_train
 
     data = tmp_path / "data"
     build(data, {"chain_sum": 2, "leg_counting": 2}, {"chain_sum": 3, "leg_counting": 2})
@@ -373,7 +373,7 @@ def test_demo_report_histogram_and_standard_errors(tmp_path):
     problems of each problem's accuracy), against numpy on the same hand-made records."""
     import numpy as np
 
-    from megatron_rasft.packaged.demo_report import _eval_lines, round_histogram
+    from megatron_rasft.demo.real_model.report import _eval_lines, round_histogram
     from megatron_rasft.records import EvalSample, ProblemVerdicts, write_records
     from megatron_rasft.rundir import RunDir
 
@@ -398,3 +398,36 @@ def test_demo_report_histogram_and_standard_errors(tmp_path):
         assert f"| {model} | {100 * p.mean():.1f} ± {100 * p.std(ddof=1) / np.sqrt(len(p)):.1f} |" in text, text
     d = np.array(acc["rasft"]).mean(axis=1) - np.array(acc["sft"]).mean(axis=1)
     assert f"rg: {100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(len(d)):.1f} points over 4" in text, text
+
+
+def test_demo_real_console_shows_progress_with_an_eta(tmp_path):
+    """`make demo-real`'s console: each stage announced with the run's ETA, a stage's step and round
+    lines echoed tagged with the stage (everything still in its log), and the ETA rescaled by how
+    long the finished stages took against the plan (a real subprocess stage, `run._run`)."""
+    from megatron_rasft.demo.real_model import run as real_run
+    from megatron_rasft.demo.real_model.progress import Progress, fmt, plan
+
+    full = plan(20, 6, 24, 2, True)  # the defaults: the measured 40-minute run
+    assert list(full)[:6] == ["prepare", "dataset", "convert", "warmup", "sft", "rasft"] and len(full) == 13
+    assert abs(sum(full.values()) / 60 - 40.0) < 1.0
+    assert full["warmup"] / 2 < plan(10, 6, 24, 2, True)["warmup"] < full["warmup"]  # start-up does not halve
+    assert full["eval base"] / 2 < plan(20, 6, 24, 2, False)["eval base"] < full["eval base"]
+
+    console = []
+    progress = Progress({"a": 100.0, "b": 300.0}, out=lambda s, flush=True: console.append(s))
+    script = ("import time; print('loading weights'); print('step     1/2 | loss 1.0 | ETA 0:00:05', flush=True); "
+              "print('[round 0] 4 problems'); time.sleep(1.0); print('step     2/2 | loss 0.5 | ETA 0:00:00')")
+    real_run._run(["-c", script], tmp_path / "logs" / "a.log", "a", progress)
+    assert "run ETA 0:06:40" in console[0] and console[0].count("stage 1/2 a") == 1, console
+    echoed = [c for c in console if c.startswith("   [a] ")]
+    assert [c.split("] ", 1)[1] for c in echoed] == ["step     1/2 | loss 1.0 | ETA 0:00:05", "[round 0] 4 problems",
+                                                     "step     2/2 | loss 0.5 | ETA 0:00:00"], console
+    assert "loading weights" in (tmp_path / "logs" / "a.log").read_text()
+    assert not any("loading weights" in c for c in console)
+    took = progress.done["a"][1]
+    assert 1.0 <= took < 60
+    assert console[-1].endswith(f"run ETA {fmt(300.0 * took / 100.0)}"), console[-1]
+    assert json.loads((tmp_path / "logs" / "resources.json").read_text())["a"]["exit"] == 0
+    with pytest.raises(RuntimeError, match="stage failed"):
+        real_run._run(["-c", "import sys; sys.exit(3)"], tmp_path / "logs" / "b.log", "b", progress)
+

@@ -18,7 +18,7 @@ from megatron_rasft.rollout.client import RolloutClient
 from megatron_rasft.rollout.refresh import hf_prompt_logprobs, refresh_weights
 from megatron_rasft.rollout.server import RolloutServer, ServerError
 from megatron_rasft.rundir import RunDir
-from megatron_rasft.testing.tiny import arithmetic_corpus, reseed_weights
+from helpers.tiny import arithmetic_corpus, reseed_weights
 
 PROMPTS = ["Q:12+34;A:", "Q:7+5;A:", "Q:305+98;A:", "Q:4821+397;A:"]
 
@@ -231,7 +231,7 @@ def test_rollout_stage_resumes_without_regenerating(vllm_server, tmp_path, capsy
 def test_refresh_falls_back_to_restart_when_shapes_change(vllm_server, tmp_path):
     """In-place reload cannot change shapes: the refresh restarts the server on the new checkpoint
     (and back). Two restarts, so `slow`."""
-    from megatron_rasft.testing.tiny import make_tiny_model
+    from helpers.tiny import make_tiny_model
 
     old_dir = vllm_server.model_dir
     wide = make_tiny_model(tmp_path / "wide", old_dir, seed=5, intermediate_size=384)

@@ -6,8 +6,8 @@ before, rank 1 aborts after 10 s (gloo's timeout)."""
 import json
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.proxy import DelayingProxy
-from megatron_rasft.testing.runs import loop_config, run_train, step_losses
+from helpers.proxy import DelayingProxy
+from helpers.runs import loop_config, run_train, step_losses
 
 # Collective timeout (s); seconds each generation request is held (one at a time); problems per round.
 TIMEOUT_S, DELAY_S, WINDOW = 10, 6.5, 4

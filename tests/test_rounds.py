@@ -15,7 +15,7 @@ import pytest
 from megatron_rasft.train.state import LoopState, next_window_ids
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.testing.runs import loop_config, run_train, run_trains, step_losses
+from helpers.runs import loop_config, run_train, run_trains, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_kill_mid_run_with_rounds_resumes_exactly(setup):
     import signal
     import time
 
-    from megatron_rasft.testing.runs import start_train
+    from helpers.runs import start_train
 
     root, config = setup
     sets = ["train.schedule.train_iters=3"]

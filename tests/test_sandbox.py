@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
-from megatron_rasft.verify.sandbox import (SandboxConfig, build_program, call_in_sandbox, extract_code, isolation,
-                                           live_pids_of_uid, run_many, run_tests)
+from helpers.sandbox import call_in_sandbox
+from megatron_rasft.verify.sandbox import (SandboxConfig, build_program, extract_code, isolation, live_pids_of_uid,
+                                           run_many, run_tests)
 
 MBPP = {"format": "mbpp", "asserts": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]}
 ADD = "def add(a, b):\n    return a + b\n"
@@ -20,7 +21,7 @@ def test_containment_is_active():
     info = isolation()
     assert info["namespaces"] and info["uid_switch"], f"no containment mechanism active: {info}"
     with pytest.raises(RuntimeError, match="no containment"):
-        import megatron_rasft.verify.sandbox as sb
+        import megatron_rasft.verify.sandbox.process as sb
         saved = sb._ISOLATION
         sb._ISOLATION = dict(saved, namespaces=False)
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_rasft.testing.runs import run_trains, step_losses
+from helpers.runs import run_trains, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.toml"
@@ -17,7 +17,7 @@ CONFIG = ROOT / "examples" / "tiny_cpu.toml"
 def init(tmp_path_factory):
     """(HF folder, `--set` loading its Megatron conversion): every run starts from these weights."""
     from megatron_rasft.convert.pipeline import hf_to_mcore
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from helpers.tiny import make_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("sched")
     hf = make_tiny_model(root / "hf", train_tokenizer(root / "tok"), hidden_size=64, intermediate_size=128,

@@ -23,7 +23,7 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role']
 
 @pytest.fixture(scope="module")
 def base_tokenizer(tmp_path_factory) -> Path:
-    from megatron_rasft.testing.tiny import train_tokenizer
+    from helpers.tiny import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "base")
 

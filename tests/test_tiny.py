@@ -10,7 +10,7 @@ from megatron_rasft.config import SamplingConfig
 from megatron_rasft.rollout.client import prompt_seed
 from megatron_rasft.rollout.stage import rollout_round
 from megatron_rasft.rundir import RunDir
-from megatron_rasft.testing.tiny import (ScriptedGenerator, addition_solution, arithmetic_corpus,
+from helpers.tiny import (ScriptedGenerator, addition_solution, arithmetic_corpus,
                                          make_tiny_model, reseed_weights, train_tokenizer)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rasft.testing.runs import run_train, start_train, step_losses
+from helpers.runs import run_train, start_train, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.toml"
@@ -17,7 +17,7 @@ def init_ckpt(tmp_path_factory):
     """A tiny Llama made with transformers and converted to Megatron: every run starts from the
     same weights whatever its layout (a random init would depend on the TP/PP split)."""
     from megatron_rasft.convert.pipeline import hf_to_mcore
-    from megatron_rasft.testing.tiny import make_tiny_model, train_tokenizer
+    from helpers.tiny import make_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("init")
     tok = train_tokenizer(root / "tok")

@@ -6,7 +6,7 @@ not fail the rendezvous."""
 import os
 import time
 
-from megatron_rasft.testing.distributed import spawn
+from helpers.distributed import spawn
 
 TIMEOUT_S, WORK_S = 5, 12.5
 

@@ -9,6 +9,13 @@ from megatron_rasft.weighting import (ReleasedFilters, degenerate_reason, format
                                       jaccard, ngrams, released_weights, shortcut_reason, solvability,
                                       weigh, weight_records)
 
+
+def pair(scheme, rollouts, cfg=None):
+    """(A_E, [A_j]) of `weigh`."""
+    w = weigh(scheme, rollouts, cfg)
+    return w.expert, w.rollouts
+
+
 # Three distinct rollouts that pass every reference filter (>= 180 characters, a box, "=" / "so ",
 # no repeated sentence or 8-word window, few symbols).
 T1 = ("First we add the two numbers step by step. Since 12 plus 30 equals 42, the total is 42 apples "
@@ -48,8 +55,8 @@ def test_rollouts_are_clean_and_distinct():
 def test_reference_table_K3():
     texts = [T1, T2, T3]
     # k = 0 and k = K: fallback A_E = 1, nothing trained.
-    assert weigh("released", "", [(t, False) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
-    assert weigh("released", "", [(t, True) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
+    assert pair("released", [(t, False) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
+    assert pair("released", [(t, True) for t in texts]) == (1.0, [0.0, 0.0, 0.0])
 
     # k = 1: d = 1 - 1/3 = 2/3, r_E = 1 + 2·(2/3) = 7/3, group [7/3, 1, 0, 0].
     # mean = (7/3 + 1)/4 = 5/6; deviations 3/2, 1/6, -5/6, -5/6;
@@ -57,7 +64,7 @@ def test_reference_table_K3():
     std = math.sqrt(11 / 12)
     a_e = math.tanh(0.4 * 1.5 / (std + 1e-6)) * 0.5
     a_1 = 0.25 * min(max(math.tanh(0.4 * (1 / 6) / (std + 1e-6)) * 0.5, 0.02), 0.15)
-    e, r = weigh("released", "", [(T1, True), (T2, False), (T3, False)])
+    e, r = pair("released", [(T1, True), (T2, False), (T3, False)])
     assert e == pytest.approx(a_e, abs=1e-12) and r == pytest.approx([a_1, 0.0, 0.0], abs=1e-12)
     assert e == pytest.approx(0.27788, abs=1e-4)  # the "~0.28" of RASFT.md
     assert 0.02 * 0.25 < a_1 < 0.15 * 0.25  # inside the clip
@@ -68,13 +75,13 @@ def test_reference_table_K3():
     a_e = math.tanh(0.4 * 0.75 / (std + 1e-6)) / 3
     s_pos = math.tanh(0.4 * (1 / 12) / (std + 1e-6)) / 3  # = 0.0187 -> clipped up to 0.02
     assert s_pos < 0.02
-    e, r = weigh("released", "", [(T1, True), (T2, False), (T3, True)])
+    e, r = pair("released", [(T1, True), (T2, False), (T3, True)])
     assert e == pytest.approx(a_e, abs=1e-12) and e == pytest.approx(0.15511, abs=1e-4)
     assert r == pytest.approx([0.25 * 0.02, 0.0, 0.25 * 0.02], abs=1e-12)
     # The general rule (`_hand`) on the groups derived above gives what the code gives.
     for rolls, group, k in (([(T1, True), (T2, False), (T3, False)], [7 / 3, 1, 0, 0], 1),
                             ([(T1, True), (T2, False), (T3, True)], [5 / 3, 1, 1, 0], 2)):
-        e, r = weigh("released", "", rolls)
+        e, r = pair("released", rolls)
         hand_e, hand_pos = _hand(group, k)
         assert e == pytest.approx(hand_e, abs=1e-12)
         assert [x for x, (_, ok) in zip(r, rolls) if ok] == pytest.approx(hand_pos, abs=1e-12)
@@ -84,7 +91,7 @@ def test_filtered_rollouts_count_in_K_but_never_enter_the_group():
     # [correct clean, wrong but filtered]: K_tot = 2, k = 1, no negatives -> group [1 + 2·(1/2), 1] = [2, 1]
     # (the earlier rule put the filtered one in as a negative: [2, 1, 0]).
     # mean 3/2, population std 1/2, z = ±(1/2)/(1/2 + 1e-6); σ = 1/2.
-    e, r = weigh("released", "", [(T1, True), (SHORT, False)])
+    e, r = pair("released", [(T1, True), (SHORT, False)])
     z = 0.5 / (0.5 + 1e-6)
     assert e == pytest.approx(math.tanh(0.4 * z) / 2, abs=1e-12) and e == pytest.approx(0.19002, abs=1e-4)
     assert r == pytest.approx([0.25 * 0.02, 0.0], abs=1e-12)  # tanh(-0.4 z)/2 < 0: clipped up to 0.02
@@ -102,10 +109,10 @@ def test_filtered_rollouts_count_in_K_but_never_enter_the_group():
 
 
 def test_fallbacks():
-    assert weigh("released", "", []) == (1.0, [])
-    assert weigh("released", "", [(SHORT, True), ("ok", True)]) == (1.0, [0.0, 0.0])  # no survivors
-    assert weigh("released", "", [(T1, False), (T2, False)]) == (1.0, [0.0, 0.0])  # k = 0
-    assert weigh("released", "", [(T1, True), (T2, True)]) == (1.0, [0.0, 0.0])  # all rewards 1
+    assert pair("released", []) == (1.0, [])
+    assert pair("released", [(SHORT, True), ("ok", True)]) == (1.0, [0.0, 0.0])  # no survivors
+    assert pair("released", [(T1, False), (T2, False)]) == (1.0, [0.0, 0.0])  # k = 0
+    assert pair("released", [(T1, True), (T2, True)]) == (1.0, [0.0, 0.0])  # all rewards 1
 
 
 def _words_text(words):
@@ -142,7 +149,7 @@ def test_near_positive_negative_rule_compares_positive_rollouts_only():
     assert released_weights(rolls).K == 2
     # The expert is not compared: a wrong near copy of the expert stays a negative.
     near_expert = T2.replace("Thus \\boxed{42}", "Thus \\boxed{41}")
-    e, _ = weigh("released", T2, [(T1, True), (near_expert, False), (T3, False)])
+    e, _ = pair("released", [(T1, True), (near_expert, False), (T3, False)])
     assert e == pytest.approx(_hand([7 / 3, 1, 0, 0], 1)[0], abs=1e-12)
 
 
@@ -201,26 +208,26 @@ def test_linear_matches_formula_and_is_monotone():
     prev_e, prev_tot = math.inf, -math.inf
     for k in range(K + 1):
         rolls = [(f"r{i}", i < k) for i in range(K)]
-        e, r = weigh("linear", "", rolls, cfg)
+        e, r = pair("linear", rolls, cfg)
         p = k / K
         assert e == pytest.approx(1.0 - 0.8 * p)
         assert sum(r) == pytest.approx(0.5 * p)
         assert all(x == 0.0 for x, (_, c) in zip(r, rolls) if not c)
         assert e <= prev_e and sum(r) >= prev_tot
         prev_e, prev_tot = e, sum(r)
-    assert weigh("linear", "", [], cfg) == (1.0, [])
+    assert pair("linear", [], cfg) == (1.0, [])
     # p_min gates the rollouts, Beta smoothing moves p.
-    assert weigh("linear", "", [("a", True), ("b", False), ("c", False), ("d", False)],
+    assert pair("linear", [("a", True), ("b", False), ("c", False), ("d", False)],
                  WeightingConfig(p_min=0.5))[1] == [0.0] * 4
     sm = WeightingConfig(smoothing=(1, 1))
-    e, r = weigh("linear", "", [("a", True), ("b", False)], sm)
+    e, r = pair("linear", [("a", True), ("b", False)], sm)
     assert e == pytest.approx(1.0 - 0.8 * 0.5) and r == pytest.approx([0.25, 0.0])
 
 
 def test_constant_and_errors():
-    assert weigh("constant", "", [("a", True), ("b", False)]) == (1.0, [1.0, 0.0])
+    assert pair("constant", [("a", True), ("b", False)]) == (1.0, [1.0, 0.0])
     with pytest.raises(ValueError, match="scheme"):
-        weigh("cosine", "", [])
+        pair("cosine", [])
     assert solvability(1, 4) == 0.25 and solvability(0, 2, (1, 1)) == 0.25
     with pytest.raises(ValueError, match="k <= K"):
         solvability(3, 2)

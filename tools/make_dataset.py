@@ -7,7 +7,7 @@ programmatic expert demonstrations that end in \\boxed{answer}.
 
 Writes OUT/train.jsonl (prompt, response, answer, source), OUT/test.jsonl (question, answer,
 solution, source; read by `eval --benchmarks NAME=OUT/test.jsonl`) and OUT/meta.json (generator,
-version, seeds, task settings). Tasks: see megatron_rasft/packaged/problems.py.
+version, seeds, task settings). Tasks: see megatron_rasft/demo/real_model/problems.py.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from megatron_rasft.packaged.model import MissingPackages, require
-    from megatron_rasft.packaged.problems import build, parse_mix
+    from megatron_rasft.demo.real_model.model import MissingPackages, require
+    from megatron_rasft.demo.real_model.problems import build, parse_mix
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)

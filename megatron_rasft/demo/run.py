@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomli_w
 
 
 @dataclass
@@ -82,9 +81,20 @@ def _stage(name: str, dc: DemoConfig):
     return _Timer()
 
 
+def _tomli_w():
+    """tomli_w, which only the demo needs (the run configs it writes; reading is the stdlib's
+    tomllib): an optional dependency, the `demo` extra."""
+    try:
+        import tomli_w
+    except ImportError:
+        raise SystemExit("the demo writes its run configs with tomli-w: pip install 'megatron_rasft[demo]' "
+                         "(or pip install tomli-w)") from None
+    return tomli_w
+
+
 def merge_tables(dst: dict, src: dict) -> None:
     """Merge the nested dict `src` into `dst` in place: tables (dicts) key by key, any other value
-    replaces. Used for run configs built as nested dicts (here and in `testing.runs.loop_config`)."""
+    replaces. Used for run configs built as nested dicts (here and in the tests' `helpers.runs.loop_config`)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
             merge_tables(dst[k], v)
@@ -165,7 +175,7 @@ def run_demo(dc: DemoConfig) -> Path:
                              "keep_last": 100}
         merge_tables(cfg, extra or {})
         path = out / f"{name}.toml"
-        path.write_text(tomli_w.dumps(cfg))
+        path.write_text(_tomli_w().dumps(cfg))
         _train(path, out / f"{name}.log", name)
         return out / name
 

@@ -28,7 +28,7 @@ EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 @dataclass
 class EvalProblem:
     """One evaluation problem. Math: `answer` is the gold answer. Code: `tests` is a sandbox tests
-    dict (verify/sandbox.py) and `code_prefix` what the program starts with (HumanEval's stub)."""
+    dict (verify/sandbox/) and `code_prefix` what the program starts with (HumanEval's stub)."""
 
     id: str
     question: str

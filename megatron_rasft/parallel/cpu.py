@@ -236,6 +236,3 @@ def enable() -> bool:
             device_check.activate()
     return True
 
-
-def is_enabled() -> bool:
-    return _ENABLED

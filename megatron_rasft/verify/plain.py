@@ -6,7 +6,7 @@ JSON carries None/bool/int/float/str/list natively (Python's json keeps 1 and 1.
 writes NaN/Infinity); the other types become one-key objects: {"tuple": [...]}, {"dict": [[k, v],
 ...]}, {"set": [...]}, {"frozenset": [...]}, {"bytes": "hex"}, {"complex": [re, im]}.
 
-This file is also the first part of the programs that run inside the sandbox (`sandbox.py` reads
+This file is also the first part of the programs that run inside the sandbox (`sandbox/process.py` reads
 its source), so it imports nothing but the standard library.
 """
 import json

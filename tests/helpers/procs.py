@@ -14,7 +14,7 @@ from pathlib import Path
 
 SESSION_ENV = "MEGATRON_RASFT_TEST_SESSION"
 # What counts as a heavy leftover: trainers, torchrun, vLLM servers and their engine processes, and
-# spawned gloo ranks (`testing.distributed.spawn`).
+# spawned gloo ranks (`helpers.distributed.spawn`).
 HEAVY = re.compile(r"megatron_rasft|torch\.distributed\.run|torchrun|vllm|VLLM|multiprocessing\.spawn")
 # multiprocessing's resource tracker lives as long as the session's own interpreter: not a leftover.
 IGNORE = re.compile(r"multiprocessing\.resource_tracker|multiprocessing\.forkserver")

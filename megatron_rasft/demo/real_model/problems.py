@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -105,11 +105,6 @@ TASKS = {
                              _simple_equations_demo, "a·x ± b = c with small numbers"),
     "gsm_symbolic": Task("gsm_symbolic", {}, _gsm_symbolic_demo, "GSM8K-style word problems"),
 }
-
-
-@dataclass
-class Split:
-    rows: list = field(default_factory=list)
 
 
 def generate(task: str, n: int, seed: int) -> list:

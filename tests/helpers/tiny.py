@@ -1,29 +1,12 @@
-"""Test helpers around the demo's toy model and tokenizer (`demo/toy.py`): a vLLM server on a tiny
-model, and a scripted fake of the rollout client's `Generator` seam.
+"""The tests' tiny-model kit in one place: the demo's toy model and tokenizer (`megatron_rasft.demo.toy`),
+the session server's starter (`devtools.tiny_server`), and a scripted fake of the rollout client's
+`Generator` seam (defined here: only unit tests use it).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
+from devtools.tiny_server import start_tiny_server  # noqa: F401
 from megatron_rasft.demo.toy import (CHAT_TEMPLATE, SPECIAL, addition_solution, arithmetic_corpus,  # noqa: F401
                                      make_tiny_model, reseed_weights, train_tokenizer)
-
-
-def start_tiny_server(work_dir: str | Path, seed: int = 0, log_file: Optional[str | Path] = None,
-                      **config_overrides):
-    """Build a tokenizer and a tiny model under `work_dir` and start a vLLM server on it with a
-    small footprint (0.25 GiB KV cache, 512-token context). Returns the started `RolloutServer`
-    (`.url`, `.model_dir`, `.stop()`)."""
-    from megatron_rasft.config import ServerConfig
-    from megatron_rasft.rollout.server import RolloutServer
-
-    work_dir = Path(work_dir)
-    tok_dir = train_tokenizer(work_dir / "tokenizer")
-    model_dir = make_tiny_model(work_dir / "model", tok_dir, seed=seed)
-    cfg = ServerConfig(**{"kv_cache_gib": 0.25, "max_model_len": 512, "concurrency": 4,
-                           **config_overrides})
-    return RolloutServer(model_dir, cfg, log_file=log_file or work_dir / "vllm_server.log").start()
 
 
 class ScriptedGenerator:

@@ -1,4 +1,4 @@
-"""RUN/report.md of the real-model run (`megatron_rasft.packaged.demo`), from the files the run
+"""RUN/report.md of the real-model run (`megatron_rasft.demo.real_model`), from the files the run
 wrote: the evaluations' graded samples, the RASFT arm's verdicts and rounds, every training run's
 metrics, and the stages' peak memory (logs/resources.json). Nothing is typed in by hand."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from megatron_rasft.packaged.timings import SPLIT_KEYS, median_split, round_splits, step_stats
+from megatron_rasft.demo.real_model.timings import SPLIT_KEYS, median_split, round_splits, step_stats
 from megatron_rasft.records import EvalSample, ProblemVerdicts, RoundResult, read_records
 from megatron_rasft.rundir import RunDir
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def tree_memory(proc) -> dict:
     return out
 
 
-def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[int, dict]:
+def run_sampled(cmd: list, *, interval_s: float = 0.5, on_line=None, **popen_kwargs) -> tuple[int, dict]:
     """Run `cmd` (subprocess.Popen arguments) to completion, sampling its tree's memory.
+
+    `on_line`: if given, the command's stdout and stderr are read line by line (text) and each line
+    is passed to it (from a reader thread), instead of going where `popen_kwargs` say.
 
     Returns (exit code, {"peak_pss_main_gib", "peak_pss_vllm_gib", "peak_hwm_main_gib",
     "peak_hwm_vllm_gib", "load1_mean", "load1_max", "wall_s"}); "hwm" is the largest single process's VmHWM of the group
@@ -66,7 +70,13 @@ def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[
     import psutil
 
     t0 = time.time()
+    reader = None
+    if on_line is not None:
+        popen_kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     proc = subprocess.Popen(cmd, **popen_kwargs)
+    if on_line is not None:
+        reader = threading.Thread(target=lambda: [on_line(line) for line in proc.stdout], daemon=True)
+        reader.start()
     ps = psutil.Process(proc.pid)
     peak = {"main_pss": 0, "vllm_pss": 0, "main_hwm": 0, "vllm_hwm": 0}
     loads = []  # the machine's 1-minute load average: how contended the timings were
@@ -75,6 +85,8 @@ def run_sampled(cmd: list, *, interval_s: float = 0.5, **popen_kwargs) -> tuple[
             peak[key] = max(peak[key], value)
         loads.append(os.getloadavg()[0])
         time.sleep(interval_s)
+    if reader is not None:
+        reader.join(timeout=30)  # the pipe closes when the command's last process exits
     return proc.returncode, {"peak_pss_main_gib": round(peak["main_pss"] / GIB, 3),
                              "peak_pss_vllm_gib": round(peak["vllm_pss"] / GIB, 3),
                              "peak_hwm_main_gib": round(peak["main_hwm"] / GIB, 3),

@@ -1,1 +1,0 @@
-"""Helpers for tests: spawning real multi-process gloo jobs, tiny models and tokenizers."""
