@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from helpers.runs import loop_config, run_train, start_train, step_losses
+from helpers.runs import loop_config, run_train, start_train, step_losses, step_records
 from helpers.tiny import teach_tiny
 
 STEPS = 4
@@ -92,14 +92,6 @@ def _advantages(rewards: list, scale_by_std: bool) -> list:
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
     return [(r - mean) / (std + 1e-6) for r in rewards]
 
-
-def _metrics(run: Path) -> dict:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out[rec["step"]] = rec
-    return out
 
 
 def _rounds(run: Path, problems: dict, tok, scale_by_std: bool) -> dict:
@@ -162,7 +154,7 @@ def _recompute(setup, run: Path, step: int, round_step: dict, *, scale_by_std=Tr
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(setup["start"])
-    rec = _metrics(run)[step]
+    rec = step_records(run)[step]
     seqs = _rounds(run, setup["problems"], tok, scale_by_std)
     keys = [k for rank in rec["dp_keys"] for k in rank]
     policy = _hf_after(run, step - 1, setup["root"], setup["start"])
@@ -215,7 +207,7 @@ def test_grpo_step_losses_recomputed_in_float64(setup):
     run = setup["root"] / "ref"
     out = setup["out"]
     assert "[round 0]" in out and "[round 1]" in out and "[round 2]" not in out
-    metrics = _metrics(run)
+    metrics = step_records(run)
     assert sorted(metrics) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         r = (step - 1) // 2
@@ -331,7 +323,7 @@ def test_kl_seq_mean_unscaled_filtered_run_recomputed_in_float64(setup):
     rounds = sorted(int(p.stem.split("_")[1]) for p in (run / "rounds").glob("round_*.json"))
     assert len(rounds) >= 2, rounds
     # Every round up to the one that filled step 1 ran before any step; the others after step 1.
-    first = {k.split("/")[0] for rank in _metrics(run)[1]["dp_keys"] for k in rank}
+    first = {k.split("/")[0] for rank in step_records(run)[1]["dp_keys"] for k in rank}
     last_before = max(int(r[1:]) for r in first)
     round_step = {r: 0 if r <= last_before else 1 for r in rounds}
     kls = []

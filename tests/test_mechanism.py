@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from helpers.runs import loop_config, run_train, run_trains
+from helpers.runs import loop_config, run_train, run_trains, step_records
 from helpers.tiny import teach_tiny as _teach
 
 SEQ_LENGTH = 64
@@ -132,14 +132,6 @@ def _loss64(seqs: list, policy_lp: list, ref_lp: list) -> tuple[float, int]:
     return num / n_tokens, n_tokens
 
 
-def _metrics(run: Path) -> dict:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out[rec["step"]] = rec
-    return out
-
 
 # ---- the tests ---------------------------------------------------------------------------------
 
@@ -162,7 +154,7 @@ def _check_rasft_steps(mech, run: Path) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(mech["start"])
-    metrics = _metrics(run)
+    metrics = step_records(run)
     assert sorted(metrics) == [1, 2]
 
     # Step 1: the policy is the starting model (= the reference), so r_s = 1 up to rounding.
@@ -207,7 +199,7 @@ def test_data_parallel_rounds_equal_one_process_and_shard_the_batch(mech, linear
     rc, out = run_train(mech["config"], run, "train.logging.log_batch_keys=true", nproc=2)
     assert rc == 0, out
     metrics = _check_rasft_steps(mech, run)
-    assert metrics[1]["loss"] == pytest.approx(_metrics(linear_run[0])[1]["loss"], rel=1e-6)
+    assert metrics[1]["loss"] == pytest.approx(step_records(linear_run[0])[1]["loss"], rel=1e-6)
     tok = AutoTokenizer.from_pretrained(mech["start"])
     for step in (1, 2):
         by_rank = metrics[step]["dp_keys"]
@@ -309,7 +301,7 @@ def test_baseline_step_in_the_loop_recomputed_in_float64(mech, baseline_runs, me
     if kl:
         policy = mech["root"] / f"hf_{method}_step1"
         mcore_to_hf(run / "ckpt" / "iter_0000001" / "model", policy, hf_config_from=mech["start"], quiet=True)
-    record = _metrics(run)[step]
+    record = step_records(run)[step]
     tok = AutoTokenizer.from_pretrained(mech["start"])
     seqs = []
     for key in record["dp_keys"][0]:
@@ -543,7 +535,7 @@ def test_released_step_losses_recomputed_in_float64(released_run):
 
     run, problems, start = released_run
     tok = AutoTokenizer.from_pretrained(start)
-    metrics = _metrics(run)
+    metrics = step_records(run)
     assert sorted(metrics) == [1, 2]
     trained, expert_weights = 0, []
     for r, policy in ((0, start), (1, run / "hf" / "policy")):

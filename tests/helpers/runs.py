@@ -90,15 +90,20 @@ def run_trains(jobs: dict, workers: int = 2, timeout_s: float = 900) -> dict:
     return futures
 
 
-def step_losses(run_dir) -> dict:
-    """step -> loss from RUN/metrics.jsonl, keeping the last record of each step (a resumed run
-    rewrites the steps it redid)."""
+def step_records(run_dir) -> dict:
+    """step -> the `train` record of RUN/metrics.jsonl, keeping the last record of each step (a
+    resumed run rewrites the steps it redid)."""
     out = {}
     for line in RunDir(run_dir).metrics.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "train":
-            out[rec["step"]] = rec["loss"]
+            out[rec["step"]] = rec
     return out
+
+
+def step_losses(run_dir) -> dict:
+    """step -> loss from RUN/metrics.jsonl (the last record of each step, as `step_records`)."""
+    return {step: rec["loss"] for step, rec in step_records(run_dir).items()}
 
 
 def loop_config(path, *, server_url: str | None, problems, tokenizer, load, overrides: dict | None = None) -> Path:
