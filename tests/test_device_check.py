@@ -42,6 +42,10 @@ SCRIPT = textwrap.dedent('''
     outcome("to_device_all_reduce", lambda: dist.all_reduce(to_device(torch.tensor([1.0]))))
     outcome("mixed_op_all_reduce", lambda: dist.all_reduce(torch.zeros(2, device=device()) + torch.ones(2)))
     outcome("megatron_style_all_reduce", lambda: dist.all_reduce(torch.zeros(2, device=torch.cuda.current_device())))
+    # Megatron's distributed optimizer calls its own alias, bound when megatron.core was imported.
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+    outcome("megatron_alias_all_gather",
+            lambda: pgb.dist_all_gather_func(torch.zeros(2, device=device()), torch.zeros(2)))
 
     class HostCollectiveInBackward(torch.autograd.Function):
         @staticmethod
@@ -98,6 +102,7 @@ def test_device_check_mode_refuses_host_tensors():
                "host_derived_all_reduce": "all_reduce got a (1, 2) float32 tensor made on the host",
                "host_broadcast": "torch.distributed.broadcast got a (2,) float32",
                "host_all_gather_output": "torch.distributed.all_gather got a (2,) float32",
+               "megatron_alias_all_gather": "got a (2,) float32 tensor made on the host",
                "cpu_moved_all_reduce": "made on the host",
                "backward_host_collective": "torch.distributed.all_reduce got a (1,) float32",
                "model_not_moved": "parameter embedding.word_embeddings.weight",

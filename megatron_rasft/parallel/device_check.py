@@ -16,7 +16,9 @@ tensors; a CPU batch meets CUDA weights). With `MEGATRON_RASFT_DEVICE_CHECK=1` i
   an explicit CPU device: under the shim `device=x.device` of a device tensor names the CPU too);
 - every `torch.distributed` collective and point-to-point call (wrapped here at the function
   level, so also when reached from autograd's backward or from a nested call that the shim's
-  `TorchFunctionMode` does not see) refuses a host tensor;
+  `TorchFunctionMode` does not see; Megatron-Core's own module-level aliases of them, such as the
+  distributed optimizer's reduce-scatter and all-gather, are pointed at the wrapped functions)
+  refuses a host tensor;
 - `GPTModel.forward` refuses tensor inputs that are not device tensors, parameters or buffers
   that did not go through `placement.to_device`, and floating-point parameters not in the
   model's `params_dtype`.
@@ -51,6 +53,7 @@ def requested() -> bool:
 
 
 def active() -> bool:
+    """Whether the mode is on in this process (`activate()` was called)."""
     return _ACTIVE
 
 
@@ -163,16 +166,40 @@ def _patch_distributed() -> None:
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
+    replaced = {}  # id(original function) -> (original, wrapped)
     for name in _COLLECTIVES + _P2P:
         fn = getattr(dist, name, None)
         if fn is None or getattr(fn, "_device_checked", False):
             continue
         wrapped = _wrap_collective(name, fn)
+        replaced[id(fn)] = (fn, wrapped)
         setattr(dist, name, wrapped)
         if name in _P2P:
             setattr(c10d, name, wrapped)
     if not getattr(dist.batch_isend_irecv, "_device_checked", False):
-        dist.batch_isend_irecv = _wrap_batch(dist.batch_isend_irecv)
+        fn = dist.batch_isend_irecv
+        dist.batch_isend_irecv = _wrap_batch(fn)
+        replaced[id(fn)] = (fn, dist.batch_isend_irecv)
+    _rebind_aliases(replaced)
+
+
+def _rebind_aliases(replaced: dict) -> None:
+    """Point module-level aliases of the wrapped functions at the wrapped ones.
+
+    Megatron-Core keeps its own references, bound when its modules are imported (for example
+    `param_and_grad_buffer.dist_reduce_scatter_func = torch.distributed.reduce_scatter_tensor`, the
+    distributed optimizer's gradient reduce-scatter and parameter all-gather), and the process imports
+    `megatron.core` before the shim turns this mode on; without this, those calls would go unchecked.
+    """
+    import sys
+
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith(("megatron.", "megatron_rasft.")):
+            continue
+        for attr, val in list(getattr(mod, "__dict__", {}).items()):
+            entry = replaced.get(id(val))
+            if entry is not None and val is entry[0]:
+                setattr(mod, attr, entry[1])
 
 
 def check_model_call(model, args, kwargs) -> None:
