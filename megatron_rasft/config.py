@@ -455,6 +455,14 @@ class RunConfig:
         _check(self.loss.method != "grpo" or self.rollout.sampling.temperature > 0,
                f"loss.method = 'grpo' needs rollout.sampling.temperature > 0 (got "
                f"{self.rollout.sampling.temperature}): the ratios are those of the sampled policy softmax(logits / T)")
+        # The ratios are of the full tempered softmax; a truncated sampler (top-p / top-k) is not
+        # modelled (as in verl and trl), so say so where it is chosen rather than only in the docs.
+        smp = self.rollout.sampling
+        if self.loss.method == "grpo" and (smp.top_p < 1 or smp.top_k > 0):
+            warnings.warn(f"loss.method = 'grpo' with rollout.sampling.top_p = {smp.top_p}, top_k = {smp.top_k}: "
+                          f"pi_theta and pi_old are the full softmax(logits / T), not the truncated sampler; "
+                          f"the gap shows in the logp_mismatch metric (docs/loss.md, 'Sampling temperature')",
+                          UserWarning, stacklevel=3)
         # π_old is scored by the policy at the round's boundary; an overlapped round was sampled by
         # the policy one window earlier, so the ratio would not be π_θ/π_sampler.
         _check(self.loss.method != "grpo" or not self.rollout.overlap,

@@ -333,3 +333,17 @@ def test_cross_section_refusals(sets, msg):
         load_config(None, sets)
     assert msg in str(e.value)
     load_config(None, sets[:-1])
+
+
+def test_grpo_with_a_truncated_sampler_warns():
+    """GRPO's ratios are of the full tempered softmax: a top-p / top-k sampler is accepted (as peers
+    do) but named in a warning when the config is built; the untruncated sampler gives none."""
+    base = ["loss.method=grpo", "train.schedule.refresh_interval=1"]
+    with pytest.warns(UserWarning, match=r"rollout.sampling.top_p = 0.9"):
+        load_config(None, base + ["rollout.sampling.top_p=0.9"])
+    with pytest.warns(UserWarning, match=r"top_k = 20"):
+        load_config(None, base + ["rollout.sampling.top_k=20"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, base)
+        load_config(None, ["loss.method=rasft", "train.schedule.refresh_interval=1", "rollout.sampling.top_p=0.9"])
