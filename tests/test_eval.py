@@ -228,7 +228,16 @@ def test_python_api_on_a_held_out_split(tmp_path):
     assert script.calls == [["heldout:0", "heldout:1", "heldout:2"]]
     assert evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path)["heldout"] == r
     assert len(script.calls) == 1  # resumed: nothing regenerated
-    assert json.loads((tmp_path / "config.json").read_text())["template"] == "plain"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["template"] == "plain" and cfg["math_mode"] == "math" and cfg["stop_token_ids"] is None
+    # What is resolved at run time is guarded too: another math mode, or samples from a directory
+    # written before the stop token ids were recorded, are refused rather than mixed.
+    with pytest.raises(ValueError, match="math_mode = math, this one has released"):
+        evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path, math_mode="released")
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "stop_token_ids"}))
+    with pytest.raises(ValueError, match="without a record of their stop_token_ids"):
+        evaluate(script, {"heldout": problems}, SamplingConfig(n=4, seed=3), tmp_path)
+    assert len(script.calls) == 1
 
 
 def _voted(answers, gold, equivalent=None):

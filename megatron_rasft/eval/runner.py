@@ -158,11 +158,15 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
             raise ValueError("--prompt-template chat needs a tokenizer (--tokenizer DIR with --server-url)")
         cfg_path = out_dir / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["model"] = label
+        from megatron_rasft.rollout.stops import stop_token_ids
+
+        stops = stop_token_ids(tok, model_dir, sampling.stop_token_ids) if tok is not None else None
+        _check_resolved(out_dir, cfg, {"stop_token_ids": stops, "math_mode": math_mode})
+        cfg.update(model=label, stop_token_ids=stops, math_mode=math_mode)
         cfg_path.write_text(json.dumps(cfg, indent=2))
         with Grader(workers, math_mode, grade_timeout_s) as grader:
             for name, ps in problems.items():
-                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, model_dir)
+                stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, stops)
                 print(f"[eval] {name}: {stats['generated']} problems generated, {stats['skipped']} "
                       f"already done, {stats['seconds']:.1f}s", flush=True)
             return finish(out_dir, problems, grader.equivalent)
@@ -171,10 +175,26 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
             server.stop()
 
 
+def _check_resolved(out_dir: Path, old: dict, resolved: dict) -> None:
+    """Refuse to resume into a directory whose samples were drawn with other stop token ids or
+    graded in another math mode (both resolved at run time, so not in the sampling check above).
+    A directory with samples but no record of them predates the record: refused too, since its
+    samples may have run past the end-of-turn token."""
+    has_samples = any((out_dir / "samples").glob("*.jsonl"))
+    for key, value in resolved.items():
+        if key in old and old[key] != value:
+            raise ValueError(f"{out_dir} holds an evaluation with {key} = {old[key]}, this one has {value}; "
+                             f"use another --out or remove it")
+        if key not in old and has_samples:
+            raise ValueError(f"{out_dir} holds samples without a record of their {key} (written by an "
+                             f"earlier version); use another --out or remove it")
+
+
 def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader, sampling,
-                   template: str, tokenizer, out_dir: Path, model_dir=None) -> dict:
+                   template: str, tokenizer, out_dir: Path, stops: list | None = None) -> dict:
+    """Generate and grade the problems of one benchmark that lack their n samples; `stops`: the
+    resolved stop token ids (`rollout.stops.stop_token_ids`), None without a tokenizer."""
     from megatron_rasft.data.tokenize import encode_prompt
-    from megatron_rasft.rollout.stops import stop_token_ids
 
     t0 = time.monotonic()
     path = sample_path(out_dir, name)
@@ -187,9 +207,8 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
         kinds = {p.kind for p in todo}
         extra = P.stops("code" if kinds == {"code"} else "math", template, any(p.code_prefix for p in todo))
         bench_sampling = dataclasses.replace(sampling, stop=list(dict.fromkeys(list(sampling.stop) + extra)))
-        if tokenizer is not None:  # the rounds' rule: an end-of-turn special token ends the sample
-            bench_sampling = dataclasses.replace(bench_sampling, stop_token_ids=stop_token_ids(
-                tokenizer, model_dir, sampling.stop_token_ids))
+        if stops is not None:  # the rounds' rule: an end-of-turn special token ends the sample
+            bench_sampling = dataclasses.replace(bench_sampling, stop_token_ids=stops)
         else:
             warnings.warn("eval without a tokenizer: samples end only at the server's EOS and at stop "
                           "strings, which cannot match a special end-of-turn token; give --tokenizer",
