@@ -1,5 +1,5 @@
 """GRPO in the training loop with real rounds against the session's real vLLM (CPU) server, on a
-model taught first (plain PyTorch, `testing.tiny.teach_tiny`) so that it solves some problems
+model taught first (plain PyTorch, `helpers.tiny.teach_tiny`) so that it solves some problems
 sometimes and groups have mixed rewards: the losses compared below are not zero.
 
 The reference run: windows of 4 problems, K = 4 rollouts each, 2 groups per step and
