@@ -41,6 +41,7 @@ class SavedBytes:
 
     @property
     def bytes(self) -> int:
+        """Bytes of the distinct storages saved for backward inside the block (each storage once)."""
         return sum(self.storages.values())
 
 

@@ -52,12 +52,15 @@ class Progress:
         return speed * sum(s for name, s in self.plan.items() if name not in self.done)
 
     def start(self, name: str) -> None:
+        """Print stage `name`'s start line: its index, planned time, elapsed time and the run's ETA."""
         index = list(self.plan).index(name) + 1
         self._say(f"── stage {index}/{len(self.plan)} {name} (planned {fmt(self.plan[name])}) | "
                   f"elapsed {fmt(time.time() - self.t0)} | run ETA {fmt(self.eta_s())}")
         self._started = time.time()
 
     def finish(self, name: str, skipped: bool = False) -> None:
+        """Record stage `name` as done (its actual seconds; 0 when `skipped`: its output was already
+        there) and print its duration; later ETAs scale by the actual/planned ratio of the stages run."""
         if skipped:
             self.done[name] = (0.0, 0.0)
             self._say(f"   {name}: already done, skipped | run ETA {fmt(self.eta_s())}")
@@ -67,6 +70,8 @@ class Progress:
         self._say(f"   {name}: {took:.0f}s | elapsed {fmt(time.time() - self.t0)} | run ETA {fmt(self.eta_s())}")
 
     def line(self, name: str, text: str) -> None:
+        """Echo one line of stage `name`'s log to the console when it is a progress line (step,
+        round, evaluation: `ECHO_PREFIXES`), tagged with the stage."""
         if text.startswith(ECHO_PREFIXES):
             self.out(f"   [{name}] {text.rstrip()}", flush=True)
 
