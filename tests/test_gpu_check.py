@@ -49,7 +49,9 @@ def test_gpu_check_cpu_dry_run(tmp_path):
 def test_gpu_check_plan_fits_an_h100(tmp_path):
     """`gpu_check.sh --plan` runs nothing, needs no GPU, and plans the default check within an H100's
     78 GiB and the default time limit less its margin, printing each estimate's inputs and the wheels
-    to carry; the SDPA attention is what makes the ~1.24B run fit (Megatron's local one would not)."""
+    to carry; the SDPA attention is what makes the ~1.24B run fit (Megatron's local one would not).
+    The estimator itself is checked against measured bytes by
+    tests/test_attention.py::test_activation_estimate_matches_measured."""
     env = dict(os.environ, PYTHON=sys.executable)
     p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--plan", "--out", str(tmp_path)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
