@@ -4,6 +4,8 @@ the session server's starter (`devtools.tiny_server`), and a scripted fake of th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from devtools.tiny_server import start_tiny_server  # noqa: F401
 from megatron_rasft.demo.toy import (CHAT_TEMPLATE, SPECIAL, addition_solution, arithmetic_corpus,  # noqa: F401
                                      make_tiny_model, reseed_weights, train_tokenizer)
