@@ -15,7 +15,7 @@ float64 with `transformers`, never calling the project's loss:
 - loss = Σ_t c_t·(−log π_θ(y_t)) / N with c_t = A·ρ_t unless the clip binds (A > 0, ρ > 1 + ε_high or
   A < 0, ρ < 1 − ε_low), ρ_t = π_θ/π_old (docs/loss.md, "grpo"); under `seq_mean` each sequence's terms
   are divided by its token count and the sum by the number of sequences; with `kl_coef` β the k3
-  term β·(exp(d) − d − 1), d = log π_ref − log π_θ, is added per token.
+  term β·min(exp(d) − d − 1, 10), d = log π_ref − log π_θ clamped to ±20, is added per token.
 
 At the first step after a round π_θ = π_old, and the run's own mean ρ must be 1 (within 1e-6: the
 step and the π_old pass see the same packing, so in practice exactly); at the second step the
@@ -47,6 +47,7 @@ K = 4
 SEQ_LENGTH = 64
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 KL_COEF = 0.05
+K3_LOG_CLAMP, K3_MAX = 20.0, 10.0  # the documented bounds of the k3 term (grpo.k3_max default)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +176,9 @@ def _recompute(setup, run: Path, step: int, round_step: dict, *, scale_by_std=Tr
         c_T = torch.where(bind_T, torch.zeros_like(rho_T), a * rho_T)
         term_T = c_T * -lp_T
         if kl_coef:
-            d_T = ref[0] - lp_T
-            k3_T = d_T.exp() - d_T - 1
+            # docs/loss.md: d clamped to ±20, then each token's k3 capped at grpo.k3_max (default 10).
+            d_T = (ref[0] - lp_T).clamp(-K3_LOG_CLAMP, K3_LOG_CLAMP)
+            k3_T = (d_T.exp() - d_T - 1).clamp(max=K3_MAX)
             term_T = term_T + kl_coef * k3_T
             kl += float(k3_T.sum())
         loss += float(term_T.sum()) / (len(lp_T) if seq_mean else 1)
