@@ -1,0 +1,102 @@
+"""One place that opens a rollout server for a job: start one on a checkpoint, or attach to one
+already running at a URL; its client; and, for the trainer, making it serve new weights (with
+the refresh again after the server came back from a crash).
+
+The trainer's rounds, `eval` and the `rollout` command all go through `RolloutSession.open`, so a
+server is started, attached, logged and stopped the same way everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_rasft.config import ServerConfig
+
+
+def is_url(source) -> bool:
+    """Whether a model source names a running server (`http://` or `https://`) rather than a folder."""
+    return str(source).startswith(("http://", "https://"))
+
+
+class RolloutSession:
+    """A vLLM server (started here, or attached) with its `RolloutClient`.
+
+    `server` / `client`: the `rollout.server.RolloutServer` and `rollout.client.RolloutClient`;
+    `managed`: whether this session started the server (and so stops it on `close`).
+    Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, server, client):
+        self.server, self.client = server, client
+
+    @classmethod
+    def open(cls, source: str | Path, cfg: Optional[ServerConfig] = None, *, log_file: Optional[str | Path] = None,
+             progress: bool = True, label: str = "") -> "RolloutSession":
+        """Attach to the server at `source` (a URL) or start one serving the HF checkpoint folder
+        `source`, with `cfg` (`[rollout.server]`; None = defaults) and its log in `log_file`.
+        `label` prefixes the start-up line (e.g. "[eval] "). Raises `rollout.server.ServerError` when
+        no healthy server answers at the URL or the started one does not come up."""
+        from megatron_rasft.rollout.client import RolloutClient
+        from megatron_rasft.rollout.server import RolloutServer
+
+        cfg = cfg or ServerConfig()
+        if is_url(source):
+            server = RolloutServer.attach(str(source), cfg)
+        else:
+            server = RolloutServer(source, cfg, log_file=log_file)
+            print(f"{label}starting vLLM on {source} (log {log_file or 'not kept'}) ...", flush=True)
+            server.start()
+        return cls(server, RolloutClient(server, cfg, progress=progress))
+
+    @property
+    def managed(self) -> bool:
+        return self.server.managed
+
+    @property
+    def generate(self):
+        """The client's `Generator` (`rollout.client.Generator`)."""
+        return self.client.generate
+
+    @property
+    def label(self) -> str:
+        """What the server serves, for reports: its checkpoint folder, or its URL when attached."""
+        return self.server.model_dir or self.server.url
+
+    def serve(self, hf_dir: str | Path, probe: Sequence[int], expected: Sequence[float]):
+        """Make the server serve the checkpoint `hf_dir` and prove it: the probe's log-probs must
+        match `expected` (our own forward pass of those weights; `rollout.refresh.refresh_weights`).
+        Also arms the client so that a server which dies and comes back is refreshed again before
+        any lost prompt is resubmitted (it comes back on whatever it loads at start-up).
+        -> the `RefreshResult`. Raises `RefreshError` / `ServerError` when the weights are not live."""
+        from megatron_rasft.rollout.refresh import refresh_weights
+
+        def refresh():
+            res = refresh_weights(self.server, hf_dir, self.client, probe=list(probe), expected=list(expected))
+            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+            return res
+
+        res = refresh()
+        self.client.on_recover = refresh
+        return res
+
+    def close(self) -> None:
+        """Stop the server if this session started it (an attached one is left running)."""
+        if self.server.managed:
+            self.server.stop()
+
+    def __enter__(self) -> "RolloutSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def server_errors() -> tuple:
+    """The exception types of a dead or unusable server (`ServerError`, `RolloutError`,
+    `RefreshError`): what a round turns into a `RoundFailed`; anything else is a bug."""
+    from megatron_rasft.rollout.client import RolloutError
+    from megatron_rasft.rollout.refresh import RefreshError
+    from megatron_rasft.rollout.server import ServerError
+
+    return ServerError, RolloutError, RefreshError
