@@ -24,9 +24,15 @@ PLACEHOLDER_ANSWERS = ("proof", "notfound", "not found", "none", "null", "nan", 
 KL_METHODS = ("sft_kl", "asft")
 
 
+class ConfigError(ValueError):
+    """A bad run configuration: an invalid value, an unknown or renamed key, invalid TOML, or
+    sections that contradict each other. Its message is one line that names the file (when there
+    is one) and the key; the command line prints it and exits 2."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
