@@ -121,8 +121,8 @@ def build_policy(mcfg, *, lr: float = 1e-4):
     from megatron_rasft.config import OptimConfig, ParallelConfig
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.placement import to_device
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
     pcfg = ParallelConfig(use_distributed_optimizer=False)
     model = build_model(mcfg, pcfg)
@@ -148,7 +148,7 @@ def frozen_copy(mcfg, model):
 
 def train_step(chunks, optimizer, forward_step, batches, seq_length: int) -> list[dict]:
     """zero grads → forward/backward over the micro-batches → optimizer step; returns the reports."""
-    from megatron_rasft.train.step import forward_backward
+    from megatron_rasft.engine.step import forward_backward
 
     for c in chunks:
         c.zero_grad_buffer()
@@ -187,8 +187,8 @@ def main(argv=None):
     from megatron_rasft.config import LossConfig, ParallelConfig
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.parallel.groups import destroy_distributed, device, init_distributed
-    from megatron_rasft.train.refpass import score
-    from megatron_rasft.train.step import make_forward_step
+    from megatron_rasft.engine.refpass import score
+    from megatron_rasft.engine.step import make_forward_step
 
     pgs = init_distributed(ParallelConfig(), seed=0)
     dev = device()

@@ -118,8 +118,8 @@ def worker_ours(d: Path, args, pack: bool) -> dict:
     from megatron_rasft.convert.mcore_io import load_mcore_into_model, read_model_config
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.parallel.groups import destroy_distributed, device, init_distributed
-    from megatron_rasft.train.refpass import score
-    from megatron_rasft.train.step import global_metrics, make_forward_step
+    from megatron_rasft.engine.refpass import score
+    from megatron_rasft.engine.step import global_metrics, make_forward_step
 
     sys.path.insert(0, str(HERE))
     from bench_step import batches_of, build_policy, frozen_copy, train_step

@@ -465,7 +465,7 @@ def export_child(mcore_dir: str, out_dir: str, dry: bool) -> int:
     from megatron_rasft.config import RunConfig
     from megatron_rasft.convert.export import export_to_hf
     from megatron_rasft.parallel.groups import destroy_distributed, init_distributed
-    from megatron_rasft.train.model import build_policy_and_reference
+    from megatron_rasft.engine.model import build_policy_and_reference
     from megatron_rasft.model.provider import unwrap
 
     cfg = RunConfig()

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     from megatron_rasft.model.provider import resolve_impl
     from megatron_rasft.parallel.groups import destroy_distributed, device, init_distributed
     from megatron_rasft.train.log import peak_flops
-    from megatron_rasft.train.step import make_forward_step
+    from megatron_rasft.engine.step import make_forward_step
 
     pgs = init_distributed(ParallelConfig(), seed=0)
     mcfg = model_config(args)

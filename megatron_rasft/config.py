@@ -163,7 +163,7 @@ class LossConfig:
 class GRPOConfig:
     """GRPO (`loss.method = "grpo"`, docs/loss.md): group-relative advantages and the clipped surrogate.
 
-    Advantages (megatron_rasft/advantages.py): A_j = (R_j − mean R) / (std R + eps), or R_j − mean R
+    Advantages (megatron_rasft/methods/advantages.py): A_j = (R_j − mean R) / (std R + eps), or R_j − mean R
     with `scale_by_std = false` (Dr.GRPO). Loss: token-level −min(ρ·A, clip(ρ, 1−eps_low, 1+eps_high)·A),
     ρ = π_θ/π_old, plus `kl_coef` · k3 KL to the frozen reference, each token's k3 capped at `k3_max`.
     Every log-prob (π_θ, π_old, π_ref) is of the tempered policy softmax(logits / T), T =
@@ -274,7 +274,7 @@ class ServerConfig:
 
 @dataclass(slots=True)
 class SelectionConfig:
-    """Which problems of a window are rolled out (`[rollout.selection]`, train/selection.py)."""
+    """Which problems of a window are rolled out (`[rollout.selection]`, methods/selection.py)."""
 
     rule: str = "all"  # all | released (the released code's expert-NLL band and hard pool)
     # `released` rule: the share of a window's in-band problems rolled out (rounded up), and of the
@@ -348,7 +348,7 @@ class TrainDataConfig:
 
 @dataclass(slots=True)
 class OptimConfig:
-    """Megatron's Adam and its learning-rate schedule (`[train.optim]`, train/optim.py): linear
+    """Megatron's Adam and its learning-rate schedule (`[train.optim]`, engine/optim.py): linear
     warm-up over `lr_warmup_iters`, then cosine decay to `min_lr` over the run."""
 
     lr: float = 1e-4

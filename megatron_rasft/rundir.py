@@ -16,7 +16,7 @@ Layout (R = round number, three digits):
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
     RUN/old_logp/round_RRR.pt       GRPO's π_old: the round's rollouts scored by the policy that sampled them
     RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round)
-    RUN/ckpt/                       training checkpoints (layout: `train/checkpoint.py`)
+    RUN/ckpt/                       training checkpoints (layout: `engine/checkpoint.py`)
     RUN/metrics.jsonl               one JSON object per optimizer step
     RUN/tensorboard/                optional TensorBoard events
     RUN/logs/vllm.log               the trainer-managed rollout server's log

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from megatron_rasft.advantages import group_advantages, verdict_rewards
+from megatron_rasft.methods.advantages import group_advantages, verdict_rewards
 from megatron_rasft.config import GRPOConfig, load_config
 from megatron_rasft.records import Verdict
 

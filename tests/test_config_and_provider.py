@@ -269,7 +269,7 @@ def test_transformer_config_passes_architecture_through():
 
 def test_import_is_light():
     """Importing the package and its pure modules loads neither vLLM, TE nor Megatron's model code."""
-    code = ("import sys, megatron_rasft, megatron_rasft.config, megatron_rasft.loss, megatron_rasft.weighting, "
+    code = ("import sys, megatron_rasft, megatron_rasft.config, megatron_rasft.loss, megatron_rasft.methods.weighting, "
             "megatron_rasft.records, megatron_rasft.cli; megatron_rasft.cli.build_parser(); "
             "bad = [m for m in ('vllm', 'transformer_engine', 'megatron.core.models') if m in sys.modules]; "
             "print(bad); assert not bad, bad")

@@ -248,7 +248,7 @@ def _megatron_logits(model_chunks, tokens: torch.Tensor, mcfg) -> torch.Tensor |
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_rasft.train.step import forward_backward
+    from megatron_rasft.engine.step import forward_backward
 
     captured = []
     tp_group = ps.get_tensor_model_parallel_group()

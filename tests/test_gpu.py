@@ -32,8 +32,8 @@ def _steps(rank, world, impl, fp8, weights_path):
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.model.provider import build_model, resolve_impl
     from megatron_rasft.parallel.groups import init_distributed
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.step import attach_schedule_hooks, forward_backward, make_forward_step, wrap_ddp
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.step import attach_schedule_hooks, forward_backward, make_forward_step, wrap_ddp
 
     pcfg = ParallelConfig()
     pgs = init_distributed(pcfg, seed=0)

@@ -45,9 +45,9 @@ def _worker(rank, world):
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.groups import init_distributed
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.refpass import score
-    from megatron_rasft.train.step import (attach_schedule_hooks, forward_backward, global_metrics,
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.refpass import score
+    from megatron_rasft.engine.step import (attach_schedule_hooks, forward_backward, global_metrics,
                                            make_forward_step, wrap_ddp)
 
     pcfg = ParallelConfig(use_distributed_optimizer=False)

@@ -76,9 +76,9 @@ def _worker(rank, world, tmp):
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.groups import init_distributed
     from megatron_rasft.train.loop import build_loss_func
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.refpass import RefCache
-    from megatron_rasft.train.step import attach_schedule_hooks, forward_backward, global_metrics, \
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.refpass import RefCache
+    from megatron_rasft.engine.step import attach_schedule_hooks, forward_backward, global_metrics, \
         make_forward_step, wrap_ddp
     from megatron_rasft.train.stream import TrainingStream
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_rasft.advantages import group_advantages
+from megatron_rasft.methods.advantages import group_advantages
 from megatron_rasft.config import GRPOConfig, LossConfig
 from megatron_rasft.loss import compute_loss, make_loss_func
 

@@ -55,8 +55,8 @@ def _run_layout(tp, pp, dp, distopt, full_state=None):
     from megatron_rasft.loss import make_loss_func
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.groups import init_distributed
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.step import attach_schedule_hooks, forward_backward, make_forward_step, \
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.step import attach_schedule_hooks, forward_backward, make_forward_step, \
         global_metrics, wrap_ddp
 
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -12,7 +12,7 @@ from megatron_rasft.config import SamplingConfig
 from megatron_rasft.rollout.stage import rollout_round
 from helpers.tiny import ScriptedGenerator
 from megatron_rasft.verify.stage import verify_problems, verify_round
-from megatron_rasft.weighting import weight_records
+from megatron_rasft.methods.weighting import weight_records
 
 
 def _humaneval_rows(ids=(0, 2, 4)):

@@ -2,7 +2,7 @@
 import numpy as np
 
 from megatron_rasft.config import SelectionConfig
-from megatron_rasft.train.selection import Band, mean_nll, select
+from megatron_rasft.methods.selection import Band, mean_nll, select
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 
 # The default fractions are the released code's: 35 % of the band's candidates, 3 % of the hard pool.

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_rasft.config import WeightingConfig
 from megatron_rasft.records import ProblemVerdicts
-from megatron_rasft.weighting import (ReleasedFilters, degenerate_reason, format_reason, gibberish_reason,
+from megatron_rasft.methods.weighting import (ReleasedFilters, degenerate_reason, format_reason, gibberish_reason,
                                       jaccard, ngrams, released_weights, shortcut_reason, solvability,
                                       weigh, weight_records)
 

@@ -25,7 +25,7 @@ def main(args) -> int:
     from megatron_rasft.config import load_config
     from megatron_rasft.records import ProblemVerdicts, RecordError, read_records, write_records
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.weighting import round_summary, weight_records
+    from megatron_rasft.methods.weighting import round_summary, weight_records
 
     try:
         cfg = load_config(args.config, args.set).weighting

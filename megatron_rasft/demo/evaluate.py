@@ -16,7 +16,7 @@ def report_tag(arm: str) -> str:
 def _checkpoints(run_dir: Path) -> list:
     """(step, the checkpoint's model/ dir) of every checkpoint of a training run."""
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.train import checkpoint
+    from megatron_rasft.engine import checkpoint
 
     return [(step, path / "model") for step, path in checkpoint.completed(RunDir(run_dir).ckpt)]
 

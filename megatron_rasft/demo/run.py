@@ -124,7 +124,7 @@ def run_demo(dc: DemoConfig) -> Path:
     from megatron_rasft.demo.task import make_problems, write_jsonl
     from megatron_rasft.rollout.server import RolloutServer
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.train import checkpoint
+    from megatron_rasft.engine import checkpoint
     from megatron_rasft.demo.toy import make_tiny_model, train_tokenizer
 
     from transformers.utils import logging as hf_logging

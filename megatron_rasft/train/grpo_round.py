@@ -21,7 +21,7 @@ import math
 import random
 
 from megatron_rasft.data.batching import Seq
-from megatron_rasft.advantages import group_advantages, verdict_rewards
+from megatron_rasft.methods.advantages import group_advantages, verdict_rewards
 from megatron_rasft.records import TrainSequence
 from megatron_rasft.rundir import parse_key, rollout_key
 

@@ -15,7 +15,7 @@ import torch
 
 from megatron_rasft.config import RunConfig
 from megatron_rasft.rundir import RunDir
-from megatron_rasft.train import checkpoint
+from megatron_rasft.engine import checkpoint
 from megatron_rasft.train.data import load_dataset
 from megatron_rasft.train.log import Logger, flops_per_token, peak_flops
 from megatron_rasft.train.rounds import RoundFailed
@@ -31,9 +31,9 @@ def train(cfg: RunConfig) -> dict:
     per stage)}. Raises NonFiniteLoss when a step's loss is not finite. Collective over all ranks."""
     from megatron_rasft.data.batching import make_rows, stack_microbatches
     from megatron_rasft.parallel.groups import init_distributed, rank0
-    from megatron_rasft.train.model import build_policy_and_reference
-    from megatron_rasft.train.optim import build_optimizer
-    from megatron_rasft.train.step import forward_backward, global_metrics, make_forward_step
+    from megatron_rasft.engine.model import build_policy_and_reference
+    from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.step import forward_backward, global_metrics, make_forward_step
     from megatron_rasft.train.stream import TrainingStream
 
     # -- set up --------------------------------------------------------------------------------

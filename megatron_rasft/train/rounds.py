@@ -185,7 +185,7 @@ class Rounds:
     def _probe_expectation(self):
         """(probe token ids, their log-probs under the policy just exported), by our own forward
         pass: the refreshed server must reproduce them (proof that the new weights are live)."""
-        from megatron_rasft.train.refpass import score
+        from megatron_rasft.engine.refpass import score
 
         pid = sorted(self.data.prompt_ids)[0]
         ids = list(self.data.prompt_ids[pid])[: self.cfg.model.seq_length]
@@ -196,8 +196,8 @@ class Rounds:
 
     def _score_nll(self, chunks, ids: list) -> dict:
         """Mean response NLL of the expert demonstrations of `ids` under `chunks` (collective)."""
-        from megatron_rasft.train.refpass import score
-        from megatron_rasft.train.selection import mean_nll
+        from megatron_rasft.engine.refpass import score
+        from megatron_rasft.methods.selection import mean_nll
 
         seqs = [self.data.experts[expert_key(i)] for i in ids]
         got = score(chunks, seqs, self.groups, micro_batch_size=self.cfg.train.schedule.micro_batch_size,
@@ -207,7 +207,7 @@ class Rounds:
 
     def _band(self):
         """NLL thresholds from the initial model (the frozen reference), computed once per run."""
-        from megatron_rasft.train.selection import Band
+        from megatron_rasft.methods.selection import Band
 
         path = self.run.nll_band
         if path.is_file():
@@ -226,7 +226,7 @@ class Rounds:
         if self.cfg.rollout.selection.rule == "all":
             return {"rollout": list(problem_ids), "probes_retrain": [], "probes_rollout": [],
                     "hard_pool": dict(state.hard_pool)}
-        from megatron_rasft.train.selection import select
+        from megatron_rasft.methods.selection import select
 
         band = self._band()
         pool = dict(state.hard_pool)
@@ -268,7 +268,7 @@ class Rounds:
         from megatron_rasft.records import Rollout
         from megatron_rasft.rollout.stage import rollout_round
         from megatron_rasft.verify.stage import verify_round
-        from megatron_rasft.weighting import weight_records
+        from megatron_rasft.methods.weighting import weight_records
 
         rc = self.cfg.rollout
         self._ensure_server(hf_dir, probe, times, r)
@@ -301,7 +301,7 @@ class Rounds:
         return sorted(pvs, key=lambda pv: order[pv.problem_id])
 
     def _stages(self, r: int, sel: dict, hf_dir: Path, probe, times: dict) -> None:
-        from megatron_rasft.weighting import round_summary
+        from megatron_rasft.methods.weighting import round_summary
 
         problem_ids = sel["rollout"]
         weights, rollouts = [], {}
@@ -348,7 +348,7 @@ class Rounds:
     def _grpo_result(self, r: int, problem_ids: list, weights: list, rollouts: dict, times: dict) -> None:
         """Under grpo: every rollout of the trained groups, with its advantage (`grpo_round.py`)."""
         from megatron_rasft.records import Verdict
-        from megatron_rasft.weighting import round_summary
+        from megatron_rasft.methods.weighting import round_summary
 
         verdicts = [Verdict(pv.problem_id, r, x["sample_index"], bool(x["correct"]), x["reason"])
                     for pv in (self._verdicts_in_order(r, problem_ids) if problem_ids else [])

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
 from megatron_rasft.train.grpo_round import grpo_window_groups
-from megatron_rasft.train.refpass import RefCache, score
+from megatron_rasft.engine.refpass import RefCache, score
 from megatron_rasft.train.rounds import RoundFailed
 from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
 

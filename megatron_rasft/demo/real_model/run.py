@@ -62,7 +62,7 @@ def _run(args: list, log: Path, stage: str, progress: Progress) -> None:
 def _train(out: Path, name: str, sets: list, progress: Progress) -> Path:
     """A training run in OUT/NAME; returns its final checkpoint's model folder."""
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.train.checkpoint import latest
+    from megatron_rasft.engine.checkpoint import latest
 
     run = out / name
     done = latest(RunDir(run).ckpt)

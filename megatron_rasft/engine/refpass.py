@@ -37,7 +37,7 @@ def score(model_chunks: list, seqs: list[Seq], groups, *, micro_batch_size: int,
     log) for every sequence, on every rank. `groups`: the run's `ParallelGroups`; each DP rank
     scores its share. `temperature` T: log-probs of softmax(logits / T) (GRPO's π_old and π_ref
     at the sampling temperature, `RunConfig.policy_temperature`). Collective over all ranks."""
-    from megatron_rasft.train.step import forward_backward, make_forward_step
+    from megatron_rasft.engine.step import forward_backward, make_forward_step
 
     mine = seqs[groups.dp_rank::groups.dp_size]
     out: dict[str, list] = {}

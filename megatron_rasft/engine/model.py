@@ -57,7 +57,7 @@ def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
 
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
     from megatron_rasft.parallel.placement import device
-    from megatron_rasft.train.step import attach_schedule_hooks, wrap_ddp
+    from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(cfg)
     policy = _chunks(mcfg, cfg.parallel, groups.collection)
