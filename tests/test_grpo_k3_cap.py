@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_rasft.config import GRPOConfig, LossConfig
-from megatron_rasft.loss import compute_loss
+from megatron_rasft.loss import LossBatch, compute_loss
 
 V = 11
 BETA = 0.1
@@ -27,8 +27,9 @@ def _batch(d_targets):
 def _ours(logits, labels, ref_logp, gcfg):
     x = logits.clone().requires_grad_()
     mask = torch.ones(labels.shape)
-    loss, _, metrics = compute_loss(x, labels, mask, cfg=LossConfig(method="grpo"), grpo=gcfg, ref_logp=ref_logp,
-                                    old_logp=torch.zeros(labels.shape), advantage=torch.zeros(labels.shape))
+    batch = LossBatch(labels_BS=labels, loss_mask_BS=mask, ref_logp_BS=ref_logp, old_logp_BS=torch.zeros(labels.shape),
+                      advantage_BS=torch.zeros(labels.shape))
+    loss, _, metrics = compute_loss(batch, x, cfg=LossConfig(method="grpo"), grpo=gcfg)
     (grad,) = torch.autograd.grad(loss, x)
     return loss.detach().double(), grad.double(), metrics
 

@@ -15,7 +15,7 @@ import torch
 
 from megatron_rasft.config import (GRPOConfig, LossConfig, ModelConfig, ParallelConfig, RolloutConfig, RunConfig,
                                    SamplingConfig, ScheduleConfig, TrainConfig)
-from megatron_rasft.loss import compute_loss
+from megatron_rasft.loss import LossBatch, compute_loss
 from helpers.distributed import spawn
 
 MCFG = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, vocab_size=100,
@@ -158,12 +158,13 @@ def _tiny_batch():
 def test_sft_family_refuses_a_temperature(method):
     logits, labels, mask = _tiny_batch()
     with pytest.raises(ValueError, match=f"applies to loss.method='grpo' only; loss.method='{method}'"):
-        compute_loss(logits, labels, mask, cfg=LossConfig(method=method, ratio="none"), temperature=0.6)
+        compute_loss(LossBatch(labels_BS=labels, loss_mask_BS=mask), logits, cfg=LossConfig(method=method, ratio="none"),
+                     temperature=0.6)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_bad_temperature_raises(bad):
     logits, labels, mask = _tiny_batch()
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
-        compute_loss(logits, labels, mask, cfg=LossConfig(method="grpo"), old_logp=torch.zeros(2, 6),
-                     advantage=torch.ones(2, 6), temperature=bad)
+        compute_loss(LossBatch(labels_BS=labels, loss_mask_BS=mask, old_logp_BS=torch.zeros(2, 6),
+                               advantage_BS=torch.ones(2, 6)), logits, cfg=LossConfig(method="grpo"), temperature=bad)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_rasft.config import LOSS_METHODS, LossConfig
-from megatron_rasft.loss import compute_loss, make_loss_func, vocab_parallel_logprob
+from megatron_rasft.loss import LossBatch, compute_loss, make_loss_func, vocab_parallel_logprob
 
 B, S, V = 3, 12, 17
 # grpo takes other inputs (old log-probs, advantages): tests/test_loss_grpo.py.
@@ -105,10 +105,16 @@ def make_batch(seed, packed, scale=2.0):
                 ref_logp=ref_logp.float(), ref_logits=ref_logits)
 
 
+def loss_batch(batch):
+    """The loss's typed micro-batch from a test batch dict (absent keys: None)."""
+    return LossBatch(labels_BS=batch["labels"], loss_mask_BS=batch["loss_mask"], seq_id_BS=batch.get("seq_id"),
+                     seq_weight_BS=batch.get("seq_weight"), ref_logp_BS=batch.get("ref_logp"),
+                     ref_logits_BSv=batch.get("ref_logits"))
+
+
 def run_ours(batch, cfg, dtype=torch.float32):
     logits = batch["logits"].to(dtype).requires_grad_()
-    rest = {k: batch[k] for k in ("seq_id", "seq_weight", "ref_logp", "ref_logits")}
-    loss, n, metrics = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=cfg, **rest)
+    loss, n, metrics = compute_loss(loss_batch(batch), logits, cfg=cfg)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss, n, metrics, grad
 
@@ -231,8 +237,8 @@ def test_callers_logits_untouched():
     batch = make_batch(seed=9, packed=True)
     logits = batch["logits"].clone().requires_grad_()
     ref = batch["ref_logits"].clone()
-    loss, _, _ = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=LossConfig(method="asft"),
-                              ref_logits=ref)
+    lb = LossBatch(labels_BS=batch["labels"], loss_mask_BS=batch["loss_mask"], ref_logits_BSv=ref)
+    loss, _, _ = compute_loss(lb, logits, cfg=LossConfig(method="asft"))
     loss.backward()
     assert torch.equal(logits.detach(), batch["logits"]) and torch.equal(ref, batch["ref_logits"])
 
@@ -241,8 +247,7 @@ def _bad(**changes):
     batch = make_batch(seed=1, packed=True)
     cfg = changes.pop("cfg", LossConfig(method="rasft"))
     batch.update(changes)
-    compute_loss(batch["logits"], batch["labels"], batch["loss_mask"], cfg=cfg, seq_id=batch["seq_id"],
-                 seq_weight=batch["seq_weight"], ref_logp=batch["ref_logp"], ref_logits=batch["ref_logits"])
+    compute_loss(loss_batch(batch), batch["logits"], cfg=cfg)
 
 
 def _with(name, index, value):
@@ -311,13 +316,10 @@ def test_make_loss_func_follows_megatron_contract(per_token):
     cfg = LossConfig(method="rasft")
     batch = make_batch(seed=4, packed=True)
     loss_func = make_loss_func(cfg)
-    bound = partial(loss_func, batch["labels"], batch["loss_mask"], batch["seq_id"], batch["seq_weight"],
-                    batch["ref_logp"], None)
+    bound = partial(loss_func, loss_batch(dict(batch, ref_logits=None)))
     logits = batch["logits"].clone().requires_grad_()
     out, num_tokens, report = _megatron_calc_loss(bound, logits, per_token)
-    ref_loss, _, ref_m = compute_loss(batch["logits"], batch["labels"], batch["loss_mask"], cfg=cfg,
-                                      seq_id=batch["seq_id"], seq_weight=batch["seq_weight"],
-                                      ref_logp=batch["ref_logp"])
+    ref_loss, _, ref_m = compute_loss(loss_batch(dict(batch, ref_logits=None)), batch["logits"], cfg=cfg)
     assert num_tokens.dtype == torch.int and num_tokens.item() == int(ref_m["num_tokens"])
     expected = ref_loss if per_token else ref_loss / ref_m["num_tokens"] / 2
     torch.testing.assert_close(out.detach(), expected.detach())

@@ -11,7 +11,7 @@ import torch
 
 from megatron_rasft.methods.advantages import group_advantages
 from megatron_rasft.config import GRPOConfig, LossConfig
-from megatron_rasft.loss import compute_loss, make_loss_func
+from megatron_rasft.loss import LossBatch, compute_loss, make_loss_func
 
 B, S, V = 4, 10, 13
 C = LossConfig().ratio_log_clamp
@@ -66,13 +66,18 @@ def our_advantages(batch, gcfg):
     return per_token(batch, per_seq)
 
 
+def loss_batch(labels, loss_mask, **per_token):
+    """The loss's typed micro-batch; each `name=` given is its `[B, S]` field `name_BS`."""
+    return LossBatch(labels_BS=labels, loss_mask_BS=loss_mask, **{f"{k}_BS": v for k, v in per_token.items()})
+
+
 def run_ours(batch, gcfg, advantage=None, old_logp=None):
     logits = batch["logits"].clone().requires_grad_()
     advantage = our_advantages(batch, gcfg) if advantage is None else advantage
-    loss, n, m = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=LossConfig(method="grpo"),
-                              seq_id=batch["seq_id"], ref_logp=batch["ref_logp"], advantage=advantage,
-                              old_logp=batch["old_logp"] if old_logp is None else old_logp,
-                              rollout_logp=batch["rollout_logp"], grpo=gcfg)
+    lb = loss_batch(batch["labels"], batch["loss_mask"], seq_id=batch["seq_id"], ref_logp=batch["ref_logp"],
+                    advantage=advantage, old_logp=batch["old_logp"] if old_logp is None else old_logp,
+                    rollout_logp=batch["rollout_logp"])
+    loss, n, m = compute_loss(lb, logits, cfg=LossConfig(method="grpo"), grpo=gcfg)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), n, m, grad
 
@@ -229,8 +234,8 @@ def test_rho_one_is_the_plain_policy_gradient(packed):
     own = vocab_parallel_logprob(batch["logits"].reshape(B * S, V), batch["labels"].reshape(-1)).view(B, S).detach()
     loss1, _, _, grad1 = run_ours(batch, gcfg, old_logp=own)
     logits = batch["logits"].clone().requires_grad_()
-    sft, _, _ = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=LossConfig(method="sft"),
-                             seq_id=batch["seq_id"], seq_weight=adv)
+    sft, _, _ = compute_loss(loss_batch(batch["labels"], batch["loss_mask"], seq_id=batch["seq_id"], seq_weight=adv),
+                             logits, cfg=LossConfig(method="sft"))
     (sft_grad,) = torch.autograd.grad(sft, logits)
     assert torch.equal(loss1, sft.detach()) and torch.equal(grad1, sft_grad)
 
@@ -273,9 +278,9 @@ def test_make_loss_func_binds_grpo_inputs_as_megatron_expects(aggregation):
     gcfg = GRPOConfig(loss_aggregation=aggregation, kl_coef=0.1)
     batch = make_batch(seed=11, packed=True, rewards=REWARDS_PACKED)
     adv = our_advantages(batch, gcfg)
-    bound = partial(make_loss_func(LossConfig(method="grpo"), grpo=gcfg), batch["labels"], batch["loss_mask"],
-                    batch["seq_id"], None, batch["ref_logp"], None, old_logp=batch["old_logp"], advantage=adv,
-                    rollout_logp=batch["rollout_logp"])
+    lb = loss_batch(batch["labels"], batch["loss_mask"], seq_id=batch["seq_id"], ref_logp=batch["ref_logp"],
+                    old_logp=batch["old_logp"], advantage=adv, rollout_logp=batch["rollout_logp"])
+    bound = partial(make_loss_func(LossConfig(method="grpo"), grpo=gcfg), lb)
     logits = batch["logits"].clone().requires_grad_()
     out, num, report = _megatron_calc_loss(bound, logits, per_token=True)
     _, value, norm, ref_m = reference(batch, gcfg)
@@ -295,9 +300,10 @@ def _bad(**changes):
     batch = make_batch(seed=1, packed=True, rewards=REWARDS_PACKED)
     gcfg = changes.pop("grpo", GRPOConfig())
     args = dict(seq_id=batch["seq_id"], ref_logp=batch["ref_logp"], old_logp=batch["old_logp"],
-                advantage=our_advantages(batch, GRPOConfig()), rollout_logp=batch["rollout_logp"], grpo=gcfg)
+                advantage=our_advantages(batch, GRPOConfig()), rollout_logp=batch["rollout_logp"])
     args.update(changes)
-    compute_loss(batch["logits"], batch["labels"], batch["loss_mask"], cfg=LossConfig(method="grpo"), **args)
+    compute_loss(loss_batch(batch["labels"], batch["loss_mask"], **args), batch["logits"],
+                 cfg=LossConfig(method="grpo"), grpo=gcfg)
 
 
 NAN_ON_LOSS_TOKEN = torch.zeros(B, S).index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(float("nan")))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig
-from megatron_rasft.loss import compute_loss, vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob
+from megatron_rasft.loss import LossBatch, compute_loss, vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob
 from helpers.distributed import spawn
 
 B, S, V, TP = 2, 10, 16, 2
@@ -53,11 +53,11 @@ def _cases():
 def _run(batch, cfg, lo, hi, group):
     """Loss, gradient w.r.t. the logits columns [lo, hi) and metrics on one (shard of the) vocab."""
     logits = batch["logits"][..., lo:hi].clone().requires_grad_()
-    loss, n, metrics = compute_loss(logits, batch["labels"], batch["loss_mask"], cfg=cfg,
-                                    seq_id=batch["seq_id"], seq_weight=batch["seq_weight"],
-                                    ref_logp=batch["ref_logp"], ref_logits=batch["ref_logits"][..., lo:hi].clone(),
-                                    old_logp=batch["old_logp"], advantage=batch["advantage"],
-                                    rollout_logp=batch["rollout_logp"], grpo=batch["grpo"], tp_group=group,
+    lb = LossBatch(labels_BS=batch["labels"], loss_mask_BS=batch["loss_mask"], seq_id_BS=batch["seq_id"],
+                   seq_weight_BS=batch["seq_weight"], ref_logp_BS=batch["ref_logp"],
+                   ref_logits_BSv=batch["ref_logits"][..., lo:hi].clone(), old_logp_BS=batch["old_logp"],
+                   advantage_BS=batch["advantage"], rollout_logp_BS=batch["rollout_logp"])
+    loss, n, metrics = compute_loss(lb, logits, cfg=cfg, grpo=batch["grpo"], tp_group=group,
                                     temperature=batch.get("temperature", 1.0))
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), n, grad, metrics

@@ -19,10 +19,10 @@ from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
 def _logprob_loss_func(tp_group, temperature: float = 1.0):
     from megatron_rasft.loss.kernels import vocab_parallel_logprob
 
-    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **_grpo_inputs):
-        # GRPO columns (old_logp, advantage, rollout_logp) ride along in the batch; scoring ignores them.
+    def loss_func(batch, logits):
+        # Scoring reads only the labels of the `LossBatch`; its other columns ride along.
         b, s, v = logits.shape
-        logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), labels.reshape(-1),
+        logp_BS = vocab_parallel_logprob(logits.reshape(b * s, v).float(), batch.labels_BS.reshape(-1),
                                          tp_group=tp_group, temperature=temperature).view(b, s)
         zero = logits.new_zeros(())
         return zero, logits.new_zeros((), dtype=torch.int), {"logp": logp_BS.detach().clone()}

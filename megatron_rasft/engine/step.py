@@ -3,7 +3,8 @@
 Batch tensors, all `[b, s]` (b = micro-batch size, s = sequence length):
   tokens, position_ids, labels, loss_mask, and optionally seq_id (packing), seq_weight (A_s),
   ref_logp (reference log-prob of each label), attention_mask (`[b, 1, s, s]`, True = masked; packing),
-  and for GRPO old_logp, advantage, rollout_logp (GRPO_KEYS; passed to the loss as keywords).
+  and for GRPO old_logp, advantage, rollout_logp. The forward step hands the loss its view of them,
+  a `loss.LossBatch`, built in one place (`LossBatch.from_microbatch`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-GRPO_KEYS = ("old_logp", "advantage", "rollout_logp")
-BATCH_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "seq_id", "seq_weight", "ref_logp",
-              "attention_mask") + GRPO_KEYS
-
+from megatron_rasft.loss.batch import LossBatch
 
 # Logit given to the padding rows of the vocabulary: exp() of it is exactly 0 in fp32 and bf16,
 # and it stays finite, so the KL kernel's p_ref·(log p_ref − log p_θ) is 0·finite = 0.
@@ -44,11 +42,10 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
     """`forward_step(data_iterator, model)` for `get_forward_backward_func`; `groups` is the run's
     `ParallelGroups` (the TP rank decides which padding rows of the vocabulary this shard holds).
 
-    `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits)` returns
-    `(loss_sum, num_tokens, report)`; a batch with GRPO columns (GRPO_KEYS) also passes those as
-    keywords `old_logp=`, `advantage=`, `rollout_logp=`. `ref_model` (frozen, same TP layout, PP=1) supplies
-    `ref_logits` for the KL baselines in the same step. `vocab_size` (the unpadded vocabulary)
-    masks the padding rows of the logits.
+    `loss_func(batch: LossBatch, logits)` returns `(loss_sum, num_tokens, report)`; the step returns
+    `(logits, partial(loss_func, LossBatch.from_microbatch(micro_batch, ref_logits)))`. `ref_model`
+    (frozen, same TP layout, PP=1) supplies `ref_logits` for the KL baselines in the same step.
+    `vocab_size` (the unpadded vocabulary) masks the padding rows of the logits.
     """
     from megatron_rasft.parallel.placement import to_device
 
@@ -64,9 +61,7 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
             with torch.no_grad():
                 ref_logits = ref_model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
                 ref_logits = mask_padded_vocab(ref_logits, vocab_size, tp_rank)
-        grpo_inputs = {k: batch[k] for k in GRPO_KEYS if k in batch}
-        return logits, partial(loss_func, batch["labels"], batch["loss_mask"], batch.get("seq_id"),
-                               batch.get("seq_weight"), batch.get("ref_logp"), ref_logits, **grpo_inputs)
+        return logits, partial(loss_func, LossBatch.from_microbatch(batch, ref_logits))
 
     return forward_step
 

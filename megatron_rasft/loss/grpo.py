@@ -1,5 +1,5 @@
-"""GRPO's per-token pieces for `compute_loss` (docs/loss.md, "grpo"): the clipped-surrogate coefficient
-and the k3 KL estimator.
+"""GRPO's pieces for `compute_loss` (docs/loss.md, "grpo"): the clipped-surrogate coefficient, the k3
+KL estimator and the per-sequence metrics.
 
 Legend: N = tokens (batch × sequence flattened). Every input is `[N]` fp32; `on_N` marks loss tokens.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rasft.config import GRPOConfig
+from megatron_rasft.loss.buckets import Buckets
 
 
 def clipped_coefficient(logp_N: torch.Tensor, old_logp_N: torch.Tensor, adv_N: torch.Tensor,
@@ -63,3 +64,22 @@ def k3_kl(logp_N: torch.Tensor, ref_logp_N: torch.Tensor, on_N: torch.Tensor, lo
     gives 0 gradient where k3 > k3_max (full gradient at and below it)."""
     d_N = torch.where(on_N, ref_logp_N - logp_N, torch.zeros_like(logp_N)).clamp(-log_clamp, log_clamp)
     return (d_N.exp() - d_N - 1).clamp(max=k3_max)
+
+
+def sequence_metrics(buckets: Buckets, on_N: torch.Tensor, advantage_BS: torch.Tensor, old_logp_BS: torch.Tensor,
+                     rollout_logp_BS) -> dict:
+    """`adv_sum` (Σ_s A_s over the micro-batch's sequences), `zero_adv_seqs` (#{s: A_s = 0}) and,
+    given `rollout_logp_BS` (`[B, S]`, NaN = unknown), the train/rollout mismatch `mismatch_sum`
+    Σ_t |log π_old − log π_rollout| over the `mismatch_count` loss tokens whose rollout log-prob is known."""
+    N = on_N.numel()
+    live_G = buckets.live_G
+    adv_N = torch.where(on_N, advantage_BS.reshape(N).detach().float(), torch.zeros(N, device=on_N.device))
+    adv_G = buckets.mean(adv_N)  # A is constant over a sequence: its token mean is A_s
+    metrics = {"adv_sum": (adv_G * live_G).sum(), "zero_adv_seqs": (live_G & (adv_G == 0)).sum().float()}
+    if rollout_logp_BS is not None:
+        roll_N = rollout_logp_BS.reshape(N).detach().float()
+        known_N = on_N & ~torch.isnan(roll_N)
+        gap_N = (old_logp_BS.reshape(N).detach().float() - roll_N).abs()
+        metrics["mismatch_sum"] = torch.where(known_N, gap_N, torch.zeros_like(gap_N)).sum()
+        metrics["mismatch_count"] = known_N.sum().float()
+    return metrics

@@ -1,7 +1,7 @@
 """Megatron-Core `loss_func` for the loss family, for `calculate_per_token_loss=True`.
 
 Contract (megatron-core 0.16.1, `pipeline_parallel/schedules.py::forward_step_calc_loss`): the
-forward step returns `(logits, partial(loss_func, <batch tensors>))`; on the last pipeline stage
+forward step returns `(logits, partial(loss_func, batch))` (`batch` a `LossBatch`); on the last stage
 the schedule calls `loss_func(logits)` and, for a 3-tuple `(loss, num_tokens, report)`, backprops
 `loss` as is (with `calculate_per_token_loss=True`; otherwise it divides it in place by
 `num_tokens`), accumulates `num_tokens` (an int tensor) over micro-batches, and
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import GRPOConfig, LossConfig
+from megatron_rasft.loss.batch import LossBatch
 from megatron_rasft.loss.family import compute_loss
 
 # report name → (numerator metric, denominator metric); only names whose numerator exists for
@@ -41,27 +42,23 @@ _REPORT = {
 
 def make_loss_func(cfg: LossConfig, tp_group: Optional[dist.ProcessGroup] = None,
                    grpo: Optional[GRPOConfig] = None, temperature: float = 1.0):
-    """Return `loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, *,
-    old_logp=None, advantage=None, rollout_logp=None)`.
+    """Return `loss_func(batch: LossBatch, logits_BSv)` for `loss.method = cfg.method`.
 
-    Bind the batch with `functools.partial(loss_func, labels, loss_mask, seq_id, seq_weight,
-    ref_logp, ref_logits)` (None for the unused ones; `grpo` also binds the keywords) and return
-    `(logits, that partial)` from the forward step. The result is `(loss_sum, num_tokens, report)`:
-    loss_sum a 0-d tensor with grad, num_tokens a torch.int 0-d tensor (the normaliser: sequences
-    under `grpo.loss_aggregation = "seq_mean"`), report name → detached `[value_sum, count]` fp32
-    tensors; sum them over micro-batches and data-parallel ranks, then divide. `grpo` is the GRPO
-    config (None = defaults; used by `loss.method = "grpo"` only); `temperature` the sampling
-    temperature of `grpo`'s policy (`RunConfig.policy_temperature`; see `compute_loss`).
+    The forward step returns `(logits, functools.partial(loss_func, batch))` with the micro-batch's
+    `LossBatch` (`engine.step.make_forward_step` builds it). The result is `(loss_sum, num_tokens,
+    report)`: loss_sum a 0-d tensor with grad, num_tokens a torch.int 0-d tensor (the normaliser:
+    sequences under `grpo.loss_aggregation = "seq_mean"`), report name → detached `[value_sum,
+    count]` fp32 tensors; sum them over micro-batches and data-parallel ranks, then divide. `grpo`
+    is the GRPO config (None = defaults; used by `loss.method = "grpo"` only); `temperature` the
+    sampling temperature of `grpo`'s policy (`RunConfig.policy_temperature`; see `compute_loss`).
+    Raises ValueError for a `cfg` that is not a LossConfig.
     """
     if not isinstance(cfg, LossConfig):
         raise ValueError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
 
-    def loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, *,
-                  old_logp=None, advantage=None, rollout_logp=None):
-        loss_sum, num_tokens, metrics = compute_loss(
-            logits, labels, loss_mask, cfg=cfg, seq_id=seq_id, seq_weight=seq_weight,
-            ref_logp=ref_logp, ref_logits=ref_logits, old_logp=old_logp, advantage=advantage,
-            rollout_logp=rollout_logp, grpo=grpo, tp_group=tp_group, temperature=temperature)
+    def loss_func(batch: LossBatch, logits_BSv: torch.Tensor):
+        loss_sum, num_tokens, metrics = compute_loss(batch, logits_BSv, cfg=cfg, grpo=grpo, tp_group=tp_group,
+                                                     temperature=temperature)
         one = torch.ones((), device=num_tokens.device)
         # New storage (stack) for every report entry: the schedule works on its tensors in place.
         report = {"loss": torch.stack([loss_sum.detach().clone(), num_tokens.float()])}

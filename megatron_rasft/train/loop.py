@@ -177,16 +177,17 @@ def build_loss_func(cfg: RunConfig, groups):
 
 
 def _nan_tolerant(loss_func):
-    """The loss refuses non-finite logits; in training, turn that into a NaN loss instead, so every
-    pipeline stage and DP replica finishes the step and the loop stops them all together."""
+    """`loss_func(batch, logits)` (a `loss.LossBatch`) that, where the loss refuses non-finite logits,
+    returns a NaN loss over the batch's loss tokens instead, so every pipeline stage and DP replica
+    finishes the step and the loop stops them all together."""
     from megatron_rasft.loss import NonFiniteLogits
 
-    def guarded(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **grpo_inputs):
+    def guarded(batch, logits):
         try:
-            return loss_func(labels, loss_mask, seq_id, seq_weight, ref_logp, ref_logits, logits, **grpo_inputs)
+            return loss_func(batch, logits)
         except NonFiniteLogits:
             nan = logits.float().sum() * float("nan")
-            count = loss_mask.sum()
+            count = batch.loss_mask_BS.sum()
             return nan, count.round().to(torch.int), {"loss": torch.stack([nan.detach().clone(), count.float()])}
 
     return guarded
