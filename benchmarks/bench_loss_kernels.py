@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rasft.config import LossConfig
-from megatron_rasft.loss import compute_loss, vocab_parallel_kl
+from megatron_rasft.loss import LossBatch, compute_loss, vocab_parallel_kl
 
 
 def naive_kl(x_NV, y_NV):
@@ -127,8 +127,8 @@ def bench(n_tokens, vocab, repeats, device):
 
     def loss(method):
         cfg = LossConfig(method=method)
-        return lambda: compute_loss(x.view(1, n_tokens, vocab), labels.view(1, -1), mask, cfg=cfg,
-                                    ref_logp=ref_logp)[0]
+        batch = LossBatch(labels_BS=labels.view(1, -1), loss_mask_BS=mask, ref_logp_BS=ref_logp)
+        return lambda: compute_loss(batch, x.view(1, n_tokens, vocab), cfg=cfg)[0]
 
     steps = {
         "kl ours": lambda: vocab_parallel_kl(x, y).sum(),

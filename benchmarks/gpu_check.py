@@ -168,7 +168,7 @@ def _rasft_family() -> tuple:
 def section_loss(res, dev, dry):
     methods = _rasft_family()
     from megatron_rasft.config import LossConfig
-    from megatron_rasft.loss import compute_loss
+    from megatron_rasft.loss import LossBatch, compute_loss
 
     B, S, V = (2, 32, 1024) if dry else LOSS_SHAPE_BSV
     x, ref_x, labels, mask, seq_id, weight, ref_logp = loss_inputs(B, S, V, dev)
@@ -177,9 +177,10 @@ def section_loss(res, dev, dry):
     for method in methods:
         cfg = LossConfig(method=method)
         xg = x.clone().requires_grad_(True)
-        kw = dict(seq_id=seq_id, seq_weight=weight, ref_logp=ref_logp if cfg.needs_ref_logp else None,
-                  ref_logits=ref_x if cfg.needs_ref_logits else None)
-        loss_sum, n, _ = compute_loss(xg, labels, mask, cfg=cfg, **kw)
+        batch = LossBatch(labels_BS=labels, loss_mask_BS=mask, seq_id_BS=seq_id, seq_weight_BS=weight,
+                          ref_logp_BS=ref_logp if cfg.needs_ref_logp else None,
+                          ref_logits_BSv=ref_x if cfg.needs_ref_logits else None)
+        loss_sum, n, _ = compute_loss(batch, xg, cfg=cfg)
         ours = loss_sum / n
         ours.backward()
         x64 = x.double().requires_grad_(True)
@@ -237,7 +238,7 @@ def section_kl_memory(res, dev, dry):
 
 def section_loss_time(res, dev, dry):
     from megatron_rasft.config import LossConfig
-    from megatron_rasft.loss import compute_loss
+    from megatron_rasft.loss import LossBatch, compute_loss
 
     B, S, V = (2, 32, 1024) if dry else LOSS_SHAPE_BSV
     x, _, labels, mask, seq_id, weight, ref_logp = loss_inputs(B, S, V, dev, seed=2)
@@ -247,8 +248,9 @@ def section_loss_time(res, dev, dry):
         xg = x.clone().requires_grad_(True)
         sync(dev)
         t0 = time.perf_counter()
-        loss_sum, n, _ = compute_loss(xg, labels, mask, cfg=cfg, seq_id=seq_id, seq_weight=weight,
-                                      ref_logp=ref_logp if cfg.needs_ref_logp else None)
+        batch = LossBatch(labels_BS=labels, loss_mask_BS=mask, seq_id_BS=seq_id, seq_weight_BS=weight,
+                          ref_logp_BS=ref_logp if cfg.needs_ref_logp else None)
+        loss_sum, n, _ = compute_loss(batch, xg, cfg=cfg)
         (loss_sum / n).backward()
         sync(dev)
         return time.perf_counter() - t0
