@@ -1,26 +1,23 @@
 """The loss seam: the coefficient table (a new method is one function and one entry) and the typed
 micro-batch built from `data.batching`'s micro-batches.
 
-The toy method registered here is the focal loss's modulating factor (Lin et al. 2017, eq. 5, γ = 2)
-as a detached coefficient: Σ_t m_t·A_t·sg((1 − q_t)²)·(−log q_t), q_t = π_θ(label). It runs through
+The toy method registered here (tests/helpers/toy_loss.py) is the focal loss's modulating factor
+(Lin et al. 2017, eq. 5, γ = 2) as a detached coefficient: Σ_t m_t·A_t·sg((1 − q_t)²)·(−log q_t),
+q_t = π_θ(label). It runs through
 `compute_loss` (the vocab-parallel log-prob kernel, validation, aggregation) and `make_loss_func`,
 and is checked against a float64 recomputation from the `Seq`s themselves (full-vocab log_softmax,
-loops over each sequence's response tokens), not from the batch tensors.
+loops over each sequence's response tokens), not from the batch tensors; tests/test_loss_tp.py runs
+it at TP = 2 against one process.
 """
 import pytest
 import torch
 
 from megatron_rasft.config import LOSS_METHODS, LossConfig
 from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
-from megatron_rasft.loss import COEFFICIENTS, Coefficient, LossBatch, compute_loss, make_loss_func
+from megatron_rasft.loss import COEFFICIENTS, LossBatch, compute_loss, make_loss_func
+from helpers.toy_loss import as_method as _as_method, focal
 
 S, V, PAD = 16, 23, 0
-
-
-def focal(tok):
-    """The toy method: one factor sg((1 − q_t)²) and its sum as `token_factor_sum`."""
-    f_N = (1 - tok.logp_N.exp()) ** 2
-    return Coefficient((f_N,), {"token_factor_sum": (tok.mask_N * f_N).sum()})
 
 
 def _seqs():
@@ -28,14 +25,6 @@ def _seqs():
     lengths = [(3, 7), (2, 5), (4, 9), (1, 6), (3, 4)]  # (prompt_len, total tokens)
     return [Seq(key=f"s{i}", tokens=torch.randint(1, V, (n,), generator=g).tolist(), prompt_len=p,
                 weight=0.25 + 0.5 * i) for i, (p, n) in enumerate(lengths)]
-
-
-def _as_method(name: str) -> LossConfig:
-    # LossConfig admits only the shipped methods (config.LOSS_METHODS); a method registered in the
-    # table alone is named on a config object directly.
-    cfg = LossConfig(method="sft", ratio="none")
-    object.__setattr__(cfg, "method", name)
-    return cfg
 
 
 def test_table_has_one_entry_per_configurable_method():

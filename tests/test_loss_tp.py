@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig
-from megatron_rasft.loss import LossBatch, compute_loss, vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob
+from megatron_rasft.loss import (COEFFICIENTS, LossBatch, compute_loss, vocab_parallel_entropy, vocab_parallel_kl,
+                                  vocab_parallel_logprob)
 from helpers.distributed import spawn
+from helpers.toy_loss import as_method, focal
 
 B, S, V, TP = 2, 10, 16, 2
 T_SAMPLE = 0.6  # a sampling temperature (GRPO)
@@ -47,6 +49,8 @@ def _cases():
     # GRPO on rollouts sampled at temperature T: every shard divides its logits by T.
     out.append((LossConfig(method="grpo"), dict(_batch(len(out), T_SAMPLE), grpo=GRPOConfig(kl_coef=0.1),
                                                             temperature=T_SAMPLE)))
+    # A method registered only in the coefficient table (tests/test_loss_table.py) runs sharded too.
+    out.append((as_method("focal"), dict(_batch(len(out)), grpo=None)))
     return out
 
 
@@ -64,6 +68,7 @@ def _run(batch, cfg, lo, hi, group):
 
 
 def _worker(rank, world_size, cases):
+    COEFFICIENTS["focal"] = focal  # this process's table (a fresh interpreter)
     dist.init_process_group("gloo")
     group = dist.new_group(list(range(world_size)))
     v = V // world_size
@@ -100,7 +105,8 @@ def tp_results():
     return cases, spawn(_worker, TP, cases, timeout_s=240)
 
 
-def test_every_method_matches_single_process(tp_results):
+def test_every_method_matches_single_process(tp_results, monkeypatch):
+    monkeypatch.setitem(COEFFICIENTS, "focal", focal)
     cases, ranks = tp_results
     for i, (cfg, batch) in enumerate(cases):
         loss1, n1, grad1, m1 = _run(batch, cfg, 0, V, None)
