@@ -142,7 +142,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
     try:
         tok = _load_tokenizer(tokenizer, model_dir)
         if template == "chat" and tok is None:
-            raise ValueError("--prompt-template chat needs a tokenizer (--tokenizer DIR with --server-url)")
+            raise ValueError("eval.prompt_template = chat needs a tokenizer (--tokenizer DIR with --server-url)")
         cfg_path = out_dir / "config.json"
         cfg = json.loads(cfg_path.read_text())
         from megatron_rasft.rollout.stops import stop_token_ids
