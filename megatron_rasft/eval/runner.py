@@ -28,7 +28,7 @@ from megatron_rasft.eval import prompts as P
 from megatron_rasft.eval.benchmarks import BenchmarkError, EvalProblem, problems_from_dicts
 from megatron_rasft.eval.grade import Grader
 from megatron_rasft.eval.metrics import summarize
-from megatron_rasft.records import EvalSample, read_records, write_records
+from megatron_rasft.records import EvalSample, read_records, write_atomic, write_records
 
 _GUARDED = ("n", "temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")
 
@@ -111,7 +111,7 @@ def _check_config(out_dir: Path, config: dict) -> None:
                              f"use another --out or remove it")
         config = {**old, **config, "benchmarks": {**old.get("benchmarks", {}), **config["benchmarks"]}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
+    write_atomic(path, json.dumps(config, indent=2))
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -150,7 +150,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
         stops = stop_token_ids(tok, model_dir, sampling.stop_token_ids) if tok is not None else None
         _check_resolved(out_dir, cfg, {"stop_token_ids": stops, "math_mode": math_mode})
         cfg.update(model=label, stop_token_ids=stops, math_mode=math_mode)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        write_atomic(cfg_path, json.dumps(cfg, indent=2))
         with Grader(workers, math_mode, grade_timeout_s) as grader:
             for name, ps in problems.items():
                 stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, stops)
@@ -300,7 +300,7 @@ def _finish_graded(out_dir: Path, source: str, keys: list, verdicts: list, probl
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, srows in by_bench.items():
         write_samples(sample_path(out_dir, name), srows)
-    (out_dir / "config.json").write_text(json.dumps(
+    write_atomic(out_dir / "config.json", json.dumps(
         {"mode": "grading-only", "responses": source, "benchmarks": {n: len(r) for n, r in by_bench.items()}},
         indent=2))
     seen = {(k[0], k[1].id) for k in keys}
