@@ -83,3 +83,24 @@ def test_eval_regenerates_a_problem_left_one_sample_short(tmp_path):
 
     with pytest.raises(RecordError, match=r"x.jsonl: record #1 \(id '0'\) has sample_index 3, outside 0..1"):
         samples_file(tmp_path / "x.jsonl", 2).complete_ids()
+
+
+def test_session_stops_only_a_server_it_owns(tmp_path, monkeypatch):
+    """eval hands `RolloutSession.open` the caller's running `RolloutServer` (the demo's): closing
+    the session must leave it running; a server the session started is stopped. (`stop` is
+    recorded instead of run: no vLLM process here; starting and attaching are tested against the
+    real server in test_rollout_server.py / test_eval.py.)"""
+    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.rollout.session import RolloutSession
+
+    stopped = []
+    monkeypatch.setattr(RolloutServer, "stop", lambda self, timeout_s=20.0: stopped.append(self))
+    theirs = RolloutServer(tmp_path, ServerConfig())
+    theirs.url = "http://127.0.0.1:9"
+    with RolloutSession.open(theirs, ServerConfig(), progress=False) as session:
+        assert session.server is theirs and not session.owns and session.label == str(tmp_path)
+    assert stopped == []
+    with RolloutSession(theirs, session.client) as own:  # as `open` returns a server it started
+        assert own.owns
+    assert stopped == [theirs]
