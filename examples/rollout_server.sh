@@ -44,8 +44,9 @@ fi
 DP=$(( NGPUS / ROLLOUT_TP ))
 
 if (( NGPUS == 1 )); then
-    exec "$PYTHON" -m megatron_rasft serve --model "$HF_DIR" --host "$HOST" --port "$PORT" \
-        --kv-cache-gib "$KV_GIB" --max-model-len "$MAX_MODEL_LEN" ${LOG_FILE:+--log-file "$LOG_FILE"}
+    exec "$PYTHON" -m megatron_rasft serve --model "$HF_DIR" --set "rollout.server.host=\"$HOST\"" \
+        --set "rollout.server.port=$PORT" --set "rollout.server.kv_cache_gib=$KV_GIB" \
+        --set "rollout.server.max_model_len=$MAX_MODEL_LEN" ${LOG_FILE:+--log-file "$LOG_FILE"}
 fi
 # VLLM_SERVER_DEV_MODE: /pause, /collective_rpc (reload_weights), /reset_prefix_cache, /resume.
 # With data-parallel replicas vLLM sends the reload to every engine; the trainer's probe after the

@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 SCHEMA_VERSION = 1
 
@@ -258,12 +258,45 @@ class RecordWriter:
 
 
 def write_records(path: str | Path, records: Iterable) -> None:
-    """Write a whole file atomically (temporary file + rename)."""
+    """Write a whole file of records atomically (`write_atomic`)."""
+    write_atomic(path, "".join(to_line(r) for r in records))
+
+
+# -- atomic writes: the one way a whole file or folder is replaced ---------------------------------
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Replace the file `path` as a whole: `data` (text as UTF-8, bytes, or a function that writes
+    to an open binary file, e.g. `lambda f: torch.save(obj, f)`) goes to `PATH.tmp` beside it,
+    which is flushed, fsync'ed and renamed over `path` (`os.replace`, atomic on POSIX). A reader
+    sees the old file or the new one, never a torn one; a kill leaves at most a stale `PATH.tmp`,
+    overwritten by the next write. Creates the parent folder. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(to_line(r) for r in records))
+    with open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Swap the finished folder `tmp` into place as `out` (same filesystem, e.g. a sibling): an
+    existing `out` (folder or file) is first renamed aside to `.OUT.old-PID`, `tmp` renamed to
+    `out`, then the old one removed. Readers see the old or the new folder at `out`, except for the
+    instant between the two renames, when there is none."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()

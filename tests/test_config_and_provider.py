@@ -290,10 +290,13 @@ def test_eval_command_takes_defaults_from_the_eval_table(tmp_path):
 
     f = tmp_path / "run.toml"
     f.write_text('[eval]\nbenchmarks = ["math500", "gsm8k"]\n[eval.sampling]\nn = 4\ntemperature = 0.6\n')
-    args = build_parser().parse_args(["eval", "--config", str(f), "--out", "x", "--n", "8"])
+    args = build_parser().parse_args(["eval", "--config", str(f), "--out", "x", "--set", "eval.sampling.n=8"])
     _apply_config(args)
     s = args.sampling
-    assert (s.n, s.temperature, args.benchmarks) == (8, 0.6, "math500,gsm8k")  # the flag wins
+    assert (s.n, s.temperature, args.benchmarks) == (8, 0.6, ["math500", "gsm8k"])  # --set wins
+    args = build_parser().parse_args(["eval", "--set", "eval.benchmarks=math500, aime24=b/x.jsonl", "--out", "x"])
+    _apply_config(args)
+    assert args.benchmarks == ["math500", "aime24=b/x.jsonl"]  # one comma-separated string
     assert (s.max_tokens, s.top_k, s.seed, args.prompt_template) == (4096, 0, 1234, "qwen25-math-cot")  # defaults
 
 

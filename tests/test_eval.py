@@ -103,7 +103,7 @@ def test_grading_only_gold_and_shuffled_answers(tmp_path, capsys):
     for label, rows in (("gold", gold), ("shuffled", shuffled)):
         path = tmp_path / f"{label}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert _cli(["eval", "--responses", str(path), "--data-dir", str(DATA), "--out",
+        assert _cli(["eval", "--responses", str(path), "--set", f"eval.data_dir={DATA}", "--out",
                      str(tmp_path / label), "--workers", "2"]) == 0
     res_gold = json.loads((tmp_path / "gold" / "results.json").read_text())
     res_shuf = json.loads((tmp_path / "shuffled" / "results.json").read_text())
@@ -120,10 +120,10 @@ def test_grading_only_bad_input_names_the_line(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"benchmark": "aime24", "id": 0, "completion": "\\boxed{204}"}) + "\n"
                     + json.dumps({"benchmark": "aime24", "id": 30, "completion": "x"}) + "\n")
-    assert _cli(["eval", "--responses", str(path), "--data-dir", str(DATA), "--out", str(tmp_path / "o")]) == 2
+    assert _cli(["eval", "--responses", str(path), "--set", f"eval.data_dir={DATA}", "--out", str(tmp_path / "o")]) == 2
     assert f"{path}:2" in capsys.readouterr().err
     path.write_text('{"benchmark": "aime24", "completion": "x"}\n')
-    assert _cli(["eval", "--responses", str(path), "--data-dir", str(DATA), "--out", str(tmp_path / "o")]) == 2
+    assert _cli(["eval", "--responses", str(path), "--set", f"eval.data_dir={DATA}", "--out", str(tmp_path / "o")]) == 2
     assert f"{path}:1: missing field(s) id" in capsys.readouterr().err
 
 
@@ -153,9 +153,10 @@ def test_pass_at_k_matches_closed_form_and_summary():
 def test_end_to_end_through_the_server_and_resume(vllm_server, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", "--server-url", vllm_server.url, "--tokenizer", vllm_server.model_dir,
-            "--benchmarks", f"gsm8k,humaneval,mbpp={FIXTURES / 'mbpp_full.jsonl'}", "--data-dir", str(DATA),
-            "--limit", "3", "--n", "2", "--max-tokens", "12", "--prompt-template", "plain",
-            "--out", str(out), "--no-progress", "--seed", "7"]
+            "--set", f"eval.benchmarks=gsm8k,humaneval,mbpp={FIXTURES / 'mbpp_full.jsonl'}",
+            "--set", f"eval.data_dir={DATA}", "--limit", "3", "--set", "eval.sampling.n=2",
+            "--set", "eval.sampling.max_tokens=12", "--set", "eval.prompt_template=plain",
+            "--out", str(out), "--no-progress", "--set", "eval.sampling.seed=7"]
     assert _cli(argv) == 0
     first = capsys.readouterr().out
     assert "gsm8k: 3 problems generated, 0 already done" in first
@@ -189,7 +190,7 @@ def test_end_to_end_through_the_server_and_resume(vllm_server, tmp_path, capsys)
     assert json.loads((out / "results.json").read_text())["gsm8k"] == results["gsm8k"]
 
     # Another sampling config in the same directory is refused.
-    assert _cli(argv[:-1] + ["8"]) == 2
+    assert _cli(argv[:-1] + ["eval.sampling.seed=8"]) == 2
     assert "sampling.seed" in capsys.readouterr().err
 
 
@@ -199,7 +200,8 @@ def test_compare_prints_a_column_per_run_and_differences(tmp_path, capsys):
         path = tmp_path / f"{label}.jsonl"
         rows = [{"benchmark": "aime24", "id": i // 2, "completion": f"\\boxed{{{a}}}"} for i, a in enumerate(answers)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert _cli(["eval", "--responses", str(path), "--data-dir", str(DATA), "--out", str(tmp_path / label)]) == 0
+        assert _cli(["eval", "--responses", str(path), "--set", f"eval.data_dir={DATA}", "--out",
+                     str(tmp_path / label)]) == 0
         dirs.append(str(tmp_path / label))
     capsys.readouterr()
     assert _cli(["eval", "--compare", *dirs]) == 0

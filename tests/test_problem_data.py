@@ -64,7 +64,7 @@ def test_humaneval_format_round_verifies_from_the_code_prefix(tmp_path, capsys):
     run2 = tmp_path / "run2"
     shutil.copytree(run, run2)
     shutil.rmtree(run2 / "verdicts")
-    assert main(["verify", "--run-dir", str(run2), "--round", "0", "--verifier", "code", "--no-progress"]) == 0
+    assert main(["verify", "--run-dir", str(run2), "--round", "0", "--set", "rollout.verifier.kind=code", "--no-progress"]) == 0
     assert "'passed': 3" in capsys.readouterr().out
     assert list(read_records(run2 / "verdicts" / "round_000.jsonl", ProblemVerdicts)) == verdicts
 
@@ -137,7 +137,7 @@ def test_eval_command_names_the_line(tmp_path, capsys):
     bench.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "\xff", "answer": "2"}\n')
     responses = tmp_path / "r.jsonl"
     responses.write_text(json.dumps({"benchmark": "custom", "id": "0", "completion": "\\boxed{1}"}) + "\n")
-    rc = main(["eval", "--benchmarks", f"custom={bench}", "--responses", str(responses), "--out", str(tmp_path / "o")])
+    rc = main(["eval", "--set", f"eval.benchmarks=custom={bench}", "--responses", str(responses), "--out", str(tmp_path / "o")])
     assert rc != 0
     captured = capsys.readouterr()
     assert f"{bench}:2: not UTF-8 (byte 0xff at column 14)" in captured.out + captured.err

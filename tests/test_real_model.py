@@ -281,9 +281,9 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
         assert worst < 1e-3, f"served log-probs differ from transformers on the export by {worst:.2e}"
         assert stale_gap > 5e-3, f"a stale tied head would be {stale_gap:.2e} off: the check cannot tell"
         # eval on 5 held-out problems through the same server, with the chat template.
-        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--benchmarks",
-                       f"rg={data / 'test.jsonl'}", "--limit", "5", "--n", "1", "--max-tokens", "96",
-                       "--prompt-template", "chat", "--out", str(tmp_path / "eval"), "--no-progress"])
+        rc = cli_main(["eval", "--server-url", server.url, "--tokenizer", str(export), "--set",
+                       f"eval.benchmarks=rg={data / 'test.jsonl'}", "--limit", "5", "--set", "eval.sampling.n=1",
+                       "--set", "eval.sampling.max_tokens=96", "--set", "eval.prompt_template=chat", "--out", str(tmp_path / "eval"), "--no-progress"])
         assert rc == 0
     finally:
         server.stop()

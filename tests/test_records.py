@@ -82,3 +82,39 @@ def test_finished_ids_of_missing_file_and_problems(tmp_path):
     assert finished_problem_ids(tmp_path / "p.jsonl", Problem) == {"p1"}
     with pytest.raises(FileNotFoundError, match="none.jsonl"):
         list(read_records(tmp_path / "none.jsonl"))
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
+    from megatron_rasft.records import write_atomic
+
+    path = tmp_path / "sub" / "state.json"
+    assert write_atomic(path, '{"step": 1}\n') == path and path.read_text() == '{"step": 1}\n'
+    write_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+    def dies_half_way(f):
+        f.write(b'{"step": 2, "half')
+        raise KeyboardInterrupt  # a kill mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, dies_half_way)
+    assert path.read_bytes() == b"\x00\x01"  # the reader still sees the whole old file
+    assert (path.parent / "state.json.tmp").exists()  # what the dead writer left beside it
+    write_atomic(path, lambda f: f.write("é".encode()))
+    assert path.read_text(encoding="utf-8") == "é" and [p.name for p in path.parent.iterdir()] == ["state.json"]
+
+
+def test_replace_dir_swaps_a_finished_folder_in(tmp_path):
+    from megatron_rasft.records import replace_dir
+
+    out, new = tmp_path / "hf", tmp_path / ".hf.tmp"
+    for content in ("old", "new"):
+        new.mkdir()
+        (new / "config.json").write_text(content)
+        replace_dir(new, out)
+        assert (out / "config.json").read_text() == content and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the old folder is gone
+    (tmp_path / "f").write_text("a file")
+    new.mkdir()
+    replace_dir(new, tmp_path / "f")
+    assert (tmp_path / "f").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["f", "hf"]

@@ -158,7 +158,7 @@ def test_port_in_use_is_refused_before_starting(vllm_server):
             server.start()
         assert server.proc is None
         from megatron_rasft.cli import main
-        assert main(["serve", "--model", vllm_server.model_dir, "--port", str(port)]) == 2
+        assert main(["serve", "--model", vllm_server.model_dir, "--set", f"rollout.server.port={port}"]) == 2
     with pytest.raises(ServerError, match="has no config.json"):
         RolloutServer(vllm_server.model_dir + "/missing", ServerConfig()).start()
 
@@ -182,8 +182,9 @@ def _run_stage(capsys, run_dir, url, model_dir):
     """`python -m megatron_rasft rollout ...`, in this process (saves the imports of a new one)."""
     from megatron_rasft.cli import main
 
-    rc = main(["rollout", "--run-dir", str(run_dir), "--round", "1", "--server-url", url,
-               "--tokenizer", str(model_dir), "--num-samples", "2", "--max-tokens", "12", "--no-progress"])
+    rc = main(["rollout", "--run-dir", str(run_dir), "--round", "1", "--set", f"rollout.server.url={url}",
+               "--tokenizer", str(model_dir), "--set", "rollout.sampling.n=2", "--set", "rollout.sampling.max_tokens=12",
+               "--no-progress"])
     return rc, capsys.readouterr().out
 
 

@@ -163,7 +163,7 @@ def test_same_round_two_ways_gives_identical_rollouts(setup, vllm_server, tmp_pa
     ids = tmp_path / "ids.txt"
     ids.write_text("\n".join(dict.fromkeys(r.problem_id for r in by_trainer)) + "\n")
     args = build_parser().parse_args(["rollout", "--run-dir", str(cli.root), "--round", "1", "--config", str(config),
-                                      "--server-url", vllm_server.url, "--tokenizer", vllm_server.model_dir,
+                                      "--tokenizer", vllm_server.model_dir,
                                       "--problem-ids", str(ids), "--no-progress"])
     assert rollout_main(args) == 0, capsys.readouterr().out
     by_command = list(read_records(cli.rollouts(1), Rollout))

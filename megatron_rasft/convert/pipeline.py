@@ -21,6 +21,7 @@ import torch
 
 from megatron_rasft.convert import hf_io, mcore_io, names
 from megatron_rasft.model.provider import padded_vocab_size
+from megatron_rasft.records import replace_dir
 
 
 @dataclass
@@ -98,12 +99,7 @@ def staged_output(out: Path, force: bool, flag: str = "--out"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    replace_dir(tmp, out)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:

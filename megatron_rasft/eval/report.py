@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_rasft.eval.metrics import macro
+from megatron_rasft.records import write_atomic
 
 
 def _pct(x) -> str:
@@ -90,8 +91,8 @@ def bar_chart(results: dict, path: Path, title: str = "") -> None:
 
 def write_all(out_dir: Path, results: dict, meta: dict) -> None:
     out_dir = Path(out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(markdown(results, meta))
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=2))  # what --compare reads
+    write_atomic(out_dir / "results.md", markdown(results, meta))
     if results:
         bar_chart(results, out_dir / "results.png", str(meta.get("model") or meta.get("responses") or ""))
 

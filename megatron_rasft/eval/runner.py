@@ -8,10 +8,11 @@ Output directory:
   results.json             {benchmark: metrics}  (metrics.py)
   results.md, results.png  table and bar chart (report.py)
 
-Resumable: a problem's n samples are generated, graded and appended (flushed, fsync'ed) together
-as soon as the problem finishes; on restart problems with all n samples are skipped, lines of
-incomplete problems and a torn last line are dropped and those problems generated again. Seeds
-depend on (seed, benchmark, problem id) only, so the resumed run produces the same samples.
+Resumable through `rollout.sampler.SampleFile` (the rollout stage's loop): a problem's n samples
+are generated, graded and appended (flushed, fsync'ed) together as soon as the problem finishes; on
+restart problems with all n samples are skipped, lines of incomplete problems and a torn last line
+are dropped and those problems generated again. Seeds depend on (seed, benchmark, problem id) only,
+so the resumed run produces the same samples.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from megatron_rasft.eval import prompts as P
 from megatron_rasft.eval.benchmarks import BenchmarkError, EvalProblem, problems_from_dicts
 from megatron_rasft.eval.grade import Grader
 from megatron_rasft.eval.metrics import summarize
-from megatron_rasft.records import EvalSample, RecordWriter, read_records, write_records
+from megatron_rasft.records import EvalSample, read_records, write_atomic, write_records
 
 _GUARDED = ("n", "temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed")
 
@@ -47,21 +48,12 @@ def read_samples(path: Path) -> list[dict]:
     return [dataclasses.asdict(r) for r in read_records(path, EvalSample)]
 
 
-def complete_ids(path: Path, n: int) -> set:
-    """Ids with all n samples in `path`; rewrites it without incomplete problems' lines (and
-    without a torn tail) so that they can be appended anew."""
-    rows = read_samples(path)
-    by_id = defaultdict(list)
-    for r in rows:
-        by_id[r["id"]].append(r)
-    done = {i for i, rs in by_id.items() if sorted(r["sample_index"] for r in rs) == list(range(n))}
-    if path.exists() and (len(done) < len(by_id) or not path.read_bytes().endswith(b"\n")):
-        dropped = sorted(set(by_id) - done)
-        if dropped:
-            warnings.warn(f"{path}: regenerating {len(dropped)} incompletely written problem(s) "
-                          f"{dropped[:5]}", stacklevel=2)
-        write_samples(path, [r for r in rows if r["id"] in done])
-    return done
+def samples_file(path: Path, n: int):
+    """A benchmark's samples file as a resumable samples file (`rollout.sampler.SampleFile`): n
+    `eval_sample` records per problem id."""
+    from megatron_rasft.rollout.sampler import SampleFile
+
+    return SampleFile(Path(path), EvalSample, n, id_field="id")
 
 
 def write_samples(path: Path, rows: Sequence[dict]) -> None:
@@ -80,22 +72,17 @@ def sample_row(benchmark: str, problem: EvalProblem, j: int, prompt: str, comple
 
 # ----------------------------------------------------------------------------- generation source
 def _open_source(source, server_cfg, out_dir: Path, progress: bool):
-    """-> (generate, server we started or None, model label, model dir or None)."""
-    from megatron_rasft.config import ServerConfig
-    from megatron_rasft.rollout.client import RolloutClient
+    """-> (generate, session or None, model label, model dir or None). A model folder or URL opens
+    a `RolloutSession` (started here and stopped by the caller, or attached); a `RolloutServer`
+    is used as it is (left running)."""
     from megatron_rasft.rollout.server import RolloutServer
+    from megatron_rasft.rollout.session import RolloutSession
 
-    cfg = server_cfg or ServerConfig()
-    if isinstance(source, RolloutServer):
-        return RolloutClient(source, cfg, progress=progress).generate, None, source.model_dir or source.url, source.model_dir
-    if isinstance(source, (str, Path)):
-        if str(source).startswith(("http://", "https://")):
-            server = RolloutServer.attach(str(source), cfg)
-            return RolloutClient(server, cfg, progress=progress).generate, None, str(source), None
-        server = RolloutServer(source, cfg, log_file=out_dir / "vllm_server.log")
-        print(f"[eval] starting vLLM on {source} (log {server.log_file}) ...", flush=True)
-        server.start()
-        return RolloutClient(server, cfg, progress=progress).generate, server, str(source), str(source)
+    if isinstance(source, (str, Path, RolloutServer)):
+        session = RolloutSession.open(source, server_cfg, log_file=out_dir / "vllm_server.log", progress=progress,
+                                      label="[eval] ")
+        label = str(source) if isinstance(source, (str, Path)) else session.label
+        return session.generate, session, label, session.server.model_dir
     if callable(source):
         return source, None, getattr(source, "__name__", type(source).__name__), None
     raise TypeError(f"evaluate: source must be a model dir, a URL, a RolloutServer or a generator, got {source!r}")
@@ -124,7 +111,7 @@ def _check_config(out_dir: Path, config: dict) -> None:
                              f"use another --out or remove it")
         config = {**old, **config, "benchmarks": {**old.get("benchmarks", {}), **config["benchmarks"]}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
+    write_atomic(path, json.dumps(config, indent=2))
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -151,11 +138,11 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
               "sampling": {k: getattr(sampling, k) for k in _GUARDED},
               "benchmarks": {name: len(ps) for name, ps in problems.items()}}
     _check_config(out_dir, config)
-    generate, server, label, model_dir = _open_source(source, server_cfg, out_dir, progress)
+    generate, session, label, model_dir = _open_source(source, server_cfg, out_dir, progress)
     try:
         tok = _load_tokenizer(tokenizer, model_dir)
         if template == "chat" and tok is None:
-            raise ValueError("--prompt-template chat needs a tokenizer (--tokenizer DIR with --server-url)")
+            raise ValueError("eval.prompt_template = chat needs a tokenizer (--tokenizer DIR with --server-url)")
         cfg_path = out_dir / "config.json"
         cfg = json.loads(cfg_path.read_text())
         from megatron_rasft.rollout.stops import stop_token_ids
@@ -163,7 +150,7 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
         stops = stop_token_ids(tok, model_dir, sampling.stop_token_ids) if tok is not None else None
         _check_resolved(out_dir, cfg, {"stop_token_ids": stops, "math_mode": math_mode})
         cfg.update(model=label, stop_token_ids=stops, math_mode=math_mode)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        write_atomic(cfg_path, json.dumps(cfg, indent=2))
         with Grader(workers, math_mode, grade_timeout_s) as grader:
             for name, ps in problems.items():
                 stats = _run_benchmark(name, ps, generate, grader, sampling, template, tok, out_dir, stops)
@@ -171,8 +158,8 @@ def evaluate(source, benchmarks: dict, sampling, out_dir, *, template: str = "pl
                       f"already done, {stats['seconds']:.1f}s", flush=True)
             return finish(out_dir, problems, grader.equivalent)
     finally:
-        if server is not None:
-            server.stop()
+        if session is not None:
+            session.close()
 
 
 def _check_resolved(out_dir: Path, old: dict, resolved: dict) -> None:
@@ -197,8 +184,8 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
     from megatron_rasft.data.tokenize import encode_prompt
 
     t0 = time.monotonic()
-    path = sample_path(out_dir, name)
-    done = complete_ids(path, sampling.n)
+    samples = samples_file(sample_path(out_dir, name), sampling.n)
+    done = samples.complete_ids()
     todo = [p for p in problems if p.id not in done]
     stats = {"generated": len(todo), "skipped": len(problems) - len(todo)}
     if todo:
@@ -213,18 +200,14 @@ def _run_benchmark(name: str, problems: list, generate: Callable, grader: Grader
             warnings.warn("eval without a tokenizer: samples end only at the server's EOS and at stop "
                           "strings, which cannot match a special end-of-turn token; give --tokenizer",
                           stacklevel=2)
-        writer = RecordWriter(path)
-        try:
-            def on_result(i: int, completions: list) -> None:
-                p = todo[i]
-                verdicts = grader.grade([(p, c.text) for c in completions])
-                writer.write_batch([EvalSample(**sample_row(name, p, j, texts[i], c.text, v, c.finish_reason, len(c.token_ids),
-                                                           c.seed))
-                                    for j, (c, v) in enumerate(zip(completions, verdicts))])
 
-            generate(prompts, bench_sampling, keys=[f"{name}:{p.id}" for p in todo], on_result=on_result)
-        finally:
-            writer.close()
+        def records_of(i: int, completions: list) -> list:
+            p = todo[i]
+            verdicts = grader.grade([(p, c.text) for c in completions])
+            return [EvalSample(**sample_row(name, p, j, texts[i], c.text, v, c.finish_reason, len(c.token_ids), c.seed))
+                    for j, (c, v) in enumerate(zip(completions, verdicts))]
+
+        samples.sample(generate, prompts, bench_sampling, [f"{name}:{p.id}" for p in todo], records_of)
     stats["seconds"] = time.monotonic() - t0
     return stats
 
@@ -317,7 +300,7 @@ def _finish_graded(out_dir: Path, source: str, keys: list, verdicts: list, probl
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, srows in by_bench.items():
         write_samples(sample_path(out_dir, name), srows)
-    (out_dir / "config.json").write_text(json.dumps(
+    write_atomic(out_dir / "config.json", json.dumps(
         {"mode": "grading-only", "responses": source, "benchmarks": {n: len(r) for n, r in by_bench.items()}},
         indent=2))
     seen = {(k[0], k[1].id) for k in keys}

@@ -22,24 +22,29 @@ class RolloutSession:
     """A vLLM server (started here, or attached) with its `RolloutClient`.
 
     `server` / `client`: the `rollout.server.RolloutServer` and `rollout.client.RolloutClient`;
-    `managed`: whether this session started the server (and so stops it on `close`).
+    `managed`: whether the server is one we started (restartable); `owns`: whether `close` stops it
+    (default: when managed; False for a running server handed to `open`, which its owner stops).
     Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, server, client):
+    def __init__(self, server, client, owns: Optional[bool] = None):
         self.server, self.client = server, client
+        self.owns = server.managed if owns is None else owns
 
     @classmethod
-    def open(cls, source: str | Path, cfg: Optional[ServerConfig] = None, *, log_file: Optional[str | Path] = None,
+    def open(cls, source, cfg: Optional[ServerConfig] = None, *, log_file: Optional[str | Path] = None,
              progress: bool = True, label: str = "") -> "RolloutSession":
         """Attach to the server at `source` (a URL) or start one serving the HF checkpoint folder
-        `source`, with `cfg` (`[rollout.server]`; None = defaults) and its log in `log_file`.
+        `source`, with `cfg` (`[rollout.server]`; None = defaults) and its log in `log_file`; a
+        running `RolloutServer` as `source` is used as it is (and left running by `close`).
         `label` prefixes the start-up line (e.g. "[eval] "). Raises `rollout.server.ServerError` when
         no healthy server answers at the URL or the started one does not come up."""
         from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.server import RolloutServer
 
         cfg = cfg or ServerConfig()
+        if isinstance(source, RolloutServer):
+            return cls(source, RolloutClient(source, cfg, progress=progress), owns=False)
         if is_url(source):
             server = RolloutServer.attach(str(source), cfg)
         else:
@@ -81,8 +86,8 @@ class RolloutSession:
         return res
 
     def close(self) -> None:
-        """Stop the server if this session started it (an attached one is left running)."""
-        if self.server.managed:
+        """Stop the server if this session owns it (an attached or handed-in one is left running)."""
+        if self.owns:
             self.server.stop()
 
     def __enter__(self) -> "RolloutSession":

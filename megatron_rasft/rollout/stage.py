@@ -1,10 +1,11 @@
 """The rollout stage: K samples per problem → RUN/rollouts/round_NNN.jsonl (resumable).
 
-Each problem's K `Rollout` records are appended together, flushed and fsync'ed as soon as the
-problem finishes, so a killed stage loses at most the problems in flight. On restart, problems
-with all K samples are skipped (never regenerated); lines of a problem left incomplete by the kill
-(and a torn last line) are removed and that problem is generated again. Seeds depend on
-(seed, round, problem id) only, so a resumed round produces the same samples as an uninterrupted one.
+Resumable through `rollout.sampler.SampleFile` (the loop `eval` uses too): each problem's K
+`Rollout` records are appended together, flushed and fsync'ed as soon as the problem finishes; on
+restart, problems with all K samples are skipped (never regenerated), lines of a problem left
+incomplete by a kill (and a torn last line) are removed and that problem is generated again. Seeds
+depend on (seed, round, problem id) only, so a resumed round produces the same samples as an
+uninterrupted one.
 
 The round's sampling rules live here (`round_sampling`), so the `rollout` command and the trainer's
 round r send identical requests: base seed `seed + 7919·r`, and the stop token ids of
@@ -13,14 +14,13 @@ round r send identical requests: base seed `seed + 7919·r`, and the stop token 
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from megatron_rasft.records import Problem, RecordError, RecordWriter, Rollout, read_records, write_records
+from megatron_rasft.records import Problem, RecordError, Rollout, read_records
 from megatron_rasft.config import SamplingConfig
 from megatron_rasft.data.tokenize import encode_prompt
+from megatron_rasft.rollout.sampler import SampleFile
 from megatron_rasft.rollout.stops import stop_token_ids
 from megatron_rasft.rundir import RunDir
 
@@ -39,29 +39,15 @@ def round_sampling(sampling: SamplingConfig, round_: int, tokenizer=None) -> Sam
     return dataclasses.replace(sampling, seed=sampling.seed + ROUND_SEED_STRIDE * round_, stop_token_ids=stop_ids)
 
 
-def complete_problem_ids(path: Path, round_: int, num_samples: int) -> set:
-    """Problem ids with all `num_samples` samples in `path`; rewrites the file without the lines
-    of incomplete problems (what a kill mid-write leaves) so that they can be appended anew."""
-    if not path.exists():
-        return set()
-    by_problem = defaultdict(list)
-    for n, r in enumerate(read_records(path, Rollout), start=1):
+def rollout_file(path: Path, round_: int, num_samples: int) -> SampleFile:
+    """RUN/rollouts/round_R.jsonl as a resumable samples file (`rollout.sampler`): `num_samples`
+    `Rollout` records per problem, every one of round `round_` (another round's record raises
+    `RecordError` naming the file and record)."""
+    def same_round(r: Rollout, where: str) -> None:
         if r.round != round_:
-            raise RecordError(f"{path}: record #{n} has round {r.round}, expected {round_}")
-        if not 0 <= r.sample_index < num_samples:
-            raise RecordError(f"{path}: record #{n} (problem {r.problem_id!r}) has sample_index "
-                              f"{r.sample_index}, outside 0..{num_samples - 1}: was the round started "
-                              f"with another num_samples? Use a new round or remove the file")
-        by_problem[r.problem_id].append(r)
-    complete = {pid for pid, rs in by_problem.items()
-                if sorted(r.sample_index for r in rs) == list(range(num_samples))}
-    if len(complete) < len(by_problem) or not path.read_bytes().endswith(b"\n"):
-        dropped = sorted(set(by_problem) - complete)
-        if dropped:
-            warnings.warn(f"{path}: dropping {len(dropped)} incompletely written problem(s) "
-                          f"{dropped[:5]} to regenerate them", stacklevel=2)
-        write_records(path, [r for pid, rs in by_problem.items() if pid in complete for r in rs])
-    return complete
+            raise RecordError(f"{where} has round {r.round}, expected {round_}")
+
+    return SampleFile(Path(path), Rollout, num_samples, id_field="problem_id", check=same_round)
 
 
 def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingConfig, tokenizer=None,
@@ -87,7 +73,8 @@ def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingCo
         wanted = set(problem_ids)
         problems = [p for p in problems if p.id in wanted]
     out = run.rollouts(round_)
-    done = complete_problem_ids(out, round_, sampling.n)
+    samples = rollout_file(out, round_, sampling.n)
+    done = samples.complete_ids()
     unverifiable = [p for p in problems if p.meta.get("unverifiable")]  # placeholder answers: no rollouts
     problems = [p for p in problems if not p.meta.get("unverifiable")]
     todo = [p for p in problems if p.id not in done]
@@ -98,11 +85,8 @@ def rollout_round(run_dir, round_: int, generate: Callable, sampling: SamplingCo
         return stats
     sampling = round_sampling(sampling, round_, tokenizer)
     prompts = [encode_prompt(tokenizer, p.prompt) if tokenizer is not None else p.prompt for p in todo]
-    with RecordWriter(out) as writer:
-        def on_result(i: int, completions: list) -> None:
-            writer.write_batch(Rollout(todo[i].id, round_, j, c.text, c.token_ids, c.logprobs, c.seed,
-                                       c.finish_reason) for j, c in enumerate(completions))
-            stats["rollouts"] += len(completions)
-
-        generate(prompts, sampling, keys=[f"{round_}:{p.id}" for p in todo], on_result=on_result)
+    stats["rollouts"] = samples.sample(
+        generate, prompts, sampling, [f"{round_}:{p.id}" for p in todo],
+        lambda i, completions: [Rollout(todo[i].id, round_, j, c.text, c.token_ids, c.logprobs, c.seed,
+                                        c.finish_reason) for j, c in enumerate(completions)])
     return stats

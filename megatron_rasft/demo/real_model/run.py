@@ -93,9 +93,10 @@ def _eval(model: Path, name: str, out: Path, args, progress: Progress) -> dict:
         benches = f"heldout={out / 'data' / 'test.jsonl'}"
         if args.gsm8k:
             benches += f",gsm8k={args.gsm8k}"
-        _run(["-m", "megatron_rasft", "eval", "--model", model, "--benchmarks", benches, "--limit", args.eval_limit,
-              "--n", args.eval_n, "--temperature", "1.0", "--max-tokens", args.max_tokens, "--prompt-template",
-              "chat", "--max-model-len", "1024", "--kv-cache-gib", "1", "--out", dest, "--no-progress"],
+        _run(["-m", "megatron_rasft", "eval", "--model", model, "--set", f"eval.benchmarks={benches}",
+              "--limit", args.eval_limit, "--set", f"eval.sampling.n={args.eval_n}", "--set", "eval.sampling.temperature=1.0",
+              "--set", f"eval.sampling.max_tokens={args.max_tokens}", "--set", "eval.prompt_template=chat",
+              "--max-model-len", "1024", "--kv-cache-gib", "1", "--out", dest, "--no-progress"],
              out / "logs" / f"eval_{name}.log", stage, progress)
     else:
         progress.finish(stage, skipped=True)
