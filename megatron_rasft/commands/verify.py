@@ -12,10 +12,9 @@ HELP = "verify a round's rollouts (math answers or code tests) into RUN/verdicts
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds problems.jsonl, rollouts/)")
     p.add_argument("--round", type=int, required=True, help="rollout round number N (round_NNN.jsonl)")
-    p.add_argument("--verifier", default="math", choices=("math", "math-verify", "released", "code", "reference"),
+    p.add_argument("--verifier", default="math", choices=("math", "math-verify", "released", "code"),
                    help="math: math-verify or normalised string match; math-verify: math-verify only; "
-                        "released: the released code's answer check; code: test sandbox "
-                        "(reference: deprecated spelling of released)")
+                        "released: the released code's answer check; code: test sandbox")
     p.add_argument("--workers", type=int, default=2, help="parallel verifier processes (default 2)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="per-rollout time limit (default 10)")
     p.add_argument("--batch-problems", type=int, default=16, help="problems per flushed batch")
@@ -23,14 +22,12 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from megatron_rasft.config import released_preset
     from megatron_rasft.records import RecordError
     from megatron_rasft.verify.stage import verify_round
 
     if args.round < 0 or args.workers < 1 or args.timeout_s <= 0 or args.batch_problems < 1:
         print("error: --round must be >= 0, --workers and --batch-problems >= 1, --timeout-s > 0")
         return 2
-    args.verifier = released_preset("--verifier", args.verifier)
     try:
         out = verify_round(args.run_dir, args.round, args.verifier, args.workers, args.timeout_s,
                            args.batch_problems, progress=not args.no_progress)

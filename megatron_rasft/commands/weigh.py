@@ -12,7 +12,7 @@ HELP = "compute solvability weights (linear | released | constant) into RUN/weig
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds verdicts/)")
     p.add_argument("--round", type=int, required=True, help="round number N (round_NNN.jsonl)")
-    p.add_argument("--scheme", choices=("linear", "released", "constant", "reference"),
+    p.add_argument("--scheme", choices=("linear", "released", "constant"),
                    help="weighting scheme (default: the config's weighting.scheme, else linear)")
     p.add_argument("--config", help="TOML run configuration; its [weighting] table is used")
     p.add_argument("--set", action="append", default=[], metavar="weighting.KEY=VALUE",
@@ -29,7 +29,7 @@ def main(args) -> int:
 
     try:
         cfg = load_config(args.config, args.set).weighting
-        if args.scheme:  # through the config's validation ("reference": deprecated spelling of "released")
+        if args.scheme:  # through the config's validation
             cfg = dataclasses.replace(cfg, scheme=args.scheme)
         src = RunDir(args.run_dir).verdicts(args.round)
         recs = []
