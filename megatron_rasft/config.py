@@ -332,8 +332,8 @@ class RolloutConfig:
 
 
 # The trainer's settings are sub-tables of [train] (as the rollout's are of [rollout]): the TOML stays
-# one section per stage, each old flat `train.X` key maps to exactly one new place, and the stage
-# commands, which read other sections, are not confused by a top-level `data` or `optim`.
+# one section per stage, and the stage commands, which read other sections, are not confused by a
+# top-level `data` or `optim`.
 @dataclass(slots=True)
 class TrainDataConfig:
     """The training problems and how they become sequences (`[train.data]`, docs/training.md)."""
