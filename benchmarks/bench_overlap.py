@@ -61,7 +61,7 @@ def run(config: Path, run_dir: Path, overlap: bool, trainer_cpus: set) -> dict:
     recs = [json.loads(s) for s in RunDir(run_dir).metrics.read_text().splitlines()]
     recs = [r for r in recs if r.get("kind") == "train"]
     cfg = json.loads(RunDir(run_dir).config.read_text())
-    per_window = cfg["train"]["schedule"]["refresh_interval"]
+    per_window = cfg["rollout"]["batches_per_round"]  # steps per window (rasft, `all` selection)
     first, last = recs[per_window - 1], recs[-1]  # the last step of window 0, the last step
     windows = (last["step"] - first["step"]) / per_window
 
@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="one short pair of runs")
     ap.add_argument("--windows", type=int, default=6)
-    ap.add_argument("--refresh-interval", type=int, default=2, help="steps per window")
+    ap.add_argument("--batches-per-round", type=int, default=2, help="steps per window")
     ap.add_argument("--global-batch", type=int, default=8, help="problems per step")
     ap.add_argument("--samples", type=int, default=4, help="K rollouts per problem")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -91,7 +91,7 @@ def main() -> None:
     if bool(args.server_url) != bool(args.model):
         ap.error("--server-url and --model go together")
     if args.smoke:
-        args.windows, args.refresh_interval, args.global_batch, args.samples, args.repeats = 3, 1, 4, 2, 1
+        args.windows, args.batches_per_round, args.global_batch, args.samples, args.repeats = 3, 1, 4, 2, 1
 
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
@@ -112,7 +112,7 @@ def main() -> None:
         model_dir = server.model_dir
     try:
         hf_to_mcore(model_dir, work / "mcore", quiet=True)
-        n_problems = args.windows * args.refresh_interval * args.global_batch
+        n_problems = args.windows * args.batches_per_round * args.global_batch
         problems = write_jsonl(make_problems(n_problems, seed=7, min_digits=1, max_digits=2), work / "problems.jsonl")
         config = work / "run.toml"
         config.write_text(f"""
@@ -120,6 +120,8 @@ def main() -> None:
 seq_length = 96
 [loss]
 method = "rasft"
+[rollout]
+batches_per_round = {args.batches_per_round}
 [rollout.server]
 url = "{server.url}"
 concurrency = 4
@@ -134,10 +136,9 @@ prompt_template = "plain"
 [train.optim]
 lr = 1e-3
 [train.schedule]
-train_iters = {args.windows * args.refresh_interval}
+train_iters = {args.windows * args.batches_per_round}
 global_batch_size = {args.global_batch}
 micro_batch_size = 2
-refresh_interval = {args.refresh_interval}
 [checkpoint]
 load = "{work / 'mcore'}"
 """)

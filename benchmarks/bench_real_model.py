@@ -3,7 +3,7 @@
 trainer-started vLLM server: the largest process's peak RSS (VmHWM) and the group's summed PSS
 sampled every 0.5 s (`megatron_rasft.demo.real_model.resources`).
 
-  python benchmarks/bench_real_model.py --out runs/bench_real [--steps 6] [--refresh-interval 2]
+  python benchmarks/bench_real_model.py --out runs/bench_real [--steps 6] [--batches-per-round 2]
   python benchmarks/bench_real_model.py --smoke        # 2 steps, 1 round, K = 2, 2 problems per task
 
 One RASFT run of examples/smollm2_cpu.toml (prepared model, converted, reasoning-gym problems):
@@ -40,7 +40,7 @@ def run(out: Path, steps: int, refresh: int, k: int, per_task: int, max_tokens: 
     run_dir = out / f"run_{time.strftime('%H%M%S')}"
     sets = [f"train.run_dir={run_dir}", f"train.data.path={out / 'data' / 'train.jsonl'}",
             f"train.data.tokenizer={hf}", f"checkpoint.load={out / 'mcore'}", f"train.schedule.train_iters={steps}",
-            f"train.schedule.refresh_interval={refresh}", f"rollout.sampling.n={k}",
+            f"rollout.batches_per_round={refresh}", f"rollout.sampling.n={k}",
             f"rollout.sampling.max_tokens={max_tokens}", "train.schedule.global_batch_size=4",
             "train.schedule.micro_batch_size=4"]
     cmd = [sys.executable, "-m", "megatron_rasft", "train", "--config", str(ROOT / "examples" / "smollm2_cpu.toml")]
@@ -65,15 +65,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench_real")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--refresh-interval", type=int, default=2)
+    ap.add_argument("--batches-per-round", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--per-task", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.refresh_interval, args.k, args.per_task, args.max_tokens = 2, 2, 2, 2, 32
-    res = run(Path(args.out).resolve(), args.steps, args.refresh_interval, args.k, args.per_task, args.max_tokens)
+        args.steps, args.batches_per_round, args.k, args.per_task, args.max_tokens = 2, 2, 2, 2, 32
+    res = run(Path(args.out).resolve(), args.steps, args.batches_per_round, args.k, args.per_task, args.max_tokens)
     print(json.dumps(res, indent=1))
     print(f"step {res['step_s_median']:.1f} s (median of {res['steps']}), {res['tokens_per_s_median']:.0f} loss tokens/s; "
           f"round split (median of rounds after the first, s): {res['round_split_median_s']}; "

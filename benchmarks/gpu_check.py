@@ -464,19 +464,18 @@ def section_convert(res, dev, dry, work: Path, logs: Path):
 
 def export_child(mcore_dir: str, out_dir: str, dry: bool) -> int:
     """Load a Megatron checkpoint into the trainer's model on this device and export it to HF."""
-    from megatron_rasft.config import RunConfig
+    from megatron_rasft.config import ModelConfig, ParallelConfig
     from megatron_rasft.convert.export import export_to_hf
     from megatron_rasft.parallel.groups import destroy_distributed, init_distributed
     from megatron_rasft.engine.model import build_policy_and_reference
     from megatron_rasft.model.provider import unwrap
 
-    cfg = RunConfig()
-    cfg.checkpoint.load = mcore_dir
-    cfg.model.seq_length = json.loads((Path(mcore_dir) / "model_config.json").read_text())["model"]["seq_length"]
-    cfg.model.params_dtype = "fp32" if dry else "bf16"  # a runtime field: kept over the checkpoint's
-    cfg.loss.method = "sft"
-    pgs = init_distributed(cfg.parallel, seed=0)
-    models = build_policy_and_reference(cfg, pgs)
+    seq_length = json.loads((Path(mcore_dir) / "model_config.json").read_text())["model"]["seq_length"]
+    # params_dtype is a runtime field: kept over the checkpoint's.
+    model = ModelConfig(seq_length=seq_length, params_dtype="fp32" if dry else "bf16")
+    parallel = ParallelConfig()
+    pgs = init_distributed(parallel, seed=0)
+    models = build_policy_and_reference(model, parallel, mcore_dir, pgs, reference=False, kl_reference=False)
     export_to_hf(unwrap(models.policy), out_dir, models.model_config, pgs, hf_config=models.hf_config)
     destroy_distributed()
     return 0

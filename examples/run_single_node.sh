@@ -22,7 +22,7 @@
 #   DRY_RUN=1      print the commands instead of running them
 #
 # Why the split: the loop is synchronous (training waits while a round rolls out), and a round
-# generates up to K × refresh_interval × global_batch_size rollouts, so rollout GPUs matter. Compare
+# generates up to K × batches_per_round × global_batch_size rollouts, so rollout GPUs matter. Compare
 # time_rollout with time_train in RUN_DIR/metrics.jsonl and move GPUs accordingly.
 set -euo pipefail
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 from megatron_rasft import commands
+from megatron_rasft.config import ConfigError
 
 
 def _command_modules():
@@ -45,13 +47,22 @@ def _quiet_warnings() -> None:
 
 
 def main(argv=None) -> int:
+    """Run one sub-command -> its exit code. A bad configuration (`config.ConfigError`, raised by
+    any command that loads one) prints `error: <one line naming the file and the key>` on stderr
+    and returns 2, as argparse does for a bad flag; under torchrun only rank 0 prints it (the
+    other ranks read the same file and exit 2 silently)."""
     _quiet_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args._main(args) or 0)
+    try:
+        return int(args._main(args) or 0)
+    except ConfigError as e:
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

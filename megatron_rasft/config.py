@@ -4,12 +4,13 @@ A run is described by a TOML file whose tables are named after the fields of `Ru
 (`[model]`, `[parallel]`, `[loss]`, ...; nested concerns are sub-tables: `[rollout.sampling]`).
 `--set loss.method=sft` style overrides are applied on top; values are parsed as TOML literals
 (so `--set train.optim.lr=1e-4`, `--set model.tie_embeddings=true`, `--set rollout.sampling.stop=["\\n"]`),
-falling back to a plain string. Renamed keys are still accepted, with a DeprecationWarning naming
-the new spelling (`DEPRECATED_KEYS`).
+falling back to a plain string. Every error is a `ConfigError` whose message is one line naming the
+file and the key; a key of an earlier version gets "X was renamed to Y" (`RENAMED`).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 import warnings
@@ -22,6 +23,7 @@ LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft", "grpo")
 PLACEHOLDER_ANSWERS = ("proof", "notfound", "not found", "none", "null", "nan", "n/a", "na", "-", "?",
                        "tbd", "unknown", "no answer", "no solution")
 KL_METHODS = ("sft_kl", "asft")
+ROUND_METHODS = ("rasft", "grpo")  # the methods that train on rollout rounds (rollout.batches_per_round)
 
 
 class ConfigError(ValueError):
@@ -40,12 +42,9 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
 
 
 def released_preset(name: str, value: Any) -> Any:
-    """The released RASFT code's presets are called "released" ("reference" names the frozen
-    reference model); the old value "reference" is accepted with a DeprecationWarning."""
-    if value == "reference":
-        warnings.warn(f'{name} = "reference" is deprecated; use "released" (the released code\'s preset)',
-                      DeprecationWarning, stacklevel=4)
-        return "released"
+    """`value`, refused with a "renamed" hint when it is "reference", the old name of the released
+    RASFT code's presets ("reference" names the frozen reference model). Raises ConfigError."""
+    _check(value != "reference", f'{name} = "reference" was renamed to "released" (the released code\'s preset)')
     return value
 
 
@@ -315,14 +314,26 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # n = K samples per problem
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    # How many global batches of problems one rollout round covers; 0 = no rounds (the rule that
+    # refuses > 0 for the methods without rounds is in RunConfig). A round's window is the next
+    # batches_per_round × train.schedule.global_batch_size problems of the stream, and the round runs
+    # when the queue cannot fill the next global batch (train/stream.py): no code counts steps. With
+    # the `all` selection under rasft a window queues exactly one group per problem, so a round feeds
+    # batches_per_round steps; under grpo a window queues only the groups that have rollouts to train
+    # (grpo.filter_zero_variance drops more), so the next round comes earlier; the `released`
+    # selection's re-trained probe demonstrations add groups, so it comes later.
+    batches_per_round: int = 0
     # Overlapped rounds: window w+1's round is generated, verified and weighed in the background
     # while window w trains, from the weights of w's boundary (docs/training.md, "Overlapped rounds").
     overlap: bool = False
 
+    def __post_init__(self):
+        _check(self.batches_per_round >= 0, f"rollout.batches_per_round must be >= 0, got {self.batches_per_round}")
+
 
 # The trainer's settings are sub-tables of [train] (as the rollout's are of [rollout]): the TOML stays
-# one section per stage, each old flat `train.X` key maps to exactly one new place, and the stage
-# commands, which read other sections, are not confused by a top-level `data` or `optim`.
+# one section per stage, and the stage commands, which read other sections, are not confused by a
+# top-level `data` or `optim`.
 @dataclass(slots=True)
 class TrainDataConfig:
     """The training problems and how they become sequences (`[train.data]`, docs/training.md)."""
@@ -342,8 +353,8 @@ class TrainDataConfig:
         self.prompt_template = released_preset("train.data.prompt_template", self.prompt_template)
         _one_of("train.data.prompt_template", self.prompt_template, ("chat", "released", "plain"))
         _one_of("train.data.overlong", self.overlong, ("truncate", "drop"))
-        if self.path is not None and self.tokenizer is None:
-            raise ValueError("train.data.tokenizer (an HF tokenizer folder) is required with train.data.path")
+        _check(self.path is None or self.tokenizer is not None,
+               "train.data.tokenizer (an HF tokenizer folder) is required with train.data.path")
 
 
 @dataclass(slots=True)
@@ -368,21 +379,18 @@ class OptimConfig:
 
 @dataclass(slots=True)
 class ScheduleConfig:
-    """How long the run is, how a step is batched, and when rollout rounds happen (`[train.schedule]`)."""
+    """How long the run is and how a step is batched (`[train.schedule]`; how many global batches a
+    rollout round covers is `rollout.batches_per_round`)."""
 
     train_iters: int = 10  # optimizer steps
     global_batch_size: int = 8  # sequence groups per step (a problem's demonstration with its rollouts)
     micro_batch_size: int = 2
-    refresh_interval: int = 0  # optimizer steps between rollout rounds; 0 = no rounds
-    window_problems: int = 0  # problems per window when refresh_interval = 0 (0 = global_batch_size)
 
     def __post_init__(self):
         _check(self.train_iters >= 1, "train.schedule.train_iters must be >= 1")
         _check(self.micro_batch_size >= 1, "train.schedule.micro_batch_size must be >= 1")
         _check(self.global_batch_size % self.micro_batch_size == 0,
                "train.schedule.global_batch_size must be a multiple of micro_batch_size")
-        _check(self.refresh_interval >= 0, "train.schedule.refresh_interval must be >= 0")
-        _check(self.window_problems >= 0, "train.schedule.window_problems must be >= 0")
 
 
 @dataclass(slots=True)
@@ -422,15 +430,21 @@ class CheckpointConfig:
 
 @dataclass(slots=True)
 class EvalConfig:
-    """Defaults of `python -m megatron_rasft eval` (its flags override them): the released
-    evaluation's headline setting, avg@16 at temperature 1.0."""
+    """Settings of `python -m megatron_rasft eval` (`--config` / `--set eval.KEY=VALUE`): by default
+    the released evaluation's headline setting, avg@16 at temperature 1.0."""
 
-    benchmarks: list = field(default_factory=list)
+    # NAME or NAME=PATH specs; a comma-separated string (`--set eval.benchmarks=math500,aime24`) is
+    # split into the list.
+    benchmarks: list | str = field(default_factory=list)
     data_dir: Optional[str] = None
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=16, max_tokens=4096))
     prompt_template: str = "qwen25-math-cot"
 
     def __post_init__(self):
+        if isinstance(self.benchmarks, str):
+            self.benchmarks = [b.strip() for b in self.benchmarks.split(",") if b.strip()]
+        _check(isinstance(self.benchmarks, list) and all(isinstance(b, str) for b in self.benchmarks),
+               f"eval.benchmarks must be a list of NAME or NAME=PATH strings, got {self.benchmarks!r}")
         _one_of("eval.prompt_template", self.prompt_template, ("chat", "qwen25-math-cot", "plain"))
 
 
@@ -453,9 +467,18 @@ class RunConfig:
             _check(self.model.seq_length <= self.model.max_position_embeddings,
                    f"model.seq_length ({self.model.seq_length}) exceeds model.max_position_embeddings "
                    f"({self.model.max_position_embeddings})")
+        # Only rasft and grpo train on rollouts; a round setting for another method would be ignored.
+        rounds = self.rollout.batches_per_round
+        _check(rounds == 0 or self.loss.method in ROUND_METHODS,
+               f"rollout.batches_per_round = {rounds} but loss.method = {self.loss.method!r} has no rollout "
+               f"rounds (only {', '.join(ROUND_METHODS)} do): set rollout.batches_per_round = 0")
         # GRPO trains only on the rollouts of a round, under the policy that sampled them (π_old).
-        _check(self.loss.method != "grpo" or self.train.schedule.refresh_interval >= 1,
-               "loss.method = 'grpo' needs rollout rounds: set train.schedule.refresh_interval >= 1")
+        _check(self.loss.method != "grpo" or rounds >= 1,
+               "loss.method = 'grpo' needs rollout rounds: set rollout.batches_per_round >= 1")
+        # A round samples real prompts and verifies against their answers.
+        _check(rounds == 0 or (self.train.data.path is not None and self.train.data.tokenizer is not None),
+               "rollout rounds (rollout.batches_per_round > 0) need real problems: set train.data.path and "
+               "train.data.tokenizer")
         # GRPO's π_θ and π_old are the tempered policy softmax(logits / T); greedy sampling (T = 0)
         # has no such policy (and gives K identical samples: no group to learn from).
         _check(self.loss.method != "grpo" or self.rollout.sampling.temperature > 0,
@@ -479,10 +502,13 @@ class RunConfig:
         _check(self.loss.method != "grpo" or self.rollout.selection.rule == "all",
                f"loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = 'all' "
                f"(got {self.rollout.selection.rule!r})")
-        # The KL baselines run the reference inside the step, next to the policy's logits.
-        _check(self.loss.method not in KL_METHODS or self.parallel.pipeline_model_parallel_size == 1,
+        # The KL baselines run the reference inside the step, next to the policy's logits: one model
+        # chunk, so neither pipeline stages nor virtual ones.
+        par = self.parallel
+        _check(self.loss.method not in KL_METHODS or (par.pipeline_model_parallel_size == 1
+                                                       and (par.virtual_pipeline_model_parallel_size or 1) == 1),
                f"loss.method = {self.loss.method!r} needs the reference logits inside the training step, which "
-               f"is supported with parallel.pipeline_model_parallel_size = 1 only")
+               f"is supported with parallel.pipeline_model_parallel_size = 1 (and no virtual pipeline) only")
 
     @property
     def policy_temperature(self) -> float:
@@ -512,12 +538,11 @@ class RunConfig:
         return "\n".join(lines)
 
 
-# Old spelling -> new spelling (dotted, from the top of the config). Accepted with a warning.
-# `rollout.selection` and `rollout.verifier` were values and are now tables; they come first, so
-# that the old flat keys moving into those tables (`rollout.verifier_workers`) find a table.
-_TABLES_FROM_VALUES = {"rollout.selection": "rollout.selection.rule", "rollout.verifier": "rollout.verifier.kind"}
-DEPRECATED_KEYS = {
-    **_TABLES_FROM_VALUES,
+# Keys of earlier (never released) versions -> where the setting lives now: only for the hint of
+# the error an old key gets ("X was renamed to Y"). `rollout.selection` and `rollout.verifier` were
+# values and are now tables.
+RENAMED = {
+    "rollout.selection": "rollout.selection.rule", "rollout.verifier": "rollout.verifier.kind",
     "rollout.num_samples": "rollout.sampling.n",
     **{f"rollout.{k}": f"rollout.sampling.{k}"
        for k in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "stop", "seed")},
@@ -534,84 +559,80 @@ DEPRECATED_KEYS = {
     **{f"train.{k}": f"train.optim.{k}"
        for k in ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                  "clip_grad")},
-    **{f"train.{k}": f"train.schedule.{k}"
-       for k in ("train_iters", "global_batch_size", "micro_batch_size", "refresh_interval", "window_problems")},
+    **{f"train.{k}": f"train.schedule.{k}" for k in ("train_iters", "global_batch_size", "micro_batch_size")},
     **{f"train.{k}": f"train.logging.{k}" for k in ("log_interval", "log_batch_keys", "tensorboard", "wandb_project")},
     "eval.n": "eval.sampling.n",
     **{f"eval.{k}": f"eval.sampling.{k}" for k in ("temperature", "top_p", "max_tokens")},
+    "train.bf16": 'model.params_dtype ("bf16")',
+    # One knob for the rounds: a round covers batches_per_round global batches of problems.
+    **{k: "rollout.batches_per_round (a round covers that many global batches of problems)"
+       for k in ("train.refresh_interval", "train.window_problems", "train.schedule.refresh_interval",
+                 "train.schedule.window_problems")},
 }
 
+# Annotation (as written in the dataclasses above) -> the TOML types it accepts.
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
+          "dict": (dict,), "tuple": (list, tuple)}
 
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"config key {old} is deprecated; use {new}", DeprecationWarning, stacklevel=5)
+
+def _renamed(dotted: str) -> ConfigError:
+    return ConfigError(f"{dotted} was renamed to {RENAMED[dotted]}")
 
 
-def _rename_deprecated(data: dict) -> dict:
-    """Move every old-spelling key of `data` (nested dicts) to its new place, with a warning.
-    Raises ValueError when both spellings are given. `train.bf16` (a second source of the training
-    dtype) becomes `model.params_dtype = "bf16"` when true."""
-    train = data.get("train")
-    if isinstance(train, dict) and "bf16" in train:
-        bf16 = train.pop("bf16")
-        warnings.warn('config key train.bf16 is deprecated; use model.params_dtype = "bf16"',
-                      DeprecationWarning, stacklevel=4)
-        if bf16 is True:
-            model = data.setdefault("model", {})
-            if model.get("params_dtype", "bf16") != "bf16":
-                raise ValueError(f"config: train.bf16 = true (deprecated) contradicts model.params_dtype = "
-                                 f"{model['params_dtype']!r}; keep only model.params_dtype")
-            model["params_dtype"] = "bf16"
-    for old, new in DEPRECATED_KEYS.items():
-        *old_path, old_key = old.split(".")
-        node = data
-        for k in old_path:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or old_key not in node:
-            continue
-        if old in _TABLES_FROM_VALUES and isinstance(node[old_key], dict):
-            continue  # the new table itself
-        value = node.pop(old_key)
-        *new_path, new_key = new.split(".")
-        dst = data
-        for k in new_path:
-            dst = dst.setdefault(k, {})
-            if not isinstance(dst, dict):
-                raise ValueError(f"config: {'.'.join(new_path)} must be a table (it holds {new})")
-        if new_key in dst:
-            raise ValueError(f"config: both {old} (deprecated) and {new} are set; keep only {new}")
-        dst[new_key] = value
-        _deprecated(old, new)
-    return data
+def _unknown(dotted: str, name: str, known) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?)" if close else \
+        f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"unknown key {dotted}{hint}")
+
+
+def _check_type(dotted: str, annotation: str, value: Any) -> None:
+    """Refuse a value of the wrong TOML type for a field annotated `annotation` (`int`,
+    `Optional[str]`, ...), naming the key, before the dataclass's own rules see it."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if base not in _TYPES or (optional and value is None):
+        return
+    ok = isinstance(value, _TYPES[base]) and (base == "bool" or not isinstance(value, bool))
+    _check(ok, f"{dotted} must be {'an' if base == 'int' else 'a'} {base}{' or null' if optional else ''}, "
+               f"got {value!r}")
 
 
 def _build(cls, values: dict, where: str):
-    """Instantiate dataclass `cls` from a dict (sub-tables build nested config dataclasses),
-    rejecting unknown keys by name."""
+    """Instantiate dataclass `cls` from a dict (sub-tables build nested config dataclasses).
+    Raises ConfigError naming the key for an unknown or renamed key, a value of the wrong type, a
+    value where a table belongs, or (from the dataclass) a value its rules refuse."""
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
     for name, value in values.items():
-        f = known[name]
-        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-            if dataclasses.is_dataclass(default):
-                values[name] = _build(type(default), {**dataclasses.asdict(default), **value}, f"{where}.{name}")
+        dotted = f"{where}.{name}"
+        f = known.get(name)
+        default = f.default_factory() if f is not None and f.default_factory is not dataclasses.MISSING else None
+        table = dataclasses.is_dataclass(default)
+        if dotted in RENAMED and (f is None or (table and not isinstance(value, dict))):
+            raise _renamed(dotted)
+        if f is None:
+            raise _unknown(dotted, name, known)
+        if table:
+            _check(isinstance(value, dict), f"{dotted} must be a table ([{dotted}]), got {value!r}")
+            values[name] = _build(type(default), {**dataclasses.asdict(default), **value}, dotted)
+        else:
+            _check_type(dotted, str(f.type), value)
     return cls(**values)
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """The `RunConfig` of a parsed TOML dict. Raises ValueError naming any unknown section or key."""
+    """The `RunConfig` of a parsed TOML dict. Raises ConfigError (one line, naming the key) for an
+    unknown, renamed or ill-typed key, or a value a rule refuses."""
     sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - set(sections))
-    if unknown:
-        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(sections)}")
-    data = _rename_deprecated(data)
     built = {}
+    for name, value in data.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, list(sections), n=1, cutoff=0.6)
+            raise ConfigError(f"unknown section [{name}]" + (f" (did you mean [{close[0]}]?)" if close else
+                                                              f" (known: {', '.join(sections)})"))
+        _check(isinstance(value, dict), f"{name} must be a table ([{name}]), got {value!r}")
     for name, factory in sections.items():
-        cls = type(factory())
-        built[name] = _build(cls, dict(data.get(name, {})), name)
+        built[name] = _build(type(factory()), dict(data.get(name, {})), name)
     return RunConfig(**built)
 
 
@@ -624,53 +645,40 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings to a nested dict (in place) and return it. Old spellings
-    stay as they are (`config_from_dict` renames them), except where a value became a table
-    (`rollout.verifier` -> `rollout.verifier.kind`): there the value moves into the table at once,
-    so that neither spelling overwrites the other. Raises ValueError for a malformed item, or when
-    both spellings of such a key are given."""
+    """Apply `section.key=value` strings to a nested dict (in place) and return it. Raises
+    ConfigError for a malformed item, or a path through a value (an old key that became a table
+    gets its "renamed" hint)."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
-        path, text = item.split("=", 1)
-        path = path.strip()
-        keys = path.split(".")
-        if len(keys) < 2:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
-        node, moved = data, None
+        path, _, text = item.partition("=")
+        keys = path.strip().split(".")
+        _check(bool(_) and len(keys) >= 2 and all(keys), f"an override must be section.key=value, got {item!r}")
+        node = data
         for i, key in enumerate(keys[:-1]):
-            dotted = ".".join(keys[:i + 1])
-            if dotted in _TABLES_FROM_VALUES and key in node and not isinstance(node[key], dict):
-                node[key] = {_TABLES_FROM_VALUES[dotted].rsplit(".", 1)[1]: node[key]}  # old value spelling
-                moved = dotted
-                _deprecated(dotted, _TABLES_FROM_VALUES[dotted])
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {path}: {dotted} is a value, not a table")
-        value, last = _parse_value(text.strip()), keys[-1]
-        if moved is not None and path == _TABLES_FROM_VALUES[moved]:
-            raise ValueError(f"config: both {moved} (deprecated) and {path} are set; keep only {path}")
-        if path in _TABLES_FROM_VALUES and isinstance(node.get(last), dict) and not isinstance(value, dict):
-            new = _TABLES_FROM_VALUES[path]
-            leaf = new.rsplit(".", 1)[1]
-            if leaf in node[last]:
-                raise ValueError(f"config: both {path} (deprecated) and {new} are set; keep only {new}")
-            node[last][leaf] = value
-            _deprecated(path, new)
-        else:
-            node[last] = value
+                dotted = ".".join(keys[:i + 1])
+                raise _renamed(dotted) if dotted in RENAMED else ConfigError(
+                    f"{path.strip()}: {dotted} is a value, not a table")
+        node[keys[-1]] = _parse_value(text.strip())
     return data
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML: {e}") from e
-    apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    """The `RunConfig` of TOML file `path` (optional) with `--set` style `overrides` on top.
+    Raises ConfigError whose message is one line naming the file (or `--set`) and the key: a
+    missing file, invalid TOML (with its line), an unknown key (with the closest known one), an old
+    key (with its new name), a value of the wrong type or one a rule refuses."""
+    where = "--set" if path is None else str(path) + (" (with --set)" if overrides else "")
+    try:
+        data: dict = {}
+        if path is not None:
+            path = Path(path)
+            _check(path.is_file(), "config file not found")
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"invalid TOML: {e}") from e
+        apply_overrides(data, overrides or [])
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: " + " ".join(str(e).split())) from e

@@ -71,13 +71,14 @@ def test_grpo_config_validation(values, match):
 
 def test_grpo_config_from_toml_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[loss]\nmethod = "grpo"\n[train.schedule]\nrefresh_interval = 1\n[grpo]\nscale_by_std = false\n')
+    path.write_text('[loss]\nmethod = "grpo"\n[rollout]\nbatches_per_round = 1\n'
+                    '[train.data]\npath = "p.jsonl"\ntokenizer = "tok"\n[grpo]\nscale_by_std = false\n')
     cfg = load_config(path, ["grpo.eps_high=0.28", "grpo.loss_aggregation=seq_mean"])
     assert (cfg.grpo.scale_by_std, cfg.grpo.eps_high, cfg.grpo.loss_aggregation) == (False, 0.28, "seq_mean")
     assert cfg.to_dict()["grpo"]["eps_low"] == 0.2
     with pytest.raises(ValueError, match="loss.method = 'grpo' needs rollout rounds"):
-        load_config(path, ["train.schedule.refresh_interval=0"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[grpo\]: clip"):
+        load_config(path, ["rollout.batches_per_round=0"])
+    with pytest.raises(ValueError, match=r"unknown key grpo.clip"):
         load_config(path, ["grpo.clip=0.2"])
 
 

@@ -1,15 +1,16 @@
 """Config loading/validation, the model provider's spec choice and errors, and lazy imports."""
-import dataclasses
+import os
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
 
-from megatron_rasft.config import (DEPRECATED_KEYS, LossConfig, ModelConfig, RunConfig, WeightingConfig,
-                                   config_from_dict, load_config)
+import tomli_w
+
+from megatron_rasft.config import (RENAMED, ConfigError, LossConfig, ModelConfig, RunConfig, WeightingConfig,
+                                   load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,67 +28,45 @@ def test_toml_and_overrides(tmp_path):
     assert "[loss]" in cfg.pretty()
 
 
-def test_sampling_tables_and_deprecated_spellings(tmp_path):
-    """[rollout.sampling] and [eval.sampling] are one SamplingConfig; the old flat keys still load,
-    with a DeprecationWarning naming the new key; eval keeps its own defaults for unset fields."""
+def test_sampling_tables(tmp_path):
+    """[rollout.sampling] and [eval.sampling] are one SamplingConfig; eval keeps its own defaults
+    for unset fields."""
     f = tmp_path / "run.toml"
     f.write_text('[rollout.sampling]\nn = 3\ntemperature = 0.9\n[eval.sampling]\nn = 2\n')
     cfg = load_config(f)
     assert (cfg.rollout.sampling.n, cfg.rollout.sampling.temperature, cfg.rollout.sampling.max_tokens) == (3, 0.9, 256)
     assert (cfg.eval.sampling.n, cfg.eval.sampling.max_tokens) == (2, 4096)
-    old = tmp_path / "old.toml"
-    old.write_text('[rollout]\nnum_samples = 3\ntemperature = 0.9\n[eval]\nn = 2\n')
-    with pytest.warns(DeprecationWarning, match=r"rollout.num_samples is deprecated; use rollout.sampling.n"):
-        assert load_config(old) == cfg
-    with pytest.warns(DeprecationWarning, match="eval.sampling.temperature"):
-        assert load_config(None, ["eval.temperature=0.5"]).eval.sampling.temperature == 0.5
-    with pytest.raises(ValueError, match="both rollout.seed .deprecated. and rollout.sampling.seed"):
-        load_config(None, ["rollout.seed=1", "rollout.sampling.seed=2"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[rollout.sampling\]: bogus"):
-        load_config(None, ["rollout.sampling.bogus=1"])
-    # The released code's presets are "released"; "reference" (the frozen reference model's name) still loads.
-    with pytest.warns(DeprecationWarning, match='weighting.scheme = "reference" is deprecated; use "released"'):
-        got = load_config(None, ["weighting.scheme=reference", "rollout.selection.rule=reference",
-                                 "train.data.prompt_template=reference", "rollout.verifier.kind=reference"])
-    assert (got.weighting.scheme, got.rollout.selection.rule, got.train.data.prompt_template,
-            got.rollout.verifier.kind) == ("released",) * 4
-    # One source for the training dtype: the old train.bf16 becomes model.params_dtype.
-    with pytest.warns(DeprecationWarning, match='train.bf16 is deprecated; use model.params_dtype = "bf16"'):
-        assert load_config(None, ["train.bf16=true"]).model.params_dtype == "bf16"
-    with pytest.raises(ValueError, match="contradicts model.params_dtype = 'fp16'"), pytest.warns(DeprecationWarning):
-        load_config(None, ["train.bf16=true", "model.params_dtype=fp16"])
 
 
 @pytest.mark.parametrize("bad, msg", [
-    (["loss.method=foo"], "loss.method must be one of"),
-    (["nope.x=1"], "unknown config section"),
-    (["train.bogus=1"], "unknown key(s) in [train]: bogus"),
-    (["train.optim.bogus=1"], "unknown key(s) in [train.optim]: bogus"),
-    (["rollout.server.bogus=1"], "unknown key(s) in [rollout.server]: bogus"),
-    (["rollout.verifier.timeout=1"], "unknown key(s) in [rollout.verifier]: timeout; known: kind, timeout_s, workers"),
+    (["loss.method=foo"], "--set: loss.method must be one of ('sft', 'dft', 'sft_kl', 'asft', 'profit', 'rasft', "
+                          "'grpo'), got 'foo'"),
+    (["nope.x=1"], "--set: unknown section [nope] (known: model, parallel, loss, grpo"),
+    (["trian.seed=1"], "--set: unknown section [trian] (did you mean [train]?)"),
+    (["train.bogus=1"], "--set: unknown key train.bogus (known: data, logging, optim, run_dir, schedule, seed)"),
+    (["train.optim.lrr=1"], "--set: unknown key train.optim.lrr (did you mean train.optim.lr?)"),
+    (["rollout.server.bogus=1"], "--set: unknown key rollout.server.bogus"),
+    (["rollout.verifier.timeout=1"], "--set: unknown key rollout.verifier.timeout (did you mean rollout.verifier.timeout_s?)"),
     (["train.schedule.global_batch_size=7", "train.schedule.micro_batch_size=2"], "multiple of micro_batch_size"),
     (["model.num_attention_heads=6", "model.num_query_groups=4"], "multiple of"),
-    (["train.data.path=p.jsonl"], "train.data.tokenizer"),
+    (["train.data.path=p.jsonl"], "--set: train.data.tokenizer (an HF tokenizer folder) is required with train.data.path"),
     (["rollout.verifier.kind=sympy"], "rollout.verifier.kind must be one of"),
     (["model.attention=flash"], "model.attention must be one of ('sdpa', 'local')"),
     (["rollout.selection.rule=some"], "rollout.selection.rule must be one of"),
     (["loss.ratio_min=2.0"], "ratio_min"),
-    (["bad"], "section.key=value"),
+    (['train.schedule.train_iters="ten"'], "--set: train.schedule.train_iters must be an int, got 'ten'"),
+    (["train.schedule.train_iters=2.5"], "--set: train.schedule.train_iters must be an int, got 2.5"),
+    (["model.tie_embeddings=1"], "--set: model.tie_embeddings must be a bool, got 1"),
+    (["checkpoint.load=3"], "--set: checkpoint.load must be a str or null, got 3"),
+    (["rollout.sampling=3"], "--set: rollout.sampling must be a table ([rollout.sampling]), got 3"),
+    (["rollout.batches_per_round=-1"], "--set: rollout.batches_per_round must be >= 0, got -1"),
+    (["bad"], "--set: an override must be section.key=value, got 'bad'"),
 ])
 def test_validation_errors(bad, msg):
-    with pytest.raises(ValueError, match=None) as e:
+    """Every refusal is a one-line ConfigError naming where the value came from and the key."""
+    with pytest.raises(ConfigError) as e:
         load_config(None, bad)
-    assert msg in str(e.value)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    assert msg in str(e.value) and "\n" not in str(e.value)
 
 
 def _nest(flat: dict) -> dict:
@@ -101,114 +80,69 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-# A value for every key that has an old spelling, none of them the default, so that a key landing
-# in the wrong place shows.
-NEW_VALUES = {
-    "rollout.server.url": "http://h:1", "rollout.server.host": "0.0.0.0", "rollout.server.port": 5,
-    "rollout.server.max_model_len": 77, "rollout.server.kv_cache_gib": 2.5, "rollout.server.dtype": "bfloat16",
-    "rollout.server.startup_timeout_s": 9.0, "rollout.server.concurrency": 3, "rollout.server.request_timeout_s": 8.0,
-    "rollout.server.max_retries": 1, "rollout.server.refresh_atol": 0.2,
-    "rollout.selection.rule": "released",
-    "rollout.verifier.kind": "code", "rollout.verifier.timeout_s": 3.0, "rollout.verifier.workers": 4,
-    "rollout.sampling.n": 5, "rollout.sampling.temperature": 0.5, "rollout.sampling.top_p": 0.9,
-    "rollout.sampling.top_k": 7, "rollout.sampling.max_tokens": 33, "rollout.sampling.repetition_penalty": 1.2,
-    "rollout.sampling.stop": ["x"], "rollout.sampling.seed": 9,
-    "train.data.path": "p.jsonl", "train.data.tokenizer": "tok", "train.data.prompt_field": "q",
-    "train.data.response_field": "a", "train.data.answer_field": "g", "train.data.placeholder_answers": ["none"],
-    "train.data.prompt_template": "plain", "train.data.overlong": "drop", "train.data.pack": True,
-    "train.optim.lr": 0.5, "train.optim.min_lr": 0.1, "train.optim.lr_warmup_iters": 3,
-    "train.optim.weight_decay": 0.01, "train.optim.adam_beta1": 0.8, "train.optim.adam_beta2": 0.95,
-    "train.optim.adam_eps": 1e-6, "train.optim.clip_grad": 2.0,
-    "train.schedule.train_iters": 11, "train.schedule.global_batch_size": 6, "train.schedule.micro_batch_size": 3,
-    "train.schedule.refresh_interval": 2, "train.schedule.window_problems": 5,
-    "train.logging.log_interval": 4, "train.logging.log_batch_keys": True, "train.logging.tensorboard": True,
-    "train.logging.wandb_project": "w",
-    "eval.sampling.n": 3, "eval.sampling.temperature": 0.7, "eval.sampling.top_p": 0.8, "eval.sampling.max_tokens": 99,
-}
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_every_old_key_is_refused_with_its_new_name(tmp_path, old):
+    """A key of an earlier version is an error whose one line names the new place, from a TOML
+    file (with the file's name) and from `--set`; a value that became a table
+    (`rollout.verifier = "code"`) too, also beside its new table's keys."""
+    value = "x" if old in ("rollout.selection", "rollout.verifier") else 1
+    f = tmp_path / "run.toml"
+    f.write_text(tomli_w.dumps(_nest({old: value})))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: {old} was renamed to {RENAMED[old]}"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{old}={value}"])
+    assert str(e.value) == f"--set: {old} was renamed to {RENAMED[old]}"
+    if old == "rollout.verifier":
+        with pytest.raises(ConfigError, match="rollout.verifier was renamed to rollout.verifier.kind"):
+            load_config(None, ["rollout.verifier=code", "rollout.verifier.kind=math"])
+
+
+def test_the_round_knob_replaced_two_settings():
+    assert RENAMED["train.schedule.refresh_interval"] == RENAMED["train.schedule.window_problems"] == \
+        "rollout.batches_per_round (a round covers that many global batches of problems)"
+    with pytest.raises(ConfigError, match=r"^--set: train.schedule.refresh_interval was renamed to rollout.batches_per_round"):
+        load_config(None, ["train.schedule.refresh_interval=2"])
+
+
+def test_old_preset_value_is_refused_with_its_new_name():
+    """The released code's presets are "released"; the old value "reference" (the frozen
+    reference model's name) is refused wherever a preset is chosen, naming the new value."""
+    for key in ("weighting.scheme", "rollout.selection.rule", "train.data.prompt_template", "rollout.verifier.kind"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}=reference"])
+        assert str(e.value) == f'--set: {key} = "reference" was renamed to "released" (the released code\'s preset)'
+        assert _get(load_config(None, [f"{key}=released"]), key) == "released"
+
+
+def test_file_errors_name_the_file_and_the_key(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[loss]\nmethod = "rasftt"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == (f"{f}: loss.method must be one of ('sft', 'dft', 'sft_kl', 'asft', 'profit', 'rasft', "
+                            f"'grpo'), got 'rasftt'")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["loss.ratio=none"])
+    assert str(e.value).startswith(f"{f} (with --set): loss.method must be one of")
+    f.write_text('[train.optim]\nlrr = 1e-5\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: unknown key train.optim.lrr (did you mean train.optim.lr?)"
+    f.write_text('[loss]\nmethod = "sft"\nratio = \n')
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: invalid TOML: ") and "line 3" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "missing.toml")
+    assert str(e.value) == f"{tmp_path / 'missing.toml'}: config file not found"
 
 
 def _get(cfg, dotted: str):
     for k in dotted.split("."):
         cfg = getattr(cfg, k)
     return cfg
-
-
-def test_every_old_key_maps_to_its_new_place():
-    """A config written with every old flat spelling (`train.lr`, `rollout.server_url`,
-    `rollout.verifier`, ...) loads to the same `RunConfig` as its new spelling, with one
-    DeprecationWarning per old key naming the new one; as a TOML file and as `--set` overrides."""
-    assert set(DEPRECATED_KEYS.values()) == set(NEW_VALUES)  # a new deprecated key needs a value here
-    defaults = RunConfig()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        expected = config_from_dict(_nest(NEW_VALUES))
-    for k, v in NEW_VALUES.items():
-        assert _get(expected, k) == v != _get(defaults, k), k
-    inverse = {v: k for k, v in DEPRECATED_KEYS.items()}
-    old_flat = {inverse[k]: v for k, v in NEW_VALUES.items()}
-    old_toml = "".join(f"[{section}]\n" + "".join(f"{k.split('.', 1)[1]} = {_toml_literal(v)}\n"
-                                                   for k, v in old_flat.items() if k.startswith(section + "."))
-                       for section in ("rollout", "train", "eval"))
-    assert '\nverifier = "code"\n' in old_toml and "[train]\ndata_path = " in old_toml  # flat, as they were
-    for how in ("toml", "set"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if how == "toml":
-                got = config_from_dict(tomllib.loads(old_toml))
-            else:
-                got = load_config(None, [f"{k}={_toml_literal(v)}" for k, v in old_flat.items()])
-        assert got == expected, how
-        said = {str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}
-        assert said == {f"config key {o} is deprecated; use {n}" for o, n in DEPRECATED_KEYS.items()}, how
-
-
-def _toml_literal(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_literal(x) for x in v) + "]"
-    return repr(v)
-
-
-@pytest.mark.parametrize("sets", [
-    ["train.lr=1", "train.optim.lr=2"],
-    ["rollout.server_url=http://a:1", "rollout.server.url=http://b:1"],
-    ["rollout.verifier=code", "rollout.verifier.kind=math"],  # a value that became a table, both orders
-    ["rollout.verifier.kind=math", "rollout.verifier=code"],
-    ["rollout.selection=all", "rollout.selection.rule=all"],
-    ["train.refresh_interval=1", "train.schedule.refresh_interval=1"],
-])
-def test_both_spellings_are_an_error(sets):
-    old, new = (sets[0], sets[1]) if len(sets[0].split("=")[0].split(".")) == 2 else (sets[1], sets[0])
-    with pytest.raises(ValueError, match=f"both {old.split('=')[0]} .deprecated. and {new.split('=')[0]} are set; "
-                                         f"keep only {new.split('=')[0]}"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        load_config(None, sets)
-
-
-def test_old_value_spelling_beside_its_new_table(tmp_path):
-    """`rollout.verifier` was a value and is now a table: the old value and the table's other
-    keys, in either spelling and from the file or `--set`, meet in one table."""
-    f = tmp_path / "run.toml"
-    f.write_text('[rollout.verifier]\nworkers = 3\n')
-    with pytest.warns(DeprecationWarning, match="rollout.verifier is deprecated; use rollout.verifier.kind"):
-        cfg = load_config(f, ["rollout.verifier=code", "rollout.verifier_timeout_s=4"])
-    assert dataclasses.astuple(cfg.rollout.verifier) == ("code", 4.0, 3)
-    f.write_text('[rollout]\nverifier = "released"\nverifier_workers = 5\n')
-    with pytest.warns(DeprecationWarning):
-        cfg = load_config(f, ["rollout.verifier.timeout_s=6"])
-    assert dataclasses.astuple(cfg.rollout.verifier) == ("released", 6.0, 5)
-
-
-def test_examples_use_the_new_spelling():
-    """Every example loads without a DeprecationWarning."""
-    for path in sorted((ROOT / "examples").glob("*.toml")):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", DeprecationWarning)
-            load_config(path)
-        assert "data_path" not in tomllib.loads(path.read_text()).get("train", {}), path
 
 
 def test_dataclass_validation():
@@ -218,7 +152,7 @@ def test_dataclass_validation():
         ModelConfig(fp8="e5m2")
     assert LossConfig(method="rasft").needs_ref_logp and not LossConfig(method="sft").needs_ref_logp
     assert LossConfig(method="asft").needs_ref_logits
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent.toml")
 
 
@@ -312,7 +246,9 @@ def test_config_objects_refuse_unknown_attributes():
     assert cfg.model.params_dtype == "bf16"
 
 
-GRPO_RUN = ["loss.method=grpo", "train.schedule.refresh_interval=1"]
+# Rounds sample real problems: the round setting needs a data path (and its tokenizer).
+DATA = ["train.data.path=p.jsonl", "train.data.tokenizer=tok"]
+GRPO_RUN = DATA + ["loss.method=grpo", "rollout.batches_per_round=1"]
 
 
 @pytest.mark.parametrize("sets, msg", [
@@ -320,10 +256,15 @@ GRPO_RUN = ["loss.method=grpo", "train.schedule.refresh_interval=1"]
     (GRPO_RUN + ["rollout.overlap=true"], "loss.method = 'grpo' with rollout.overlap = true is not supported"),
     (GRPO_RUN + ["rollout.selection.rule=released"],
      "loss.method = 'grpo' rolls out every problem of a window: set rollout.selection.rule = 'all' (got 'released')"),
-    (GRPO_RUN + ["train.schedule.refresh_interval=0"], "loss.method = 'grpo' needs rollout rounds"),
+    (GRPO_RUN + ["rollout.batches_per_round=0"], "loss.method = 'grpo' needs rollout rounds: set "
+                                                 "rollout.batches_per_round >= 1"),
+    (["loss.method=rasft", "rollout.batches_per_round=2"],
+     "rollout rounds (rollout.batches_per_round > 0) need real problems: set train.data.path and train.data.tokenizer"),
     (["parallel.pipeline_model_parallel_size=2", "loss.method=sft_kl"],
      "loss.method = 'sft_kl' needs the reference logits inside the training step"),
     (["parallel.pipeline_model_parallel_size=2", "loss.method=asft"],
+     "loss.method = 'asft' needs the reference logits inside the training step"),
+    (["parallel.virtual_pipeline_model_parallel_size=2", "loss.method=asft"],
      "loss.method = 'asft' needs the reference logits inside the training step"),
     (["model.max_position_embeddings=2048", "model.seq_length=4096"],
      "model.seq_length (4096) exceeds model.max_position_embeddings (2048)"),
@@ -341,7 +282,7 @@ def test_cross_section_refusals(sets, msg):
 def test_grpo_with_a_truncated_sampler_warns():
     """GRPO's ratios are of the full tempered softmax: a top-p / top-k sampler is accepted (as peers
     do) but named in a warning when the config is built; the untruncated sampler gives none."""
-    base = ["loss.method=grpo", "train.schedule.refresh_interval=1"]
+    base = GRPO_RUN
     with pytest.warns(UserWarning, match=r"rollout.sampling.top_p = 0.9"):
         load_config(None, base + ["rollout.sampling.top_p=0.9"])
     with pytest.warns(UserWarning, match=r"top_k = 20"):
@@ -349,4 +290,51 @@ def test_grpo_with_a_truncated_sampler_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(None, base)
-        load_config(None, ["loss.method=rasft", "train.schedule.refresh_interval=1", "rollout.sampling.top_p=0.9"])
+        load_config(None, DATA + ["loss.method=rasft", "rollout.batches_per_round=1", "rollout.sampling.top_p=0.9"])
+
+
+@pytest.mark.parametrize("method", ["sft", "dft", "sft_kl", "asft", "profit"])
+def test_round_setting_is_refused_for_methods_without_rounds(method):
+    """Only rasft and grpo train on rollouts: a round setting for any other method is refused
+    (it would be silently ignored), naming both settings; without it the method loads."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, DATA + [f"loss.method={method}", "rollout.batches_per_round=2"])
+    assert str(e.value) == (f"--set: rollout.batches_per_round = 2 but loss.method = '{method}' has no rollout rounds "
+                            f"(only rasft, grpo do): set rollout.batches_per_round = 0")
+    assert load_config(None, DATA + [f"loss.method={method}"]).rollout.batches_per_round == 0
+
+
+@pytest.mark.parametrize("method", ["rasft", "grpo"])
+def test_round_setting_is_accepted_for_methods_with_rounds(method):
+    cfg = load_config(None, DATA + [f"loss.method={method}", "rollout.batches_per_round=3"])
+    assert (cfg.loss.method, cfg.rollout.batches_per_round) == (method, 3)
+
+
+CLI_CASES = {
+    "bad value": ('[loss]\nmethod = "rasftt"\n',
+                  "loss.method must be one of ('sft', 'dft', 'sft_kl', 'asft', 'profit', 'rasft', 'grpo'), got 'rasftt'"),
+    "unknown key": ('[train.schedule]\ntrain_iter = 3\n',
+                    "unknown key train.schedule.train_iter (did you mean train.schedule.train_iters?)"),
+    "invalid TOML": ('[loss]\nmethod = "sft\n', "invalid TOML: "),
+    "old key": ('[train.schedule]\nrefresh_interval = 2\n',
+                "train.schedule.refresh_interval was renamed to rollout.batches_per_round"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_prints_a_config_error_in_one_line(tmp_path, case):
+    """`train --config X` with a bad configuration prints one line, `error: X: <key and what is
+    wrong>`, and exits 2 (no traceback); under torchrun only rank 0 says it, the others exit 2
+    silently."""
+    text, msg = CLI_CASES[case]
+    f = tmp_path / "run.toml"
+    f.write_text(text)
+    cmd = [sys.executable, "-m", "megatron_rasft", "train", "--config", str(f)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stdout + out.stderr
+    assert lines[0].startswith(f"error: {f}: {msg}"), lines
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+                           timeout=120)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (2, "", "")

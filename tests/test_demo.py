@@ -44,7 +44,7 @@ def test_quick_demo_end_to_end(tmp_path):
             assert (out / arm / sub / "round_000.jsonl").is_file()
     assert (out / "grpo" / "old_logp" / "round_000.pt").is_file()
     grpo_rounds = results["grpo_rounds"]
-    assert len(grpo_rounds) == len(rounds)  # same rounds: same steps and refresh interval
+    assert len(grpo_rounds) == len(rounds)  # same rounds: same steps and batches per round
     for r in grpo_rounds:
         assert f"| {r['round']} | {r['grpo_groups']} | {r['grpo_mean_reward']:.3f} |" in report
     grpo_steps = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]

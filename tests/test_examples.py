@@ -2,6 +2,7 @@
 model, each runs one optimizer step on CPU; the SLURM script prints its job steps in a dry run, and
 the training step it prints, launched twice on this machine as two nodes of 2 processes each
 (torchrun, c10d rendezvous), gives the one-process losses."""
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sba
 SHRINK = ["model.seq_length=64", 'model.params_dtype="fp32"', 'model.transformer_impl="local"',
           "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
           "train.schedule.train_iters=1", "train.schedule.global_batch_size=4", "train.schedule.micro_batch_size=2",
-          "train.schedule.refresh_interval=0", 'train.data.prompt_template="plain"', "checkpoint.save_interval=0"]
+          "rollout.batches_per_round=0", 'train.data.prompt_template="plain"', "checkpoint.save_interval=0"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def shrunk_runs(tiny, tmp_path_factory):
             sets += [f"train.data.path={data}", f"train.data.tokenizer={hf}"]
         jobs[name] = (EXAMPLES / name, root / name, sets)
     futures = run_trains(jobs, timeout_s=600)
-    return {name: (futures[name], root / name) for name in CONFIGS}
+    return {"_mcore": mcore, **{name: (futures[name], root / name) for name in CONFIGS}}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -75,6 +76,11 @@ def test_example_runs_one_step_shrunk(name, shrunk_runs):
     assert rc == 0, out[-3000:]
     losses = step_losses(run)
     assert list(losses) == [1] and 0 < losses[1] < 20, losses
+    # RUN/config.json records the architecture trained: the checkpoint's, not the example's [model].
+    trained = json.loads((run / "config.json").read_text())["model"]
+    ckpt = json.loads((shrunk_runs["_mcore"] / "model_config.json").read_text())["model"]
+    assert {k: trained[k] for k in ("num_layers", "hidden_size", "vocab_size")} == \
+        {k: ckpt[k] for k in ("num_layers", "hidden_size", "vocab_size")}, name
 
 
 def _dry_run(env: dict, config: str, *args: str) -> list[list[str]]:

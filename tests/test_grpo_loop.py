@@ -3,7 +3,7 @@ model taught first (plain PyTorch, `helpers.tiny.teach_tiny`) so that it solves 
 sometimes and groups have mixed rewards: the losses compared below are not zero.
 
 The reference run: windows of 4 problems, K = 4 rollouts each, 2 groups per step and
-refresh_interval = 2, so round 0 feeds steps 1-2 and round 1 (sampled from the weights after step
+rollout.batches_per_round = 2, so round 0 feeds steps 1-2 and round 1 (sampled from the weights after step
 2) feeds steps 3-4. From what the run wrote (the problems, the rollout records' token ids, the
 exported and checkpointed weights, the keys each step trained) the test recomputes every step in
 float64 with `transformers`, never calling the project's loss:
@@ -64,10 +64,10 @@ def setup(vllm_server, tmp_path_factory):
                          tokenizer=start, load=root / "mcore", overrides={
                              "model": {"seq_length": SEQ_LENGTH},
                              "loss": {"method": "grpo"}, "grpo": {"eps_low": EPS_LOW, "eps_high": EPS_HIGH},
-                             "rollout": {"server": {"concurrency": 1}, "sampling": {"n": K, "max_tokens": 30}},
+                             "rollout": {"server": {"concurrency": 1}, "sampling": {"n": K, "max_tokens": 30},
+                                         "batches_per_round": 2},
                              "train": {"optim": {"lr": 2e-3, "lr_warmup_iters": 0},
-                                       "schedule": {"train_iters": STEPS, "global_batch_size": 2,
-                                                    "refresh_interval": 2},
+                                       "schedule": {"train_iters": STEPS, "global_batch_size": 2},
                                        "logging": {"log_batch_keys": True}},
                              "checkpoint": {"save_interval": 1, "keep_last": 10}})
     rc, out = run_train(config, root / "ref")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rasft.config import (GRPOConfig, LossConfig, ModelConfig, ParallelConfig, RolloutConfig, RunConfig,
-                                   SamplingConfig, ScheduleConfig, TrainConfig)
+                                   SamplingConfig, TrainConfig, TrainDataConfig)
 from megatron_rasft.loss import LossBatch, compute_loss
 from helpers.distributed import spawn
 
@@ -28,8 +28,8 @@ BETA = 0.1
 def _run_config(method, temperature=T, **grpo):
     return RunConfig(model=ModelConfig(**MCFG), parallel=ParallelConfig(use_distributed_optimizer=False),
                      loss=LossConfig(method=method), grpo=GRPOConfig(**grpo),
-                     rollout=RolloutConfig(sampling=SamplingConfig(temperature=temperature)),
-                     train=TrainConfig(schedule=ScheduleConfig(refresh_interval=1)))
+                     rollout=RolloutConfig(sampling=SamplingConfig(temperature=temperature), batches_per_round=1),
+                     train=TrainConfig(data=TrainDataConfig(path="problems.jsonl", tokenizer="tok")))
 
 
 def _seqs():

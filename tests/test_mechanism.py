@@ -276,7 +276,7 @@ def baseline_runs(mech):
     for method in BASELINES:
         kl = method in KL_METHODS
         jobs[method] = (mech["config"], mech["root"] / f"base_{method}",
-                        [f"loss.method={method}", "train.schedule.refresh_interval=0",
+                        [f"loss.method={method}", "rollout.batches_per_round=0",
                          "train.logging.log_batch_keys=true", f"train.schedule.train_iters={2 if kl else 1}",
                          f"loss.profit_threshold={PROFIT_TAU}"])
     return run_trains(jobs)

@@ -47,7 +47,8 @@ def test_overlap_equals_sync_and_sft_when_rounds_add_nothing(setup):
                "loss.ratio=none", "loss.token_factor=none"]
     # The SFT run has no rounds, so it runs beside the synchronous one (only one run at a time may
     # use the server: a round refreshes its weights).
-    runs = run_trains({"sft": (config, root / "nothing_sft", ["loss.method=sft", "train.schedule.train_iters=2"]),
+    runs = run_trains({"sft": (config, root / "nothing_sft", ["loss.method=sft", "rollout.batches_per_round=0",
+                                                         "train.schedule.train_iters=2"]),
                        "sync": (config, root / "nothing_sync", nothing)})
     results = {name: future.result() for name, future in runs.items()}
     results["overlap"] = run_train(config, root / "nothing_overlap", *nothing, "rollout.overlap=true")

@@ -237,7 +237,7 @@ def test_end_to_end_rasft_round_on_smollm2(smollm2, smollm2_mcore, tmp_path):
                             f"train.data.path={data / 'train.jsonl'}", f"train.data.tokenizer={smollm2}",
                             f"checkpoint.load={smollm2_mcore}", f"rollout.server.url={server.url}",
                             "train.schedule.train_iters=2", "train.schedule.global_batch_size=2",
-                            "train.schedule.micro_batch_size=2", "train.schedule.refresh_interval=2",
+                            "train.schedule.micro_batch_size=2", "rollout.batches_per_round=2",
                             "rollout.sampling.n=2", "rollout.sampling.max_tokens=128",
                             timeout_s=600)
         assert rc == 0, out[-4000:]

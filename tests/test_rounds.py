@@ -99,7 +99,7 @@ def test_degenerate_rasft_equals_sft_with_rounds(setup):
     factor off: the per-step losses are exactly those of plain SFT on the same stream."""
     root, config = setup
     # Side by side: the SFT run has no rounds, so it does not touch the server.
-    runs = run_trains({"sft": (config, root / "sft", ["loss.method=sft"]),
+    runs = run_trains({"sft": (config, root / "sft", ["loss.method=sft", "rollout.batches_per_round=0"]),
                        "degenerate": (config, root / "degenerate", [
                            "weighting.scheme=constant", "weighting.add_rollouts=false", "loss.ratio=none",
                            "loss.token_factor=none"])})

@@ -20,7 +20,7 @@ from megatron_rasft.demo.task import make_problems, write_jsonl
 from megatron_rasft.rollout.server import SERVER_MODULE
 from helpers.runs import loop_config, run_train, start_train, step_losses
 
-WINDOW, K = 8, 2  # problems per round (refresh_interval 1 × global batch 8), samples per problem
+WINDOW, K = 8, 2  # problems per round (rollout.batches_per_round 1 × global batch 8), samples per problem
 
 
 @pytest.fixture(scope="module")

@@ -127,21 +127,25 @@ def test_released_mode():
     assert g(r"\boxed{7}", r"\left(7\right)")["correct"]  # wrappers stripped from the gold too
 
 
-def test_reference_is_the_deprecated_spelling_of_released(tmp_path, capsys):
+def test_released_mode_and_its_old_name(tmp_path, capsys):
     """The released code's check was called "reference" (which names the frozen reference model):
-    the old value still works everywhere a mode is chosen, with a DeprecationWarning."""
+    the old value is refused with the new name; "released" runs the released rules from the CLI."""
     from megatron_rasft.cli import main
     from megatron_rasft.records import ProblemVerdicts, read_records
 
-    with pytest.warns(DeprecationWarning, match='mode = "reference" is deprecated; use "released"'):
-        old = grade_math("The final answer is 12.", "12", mode="reference")
-    assert old == grade_math("The final answer is 12.", "12", mode="released") and old["correct"]
+    with pytest.raises(ValueError, match='mode = "reference" was renamed to "released"'):
+        grade_math("The final answer is 12.", "12", mode="reference")
+    assert grade_math("The final answer is 12.", "12", mode="released")["correct"]
     with pytest.raises(ValueError, match="mode must be one of"):
         grade_math(r"\boxed{1}", "1", mode="bogus")
     run = _run_dir(tmp_path)
-    with pytest.warns(DeprecationWarning, match='rollout.verifier.kind = "reference" is deprecated'):
-        assert main(["verify", "--run-dir", str(run), "--round", "0", "--set", "rollout.verifier.kind=reference",
-                     "--no-progress"]) == 0
+    # The old name of the preset is refused in one line that names the new one (cli.main: exit 2).
+    assert main(["verify", "--run-dir", str(run), "--round", "0", "--set", "rollout.verifier.kind=reference",
+                 "--no-progress"]) == 2
+    out = capsys.readouterr()
+    assert (out.out + out.err).strip().count("\n") == 0 and "released" in out.out + out.err
+    assert main(["verify", "--run-dir", str(run), "--round", "0", "--set", "rollout.verifier.kind=released",
+                 "--no-progress"]) == 0
     got = {pv.problem_id: [e["reason"] for e in pv.rollouts] for pv in read_records(run / "verdicts" / "round_000.jsonl", ProblemVerdicts)}
     # The released rules ran (the `math` mode says "correct" for b's 0.5 against \frac12: its plain-text
     # route reads only \frac{a}{b}); "no idea" has no box, phrase or number.
@@ -231,7 +235,7 @@ def test_verify_and_weigh_stages_resume(tmp_path, capsys):
         ("a", 0, "expert", None, 0.5, 1, 2), ("a", 0, "rollout", 0, 0.5, 1, 2),
         ("b", 0, "expert", None, 0.5, 1, 2), ("b", 0, "rollout", 0, 0.5, 1, 2)]
     assert [w.weight for w in weights] == pytest.approx([0.6, 0.25, 0.6, 0.25], abs=1e-12)
-    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--set", "weighting.scheme=reference"]) == 0
+    assert main(["weigh", "--run-dir", str(run), "--round", "0", "--set", "weighting.scheme=released"]) == 0
     assert "mean A_E 1.0000" in capsys.readouterr().out  # these toy rollouts are all "degenerate"
 
 

@@ -35,9 +35,8 @@ def add_arguments(p):
     p.add_argument("--out", help="evaluation directory (written; resumed if it exists)")
     p.add_argument("--limit", type=int, help="first N problems of each benchmark")
     p.add_argument("--workers", type=int, default=2, help="grading processes / sandbox runs at a time")
-    p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "released", "reference"),
-                   help="math answers' check (docs/verify_and_weighting.md); reference: deprecated spelling "
-                        "of released")
+    p.add_argument("--math-mode", default="math", choices=("math", "math-verify", "released"),
+                   help="math answers' check (docs/verify_and_weighting.md)")
     p.add_argument("--grade-timeout-s", type=float, default=10.0, help="per answer / program")
     # The server of an evaluation is not the rounds' [rollout.server] (other defaults: many long
     # samples in flight); the run config has no table for it, so these stay flags.
@@ -76,12 +75,11 @@ def _apply_config(args) -> None:
     """The [eval] table of --config with the --set overrides (or EvalConfig's defaults) gives
     `args.sampling` (a SamplingConfig), `args.benchmarks` (a list of specs), `args.data_dir` and
     `args.prompt_template`."""
-    from megatron_rasft.config import load_config, released_preset
+    from megatron_rasft.config import load_config
 
-    args.math_mode = released_preset("--math-mode", args.math_mode)
     ecfg = load_config(args.config, args.set).eval
     args.sampling, args.data_dir, args.prompt_template = ecfg.sampling, ecfg.data_dir, ecfg.prompt_template
-    specs = ecfg.benchmarks.split(",") if isinstance(ecfg.benchmarks, str) else list(ecfg.benchmarks)
+    specs = list(ecfg.benchmarks)  # EvalConfig splits a comma-separated string
     args.benchmarks = [s.strip() for s in specs if str(s).strip()]
 
 

@@ -18,11 +18,12 @@ def add_arguments(p):
 
 def main(args) -> int:
     from megatron_rasft.config import load_config
-    from megatron_rasft.train.loop import NonFiniteLoss, train
-    from megatron_rasft.train.rounds import RoundFailed
 
     overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # first: a bad config is refused before torch and Megatron load
+
+    from megatron_rasft.train.loop import NonFiniteLoss, train
+    from megatron_rasft.train.rounds import RoundFailed
     try:
         out = train(cfg)
     except NonFiniteLoss as e:

@@ -85,10 +85,10 @@ def write_report(out: Path, dc, curves: dict, rasft_dir: Path, grpo_dir: Path | 
         f"{dc.vocab}-token BPE trained on the task, random init, converted to Megatron, warmed up with "
         f"{dc.warmup_steps} SFT steps, then trained {dc.arm_steps} more steps per arm from that "
         f"checkpoint, at the same learning rate (not tuned per arm). RASFT: K = {dc.samples} rollouts per "
-        f"problem through the vLLM (CPU) server, a round every {dc.refresh_interval} steps, `linear` "
+        f"problem through the vLLM (CPU) server, a round per {dc.batches_per_round} global batches of problems, `linear` "
         f"weights, sequence ratio with DFT factor. "
-        + (f"GRPO: the same rounds (K = {dc.samples}, max_tokens {dc.max_tokens}, {dc.refresh_interval} steps "
-           f"per round), every rollout trained with its group-relative advantage, clip ε = 0.2, no KL, "
+        + (f"GRPO: the same rounds (K = {dc.samples}, max_tokens {dc.max_tokens}, {dc.batches_per_round} global batches "
+           f"of problems per round), every rollout trained with its group-relative advantage, clip ε = 0.2, no KL, "
            f"no demonstration. " if grpo_dir is not None else "") +
         f"Evaluation: avg@{n} at temperature {dc.eval_temperature} on the held-out split, the same "
         f"per-problem sampling seeds for every checkpoint; ± is the standard error over problems. "

@@ -8,7 +8,7 @@
 Training runs as `python -m megatron_rasft train` subprocesses (exactly what a user runs); one vLLM
 server serves the rollouts of the RASFT and GRPO arms and every evaluation (weights refreshed in
 place). RASFT and GRPO take the same optimizer steps, learning rate and rollout budget per round
-(K rollouts of `refresh_interval × arm_global_batch` problems, `max_tokens` each). The two arms
+(K rollouts of `batches_per_round × arm_global_batch` problems, `max_tokens` each). The two arms
 that need no server run beside others (the SFT arm while the server starts, the token-matched arm
 beside GRPO): every number is the same as one after the other, the wall time shorter.
 """
@@ -46,7 +46,7 @@ class DemoConfig:
     lr: float = 3e-3
     arm_lr: float = 3e-4  # where the warm-up's cosine schedule ended (lr / 10)
     samples: int = 4  # K rollouts per problem
-    refresh_interval: int = 5
+    batches_per_round: int = 5  # rollout.batches_per_round of the RASFT and GRPO arms
     eval_n: int = 4
     eval_temperature: float = 1.0
     max_tokens: int = 64
@@ -58,7 +58,7 @@ class DemoConfig:
     def quick(cls, **kw) -> "DemoConfig":
         # Shorter problems (1-3 digits) so that a short warm-up already solves some of them.
         base = dict(train_problems=1500, test_problems=60, max_digits=3, layers=2, warmup_steps=150,
-                    arm_steps=12, eval_every=6, global_batch=32, micro_batch=16, refresh_interval=3,
+                    arm_steps=12, eval_every=6, global_batch=32, micro_batch=16, batches_per_round=3,
                     eval_n=2, samples=4)
         return cls(**{**base, **kw})
 
@@ -206,8 +206,7 @@ def run_demo(dc: DemoConfig) -> Path:
         sft = sft_job.result()
         with _stage("arm: RASFT", dc):
             rasft = phase("rasft", "rasft", dc.arm_steps, warm_ckpt, dc.arm_lr,
-                          {"rollout": {"server": {"url": server.url}},
-                           "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
+                          {"rollout": {"server": {"url": server.url}, "batches_per_round": dc.batches_per_round}})
         arms = {"SFT": sft, "RASFT": rasft}
         tokens_job = None
         if dc.token_matched:
@@ -224,8 +223,8 @@ def run_demo(dc: DemoConfig) -> Path:
             # group-relative advantage; no demonstration.
             with _stage("arm: GRPO", dc):
                 arms["GRPO"] = phase("grpo", "grpo", dc.arm_steps, warm_ckpt, dc.arm_lr,
-                                     {"rollout": {"server": {"url": server.url}},
-                                      "train": {"schedule": {"refresh_interval": dc.refresh_interval}}})
+                                     {"rollout": {"server": {"url": server.url},
+                                                  "batches_per_round": dc.batches_per_round}})
         if tokens_job is not None:
             arms["SFT (tokens)"] = tokens_job.result()
         with _stage("evaluation", dc):

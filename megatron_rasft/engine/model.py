@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from megatron_rasft.config import ModelConfig, RunConfig
+from megatron_rasft.config import ModelConfig, ParallelConfig
 
 # Fields that describe how to run the model rather than what it is: the run config decides them.
 _RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "attention", "fp8", "fp8_recipe",
@@ -24,14 +24,17 @@ class Models:
     num_params: int  # whole model (all ranks), for MFU
 
 
-def resolve_model_config(cfg: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
-    """The architecture comes from the checkpoint when one is loaded; runtime fields from the run."""
-    if cfg.checkpoint.load is None:
-        return cfg.model, None
+def resolve_model_config(model: ModelConfig, load: Optional[str]) -> tuple[ModelConfig, Optional[dict]]:
+    """The architecture to build -> (ModelConfig, the checkpoint's HF config or None): the
+    checkpoint's (`load`, a converted Megatron checkpoint's folder) when one is loaded, with the
+    runtime fields (`_RUNTIME_FIELDS`) of the run's `model`; `model` itself otherwise. Raises
+    ValueError when model.seq_length exceeds the checkpoint's max_position_embeddings."""
+    if load is None:
+        return model, None
     from megatron_rasft.convert.mcore_io import read_model_config
 
-    ckpt_cfg, meta = read_model_config(cfg.checkpoint.load)
-    runtime = {f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS}
+    ckpt_cfg, meta = read_model_config(load)
+    runtime = {f: getattr(model, f) for f in _RUNTIME_FIELDS}
     if runtime["seq_length"] > ckpt_cfg.max_position_embeddings:
         raise ValueError(f"model.seq_length ({runtime['seq_length']}) exceeds the checkpoint's "
                          f"max_position_embeddings ({ckpt_cfg.max_position_embeddings})")
@@ -50,40 +53,39 @@ def _chunks(mcfg, pcfg, pgs):
     return [to_device(c, c.config.params_dtype) for c in chunks]
 
 
-def build_policy_and_reference(cfg: RunConfig, groups) -> Models:
-    """The policy (DDP-wrapped) and, when the loss needs one, the frozen reference, on the layout of
-    `groups` (the run's `ParallelGroups`). Raises ValueError for a KL loss with pipeline parallelism."""
+def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, load: Optional[str], groups, *,
+                               reference: bool, kl_reference: bool) -> Models:
+    """The policy (DDP-wrapped) and, when `reference`, the frozen reference, on the layout of
+    `groups` (the run's `ParallelGroups`). model, parallel: the run's `[model]` and `[parallel]`
+    (the architecture comes from the checkpoint `load` when one is given: `resolve_model_config`);
+    kl_reference: the loss needs the reference's logits inside the step (the KL methods; implies
+    `reference`; `RunConfig` allows them only without pipeline stages, so there is one chunk)."""
     import torch.distributed as dist
 
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
     from megatron_rasft.parallel.placement import device
     from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
-    mcfg, hf_config = resolve_model_config(cfg)
-    policy = _chunks(mcfg, cfg.parallel, groups.collection)
-    if cfg.checkpoint.load:
-        load_mcore_into_model(policy, cfg.checkpoint.load)
-    reference = None
-    if cfg.needs_ref_logp or cfg.loss.needs_ref_logits:
-        reference = _chunks(mcfg, cfg.parallel, groups.collection)
-        if cfg.checkpoint.load:
-            load_mcore_into_model(reference, cfg.checkpoint.load)
+    mcfg, hf_config = resolve_model_config(model, load)
+    policy = _chunks(mcfg, parallel, groups.collection)
+    if load:
+        load_mcore_into_model(policy, load)
+    ref_chunks = None
+    if reference or kl_reference:
+        ref_chunks = _chunks(mcfg, parallel, groups.collection)
+        if load:
+            load_mcore_into_model(ref_chunks, load)
         else:  # no checkpoint: the reference is the policy's own initial weights
-            for src, dst in zip(policy, reference):
+            for src, dst in zip(policy, ref_chunks):
                 dst.load_state_dict(src.state_dict())
-        for chunk in reference:
+        for chunk in ref_chunks:
             chunk.eval()
             chunk.requires_grad_(False)
-    kl_reference = None
-    if cfg.loss.needs_ref_logits:
-        if groups.pp_size > 1 or len(reference) > 1:
-            raise ValueError(f"loss.method = {cfg.loss.method!r} needs the reference logits inside the "
-                             "training step, which is supported with pipeline_model_parallel_size = 1 only")
-        kl_reference = reference[0]
+    kl_model = ref_chunks[0] if kl_reference else None
     local = sum(p.numel() for c in policy for p in c.parameters())
     n = torch.tensor([local], dtype=torch.float64, device=device())
     if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
         dist.all_reduce(n, group=groups.mp)
-    policy = wrap_ddp(policy, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    policy = wrap_ddp(policy, use_distributed_optimizer=parallel.use_distributed_optimizer)
     attach_schedule_hooks(policy)
-    return Models(policy, reference, kl_reference, mcfg, hf_config, int(n.item()))
+    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, int(n.item()))

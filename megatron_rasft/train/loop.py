@@ -8,8 +8,10 @@ Runs the same under `torchrun` on GPUs (NCCL) and in one or several CPU processe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 
 import torch
 
@@ -40,8 +42,9 @@ def train(cfg: RunConfig) -> dict:
     sched, log_cfg, run = cfg.train.schedule, cfg.train.logging, RunDir(cfg.train.run_dir)
     groups = init_distributed(cfg.parallel, seed=cfg.train.seed)
     _check_batch(sched, groups.dp_size)
-    models = build_policy_and_reference(cfg, groups)
-    cfg.model = models.model_config  # architecture from the checkpoint when one is loaded
+    models = build_policy_and_reference(cfg.model, cfg.parallel, cfg.checkpoint.load, groups,
+                                        reference=cfg.needs_ref_logp, kl_reference=cfg.loss.needs_ref_logits)
+    cfg = _with_model(cfg, models.model_config)  # the architecture trained; the caller's cfg is left as it is
     if rank0():
         run.root.mkdir(parents=True, exist_ok=True)
         cfg.save(run.config)
@@ -113,7 +116,19 @@ def train(cfg: RunConfig) -> dict:
     return {"step": state.step, "tokens": state.tokens_trained, "checkpoint": str(last_saved), "times": stream.times}
 
 
+def _with_model(cfg: RunConfig, model) -> RunConfig:
+    """`cfg` with `model` (the architecture actually built: the checkpoint's when one is loaded) as
+    its `[model]`: a new RunConfig, so that the caller's stays as loaded. Its rules were checked and
+    its warnings given when `cfg` was built; they are not repeated."""
+    if model == cfg.model:
+        return cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dataclasses.replace(cfg, model=model)
+
+
 def _check_batch(sched, dp_size: int) -> None:
+    # Needs the data-parallel size, known only once the process groups exist: not a config rule.
     if sched.global_batch_size % (sched.micro_batch_size * dp_size):
         raise ValueError(f"train.schedule.global_batch_size ({sched.global_batch_size}) must be a multiple of "
                          f"micro_batch_size × data-parallel size ({sched.micro_batch_size} × {dp_size})")

@@ -1,14 +1,17 @@
 """The loop's resumable state and the deterministic training stream.
 
 Problems are consumed in windows: an epoch is a seeded permutation of the problem ids, and each
-window takes the next `W = refresh_interval × global_batch_size` of them. A window becomes a queue
-of groups, one per problem in a seeded order: the expert demonstration followed by that problem's
-correct rollouts from the window's round. Every optimizer step trains the next `global_batch_size`
-groups, so a round happens exactly every `refresh_interval` steps and a rollout is trained in the
-same step as its problem's demonstration (on-policy, never left waiting in a queue). The number
+window takes the next `W = rollout.batches_per_round × global_batch_size` of them (`global_batch_size`
+without rounds). A window becomes a queue of groups, one per problem in a seeded order: the expert
+demonstration followed by that problem's correct rollouts from the window's round (then, with the
+`released` selection, the re-trained probe demonstrations, one group each). Every optimizer step
+trains the next `global_batch_size` groups, and the next window (and its round) is drawn when the
+queue cannot fill a global batch: nothing counts steps. Under rasft with the `all` selection a window
+is exactly `batches_per_round` steps; the probes' extra groups make a window longer, and GRPO's
+windows (only the groups with rollouts to train: `stream.py`, `grpo_round.py`) shorter. A rollout is
+trained in the same step as its problem's demonstration (never left waiting in a queue). The number
 of sequences per step therefore varies; the loss is normalised by the global token count either
-way. The expert order never depends on rollouts, so a run whose rounds add nothing sees exactly
-the sequences, in exactly the order, of a plain SFT run.
+way. The expert order depends on the seed and the window size only, never on rollouts.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 order of `state.py`.
 
 For each new window of problems (when the queue cannot fill the next global batch): the window's
-rollout round (`rounds.py`, RASFT or GRPO with `train.schedule.refresh_interval > 0`), under GRPO the π_old
+rollout round (`rounds.py`, RASFT or GRPO with `rollout.batches_per_round > 0`), under GRPO the π_old
 pass that scores the round's rollouts with the current policy (cached in RUN/old_logp/,
 `grpo_round.py`), then the reference pass that scores, under the frozen reference, every sequence
 the window brings that has no cached log-probs yet (cached in RUN/ref_logp/), then the window's
@@ -32,9 +32,7 @@ class TrainingStream:
         sched = cfg.train.schedule
         self.cfg, self.data, self.models, self.groups = cfg, data, models, groups
         self.batch_groups = sched.global_batch_size
-        self.window_size = sched.window_problems or sched.global_batch_size
-        if sched.refresh_interval:
-            self.window_size = sched.refresh_interval * sched.global_batch_size
+        self.window_size = max(cfg.rollout.batches_per_round, 1) * sched.global_batch_size
         self.problem_ids = sorted(data.prompt_ids)
         # round_wait: seconds the trainer's ranks waited for rank 0's part of the rounds (the whole
         # of it when rounds are synchronous, what was not hidden when they overlap).
@@ -51,7 +49,7 @@ class TrainingStream:
         self.old_cache = RefCache(run.old_logp)
         self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
-        if sched.refresh_interval > 0 and cfg.loss.method in ("rasft", "grpo"):
+        if cfg.rollout.batches_per_round > 0:  # RunConfig refuses it for the methods without rounds
             from megatron_rasft.train.rounds import Rounds
 
             self.rounds = Rounds(cfg, run, data, models, groups)

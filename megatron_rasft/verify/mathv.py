@@ -21,8 +21,8 @@ MODES = ("math", "math-verify", "released")
 
 
 def check_mode(mode: str, name: str = "mode") -> str:
-    """`mode` validated; the old spelling "reference" of "released" is accepted with a
-    DeprecationWarning ("reference" names the frozen reference model). Raises ValueError otherwise."""
+    """`mode` validated. Raises ValueError for a mode not in MODES (`config.ConfigError` with the
+    new name for "reference", the old name of "released")."""
     mode = released_preset(name, mode)
     if mode not in MODES:
         raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")

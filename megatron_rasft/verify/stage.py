@@ -38,7 +38,7 @@ def verify_problems(problems: Sequence[Problem], rollouts: dict, round_: int, ve
                     on_rollout: Optional[Callable[[int], None]] = None) -> list:
     """problems + {problem_id: [Rollout]} -> [ProblemVerdicts] (same order as `problems`).
     Pass a live `math_verifier` (MathVerifier) to reuse its worker pool across calls."""
-    verifier = released_preset("verifier", verifier)  # "reference": the deprecated spelling
+    verifier = released_preset("verifier", verifier)  # "reference", the old name of "released": refused with a hint
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     # Unverifiable problems (a placeholder answer) keep no rollouts: A_E = 1 in every scheme.

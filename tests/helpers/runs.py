@@ -108,19 +108,18 @@ def step_losses(run_dir) -> dict:
 
 def loop_config(path, *, server_url: str | None, problems, tokenizer, load, overrides: dict | None = None) -> Path:
     """Write the run config the loop tests share to `path` and return it: `rasft` with a real round
-    before every step (`refresh_interval` 1) on a checkpoint converted from the served tiny model,
+    before every step (`rollout.batches_per_round` 1) on a checkpoint converted from the served tiny model,
     K = 2 rollouts of 40 tokens, plain prompts, 2 steps of 4 problems. `server_url` None: the trainer
     starts its own server. `overrides` is a nested dict merged into it table by table
     (`{"rollout": {"sampling": {"n": 4}}}`)."""
     values = {
         "model": {"seq_length": 64},
         "loss": {"method": "rasft"},
-        "rollout": {"server": {"url": server_url} if server_url else {},
+        "rollout": {"server": {"url": server_url} if server_url else {}, "batches_per_round": 1,
                     "sampling": {"n": 2, "max_tokens": 40, "temperature": 1.0}},
         "train": {"data": {"path": str(problems), "tokenizer": str(tokenizer), "prompt_template": "plain"},
                   "optim": {"lr": 1e-3},
-                  "schedule": {"train_iters": 2, "global_batch_size": 4, "micro_batch_size": 2,
-                               "refresh_interval": 1}},
+                  "schedule": {"train_iters": 2, "global_batch_size": 4, "micro_batch_size": 2}},
         "checkpoint": {"load": str(load)},
     }
     merge_tables(values, overrides or {})

@@ -94,7 +94,7 @@ def report(out: Path, args) -> str:
     models = [m for m in ("base", "warm-up", "sft", "rasft") if (out / "eval" / m / "results.json").is_file()]
     lines = ["# Real-model run: SmolLM2-135M-Instruct, reasoning-gym", "",
              f"Warm-up {args.warmup_steps} SFT steps (batch {args.global_batch}, lr {args.lr:g}), then "
-             f"{args.arm_steps} steps per arm from it; K = {args.k}, a round every {args.refresh_interval} steps, "
+             f"{args.arm_steps} steps per arm from it; K = {args.k}, a round per {args.batches_per_round} global batches of problems, "
              f"{args.max_tokens} new tokens; evaluation avg@{args.eval_n} at temperature 1.0 on the first "
              f"{args.eval_limit} problems of each benchmark, chat template. Total {minutes:.0f} min (the stages' wall times summed).", "",
              "± is the standard error over problems (each problem's accuracy is the mean of its samples).", ""]

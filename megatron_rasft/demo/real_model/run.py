@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--test-per-task", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--arm-steps", type=int, default=6)
-    p.add_argument("--refresh-interval", type=int, default=2)
+    p.add_argument("--batches-per-round", type=int, default=2, help="rollout.batches_per_round of the RASFT arm")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -146,13 +146,14 @@ def main(argv=None) -> int:
               f"train.schedule.global_batch_size={args.global_batch}", f"train.optim.lr={args.lr}",
               f"rollout.sampling.n={args.k}", f"rollout.sampling.max_tokens={args.max_tokens}"]
     warm = _train(out, "warmup", common + [f"checkpoint.load={mcore}", "loss.method=sft",
-                                           "train.schedule.refresh_interval=0",
+                                           "rollout.batches_per_round=0",
                                            f"train.schedule.train_iters={args.warmup_steps}"], progress)
     arms = {}
     for name, method in (("sft", "sft"), ("rasft", "rasft")):
+        rounds = args.batches_per_round if method == "rasft" else 0  # sft has no rounds
         sets = common + [f"checkpoint.load={warm}", f"loss.method={method}",
                          f"train.schedule.train_iters={args.arm_steps}",
-                         f"train.schedule.refresh_interval={args.refresh_interval}", "train.seed=1"]
+                         f"rollout.batches_per_round={rounds}", "train.seed=1"]
         arms[name] = _train(out, name, sets, progress)
     _eval(hf, "base", out, args, progress)
     for name, mc in (("warm-up", warm), ("sft", arms["sft"]), ("rasft", arms["rasft"])):
