@@ -12,7 +12,6 @@ kill at any moment leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from megatron_rasft.config import ModelConfig
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank
+from megatron_rasft.records import replace_dir, write_atomic
 
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -108,10 +108,8 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
     if rank() == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (ckpt_root / "latest.tmp").write_text(final.name)
-        os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
+        replace_dir(tmp, final)
+        write_atomic(ckpt_root / "latest", final.name)
         old = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for p in old[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
+from megatron_rasft.records import write_atomic
 
 
 def _logprob_loss_func(tp_group, temperature: float = 1.0):
@@ -107,7 +108,4 @@ class RefCache:
     def save(self, group: str, values: dict) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(group).with_suffix(".tmp")
-        torch.save(values, tmp)
-        tmp.replace(self.path(group))
+        write_atomic(self.path(group), lambda f: torch.save(values, f))
