@@ -200,11 +200,9 @@ def test_round_builds_from_verdicts_in_problem_order_not_completion_order(tmp_pa
     """The verdict file lists problems in the order their generations finished, which changes with
     the server's batching; the trainer must read them in the round's problem order, or two runs of
     one seed train the same rollouts in different orders (and differ in the last bits)."""
-    from types import SimpleNamespace
-
     from megatron_rasft.records import ProblemVerdicts, write_records
+    from megatron_rasft.rounds.stages import verdicts_in_order
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.train.rounds import Rounds
 
     run = RunDir(tmp_path)
     run.verdicts(0).parent.mkdir(parents=True, exist_ok=True)
@@ -213,5 +211,5 @@ def test_round_builds_from_verdicts_in_problem_order_not_completion_order(tmp_pa
     write_records(run.verdicts(0), [ProblemVerdicts(pid, 0, "e", [{"sample_index": 0, "text": "t", "correct": True,
                                                                    "reason": "", "extracted": "1"}])
                                     for pid in finished])
-    got = Rounds._verdicts_in_order(SimpleNamespace(run=run), 0, problem_ids)
+    got = verdicts_in_order(run, 0, problem_ids)
     assert [pv.problem_id for pv in got] == problem_ids

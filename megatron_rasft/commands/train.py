@@ -19,7 +19,7 @@ def add_arguments(p):
 def main(args) -> int:
     from megatron_rasft.config import load_config
     from megatron_rasft.train.loop import NonFiniteLoss, train
-    from megatron_rasft.train.rounds import RoundFailed
+    from megatron_rasft.rounds.coordination import RoundFailed
 
     overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
