@@ -43,14 +43,15 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
     rc, out = _train(config, run)
     assert rc == 0, out
     for r in (0, 1):
-        for sub in ("rollouts", "verdicts", "weights", "rounds"):
+        for sub in ("rollouts", "verdicts", "train_seqs", "rounds"):
             path = run / sub / (f"round_{r:03d}.jsonl" if sub != "rounds" else f"round_{r:03d}.json")
             assert path.is_file(), path
         lines = (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()
         assert len(lines) == 4 * 2  # 4 problems per window × K = 2
     assert "server serves the step's weights (inplace" in out
     marker = json.loads((run / "rounds" / "round_000.json").read_text())
-    assert set(marker["expert_weight"]) and marker["summary"]["problems"] == 4
+    assert sum(it["key"].startswith("e/") for it in marker["items"]) == 4 and marker["summary"]["problems"] == 4
+    assert not (run / "weights").exists()  # the round result is the one record of the round's weights
     assert len(step_losses(run)) == 2
 
     # Resume into a longer run: rounds 0-1 are not redone (their files stay as they were).

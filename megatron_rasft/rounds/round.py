@@ -126,13 +126,17 @@ class Rounds:
 
 
 def _read_one(path, cls):
-    """The one record of `path`; a record of an older format (a round result with
-    `rollout_items`, a start record that is a plain JSON object) is refused as `StaleRunDir`."""
+    """The one record of `path` (written whole by `write_records`, so it ends with a newline). A
+    record of an older format (a round result with `rollout_items`; a start record that is a bare
+    JSON object without a newline) is refused as `StaleRunDir`; other errors propagate."""
     try:
-        (record,) = read_records(path, cls)
+        records = list(read_records(path, cls)) if path.read_bytes().endswith(b"\n") else []
+        if len(records) == 1:
+            return records[0]
+        problem = "not one record of this version"
     except RecordError as e:
         if "rollout_items" not in str(e) and "schema_version must be" not in str(e):
             raise
-        raise StaleRunDir(f"{path}: written by an older version ({e}); this version cannot continue this run "
-                          f"directory: start the run in a new train.run_dir") from None
-    return record
+        problem = str(e)
+    raise StaleRunDir(f"{path}: written by an older version ({problem}); this version cannot continue this run "
+                      f"directory: start the run in a new train.run_dir")
