@@ -91,7 +91,7 @@ class Weight:
 class TrainSequence:
     """A rollout turned into a training sequence (RUN/train_seqs/round_R.jsonl): `key` is its
     `rundir.rollout_key`, `tokens` the prompt ids + response ids (+ EOS when it stopped), cut to
-    seq_length + 1; the loss covers tokens[prompt_len:]. GRPO only (`train/grpo_round.py`):
+    seq_length + 1; the loss covers tokens[prompt_len:]. GRPO only (`methods/sequences.py`):
     `advantage` A_j of the rollout, `rollout_logprobs` the server's log-probs of the sampled
     response tokens (tokens[prompt_len:], without an appended EOS)."""
 
