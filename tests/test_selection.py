@@ -92,3 +92,27 @@ def test_stream_windows_are_deterministic_and_expert_order_ignores_rollouts():
     assert again[:5] == mixed and again[5] == [QueueItem(f"e/{p0}", 0.7)]
     with pytest.raises(ValueError, match="no demonstration"):
         window_groups(0, w1[0], items[3:], seed=1)
+
+
+def test_round_items_put_rollouts_with_their_demonstration_and_probes_after_the_window():
+    """A round's queue items, written out here: the window's demonstrations (A_E, 1 when not
+    rolled out) each with its trained rollouts (A_s > 0 and a response left after the cut), then
+    re-trained probes (A = 1), then rolled-out probes (their A_E) with their own rollouts; the
+    queue's groups keep a probe's rollouts in the probe's group."""
+    from megatron_rasft.methods.sequences import rasft_sequences
+    from megatron_rasft.records import Rollout, Weight
+
+    W = lambda pid, kind, j, a: Weight(pid, 0, kind, j, a, 0.5, 1, 2)  # noqa: E731
+    weights = [W("a", "expert", None, 0.4), W("a", "rollout", 1, 0.3), W("a", "rollout", 0, 0.1),
+               W("d", "expert", None, 0.6), W("d", "rollout", 0, 0.2)]
+    rollouts = {(p, j): Rollout(p, 0, j, "x", [7, 8] if (p, j) != ("a", 0) else [], finish_reason="length")
+                for p, j in (("a", 0), ("a", 1), ("d", 0))}
+    prompts = {"a": [1, 2], "b": [1, 3], "c": [1, 4], "d": [1, 5]}
+    seqs, items = rasft_sequences(0, ["a", "b"], weights, rollouts, prompts, eos_id=9, max_len=16,
+                                  probes_retrain=["c"], probes_rollout=["d"])
+    assert [s.key for s in seqs] == ["r0/a/1", "r0/d/0"] and seqs[0].tokens == [1, 2, 7, 8]  # r0/a/0: empty
+    assert items == [QueueItem("e/a", 0.4), QueueItem("r0/a/1", 0.3), QueueItem("e/b", 1.0),
+                     QueueItem("e/c", 1.0), QueueItem("e/d", 0.6), QueueItem("r0/d/0", 0.2)]
+    groups = window_groups(0, ["a", "b"], items, seed=3)
+    assert sorted(groups[:2], key=len) == [[QueueItem("e/b", 1.0)], [QueueItem("e/a", 0.4), QueueItem("r0/a/1", 0.3)]]
+    assert groups[2:] == [[QueueItem("e/c", 1.0)], [QueueItem("e/d", 0.6), QueueItem("r0/d/0", 0.2)]]

@@ -46,7 +46,7 @@ def rasft_sequences(r: int, window_ids: list, weights: list, rollouts: dict, pro
     it was not rolled out) followed by its trained rollouts (A_s); then the re-trained probes'
     demonstrations (A = 1); then the rolled-out probes' (their new A_E), each followed by its
     rollouts. Raises KeyError when a rolled-out probe has no expert weight."""
-    seqs, rollout_items = [], {}
+    seqs, by_problem = [], {}  # problem id -> its trained rollouts' items
     for w in weights:
         if w.kind != "rollout":
             continue
@@ -56,14 +56,14 @@ def rasft_sequences(r: int, window_ids: list, weights: list, rollouts: dict, pro
             continue
         key = rollout_key(r, w.problem_id, w.sample_index)
         seqs.append(TrainSequence(key, tokens, len(prompt)))
-        rollout_items.setdefault(w.problem_id, []).append(QueueItem(key, w.weight))
+        by_problem.setdefault(w.problem_id, []).append(QueueItem(key, w.weight))
     a_expert = {w.problem_id: w.weight for w in weights if w.kind == "expert"}
     items = []
     for pid in window_ids:
-        items += [QueueItem(expert_key(pid), a_expert.get(pid, 1.0)), *rollout_items.pop(pid, [])]
+        items += [QueueItem(expert_key(pid), a_expert.get(pid, 1.0)), *by_problem.pop(pid, [])]
     items += [QueueItem(expert_key(pid), 1.0) for pid in probes_retrain]
     for pid in probes_rollout:
-        items += [QueueItem(expert_key(pid), a_expert[pid]), *rollout_items.pop(pid, [])]
+        items += [QueueItem(expert_key(pid), a_expert[pid]), *by_problem.pop(pid, [])]
     return seqs, items
 
 
