@@ -91,7 +91,7 @@ class Weight:
 class TrainSequence:
     """A rollout turned into a training sequence (RUN/train_seqs/round_R.jsonl): `key` is its
     `rundir.rollout_key`, `tokens` the prompt ids + response ids (+ EOS when it stopped), cut to
-    seq_length + 1; the loss covers tokens[prompt_len:]. GRPO only (`train/grpo_round.py`):
+    seq_length + 1; the loss covers tokens[prompt_len:]. GRPO only (`methods/sequences.py`):
     `advantage` A_j of the rollout, `rollout_logprobs` the server's log-probs of the sampled
     response tokens (tokens[prompt_len:], without an appended EOS)."""
 
@@ -103,23 +103,78 @@ class TrainSequence:
 
 
 @dataclass
-class RoundResult:
-    """What one rollout round hands the trainer (RUN/rounds/round_R.json, one record).
+class QueueItem:
+    """One sequence waiting in the trainer's queue: its `rundir` key and its weight A (A_E for a
+    demonstration, A_s for a rollout, 1 for a GRPO rollout, whose advantage rides on its
+    `TrainSequence`). The one form a sequence's weight takes from the round to the loss."""
 
-    expert_weight: problem id -> A_E of the round's problems (absent: 1);
-    rollout_items: `[sequence key, weight]` to queue: rollouts (joined to their problem's group) and
-        re-trained probe demonstrations (a group of their own);
+    key: str
+    weight: float
+
+    def __post_init__(self):
+        self.weight = float(self.weight)
+
+
+def _queue_items(items: list, where: str) -> list:
+    """`QueueItem`s from what a JSON line holds (objects with `key` and `weight`)."""
+    out = []
+    for it in items:
+        if isinstance(it, QueueItem):
+            out.append(it)
+        elif isinstance(it, dict) and set(it) == {"key", "weight"}:
+            out.append(QueueItem(**it))
+        else:
+            raise RecordError(f"{where}: a queue item must be {{\"key\", \"weight\"}}, got {it!r}")
+    return out
+
+
+@dataclass
+class RoundResult:
+    """What one rollout round hands the trainer (RUN/rounds/round_R.json, one record): the one
+    record of the weights the trainer trains with.
+
+    items: the queue items the round's window brings, in this order: each problem of the window
+        (in the window's order) with its demonstration's A_E (1 for a problem not rolled out), then
+        its trained rollouts with their A_s; then the `released` selection's probe demonstrations
+        of earlier windows (A = 1 when re-trained, their new A_E and rollouts when rolled out).
+        Under grpo: the trained rollouts only (weight 1). `train.state.window_groups` makes the
+        queue's groups from them;
     hard_pool: problem id -> times probed, the `released` selection's pool after this round;
     summary: the round's statistics (`weighting.round_summary` plus counts);
-    stage_times: seconds spent in this round's stages (refresh, rollout, verify/weigh).
+    stage_times: seconds spent in this round's stages (export, refresh, rollout, verify).
     """
 
     round: int
-    expert_weight: dict
-    rollout_items: list
+    items: list
     hard_pool: dict
     summary: dict
     stage_times: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.items = _queue_items(self.items, f"round_result of round {self.round}")
+
+
+@dataclass
+class RoundStart:
+    """What an overlapped round fixes at its window boundary (RUN/rounds/start_R.json, one record),
+    so that a resumed run finishes it from the same weights and selection.
+
+    problem_ids: the round's window; hf_dir: the export the server samples from; probe_ids /
+    probe_logp: the refresh probe (token ids, their log-probs under that export, by the trainer's
+    own forward pass); rollout / probes_retrain / probes_rollout: the selection
+    (`methods.selection.select`; `all`: every problem, no probes); hard_pool: the `released`
+    selection's pool after the selection.
+    """
+
+    round: int
+    problem_ids: list
+    hf_dir: str
+    probe_ids: list
+    probe_logp: list
+    rollout: list
+    probes_retrain: list = field(default_factory=list)
+    probes_rollout: list = field(default_factory=list)
+    hard_pool: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -144,7 +199,7 @@ class EvalSample:
 
 RECORD_TYPES = {"problem": Problem, "rollout": Rollout, "verdict": Verdict,
                 "verdicts": ProblemVerdicts, "weight": Weight, "train_sequence": TrainSequence,
-                "round_result": RoundResult, "eval_sample": EvalSample}
+                "round_result": RoundResult, "round_start": RoundStart, "eval_sample": EvalSample}
 _TYPE_OF = {cls: name for name, cls in RECORD_TYPES.items()}
 
 

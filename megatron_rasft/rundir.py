@@ -6,12 +6,14 @@ Layout (R = round number, three digits):
     RUN/problems.jsonl              `problem` records, prompts rendered as the model sees them
     RUN/rollouts/round_R.jsonl      `rollout` records: K samples per problem        (rollout stage)
     RUN/verdicts/round_R.jsonl      `verdicts` records: one per problem             (verify stage)
-    RUN/weights/round_R.jsonl       `weight` records: A_E and A_s per problem       (weigh stage)
+    RUN/weights/round_R.jsonl       `weight` records: A_E and A_s per problem (the `weigh` command;
+                                    the trainer's rounds keep their weights in round_R.json alone)
     RUN/train_seqs/round_R.jsonl    `train_sequence` records: the round's rollouts as token sequences
-    RUN/rounds/round_R.json         one `round_result` record: what the round hands the trainer;
-                                    written last, so its presence marks a finished round
-    RUN/rounds/start_R.json         an overlapped round's export, probe and selection, fixed at its
-                                    window boundary (`rollout.overlap`)
+    RUN/rounds/round_R.json         one `round_result` record: what the round hands the trainer, its
+                                    queue items with their weights; written last, so its presence
+                                    marks a finished round
+    RUN/rounds/start_R.json         one `round_start` record: an overlapped round's export, probe and
+                                    selection, fixed at its window boundary (`rollout.overlap`)
     RUN/rounds/nll_band.json        the `released` selection's NLL thresholds (computed once)
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
     RUN/old_logp/round_RRR.pt       GRPO's π_old: the round's rollouts scored by the policy that sampled them
@@ -31,6 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+
+class StaleRunDir(ValueError):
+    """A run directory (or one of its checkpoints) written in a format this version no longer reads;
+    the package converts none: the run starts in a new run directory."""
 
 
 @dataclass(frozen=True)

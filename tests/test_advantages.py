@@ -97,7 +97,9 @@ def test_grpo_round_sequences_every_rollout_with_its_advantage_and_aligned_logpr
     and is dropped only under filter_zero_variance; vLLM's log-probs land on tokens[prompt_len:]."""
     import math
 
-    from megatron_rasft.train.grpo_round import aligned_rollout_logp, grpo_sequences, grpo_window_groups
+    from megatron_rasft.methods.sequences import aligned_rollout_logp, grpo_sequences
+    from megatron_rasft.records import QueueItem
+    from megatron_rasft.train.state import grpo_window_groups
 
     verdicts, rollouts = _round_inputs()
     prompts = {"a": [1, 2, 3], "b": [1, 4]}
@@ -110,7 +112,7 @@ def test_grpo_round_sequences_every_rollout_with_its_advantage_and_aligned_logpr
     assert by_key["r0/a/1"].advantage == pytest.approx((0 - 2 / 3) / (std + 1e-6), abs=1e-12)
     assert by_key["r0/a/0"].advantage == pytest.approx((1 - 2 / 3) / (std + 1e-6), abs=1e-12)
     assert [by_key[f"r0/b/{j}"].advantage for j in range(3)] == [0.0, 0.0, 0.0]
-    assert all(w == 1.0 for _, w in items) and stats["zero_variance_frac"] == 0.5
+    assert all(it.weight == 1.0 for it in items) and stats["zero_variance_frac"] == 0.5
     # "stop" appends EOS (not sampled: NaN), "length" does not; prompt positions are NaN.
     assert by_key["r0/a/1"].tokens == [1, 2, 3, 6, 6, 9] and by_key["r0/a/0"].tokens == [1, 2, 3, 5, 6]
     lp = aligned_rollout_logp(by_key["r0/a/1"])
@@ -119,5 +121,6 @@ def test_grpo_round_sequences_every_rollout_with_its_advantage_and_aligned_logpr
     seqs, items, stats = grpo_sequences(0, ["a", "b"], verdicts, rollouts, prompts, eos_id=9, max_len=64,
                                         gcfg=GRPOConfig(filter_zero_variance=True))
     assert [s.key for s in seqs] == ["r0/a/0", "r0/a/1", "r0/a/2"] and stats["groups_trained"] == 1
-    groups = grpo_window_groups(0, [["r0/b/0", 1.0], ["r0/a/0", 1.0], ["r0/a/1", 1.0]], seed=0)
-    assert sorted(map(len, groups)) == [1, 2] and all(len({k.split("/")[1] for k, _ in g}) == 1 for g in groups)
+    groups = grpo_window_groups(0, [QueueItem("r0/b/0", 1.0), QueueItem("r0/a/0", 1.0), QueueItem("r0/a/1", 1.0)],
+                                seed=0)
+    assert sorted(map(len, groups)) == [1, 2] and all(len({it.key.split("/")[1] for it in g}) == 1 for g in groups)

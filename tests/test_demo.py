@@ -40,8 +40,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len(rounds) >= 2 and all(sum(r["p_hist"]) == r["problems"] for r in rounds)
     # The RASFT and GRPO arms really went through the stages, with their records on disk.
     for arm in ("rasft", "grpo"):
-        for sub in ("rollouts", "verdicts", "weights", "train_seqs"):
+        for sub in ("rollouts", "verdicts", "train_seqs"):
             assert (out / arm / sub / "round_000.jsonl").is_file()
+        assert (out / arm / "rounds" / "round_000.json").is_file()
     assert (out / "grpo" / "old_logp" / "round_000.pt").is_file()
     grpo_rounds = results["grpo_rounds"]
     assert len(grpo_rounds) == len(rounds)  # same rounds: same steps and batches per round

@@ -234,8 +234,8 @@ def test_grpo_step_losses_recomputed_in_float64(setup):
 
     for r in (0, 1):
         (result,) = read_records(run / "rounds" / f"round_{r:03d}.json", RoundResult)
-        assert result.expert_weight == {} and len(result.rollout_items) == 4 * K
-        assert not any(k.startswith("e/") for k, _ in result.rollout_items)
+        assert len(result.items) == 4 * K and all(it.weight == 1.0 for it in result.items)
+        assert not any(it.key.startswith("e/") for it in result.items)
         assert 0 <= result.summary["grpo_zero_variance_frac"] < 1, result.summary
     for rec in metrics.values():
         for k in ("clip_frac_low", "clip_frac_high", "entropy", "zero_adv_frac"):

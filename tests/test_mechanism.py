@@ -533,6 +533,8 @@ def test_released_step_losses_recomputed_in_float64(released_run):
     and the run's weight records agree with the rule written here."""
     from transformers import AutoTokenizer
 
+    from megatron_rasft.rundir import parse_key
+
     run, problems, start = released_run
     tok = AutoTokenizer.from_pretrained(start)
     metrics = step_records(run)
@@ -544,8 +546,9 @@ def test_released_step_losses_recomputed_in_float64(released_run):
         expert_weights += [a for (_, index), a in weights.items() if index is None]
         summary = json.loads((run / "rounds" / f"round_{r:03d}.json").read_text())["summary"]
         assert summary["rollouts_added"] == len(seqs) - 4
-        logged = {(w["problem_id"], w["sample_index"]): w["weight"]
-                  for w in map(json.loads, (run / "weights" / f"round_{r:03d}.jsonl").read_text().splitlines())}
+        # The round's one record of its weights: its queue items (RUN/rounds/round_R.json).
+        items = json.loads((run / "rounds" / f"round_{r:03d}.json").read_text())["items"]
+        logged = {(parse_key(it["key"]).problem_id, parse_key(it["key"]).sample_index): it["weight"] for it in items}
         assert logged.keys() == weights.keys()
         for key, a in weights.items():
             assert logged[key] == pytest.approx(a, rel=1e-9, abs=1e-12), (r, key)

@@ -326,14 +326,15 @@ def test_rollouts_join_their_problem_when_ids_contain_slashes():
     """reasoning-gym problem ids look like `chain_sum/0/12`; a rollout key `r0/chain_sum/0/12/1`
     was split at the first "/" and the loop failed with KeyError: 'chain_sum' after the first round
     that added a correct rollout."""
+    from megatron_rasft.records import QueueItem as Q
     from megatron_rasft.train.state import window_groups
 
     ids = ["chain_sum/0/12", "leg_counting/0/3"]
-    groups = window_groups(0, ids, {"chain_sum/0/12": 0.5}, [["r0/chain_sum/0/12/1", 0.25],
-                                                            ["r0/leg_counting/0/3/0", 0.5]], seed=1)
-    by_problem = {g[0][0]: g for g in groups}
-    assert by_problem["e/chain_sum/0/12"] == [["e/chain_sum/0/12", 0.5], ["r0/chain_sum/0/12/1", 0.25]]
-    assert by_problem["e/leg_counting/0/3"] == [["e/leg_counting/0/3", 1.0], ["r0/leg_counting/0/3/0", 0.5]]
+    groups = window_groups(0, ids, [Q("e/chain_sum/0/12", 0.5), Q("r0/chain_sum/0/12/1", 0.25),
+                                    Q("e/leg_counting/0/3", 1.0), Q("r0/leg_counting/0/3/0", 0.5)], seed=1)
+    by_problem = {g[0].key: g for g in groups}
+    assert by_problem["e/chain_sum/0/12"] == [Q("e/chain_sum/0/12", 0.5), Q("r0/chain_sum/0/12/1", 0.25)]
+    assert by_problem["e/leg_counting/0/3"] == [Q("e/leg_counting/0/3", 1.0), Q("r0/leg_counting/0/3/0", 0.5)]
 
 
 @pytest.mark.slow  # starts its own vLLM server on the 135M model (~1-2 min)

@@ -118,3 +118,55 @@ def test_replace_dir_swaps_a_finished_folder_in(tmp_path):
     new.mkdir()
     replace_dir(new, tmp_path / "f")
     assert (tmp_path / "f").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["f", "hf"]
+
+
+def test_round_result_and_start_round_trip_with_typed_queue_items(tmp_path):
+    from megatron_rasft.records import QueueItem, RoundResult, RoundStart
+
+    result = RoundResult(3, [QueueItem("e/p", 0.25), QueueItem("r3/p/1", 0.5)], {"q": 1}, {"problems": 1},
+                         {"rollout": 1.5})
+    start = RoundStart(3, ["p"], "/x/hf", [1, 2], [-0.5, -0.25], ["p"], [], [], {"q": 1})
+    write_records(tmp_path / "r.json", [result])
+    write_records(tmp_path / "s.json", [start])
+    (got,) = read_records(tmp_path / "r.json", RoundResult)
+    assert got == result and all(isinstance(it, QueueItem) for it in got.items)
+    assert read_records(tmp_path / "s.json", RoundStart).__next__() == start
+    bad = to_line(result).replace('"weight": 0.25}', '"w": 0.25}')
+    (tmp_path / "bad.json").write_text(bad)
+    with pytest.raises(RecordError, match="queue item"):
+        list(read_records(tmp_path / "bad.json"))
+
+
+def test_old_loop_state_and_old_run_directory_are_refused_in_one_line(tmp_path):
+    """The queue's items became typed (`QueueItem`) and the round result holds them: a checkpoint's
+    loop state of the old format, and an old run directory's round records, are refused with one
+    line that names the file and what to do."""
+    from megatron_rasft.records import QueueItem
+    from megatron_rasft.rounds.round import Rounds
+    from megatron_rasft.rundir import RunDir, StaleRunDir
+    from megatron_rasft.train.state import LoopState
+
+    state = LoopState(step=2, queue=[[QueueItem("e/p", 0.5)]])
+    assert LoopState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    old = {"step": 2, "epoch": 0, "cursor": 4, "window": 1, "queue": [[["e/p", 0.5]]], "rounds": [],
+           "tokens_trained": 10, "hard_pool": {}, "ahead": []}
+    where = tmp_path / "ckpt" / "iter_0000002" / "state.json"
+    with pytest.raises(StaleRunDir) as e:
+        LoopState.from_json(old, where=where)
+    msg = str(e.value)
+    assert "\n" not in msg and str(where) in msg and "format 1" in msg and "new train.run_dir" in msg
+
+    run = RunDir(tmp_path / "run")
+    run.problems.parent.mkdir(parents=True)
+    run.problems.write_text("")  # the rounds' problems file is there already
+    run.round_result(0).parent.mkdir(parents=True)
+    old_result = {"schema_version": 1, "type": "round_result", "round": 0, "expert_weight": {"p": 0.5},
+                  "rollout_items": [["r0/p/1", 0.25]], "hard_pool": {}, "summary": {}, "stage_times": {}}
+    run.round_result(0).write_text(json.dumps(old_result) + "\n")
+    run.round_start(1).write_text(json.dumps({"round": 1, "problem_ids": ["p"], "hf_dir": "x"}))
+    rounds = Rounds(run, data=None, probe=None, stages=None, prompt_template=None)
+    for call, path in ((lambda: rounds.read_result(0), run.round_result(0)),
+                       (lambda: rounds.read_start(1), run.round_start(1))):
+        with pytest.raises(StaleRunDir) as e:
+            call()
+        assert "\n" not in str(e.value) and str(path) in str(e.value) and "new train.run_dir" in str(e.value)

@@ -43,14 +43,15 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
     rc, out = _train(config, run)
     assert rc == 0, out
     for r in (0, 1):
-        for sub in ("rollouts", "verdicts", "weights", "rounds"):
+        for sub in ("rollouts", "verdicts", "train_seqs", "rounds"):
             path = run / sub / (f"round_{r:03d}.jsonl" if sub != "rounds" else f"round_{r:03d}.json")
             assert path.is_file(), path
         lines = (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()
         assert len(lines) == 4 * 2  # 4 problems per window × K = 2
     assert "server serves the step's weights (inplace" in out
     marker = json.loads((run / "rounds" / "round_000.json").read_text())
-    assert set(marker["expert_weight"]) and marker["summary"]["problems"] == 4
+    assert sum(it["key"].startswith("e/") for it in marker["items"]) == 4 and marker["summary"]["problems"] == 4
+    assert not (run / "weights").exists()  # the round result is the one record of the round's weights
     assert len(step_losses(run)) == 2
 
     # Resume into a longer run: rounds 0-1 are not redone (their files stay as they were).
@@ -200,11 +201,9 @@ def test_round_builds_from_verdicts_in_problem_order_not_completion_order(tmp_pa
     """The verdict file lists problems in the order their generations finished, which changes with
     the server's batching; the trainer must read them in the round's problem order, or two runs of
     one seed train the same rollouts in different orders (and differ in the last bits)."""
-    from types import SimpleNamespace
-
     from megatron_rasft.records import ProblemVerdicts, write_records
+    from megatron_rasft.rounds.stages import verdicts_in_order
     from megatron_rasft.rundir import RunDir
-    from megatron_rasft.train.rounds import Rounds
 
     run = RunDir(tmp_path)
     run.verdicts(0).parent.mkdir(parents=True, exist_ok=True)
@@ -213,5 +212,5 @@ def test_round_builds_from_verdicts_in_problem_order_not_completion_order(tmp_pa
     write_records(run.verdicts(0), [ProblemVerdicts(pid, 0, "e", [{"sample_index": 0, "text": "t", "correct": True,
                                                                    "reason": "", "extracted": "1"}])
                                     for pid in finished])
-    got = Rounds._verdicts_in_order(SimpleNamespace(run=run), 0, problem_ids)
+    got = verdicts_in_order(run, 0, problem_ids)
     assert [pv.problem_id for pv in got] == problem_ids

@@ -1,9 +1,11 @@
 """The `released` selection (released code's expert-NLL band) and the training stream."""
 import numpy as np
+import pytest
 
 from megatron_rasft.config import SelectionConfig
 from megatron_rasft.methods.selection import Band, mean_nll, select
-from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
+from megatron_rasft.records import QueueItem
+from megatron_rasft.train.state import LoopState, expert_items, next_window_ids, window_groups
 
 # The default fractions are the released code's: 35 % of the band's candidates, 3 % of the hard pool.
 RELEASED = {"rollout_fraction": SelectionConfig().rollout_fraction, "probe_fraction": SelectionConfig().probe_fraction}
@@ -75,9 +77,42 @@ def test_stream_windows_are_deterministic_and_expert_order_ignores_rollouts():
     assert w1 == w2 and sorted(w1[0] + w1[1] + w1[2][:2]) == ids  # one epoch, then the next
     assert (s1.epoch, s1.cursor) == (1, 2)
     p0 = w1[0][0]
-    plain = window_groups(0, w1[0], {}, [], seed=1)
-    mixed = window_groups(0, w1[0], {p0: 0.3}, [[f"r0/{p0}/0", 0.1], [f"r0/{p0}/1", 0.1], ["e/old", 1.0]], seed=1)
-    assert [g[0] for g in mixed[:4]] == [[k, 0.3 if k == f"e/{p0}" else 1.0] for (k, _), in plain]
-    assert mixed[4] == [["e/old", 1.0]]  # a re-trained probe: a group of its own, after the window
-    group = next(g for g in mixed if g[0][0] == f"e/{p0}")
-    assert [k for k, _ in group] == [f"e/{p0}", f"r0/{p0}/0", f"r0/{p0}/1"]  # rollouts ride with their problem
+    plain = window_groups(0, w1[0], expert_items(w1[0]), seed=1)
+    # A round's items: each window problem's demonstration (A_E), its rollouts after it, then probes.
+    items = [QueueItem(f"e/{p}", 0.3 if p == p0 else 1.0) for p in w1[0]]
+    items[1:1] = [QueueItem(f"r0/{p0}/0", 0.1), QueueItem(f"r0/{p0}/1", 0.1)]
+    items.append(QueueItem("e/old", 1.0))
+    mixed = window_groups(0, w1[0], items, seed=1)
+    assert [g[0] for g in mixed[:4]] == [QueueItem(g.key, 0.3 if g.key == f"e/{p0}" else 1.0) for g, in plain]
+    assert mixed[4] == [QueueItem("e/old", 1.0)]  # a re-trained probe: a group of its own, after the window
+    group = next(g for g in mixed if g[0].key == f"e/{p0}")
+    assert [it.key for it in group] == [f"e/{p0}", f"r0/{p0}/0", f"r0/{p0}/1"]  # rollouts ride with their problem
+    # A window problem probed again in the same window: its second demonstration is a group of its own.
+    again = window_groups(0, w1[0], items + [QueueItem(f"e/{p0}", 0.7)], seed=1)
+    assert again[:5] == mixed and again[5] == [QueueItem(f"e/{p0}", 0.7)]
+    with pytest.raises(ValueError, match="no demonstration"):
+        window_groups(0, w1[0], items[3:], seed=1)
+
+
+def test_round_items_put_rollouts_with_their_demonstration_and_probes_after_the_window():
+    """A round's queue items, written out here: the window's demonstrations (A_E, 1 when not
+    rolled out) each with its trained rollouts (A_s > 0 and a response left after the cut), then
+    re-trained probes (A = 1), then rolled-out probes (their A_E) with their own rollouts; the
+    queue's groups keep a probe's rollouts in the probe's group."""
+    from megatron_rasft.methods.sequences import rasft_sequences
+    from megatron_rasft.records import Rollout, Weight
+
+    W = lambda pid, kind, j, a: Weight(pid, 0, kind, j, a, 0.5, 1, 2)  # noqa: E731
+    weights = [W("a", "expert", None, 0.4), W("a", "rollout", 1, 0.3), W("a", "rollout", 0, 0.1),
+               W("d", "expert", None, 0.6), W("d", "rollout", 0, 0.2)]
+    rollouts = {(p, j): Rollout(p, 0, j, "x", [7, 8] if (p, j) != ("a", 0) else [], finish_reason="length")
+                for p, j in (("a", 0), ("a", 1), ("d", 0))}
+    prompts = {"a": [1, 2], "b": [1, 3], "c": [1, 4], "d": [1, 5]}
+    seqs, items = rasft_sequences(0, ["a", "b"], weights, rollouts, prompts, eos_id=9, max_len=16,
+                                  probes_retrain=["c"], probes_rollout=["d"])
+    assert [s.key for s in seqs] == ["r0/a/1", "r0/d/0"] and seqs[0].tokens == [1, 2, 7, 8]  # r0/a/0: empty
+    assert items == [QueueItem("e/a", 0.4), QueueItem("r0/a/1", 0.3), QueueItem("e/b", 1.0),
+                     QueueItem("e/c", 1.0), QueueItem("e/d", 0.6), QueueItem("r0/d/0", 0.2)]
+    groups = window_groups(0, ["a", "b"], items, seed=3)
+    assert sorted(groups[:2], key=len) == [[QueueItem("e/b", 1.0)], [QueueItem("e/a", 0.4), QueueItem("r0/a/1", 0.3)]]
+    assert groups[2:] == [[QueueItem("e/c", 1.0)], [QueueItem("e/d", 0.6), QueueItem("r0/d/0", 0.2)]]

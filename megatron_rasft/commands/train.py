@@ -17,15 +17,24 @@ def add_arguments(p):
 
 
 def main(args) -> int:
+    import os
+    import sys
+
     from megatron_rasft.config import load_config
 
     overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # first: a bad config is refused before torch and Megatron load
 
+    from megatron_rasft.rounds.coordination import RoundFailed
+    from megatron_rasft.rundir import StaleRunDir
     from megatron_rasft.train.loop import NonFiniteLoss, train
-    from megatron_rasft.train.rounds import RoundFailed
+
     try:
         out = train(cfg)
+    except StaleRunDir as e:  # a run directory or checkpoint of an older format: one line, as for a bad config
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same files; one says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", flush=True)
         return 3

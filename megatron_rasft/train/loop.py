@@ -20,7 +20,7 @@ from megatron_rasft.rundir import RunDir
 from megatron_rasft.engine import checkpoint
 from megatron_rasft.train.data import load_dataset
 from megatron_rasft.train.log import Logger, flops_per_token, peak_flops
-from megatron_rasft.train.rounds import RoundFailed
+from megatron_rasft.rounds.coordination import RoundFailed
 from megatron_rasft.train.state import LoopState
 
 
@@ -67,7 +67,7 @@ def train(cfg: RunConfig) -> dict:
     # -- resume --------------------------------------------------------------------------------
     state = LoopState()
     if cfg.checkpoint.resume and (last := checkpoint.latest(run.ckpt)) is not None:
-        state = LoopState.from_json(checkpoint.load(last, models.policy, optimizer, scheduler))
+        state = LoopState.from_json(checkpoint.load(last, models.policy, optimizer, scheduler), where=last / "state.json")
         if rank0():
             print(f"[resume] from {last} at step {state.step}", flush=True)
     stream = TrainingStream(cfg, run, data, models, groups, state)

@@ -2,25 +2,28 @@
 order of `state.py`.
 
 For each new window of problems (when the queue cannot fill the next global batch): the window's
-rollout round (`rounds.py`, RASFT or GRPO with `rollout.batches_per_round > 0`), under GRPO the π_old
-pass that scores the round's rollouts with the current policy (cached in RUN/old_logp/,
-`grpo_round.py`), then the reference pass that scores, under the frozen reference, every sequence
-the window brings that has no cached log-probs yet (cached in RUN/ref_logp/), then the window's
-groups join the queue (under GRPO: the round's trained groups, rollouts only). `take` pops one global
-batch and builds this data-parallel rank's share of it as training sequences.
+rollout round (`rounds/`, RASFT or GRPO with `rollout.batches_per_round > 0`), under GRPO the
+π_old pass, then the reference pass that scores, under the frozen reference, every sequence the
+window brings that has no cached log-probs yet (cached in RUN/ref_logp/), then the window's groups
+of `QueueItem`s join the queue (under GRPO: the round's trained groups, rollouts only). `take` pops
+one global batch and builds this data-parallel rank's share of it as training sequences, each with
+the weight its queue item carries.
+
+π_old (GRPO, docs/training.md "GRPO"): at the round boundary, before any optimizer step on the
+round's rollouts, the trainer scores them with its own forward pass of the current policy (the one
+just exported and served) and stores the result in RUN/old_logp/round_RRR.pt; every step on those
+rollouts reads it from there, so a run resumed after a kill uses the same π_old.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
-from megatron_rasft.model.provider import unwrap
-from megatron_rasft.rundir import RunDir, expert_key, is_expert_key
-from megatron_rasft.train.grpo_round import grpo_window_groups
 from megatron_rasft.engine.refpass import RefCache, score
-from megatron_rasft.train.rounds import RoundFailed
-from megatron_rasft.train.state import LoopState, next_window_ids, window_groups
+from megatron_rasft.model.provider import unwrap
+from megatron_rasft.rounds.coordination import RoundFailed
+from megatron_rasft.rundir import RunDir, is_expert_key
+from megatron_rasft.train.state import LoopState, expert_items, grpo_window_groups, next_window_ids, window_groups
 
 
 class TrainingStream:
@@ -50,16 +53,18 @@ class TrainingStream:
         self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
         if cfg.rollout.batches_per_round > 0:  # RunConfig refuses it for the methods without rounds
-            from megatron_rasft.train.rounds import Rounds
+            from megatron_rasft.rounds.round import Rounds
 
-            self.rounds = Rounds(cfg, run, data, models, groups)
-        self.rollouts = {} if self.rounds is None else self.rounds.restore(state)  # queued rollout Seqs
+            self.rounds = Rounds.build(cfg, run, data, models, groups)
+        # Rollout Seqs still queued (a resumed run's, read back from their rounds' records).
+        self.rollouts = {} if self.rounds is None else self.rounds.restore(state.rounds, state.queue)
         self.overlap = None
         if self.rounds is not None and cfg.rollout.overlap:
-            from megatron_rasft.train.overlap import OverlappedRounds
+            from megatron_rasft.rounds.overlap import OverlappedRounds
 
             self.overlap = OverlappedRounds(self.rounds)
-            self.overlap.resume(state.window, state)  # a round that was in the background when the run stopped
+            # A round that was in the background when the run stopped.
+            self.overlap.resume(state.window, in_flight=bool(state.ahead))
 
     @property
     def round_summaries(self) -> list:
@@ -67,7 +72,7 @@ class TrainingStream:
 
     def fill(self, state: LoopState) -> None:
         """Add windows to `state.queue` until it holds a global batch of groups. Raises
-        `rounds.RoundFailed` (on every rank) with `state` rewound to before the failed window."""
+        `RoundFailed` (on every rank) with `state` rewound to before the failed window."""
         while len(state.queue) < self.batch_groups:
             stream_pos = (state.epoch, state.cursor)
             try:
@@ -77,9 +82,9 @@ class TrainingStream:
                 # start the window (and continue its round from its records) again.
                 state.epoch, state.cursor = stream_pos
                 raise
-            expert_weight, extra_items = {}, []
+            items = expert_items(ids)
             if result is not None:
-                expert_weight, extra_items = result.expert_weight, result.rollout_items
+                items = result.items
                 state.hard_pool = dict(result.hard_pool)
                 for k, v in result.stage_times.items():
                     self.times[k] += v
@@ -87,17 +92,17 @@ class TrainingStream:
                 self.rollouts.update(new)
             if self.grpo:
                 self._old_logp_pass(state.window, new)
-            if self.cfg.needs_ref_logp:  # grpo trains no demonstration: score its rollouts only
-                self._reference_pass(state.window, [] if self.grpo else ids, extra_items, new)
+            if self.cfg.needs_ref_logp:  # grpo's items hold no demonstration: its rollouts only
+                self._reference_pass(state.window, items, new)
             if self.grpo:
-                self._empty_rounds = 0 if extra_items else self._empty_rounds + 1
+                self._empty_rounds = 0 if items else self._empty_rounds + 1
                 if self._empty_rounds * self.window_size >= len(self.problem_ids):
                     raise RuntimeError(f"loss.method = 'grpo': the last {self._empty_rounds} rounds (every problem "
                                        f"once) gave no group to train: all rewards of each group were equal and "
                                        f"grpo.filter_zero_variance is on (see RUN/rounds/)")
-                state.queue += grpo_window_groups(state.window, extra_items, self.cfg.train.seed)
+                state.queue += grpo_window_groups(state.window, items, self.cfg.train.seed)
             else:
-                state.queue += window_groups(state.window, ids, expert_weight, extra_items, self.cfg.train.seed)
+                state.queue += window_groups(state.window, ids, items, self.cfg.train.seed)
             state.window += 1
             state.ahead = ahead
 
@@ -111,30 +116,30 @@ class TrainingStream:
         if self.rounds is None:
             return ids, None, {}, []
         if self.overlap is None or not state.ahead:  # synchronous (also an overlapped run's first window)
-            result, new = self.rounds.run_round(state.window, ids, state)
+            result, new = self.rounds.run_round(state.window, ids, state.step, state.hard_pool)
         else:
             result, new = self.overlap.result(state.window)
         if self.overlap is None:
             return ids, result, new, []
         # Start the next window's round now, unless the run ends before that window: the steps
-        # before the next boundary are the whole global batches the queue will then hold.
-        n_groups = len(ids) + sum(is_expert_key(k) for k, _ in result.rollout_items)
+        # before the next boundary are the whole global batches the queue will then hold: one group
+        # per demonstration, the window's problems' and the probes' (overlap is RASFT only).
+        n_groups = sum(is_expert_key(it.key) for it in result.items)
         if state.step + (len(state.queue) + n_groups) // self.batch_groups >= self.cfg.train.schedule.train_iters:
             return ids, result, new, []
         ahead = next_window_ids(state, self.problem_ids, self.window_size, seed)
-        view = SimpleNamespace(step=state.step, hard_pool=dict(result.hard_pool))  # the selection's inputs
-        for k, v in self.overlap.start(state.window + 1, ahead, view).items():
+        for k, v in self.overlap.start(state.window + 1, ahead, state.step, result.hard_pool).items():
             self.times[k] += v
         return ids, result, new, ahead
 
     def take(self, state: LoopState) -> tuple[list, list]:
-        """Pop the next global batch of groups -> (its `[key, weight]` items, this DP rank's
-        share of them as `Seq`s carrying their weight and reference log-probs)."""
+        """Pop the next global batch of groups -> (its `QueueItem`s, this DP rank's share of them
+        as `Seq`s carrying their weight and reference log-probs)."""
         batch, state.queue = state.queue[:self.batch_groups], state.queue[self.batch_groups:]
         items = [it for g in batch for it in g]
-        seqs = [self._seq(key, w) for key, w in items[self.groups.dp_rank::self.groups.dp_size]]
-        for key, _ in items:
-            self.rollouts.pop(key, None)
+        seqs = [self._seq(it) for it in items[self.groups.dp_rank::self.groups.dp_size]]
+        for it in items:
+            self.rollouts.pop(it.key, None)
         return items, seqs
 
     def close(self) -> None:
@@ -143,9 +148,12 @@ class TrainingStream:
         if self.rounds is not None:
             self.rounds.close()
 
-    def _seq(self, key: str, weight: float):
+    def _seq(self, item):
+        """The `Seq` of a queue item: its tokens (a demonstration, or a round's rollout) with the
+        item's weight and its cached reference and π_old log-probs."""
+        key = item.key
         base = self.data.experts.get(key) or self.rollouts[key]
-        return replace(base, weight=weight, ref_logp=self.ref_logp.get(key), old_logp=self.old_logp.get(key))
+        return replace(base, weight=item.weight, ref_logp=self.ref_logp.get(key), old_logp=self.old_logp.get(key))
 
     def _old_logp_pass(self, r: int, new: dict) -> None:
         """π_old of round `r`'s rollouts: scored (collectively) by the current policy, the one the
@@ -163,10 +171,10 @@ class TrainingStream:
             self.times["old_logp"] += time.time() - t0
         self.old_logp.update(cached or {})
 
-    def _reference_pass(self, window: int, ids: list, extra_items: list, new: dict) -> None:
-        """Score (collectively) the window's sequences that have no reference log-probs yet."""
-        todo = [self.data.experts[expert_key(i)] for i in ids if expert_key(i) not in self.ref_logp]
-        todo += [self.data.experts[k] for k, _ in extra_items if is_expert_key(k) and k not in self.ref_logp]
+    def _reference_pass(self, window: int, items: list, new: dict) -> None:
+        """Score (collectively) the window's sequences that have no reference log-probs yet: the
+        demonstrations among its `items`, in their order, then the round's `new` rollouts."""
+        todo = [self.data.experts[it.key] for it in items if is_expert_key(it.key) and it.key not in self.ref_logp]
         todo += [s for k, s in new.items() if k not in self.ref_logp]
         if not todo:
             return
@@ -179,3 +187,4 @@ class TrainingStream:
         self.ref_cache.save(RunDir.ref_logp_group(window), scores)
         self.ref_logp.update(scores)
         self.times["reference"] += time.time() - t0
+

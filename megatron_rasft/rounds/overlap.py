@@ -1,6 +1,6 @@
 """Overlapped rounds (`rollout.overlap = true`): window w+1's round runs while window w trains.
 
-At the boundary before window w trains, the stream (`stream.py`) takes round w's result, then
+At the boundary before window w trains, the stream (`train/stream.py`) takes round w's result, then
 `start`s round w+1: the export, the probe's expected log-probs and the selection (collective, from
 the weights of this boundary), the round's start record and the server's refresh (rank 0). Rank 0
 then finishes the round (generation, verification, weighting, its records) in a thread while every
@@ -15,12 +15,13 @@ stays valid because the next export happens only after this round's result is ta
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 from megatron_rasft.parallel.groups import rank0
-from megatron_rasft.train.rounds import Rounds
+from megatron_rasft.records import RoundResult, RoundStart
+from megatron_rasft.rounds.coordination import RoundFailed, failure_of, is_server_error
+from megatron_rasft.rounds.round import Rounds
 
 
 class OverlappedRounds:
@@ -32,34 +33,32 @@ class OverlappedRounds:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self, r: int, problem_ids: list, view) -> dict:
-        """Begin round `r` on `problem_ids` from the current weights and leave the rest to rank 0's
-        thread. `view`: `.step` and `.hard_pool` for the selection. -> {"export": s, "refresh": s},
-        the seconds spent at the boundary. Raises RoundFailed when the server cannot be refreshed."""
-        start = self.rounds.begin(r, problem_ids, view)
+    def start(self, r: int, problem_ids: list, step: int, hard_pool: dict) -> dict:
+        """Begin round `r` on `problem_ids` from the current weights (the selection from `step` and
+        `hard_pool`) and leave the rest to rank 0's thread. -> {"export": s, "refresh": s}, the
+        seconds spent at the boundary. Raises RoundFailed when the server cannot be refreshed."""
+        start, seconds = self.rounds.begin(r, problem_ids, step, hard_pool)
         self._launch(start)
-        return {"export": start["export_s"], "refresh": start["refresh_s"]}
+        return seconds
 
-    def resume(self, r: int, state) -> None:
-        """A resumed run whose round `r` was in the background when it stopped: refresh the server
-        to that round's export again and finish the round in the background (nothing to do when it
-        had finished, or when no round was in flight)."""
-        if not state.ahead or self.rounds.run.round_result(r).is_file():
+    def resume(self, r: int, in_flight: bool) -> None:
+        """A resumed run whose round `r` was in the background when it stopped (`in_flight`):
+        refresh the server to that round's export again and finish the round in the background
+        (nothing to do when it had finished, or when no round was in flight)."""
+        run = self.rounds.run
+        if not in_flight or run.round_result(r).is_file():
             return
-        start, failure, t0 = None, None, time.time()
+        start: RoundStart | None = None
         if rank0():
-            start = json.loads(self.rounds.run.round_start(r).read_text())
-            print(f"[round {r}] resuming in the background from {self.rounds.run.round_start(r)}", flush=True)
-            failure = self.rounds.on_rank0(r, lambda: self.rounds.refresh_for(start))
-        self.rounds.wait_for_rank0(r, failure, t0)
+            start = self.rounds.read_start(r)
+            print(f"[round {r}] resuming in the background from {run.round_start(r)}", flush=True)
+        self.rounds.coordination.together(r, lambda: self.rounds.refresh_for(start))
         self._launch(start)
 
-    def result(self, r: int):
+    def result(self, r: int) -> tuple[RoundResult, dict]:
         """Round `r`'s (RoundResult, {key: Seq}), once rank 0's thread has finished it. Raises
         RoundFailed on every rank when the rollout server failed it; any other error of the thread
         is re-raised on rank 0."""
-        from megatron_rasft.train.rounds import RoundFailed, _server_errors
-
         failure, error, t0 = None, None, time.time()
         if rank0():
             if self._thread is not None:
@@ -68,12 +67,11 @@ class OverlappedRounds:
             elif not self.rounds.run.round_result(r).is_file():
                 error = RuntimeError(f"round {r} was never started in the background")
             if error is not None:
-                failure = f"round {r} stopped: {type(error).__name__}: {error}"
-                print(f"[round {r}] {failure}", flush=True)
+                failure = failure_of(r, error)
         try:
-            self.rounds.wait_for_rank0(r, failure, t0)
+            self.rounds.coordination.wait(r, failure, t0)
         except RoundFailed:
-            if error is not None and not isinstance(error, _server_errors()):
+            if error is not None and not is_server_error(error):
                 raise error
             raise
         return self.rounds.read_result(r)
@@ -84,7 +82,7 @@ class OverlappedRounds:
         if self._thread is not None:
             self._thread.join()
 
-    def _launch(self, start: dict) -> None:
+    def _launch(self, start: RoundStart | None) -> None:
         if not rank0():
             return
 
@@ -95,5 +93,5 @@ class OverlappedRounds:
                 self._error = e
 
         self._error = None
-        self._thread = threading.Thread(target=work, name=f"round-{start['round']}", daemon=True)
+        self._thread = threading.Thread(target=work, name=f"round-{start.round}", daemon=True)
         self._thread.start()
