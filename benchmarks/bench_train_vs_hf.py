@@ -15,7 +15,7 @@ masked, weights A_s in [0.2, 1].
   ours    `build_model` + `load_mcore_into_model`, Megatron DDP, Megatron optimizer (Adam), the
           `rasft` loss through `forward_backward`, with fixed-shape rows padded to seq_length
           (`ours padded`) or sequences packed into rows (`ours packed`); the reference log-probs come from the forward-only pass
-          (`train.refpass.score`) that the trainer runs once per sequence: timed with each step too
+          (`engine.refpass.score`) that the trainer runs once per sequence: timed with each step too
           (`ours+ref`), which is the fair per-step comparison when every sequence is trained once.
 Each side runs in its own process (Megatron-Core's CPU mode patches torch process-wide), the sides
 alternate for --rounds rounds of 1 warm-up + --steps steps; reported: median step wall time and

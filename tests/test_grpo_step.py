@@ -1,5 +1,5 @@
 """`grpo` through the trainer's step path with a real Megatron GPTModel (one spawned gloo process):
-π_old from the forward-only scoring pass (`train.refpass.score`, what a round will call), the GRPO
+π_old from the forward-only scoring pass (`engine.refpass.score`, what a round will call), the GRPO
 columns carried by `make_rows` and bound by `make_forward_step`, Megatron's schedule and its global
 1/num_tokens. Checked against a float64 recomputation from the model's logits, before and after an
 optimizer step (ρ = 1, then ρ ≠ 1 with both clips engaged).

@@ -6,7 +6,7 @@ programmatic expert demonstrations that end in \\boxed{answer}.
       --test chain_sum:100,leg_counting:100 [--seed 0] [--test-seed 1000000]
 
 Writes OUT/train.jsonl (prompt, response, answer, source), OUT/test.jsonl (question, answer,
-solution, source; read by `eval --benchmarks NAME=OUT/test.jsonl`) and OUT/meta.json (generator,
+solution, source; read by `eval --set eval.benchmarks=NAME=OUT/test.jsonl`) and OUT/meta.json (generator,
 version, seeds, task settings). Tasks: see megatron_rasft/demo/real_model/problems.py.
 """
 from __future__ import annotations

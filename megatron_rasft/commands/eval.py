@@ -1,6 +1,6 @@
 """Evaluate a model on math and code benchmarks through the rollout server (resumable).
 
-  python -m megatron_rasft eval --model HF_DIR --set eval.benchmarks=math500,aime24,gsm8k,humaneval \
+  python -m megatron_rasft eval --model HF_DIR --set eval.benchmarks=math500,aime24,gsm8k,humaneval \\
       --set eval.data_dir=DIR --out EVAL_DIR
   python -m megatron_rasft eval --config eval.toml --model HF_DIR --out EVAL_DIR
   python -m megatron_rasft eval --server-url http://127.0.0.1:8000 --tokenizer HF_DIR ...

@@ -1,7 +1,7 @@
 """Sample K rollouts per problem with vLLM (resumable: finished problems are never regenerated).
 
   python -m megatron_rasft rollout --run-dir RUN --round 0 --model HF_DIR --set rollout.sampling.n=4
-  python -m megatron_rasft rollout --run-dir RUN --round 0 --tokenizer HF_DIR \
+  python -m megatron_rasft rollout --run-dir RUN --round 0 --tokenizer HF_DIR \\
       --set rollout.server.url=http://127.0.0.1:8000 --set rollout.sampling.n=4
 
 Reads RUN/problems.jsonl (Problem records; `prompt` is the rendered prompt text) and appends K

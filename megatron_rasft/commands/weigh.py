@@ -1,6 +1,6 @@
 """Compute per-sequence weights A for one round from its verdicts.
 
-  python -m megatron_rasft weigh --run-dir RUN --round 0 [--config run.toml] \
+  python -m megatron_rasft weigh --run-dir RUN --round 0 [--config run.toml] \\
       [--set weighting.scheme=linear|released|constant] [--set weighting.beta=0.25 ...]
 
 Reads RUN/verdicts/round_NNN.jsonl alone (each record carries the expert response and the

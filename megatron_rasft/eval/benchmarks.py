@@ -248,7 +248,7 @@ def parse_spec(spec: str) -> tuple[str, Optional[str]]:
     name, _, path = spec.partition("=")
     name = name.strip()
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise BenchmarkError(f"bad benchmark name {name!r} in --benchmarks")
+        raise BenchmarkError(f"bad benchmark name {name!r} in eval.benchmarks")
     return name, (path.strip() or None)
 
 
