@@ -155,6 +155,10 @@ def test_old_loop_state_and_old_run_directory_are_refused_in_one_line(tmp_path):
         LoopState.from_json(old, where=where)
     msg = str(e.value)
     assert "\n" not in msg and str(where) in msg and "format 1" in msg and "new train.run_dir" in msg
+    with pytest.raises(StaleRunDir) as e:  # the current format number over old-style items
+        LoopState.from_json({**old, "format": 2}, where=where)
+    msg = str(e.value)
+    assert "\n" not in msg and str(where) in msg and "['e/p', 0.5]" in msg and "new train.run_dir" in msg
 
     run = RunDir(tmp_path / "run")
     run.problems.parent.mkdir(parents=True)

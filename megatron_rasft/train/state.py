@@ -47,11 +47,16 @@ class LoopState:
     @classmethod
     def from_json(cls, d: dict, where: str = "the checkpoint's loop state") -> "LoopState":
         """The state `to_json` wrote. `where` (the file it came from) names it in errors.
-        Raises `rundir.StaleRunDir` for a state of another format."""
+        Raises `rundir.StaleRunDir` for a state of another format, or one whose queue items are
+        not `{key, weight}` objects."""
         if d.get("format") != LOOP_STATE_FORMAT:
             raise StaleRunDir(f"{where}: loop state of format {d.get('format', 1)}, this version reads format "
                               f"{LOOP_STATE_FORMAT} only: start the run in a new train.run_dir (runs of "
                               f"older versions cannot be continued)")
+        bad = [it for group in d["queue"] for it in group if not (isinstance(it, dict) and set(it) == {"key", "weight"})]
+        if bad:
+            raise StaleRunDir(f"{where}: a queue item must be {{\"key\", \"weight\"}}, got {bad[0]!r}: start "
+                              f"the run in a new train.run_dir")
         queue = [[QueueItem(**it) for it in group] for group in d["queue"]]
         return cls(**{**d, "queue": queue})
 
