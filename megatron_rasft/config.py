@@ -617,7 +617,14 @@ def _build(cls, values: dict, where: str):
             values[name] = _build(type(default), {**dataclasses.asdict(default), **value}, dotted)
         else:
             _check_type(dotted, str(f.type), value)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        # SamplingConfig is both [rollout.sampling] and [eval.sampling]: its rules say `sampling.X`,
+        # the error names the table it was read from.
+        if cls is SamplingConfig and str(e).startswith("sampling.") and where != "sampling":
+            raise ConfigError(where + str(e)[len("sampling"):]) from e
+        raise
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -304,6 +304,15 @@ def test_round_setting_is_refused_for_methods_without_rounds(method):
     assert load_config(None, DATA + [f"loss.method={method}"]).rollout.batches_per_round == 0
 
 
+@pytest.mark.parametrize("table", ["rollout.sampling", "eval.sampling"])
+def test_a_sampling_rule_names_the_table_it_was_read_from(table):
+    """`SamplingConfig` is both [rollout.sampling] and [eval.sampling]: a value its rules refuse is
+    named with the table's full key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{table}.n=0"])
+    assert str(e.value) == f"--set: {table}.n must be >= 1, got 0"
+
+
 @pytest.mark.parametrize("method", ["rasft", "grpo"])
 def test_round_setting_is_accepted_for_methods_with_rounds(method):
     cfg = load_config(None, DATA + [f"loss.method={method}", "rollout.batches_per_round=3"])

@@ -26,7 +26,8 @@ from megatron_rasft.loss.grpo import clipped_coefficient, sequence_metrics
 class Tokens:
     """What a coefficient function reads. `logp_N`: detached log π_θ(label) (fp32; of the tempered
     policy under `grpo`); `mask_N`: the loss mask as fp32 0/1, `on_N` = mask_N > 0; `num_tokens`,
-    `num_seqs`: 0-d fp32 counts of the micro-batch; `buckets`: its sequences; `batch`: the inputs."""
+    `num_seqs`: 0-d fp32 counts of the micro-batch; `buckets`: its sequences; `batch`: the inputs;
+    `cfg` / `grpo`: the `LossConfig` and `GRPOConfig` (the method's parameters)."""
 
     logp_N: torch.Tensor
     mask_N: torch.Tensor

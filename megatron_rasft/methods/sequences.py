@@ -8,7 +8,7 @@ left is not trained. They differ in which rollouts train and with which weight:
 - RASFT (`rasft_sequences`): the rollouts the weighting scheme gave a non-zero A_s
   (`weighting.weight_records`), and every demonstration of the window with its A_E;
 - GRPO (`grpo_sequences`): every rollout of a trained group, correct or not, with weight 1 and its
-  group-relative advantage A_j (`advantages.py`) on its `TrainSequence`; demonstrations do not train.
+  group-relative advantage A_j (`methods/advantages.py`) on its `TrainSequence`; demonstrations do not train.
 
 The queue items (`records.QueueItem`) are the one form a sequence's weight takes on its way to the
 loss: the round result holds them, the loop's queue holds them, and `to_seq` meets them again with

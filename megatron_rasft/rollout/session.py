@@ -22,8 +22,8 @@ class RolloutSession:
     """A vLLM server (started here, or attached) with its `RolloutClient`.
 
     `server` / `client`: the `rollout.server.RolloutServer` and `rollout.client.RolloutClient`;
-    `managed`: whether the server is one we started (restartable); `owns`: whether `close` stops it
-    (default: when managed; False for a running server handed to `open`, which its owner stops).
+    `owns`: whether `close` stops it (default: when the server is one we started, `server.managed`;
+    False for a running server handed to `open`, which its owner stops).
     Use as a context manager, or call `close()`.
     """
 
@@ -52,10 +52,6 @@ class RolloutSession:
             print(f"{label}starting vLLM on {source} (log {log_file or 'not kept'}) ...", flush=True)
             server.start()
         return cls(server, RolloutClient(server, cfg, progress=progress))
-
-    @property
-    def managed(self) -> bool:
-        return self.server.managed
 
     @property
     def generate(self):
