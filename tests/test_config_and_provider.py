@@ -304,6 +304,18 @@ def test_round_setting_is_refused_for_methods_without_rounds(method):
     assert load_config(None, DATA + [f"loss.method={method}"]).rollout.batches_per_round == 0
 
 
+def test_rollout_command_names_a_missing_model_directory(tmp_path, capsys):
+    """`rollout --model DIR` with no such folder: one line naming it, exit 2, before any server
+    or tokenizer is loaded (was a traceback from `transformers`)."""
+    from megatron_rasft.cli import main
+
+    (tmp_path / "problems.jsonl").write_text("")
+    missing = tmp_path / "no-model"
+    assert main(["rollout", "--run-dir", str(tmp_path), "--round", "0", "--model", str(missing)]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"error: --model {str(missing)!r}: no such directory"], out
+
+
 @pytest.mark.parametrize("table", ["rollout.sampling", "eval.sampling"])
 def test_a_sampling_rule_names_the_table_it_was_read_from(table):
     """`SamplingConfig` is both [rollout.sampling] and [eval.sampling]: a value its rules refuse is

@@ -53,6 +53,8 @@ def main(args) -> int:
         if tok_dir is None:
             raise ValueError("--tokenizer is required with rollout.server.url (prompts are tokenised "
                              "like the trainer does)")
+        if not Path(tok_dir).is_dir():
+            raise FileNotFoundError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok_dir!r}: no such directory")
         ids = None
         if args.problem_ids:
             ids = [line.strip() for line in Path(args.problem_ids).read_text().splitlines() if line.strip()]
