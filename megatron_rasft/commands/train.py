@@ -32,7 +32,7 @@ def main(args) -> int:
     try:
         out = train(cfg)
     except StaleRunDir as e:  # a run directory or checkpoint of an older format: one line, as for a bad config
-        if os.environ.get("RANK", "0") == "0":  # every rank reads the same files; one says it
+        if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # every rank reads the same files; one says it
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLoss as e:

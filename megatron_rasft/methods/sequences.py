@@ -84,7 +84,8 @@ def grpo_sequences(r: int, problem_ids: list, verdicts: list, rollouts: dict, pr
             samples.setdefault(v.problem_id, []).append(v.sample_index)
     adv = group_advantages(rewards, gcfg)
     seqs, items = [], []
-    for pid in adv.trained_groups(gcfg):
+    trained = adv.trained_groups(gcfg)
+    for pid in trained:
         prompt = prompt_ids[pid]
         for j, a in zip(sorted(samples[pid]), adv.advantages[pid]):
             ro = rollouts[(pid, j)]
@@ -96,7 +97,7 @@ def grpo_sequences(r: int, problem_ids: list, verdicts: list, rollouts: dict, pr
             seqs.append(TrainSequence(key, tokens, len(prompt), advantage=a, rollout_logprobs=lps))
             items.append(QueueItem(key, 1.0))
     all_r = [x for g in rewards.values() for x in g]
-    stats = {"groups": len(rewards), "groups_trained": len(adv.trained_groups(gcfg)),
+    stats = {"groups": len(rewards), "groups_trained": len(trained),
              "zero_variance_frac": adv.zero_variance_frac,
              "mean_reward": sum(all_r) / len(all_r) if all_r else 0.0, "sequences": len(seqs)}
     return seqs, items, stats

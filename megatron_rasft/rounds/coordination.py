@@ -21,10 +21,8 @@ class RoundFailed(RuntimeError):
 
 
 def failure_of(r: int, error: BaseException) -> str:
-    """The one-line message of round `r` stopped by `error` (printed on rank 0)."""
-    failure = f"round {r} stopped: {type(error).__name__}: {error}"
-    print(f"[round {r}] {failure}", flush=True)
-    return failure
+    """The one-line message of round `r` stopped by `error`."""
+    return f"round {r} stopped: {type(error).__name__}: {error}"
 
 
 def is_server_error(error: BaseException) -> bool:
@@ -52,7 +50,10 @@ class Coordination:
 
     def wait(self, r: int, failure: Optional[str], since: float) -> None:
         """Every rank: wait without a deadline until rank 0 is done with round `r` (its part began at
-        `since`, time.time()); raises RoundFailed on every rank when it failed."""
+        `since`, time.time()); raises RoundFailed on every rank when it failed. `failure`: rank 0's
+        message (printed here), None elsewhere or when it succeeded."""
+        if failure is not None:
+            print(f"[round {r}] {failure}", flush=True)
         failed = rank0_done(failure, what=f"round {r}")
         self.wait_s += time.time() - since
         if failed:

@@ -44,7 +44,7 @@ class PolicyProbe:
         t0 = time.time()
         hf_dir = self.export()
         export_s = time.time() - t0
-        probe_ids, probe_logp = self.expectation()
+        probe_ids, probe_logp = self.refresh_probe()
         sel = self.select(r, problem_ids, step, hard_pool)
         return RoundStart(r, list(problem_ids), str(hf_dir), probe_ids, probe_logp, **sel), export_s
 
@@ -57,7 +57,7 @@ class PolicyProbe:
                      hf_config=self.models.hf_config, tokenizer_dir=self.tokenizer_dir)
         return out
 
-    def expectation(self) -> tuple[list, list]:
+    def refresh_probe(self) -> tuple[list, list]:
         """(probe token ids, their log-probs under the current policy): the first problem's prompt,
         cut to seq_length. Collective."""
         from megatron_rasft.engine.refpass import score
