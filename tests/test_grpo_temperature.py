@@ -101,7 +101,7 @@ def _worker(rank, world, tmp):
                              old_cache=RefCache(Path(tmp) / "old_logp"), old_logp={},
                              ref_cache=RefCache(Path(tmp) / "ref_logp"), ref_logp={})
     TrainingStream._old_logp_pass(stream, 0, new)
-    TrainingStream._reference_pass(stream, 0, [], [], new)
+    TrainingStream._reference_pass(stream, 0, [], new)
     grpo_seqs = [replace(s, old_logp=stream.old_logp[s.key], ref_logp=stream.ref_logp[s.key], advantage=a)
                  for s, a in zip(seqs, ADV)]
     batches = stack_microbatches(make_rows(grpo_seqs, cfg.model.seq_length, 0, pack=False), 2,
