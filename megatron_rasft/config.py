@@ -689,3 +689,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         return config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{where}: " + " ".join(str(e).split())) from e
+
+
+def load_section(path: Optional[str | Path], overrides: Optional[list[str]], section: str):
+    """The table `section` (dotted, e.g. "rollout.verifier") of `load_config(path, overrides)`: what a
+    stage command reads. Raises ConfigError for an override outside that table (the command would
+    ignore it silently), besides `load_config`'s errors."""
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if "=" in item and key != section and not key.startswith(section + "."):
+            raise ConfigError(f"--set {key}: this command reads only [{section}]; give {section}.KEY=VALUE")
+    node: Any = load_config(path, overrides)
+    for part in section.split("."):
+        node = getattr(node, part)
+    return node

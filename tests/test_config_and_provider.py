@@ -359,3 +359,44 @@ def test_cli_prints_a_config_error_in_one_line(tmp_path, case):
     quiet = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "1", "LOCAL_RANK": "1"},
                            timeout=120)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (2, "", "")
+
+
+def test_stage_commands_refuse_a_set_outside_the_table_they_read(tmp_path, capsys):
+    """`verify` reads [rollout.verifier], `weigh` [weighting], `serve` [rollout.server], `rollout`
+    [rollout]: a `--set` elsewhere would be ignored, so it is refused in one line (exit 2)."""
+    from megatron_rasft.cli import main
+    from megatron_rasft.config import ConfigError, load_section
+
+    assert load_section(None, ["weighting.scheme=released"], "weighting").scheme == "released"
+    assert load_section(None, ["rollout.verifier.workers=3"], "rollout.verifier").workers == 3
+    with pytest.raises(ConfigError, match=r"reads only \[weighting\]"):
+        load_section(None, ["rollout.verifier.kind=code"], "weighting")
+    with pytest.raises(ConfigError, match=r"reads only \[rollout.verifier\]"):
+        load_section(None, ["rollout.verifierx.kind=code"], "rollout.verifier")
+    for argv in (["weigh", "--set", "rollout.verifier.kind=code"], ["verify", "--set", "weighting.scheme=released"]):
+        assert main(argv + ["--run-dir", str(tmp_path), "--round", "0"]) == 2
+        out = capsys.readouterr()
+        text = (out.out + out.err).strip()
+        assert "\n" not in text and "reads only [" in text, text
+
+
+def test_resume_with_another_schedule_length_is_said(capsys):
+    """Megatron keeps the checkpoint's LR schedule on load: a resume with a larger train_iters would
+    train its extra steps at min_lr silently. The loader says so, from the real scheduler's state."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_rasft.engine.checkpoint import _say_if_schedule_differs
+
+    def scheduler(steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return OptimizerParamScheduler(opt, init_lr=0.1, max_lr=0.1, min_lr=0.0, lr_warmup_steps=0,
+                                       lr_decay_steps=steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                       wd_incr_steps=steps, wd_incr_style="constant")
+
+    saved = scheduler(3).state_dict()
+    _say_if_schedule_differs(saved, scheduler(3), Path("ckpt/iter_0000003"))
+    assert capsys.readouterr().out == ""
+    _say_if_schedule_differs(saved, scheduler(5), Path("ckpt/iter_0000003"))
+    said = capsys.readouterr().out
+    assert "cosine decay over 3 steps, not the 5" in said and "ckpt/iter_0000003/model" in said

@@ -33,7 +33,7 @@ def add_arguments(p):
 def main(args) -> int:
     from pathlib import Path
 
-    from megatron_rasft.config import load_config
+    from megatron_rasft.config import load_section
     from megatron_rasft.records import RecordError
     from megatron_rasft.rollout.server import ServerError
     from megatron_rasft.rollout.session import RolloutSession
@@ -41,7 +41,7 @@ def main(args) -> int:
     from megatron_rasft.rundir import RunDir
 
     try:
-        rcfg = load_config(args.config, args.set).rollout
+        rcfg = load_section(args.config, args.set, "rollout")
         if args.round < 0:
             raise ValueError("--round must be >= 0")
         if args.model and rcfg.server.url:

@@ -32,11 +32,11 @@ def main(args) -> int:
     import signal
     import time
 
-    from megatron_rasft.config import load_config
+    from megatron_rasft.config import load_section
     from megatron_rasft.rollout.server import RolloutServer, ServerError
 
     try:
-        cfg = load_config(args.config, args.set).rollout.server
+        cfg = load_section(args.config, args.set, "rollout.server")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", flush=True)
         return 2

@@ -22,8 +22,9 @@ def main(args) -> int:
 
     from megatron_rasft.config import load_config
 
-    overrides = list(args.set) + (["checkpoint.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)  # first: a bad config is refused before torch and Megatron load
+    cfg = load_config(args.config, args.set)  # first: a bad config is refused before torch and Megatron load
+    if args.resume:  # loaded again with the flag as an override (its errors were those of the line above)
+        cfg = load_config(args.config, list(args.set) + ["checkpoint.resume=true"])
 
     from megatron_rasft.rounds.coordination import RoundFailed
     from megatron_rasft.rundir import StaleRunDir

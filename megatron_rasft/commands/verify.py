@@ -25,7 +25,7 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from megatron_rasft.config import load_config
+    from megatron_rasft.config import load_section
     from megatron_rasft.records import RecordError
     from megatron_rasft.verify.stage import verify_round
 
@@ -33,7 +33,7 @@ def main(args) -> int:
         print("error: --round must be >= 0, --batch-problems >= 1")
         return 2
     try:
-        vcfg = load_config(args.config, args.set).rollout.verifier
+        vcfg = load_section(args.config, args.set, "rollout.verifier")
         out = verify_round(args.run_dir, args.round, vcfg.kind, vcfg.workers, vcfg.timeout_s,
                            args.batch_problems, progress=not args.no_progress)
     except (RecordError, FileNotFoundError, ValueError) as e:

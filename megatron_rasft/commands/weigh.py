@@ -21,13 +21,13 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from megatron_rasft.config import load_config
+    from megatron_rasft.config import load_section
     from megatron_rasft.records import ProblemVerdicts, RecordError, read_records, write_records
     from megatron_rasft.rundir import RunDir
     from megatron_rasft.methods.weighting import round_summary, weight_records
 
     try:
-        cfg = load_config(args.config, args.set).weighting
+        cfg = load_section(args.config, args.set, "weighting")
         src = RunDir(args.run_dir).verdicts(args.round)
         recs = []
         for pv in read_records(src, ProblemVerdicts):

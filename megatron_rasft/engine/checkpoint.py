@@ -117,6 +117,18 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
     return final
 
 
+def _say_if_schedule_differs(sched_sd: dict, scheduler, path: Path) -> None:
+    """Megatron's `OptimizerParamScheduler.load_state_dict` keeps the checkpoint's schedule length:
+    a run resumed with a larger `train.schedule.train_iters` would train its extra steps at `min_lr`
+    without a word. Say so (rank 0) when the lengths differ."""
+    saved = sched_sd.get("lr_decay_steps", sched_sd.get("decay_steps", sched_sd.get("end_iter")))
+    if rank() == 0 and saved is not None and saved != scheduler.lr_decay_steps:
+        print(f"[resume] the learning-rate schedule is the checkpoint's: cosine decay over {saved} steps, not "
+              f"the {scheduler.lr_decay_steps} of train.schedule.train_iters; steps after {saved} train at "
+              f"train.optim.min_lr ({scheduler.min_lr:g}). For a new schedule, start a new run from these "
+              f"weights (checkpoint.load = {path / 'model'}) instead of --resume", flush=True)
+
+
 def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns the loop state. Collective."""
     from megatron.core import dist_checkpointing
@@ -139,7 +151,9 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
             if "step" in st:
                 st["step"] = torch.tensor(float(loop_state["step"]), dtype=st["step"].dtype,
                                               device=st["step"].device)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    sched_sd = torch.load(path / "scheduler.pt", weights_only=False)
+    _say_if_schedule_differs(sched_sd, scheduler, path)
+    scheduler.load_state_dict(sched_sd)
     rng_file = path / f"rng_rank{rank()}.pt"
     if rng_file.is_file():  # absent when resuming at a different world size: keep the fresh seeds
         _set_rng_state(torch.load(rng_file, weights_only=False))
