@@ -18,7 +18,7 @@ from pathlib import Path
 from megatron_rasft.data.batching import Seq
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
-from megatron_rasft.records import RoundStart
+from megatron_rasft.records import RoundStart, write_atomic
 from megatron_rasft.rundir import RunDir, expert_key
 
 
@@ -107,8 +107,7 @@ class PolicyProbe:
         ids = sorted(self.data.prompt_ids)
         ids = random.Random(self.seed).sample(ids, min(len(ids), 1000))  # as calibrated (ref)
         band = Band.calibrate(list(self._score_nll(initial, ids).values()))
-        if rank0():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(band)))
+        if rank0():  # atomic: a run killed mid-write must not find a torn band on resume
+            write_atomic(path, json.dumps(asdict(band)))
         barrier()
         return band
