@@ -523,6 +523,14 @@ class RunConfig:
         """The frozen reference's log-probs are needed: rasft's ratio, or grpo's k3 KL (kl_coef > 0)."""
         return self.loss.needs_ref_logp or (self.loss.method == "grpo" and self.grpo.needs_ref_logp)
 
+    def replaced(self, **sections) -> "RunConfig":
+        """A new RunConfig with `sections` (e.g. `model=ModelConfig(...)`) in place of its own; this
+        one is left as it is. The rules are checked again; the warnings, given when this one was
+        built, are not repeated. Raises ConfigError as the constructor does."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dataclasses.replace(self, **sections)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

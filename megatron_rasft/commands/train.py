@@ -17,14 +17,15 @@ def add_arguments(p):
 
 
 def main(args) -> int:
+    import dataclasses
     import os
     import sys
 
     from megatron_rasft.config import load_config
 
     cfg = load_config(args.config, args.set)  # first: a bad config is refused before torch and Megatron load
-    if args.resume:  # loaded again with the flag as an override (its errors were those of the line above)
-        cfg = load_config(args.config, list(args.set) + ["checkpoint.resume=true"])
+    if args.resume:
+        cfg = cfg.replaced(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
 
     from megatron_rasft.rounds.coordination import RoundFailed
     from megatron_rasft.rundir import StaleRunDir

@@ -8,10 +8,8 @@ Runs the same under `torchrun` on GPUs (NCCL) and in one or several CPU processe
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-import warnings
 
 import torch
 
@@ -118,13 +116,8 @@ def train(cfg: RunConfig) -> dict:
 
 def _with_model(cfg: RunConfig, model) -> RunConfig:
     """`cfg` with `model` (the architecture actually built: the checkpoint's when one is loaded) as
-    its `[model]`: a new RunConfig, so that the caller's stays as loaded. Its rules were checked and
-    its warnings given when `cfg` was built; they are not repeated."""
-    if model == cfg.model:
-        return cfg
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dataclasses.replace(cfg, model=model)
+    its `[model]`: a new RunConfig (`RunConfig.replaced`), so that the caller's stays as loaded."""
+    return cfg if model == cfg.model else cfg.replaced(model=model)
 
 
 def _check_batch(sched, dp_size: int) -> None:
