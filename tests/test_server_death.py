@@ -5,7 +5,9 @@
 - External server that does not come back within `rollout.server.startup_timeout_s`: the run stops with
   a clear error (exit code 4) and a checkpoint; once the server is back, `--resume` finishes the
   round without regenerating the rollouts already written.
-Generation runs one prompt at a time (`rollout.server.concurrency = 1`) so that the kill lands mid-round.
+Generation runs one prompt at a time (`rollout.server.concurrency = 1`), each prompt's samples run to 160
+tokens, and the kill follows the first complete problem, so that it lands mid-round even on a fast machine
+(with 40 tokens a fast box finished the remaining prompts between the trigger and the kill).
 """
 import json
 import os
@@ -33,7 +35,7 @@ def setup(vllm_server, tmp_path_factory):
     config = loop_config(root / "run.toml", server_url=None, problems=problems,
                          tokenizer=vllm_server.model_dir, load=root / "mcore", overrides={
                              "rollout": {"server": {"concurrency": 1, "kv_cache_gib": 0.25, "max_model_len": 512},
-                                         "sampling": {"n": K}},
+                                         "sampling": {"n": K, "max_tokens": 160}},
                              "train": {"schedule": {"train_iters": 1, "global_batch_size": 8}}})
     yield root, config, vllm_server
     from megatron_rasft.rollout.refresh import refresh_weights
@@ -57,16 +59,19 @@ def _complete_problems(lines: list) -> int:
 
 
 def _kill_when_rollouts_started(proc, run: Path, r: int, kill, console: Path) -> list:
-    """Wait until 2 problems of round `r` are written, run `kill`, and return the rollout file's
+    """Wait until the first problem of round `r` is written, run `kill`, and return the rollout file's
     lines as they stand once the kill has taken effect."""
     deadline = time.time() + 600
-    while len(_rollout_lines(run, r)) < 2 * K:
+    while len(_rollout_lines(run, r)) < K:
         assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
         time.sleep(0.02)
+    seen = time.monotonic()
     kill()
+    killed_after_s = time.monotonic() - seen
     time.sleep(1.0)  # a result that arrived just before the kill is written by now
     lines = _rollout_lines(run, r)
-    assert _complete_problems(lines) < WINDOW, "the round finished before the kill: nothing tested"
+    assert _complete_problems(lines) < WINDOW, (
+        f"the round finished before the kill ({killed_after_s:.3f}s after the trigger): nothing tested")
     return lines
 
 
