@@ -312,7 +312,7 @@ def test_rollout_command_names_a_missing_model_directory(tmp_path, capsys):
     (tmp_path / "problems.jsonl").write_text("")
     missing = tmp_path / "no-model"
     assert main(["rollout", "--run-dir", str(tmp_path), "--round", "0", "--model", str(missing)]) == 2
-    out = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().err.splitlines()
     assert out == [f"error: --model {str(missing)!r}: no such directory"], out
 
 

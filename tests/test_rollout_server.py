@@ -185,7 +185,8 @@ def _run_stage(capsys, run_dir, url, model_dir):
     rc = main(["rollout", "--run-dir", str(run_dir), "--round", "1", "--set", f"rollout.server.url={url}",
                "--tokenizer", str(model_dir), "--set", "rollout.sampling.n=2", "--set", "rollout.sampling.max_tokens=12",
                "--no-progress"])
-    return rc, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
 
 
 def test_rollout_stage_resumes_without_regenerating(vllm_server, tmp_path, capsys):

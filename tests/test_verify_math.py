@@ -247,9 +247,9 @@ def test_stage_errors_name_the_line(tmp_path, capsys):
     lines[2] = '{"schema_version": 1, "type": "rollout", "problem_id": "b"}\n'
     path.write_text("".join(lines))
     assert main(["verify", "--run-dir", str(run), "--round", "0", "--no-progress"]) == 2
-    assert f"{path}:3: 'rollout' record is missing required field(s): round, sample_index" in capsys.readouterr().out
+    assert f"{path}:3: 'rollout' record is missing required field(s): round, sample_index" in capsys.readouterr().err
     assert main(["weigh", "--run-dir", str(run), "--round", "5"]) == 2
-    assert "round_005.jsonl" in capsys.readouterr().out
+    assert "round_005.jsonl" in capsys.readouterr().err
 
 
 def test_code_verifier_stage(tmp_path):

@@ -21,6 +21,8 @@ where it stopped. --responses rows: {"benchmark": file stem, "id": 0-based line 
 """
 HELP = "evaluate on math/code benchmarks (avg@n, pass@k, maj@n; resumable; grading-only; compare)"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     src = p.add_mutually_exclusive_group()
@@ -60,14 +62,12 @@ def _load_all(specs, data_dir, limit):
 
 
 def main(args) -> int:
-    import sys
-
     from megatron_rasft.eval.benchmarks import BenchmarkError
 
     try:
         return _main(args)
     except (BenchmarkError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        error(e)
         return 2
 
 

@@ -15,6 +15,8 @@ here samples exactly what the trainer's round N samples.
 """
 HELP = "sample K rollouts per problem into RUN/rollouts/round_NNN.jsonl (vLLM; resumable)"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory holding problems.jsonl")
@@ -61,7 +63,7 @@ def main(args) -> int:
         if not RunDir(args.run_dir).problems.is_file():
             raise FileNotFoundError(f"{RunDir(args.run_dir).problems} not found")
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
 
     from transformers import AutoTokenizer
@@ -74,7 +76,7 @@ def main(args) -> int:
             out = rollout_round(args.run_dir, args.round, session.generate, rcfg.sampling, tokenizer=tokenizer,
                                 problem_ids=ids)
     except (RecordError, ValueError, FileNotFoundError, ServerError) as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
     print(f"round {args.round}: {out['rollouts']} rollouts for {out['problems']} problems "
           f"({out['skipped']} already done) -> {out['path']}", flush=True)

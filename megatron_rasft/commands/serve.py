@@ -13,6 +13,8 @@ trusted.
 """
 HELP = "serve an HF checkpoint with vLLM (OpenAI-compatible API) until Ctrl-C"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="HF checkpoint directory")
@@ -38,7 +40,7 @@ def main(args) -> int:
     try:
         cfg = load_section(args.config, args.set, "rollout.server")
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
 
     def on_sigterm(signum, frame):
@@ -59,11 +61,11 @@ def main(args) -> int:
               f"Ctrl-C to stop", flush=True)
         while server.proc is not None and server.proc.poll() is None:
             time.sleep(1.0)
-        print(f"error: the server exited with code {server.proc.returncode if server.proc else '?'}; "
-              f"log {server.log_file}:\n{server.log_tail()}", flush=True)
+        error(f"the server exited with code {server.proc.returncode if server.proc else '?'}; "
+              f"log {server.log_file}:\n{server.log_tail()}")
         return 1
     except ServerError as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
     except KeyboardInterrupt:
         print("stopping the server ...", flush=True)

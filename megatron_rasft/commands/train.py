@@ -7,6 +7,8 @@ Without CUDA the run uses gloo and Megatron-Core on CPU. See examples/ for confi
 """
 HELP = "train a model (RASFT loop, GRPO, or any baseline loss) on Megatron-Core"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     p.add_argument("--config", help="TOML run configuration (sections: model, parallel, loss, "
@@ -19,7 +21,6 @@ def add_arguments(p):
 def main(args) -> int:
     import dataclasses
     import os
-    import sys
 
     from megatron_rasft.config import load_config
 
@@ -35,13 +36,13 @@ def main(args) -> int:
         out = train(cfg)
     except StaleRunDir as e:  # a run directory or checkpoint of an older format: one line, as for a bad config
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # every rank reads the same files; one says it
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            error(e)
         return 2
     except NonFiniteLoss as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 3
     except RoundFailed as e:  # the rollout server died and did not come back; a checkpoint was saved
-        print(f"error: {e}", flush=True)
+        error(e)
         return 4
     print(f"done: {out['step']} steps, {out['tokens']} tokens; checkpoint {out['checkpoint']}", flush=True)
     return 0

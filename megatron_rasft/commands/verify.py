@@ -13,6 +13,8 @@ check), code (test sandbox).
 """
 HELP = "verify a round's rollouts (math answers or code tests) into RUN/verdicts/round_NNN.jsonl"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds problems.jsonl, rollouts/)")
@@ -30,14 +32,14 @@ def main(args) -> int:
     from megatron_rasft.verify.stage import verify_round
 
     if args.round < 0 or args.batch_problems < 1:
-        print("error: --round must be >= 0, --batch-problems >= 1")
+        error("--round must be >= 0, --batch-problems >= 1")
         return 2
     try:
         vcfg = load_section(args.config, args.set, "rollout.verifier")
         out = verify_round(args.run_dir, args.round, vcfg.kind, vcfg.workers, vcfg.timeout_s,
                            args.batch_problems, progress=not args.no_progress)
     except (RecordError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
     print(f"verified {out['rollouts']} rollouts of {out['problems']} problems "
           f"({out['skipped']} already done) -> {out['path']}; reasons {out['reasons']}", flush=True)

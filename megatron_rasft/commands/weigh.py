@@ -11,6 +11,8 @@ defaults (scheme linear).
 """
 HELP = "compute solvability weights (linear | released | constant) into RUN/weights/round_NNN.jsonl"
 
+from megatron_rasft.commands import error
+
 
 def add_arguments(p):
     p.add_argument("--run-dir", required=True, help="run directory (holds verdicts/)")
@@ -35,7 +37,7 @@ def main(args) -> int:
                 raise RecordError(f"{src}: problem {pv.problem_id!r} has round {pv.round}, expected {args.round}")
             recs += weight_records(pv, cfg.scheme, cfg)
     except (RecordError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", flush=True)
+        error(e)
         return 2
     dst = RunDir(args.run_dir).weights(args.round)
     write_records(dst, recs)
