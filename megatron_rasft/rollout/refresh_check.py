@@ -242,8 +242,8 @@ def pick(groups: list, mode: str, tensors: int, n: int) -> list:
 @dataclass
 class CheckResult:
     """What one refresh's check saw. `checked`: server tensors compared (keys); `skipped`: groups
-    whose previous trainer digests were unknown (a server attached or left unknown by a failed
-    refresh); `stale`: server tensors that did not change though the trainer changed their
+    whose previous trainer digests were unknown (a server attached, a group a failed refresh moved
+    in part, or one another client changed since the last check); `stale`: server tensors that did not change though the trainer changed their
     group; `unexpected`: server tensors that changed though the trainer changed nothing of theirs;
     `missing`: server tensors gone after the refresh; `uncovered`: server tensors no tensor of the
     new weights loads into."""
@@ -284,6 +284,7 @@ class _Served:
 
     n: int = 0
     digests: Optional[dict] = None
+    server: Optional[dict] = None  # its own digests after that refresh (None: not read yet)
 
 
 def _served(server: RolloutServer) -> _Served:
@@ -299,8 +300,8 @@ class RefreshCheck:
     """One refresh's tensor check; see the module docstring. Create with `begin`."""
 
     def __init__(self, server: RolloutServer, mode: str, groups: list, hf_names: list, before: dict,
-                 timeout_s: float):
-        self.server, self.mode, self.groups = server, mode, groups
+                 timeout_s: float, following: list = ()):
+        self.server, self.mode, self.groups, self.following = server, mode, groups, list(following)
         self.hf_names = hf_names  # whose trainer digests `verify` needs (this refresh's and the next's)
         self.before, self.timeout_s = before, timeout_s
 
@@ -328,7 +329,7 @@ class RefreshCheck:
             present = set(export_tensor_names(start)) if start.is_dir() else set()
             state.digests = export_digests(start, [h for h in names if h in present])
         before = server_digests(server, [p for g in now for p in g.params], timeout_s)
-        return cls(server, mode, now, names, before, timeout_s)
+        return cls(server, mode, now, names, before, timeout_s, nxt)
 
     def verify(self, digests: Optional[Mapping[str, str]] = None, *,
                changed: Optional[Mapping[str, bool]] = None) -> CheckResult:
@@ -347,7 +348,8 @@ class RefreshCheck:
             if digests is None:
                 raise ValueError("RefreshCheck.verify needs digests= or changed=")
             changed = self._changed(state, digests)
-        after = server_digests(self.server, [p for g in self.groups for p in g.params], self.timeout_s)
+        after = server_digests(self.server, sorted({p for g in self.groups + self.following for p in g.params}),
+                               self.timeout_s)
         res = CheckResult(self.mode, 0, 0)
         served = dict(digests) if digests is not None else None  # trainer digests of what it now serves
         old = state.digests or {}
@@ -356,7 +358,11 @@ class RefreshCheck:
                 res.uncovered += [k for k in self.before if _param(k) in g.params]
                 res.checked += sum(_param(k) in g.params for k in self.before)
                 continue
-            if any(h not in changed for h in g.hf):
+            keys = [k for k in self.before if _param(k) in g.params]
+            # Skipped: previous trainer digests unknown, or the server's tensors are not those it
+            # had after our last check (another client refreshed it since).
+            if any(h not in changed for h in g.hf) or (
+                    state.server is not None and any(state.server.get(k) != self.before[k] for k in keys)):
                 res.skipped += 1
                 continue
             expect = any(changed[h] for h in g.hf)
@@ -374,7 +380,7 @@ class RefreshCheck:
                 for h in g.hf:
                     served.pop(h, None)
         state.n += 1
-        state.digests = served
+        state.digests, state.server = served, after
         if not res.ok:
             raise RefreshError(f"refresh of {self.server.url} is stale or partial: {res.problems()}")
         return res
