@@ -90,6 +90,7 @@ def test_noop_and_subset_reloads_are_caught(vllm_server, tmp_path, monkeypatch):
     # Every tensor the step moved (all but the norms, whose weights are all ones: std 0) is named.
     assert "12 of 17 server tensors did not change although the trainer changed them" in msg, msg
     assert "lm_head.weight#packed" in msg and "model.layers.0.mlp.down_proj.weight#packed" in msg, msg
+    assert "probe |Δ log-prob| vs the trainer" in msg and "(refresh_atol 0.05)" in msg, msg
     assert _max_diff(client.prompt_logprobs(ids)[1], expected) < vllm_server.cfg.refresh_atol  # the probe alone passes
 
     # A reload that loads layer 0 only (a checkpoint holding a subset of the export's tensors).

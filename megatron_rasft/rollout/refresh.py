@@ -117,7 +117,12 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
         digests = export_digests(hf_dir, check.hf_names) if check is not None else None
         reload_in_place(server, hf_dir)
         after = client.prompt_logprobs(probe)[1]
-        check = check.verify(digests) if check is not None else None
+        try:
+            check = check.verify(digests) if check is not None else None
+        except RefreshError as e:
+            distance = f"{_max_abs_diff(after, expected):.3g}" if expected is not None else "not measured"
+            raise RefreshError(f"{e}; probe |Δ log-prob| vs the trainer {distance} "
+                               f"(refresh_atol {atol})") from e
         if expected is not None and _max_abs_diff(after, expected) > atol:
             raise RefreshError(f"probe differs from the expected log-probs by "
                                f"{_max_abs_diff(after, expected):.3g} > {atol} after the in-place reload")
