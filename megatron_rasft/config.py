@@ -266,10 +266,19 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     max_retries: int = 3  # per request (timeouts, 5xx); per batch for restarts that made no progress
     refresh_atol: float = 0.05  # max |Δ log-prob| between the server and the trainer on the probe
+    # After every refresh the server tensors that changed must be those the trainer changed
+    # (rollout/refresh_check.py): full | sample (refresh_check_tensors tensor groups, drawn afresh
+    # each refresh; every group when the model has fewer) | off. Sample by default: full hashes the
+    # whole model on the server twice per refresh (docs/rollout.md, "Refresh check").
+    refresh_check: str = "sample"
+    refresh_check_tensors: int = 64
 
     def __post_init__(self):
         _check(self.concurrency >= 1, "rollout.server.concurrency must be >= 1")
         _check(self.max_retries >= 0, "rollout.server.max_retries must be >= 0")
+        _one_of("rollout.server.refresh_check", self.refresh_check, ("full", "sample", "off"))
+        _check(self.refresh_check_tensors >= 1, f"rollout.server.refresh_check_tensors must be >= 1, "
+                                                f"got {self.refresh_check_tensors}")
 
 
 @dataclass(slots=True)

@@ -49,6 +49,8 @@ def test_two_rounds_single_process_then_resume_without_redoing(setup):
         lines = (run / "rollouts" / f"round_{r:03d}.jsonl").read_text().splitlines()
         assert len(lines) == 4 * 2  # 4 problems per window × K = 2
     assert "server serves the step's weights (inplace" in out
+    # Round 1's refresh: every server tensor checked against the trainer's step (rollout/refresh_check.py).
+    assert "; 17 server tensors checked (sample); probe" in out, out
     marker = json.loads((run / "rounds" / "round_000.json").read_text())
     assert sum(it["key"].startswith("e/") for it in marker["items"]) == 4 and marker["summary"]["problems"] == 4
     assert not (run / "weights").exists()  # the round result is the one record of the round's weights

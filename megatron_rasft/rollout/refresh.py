@@ -9,10 +9,12 @@ Only tensors are reloaded: the checkpoint must have the served model's architect
 A failed reload can leave the engine with half-loaded (meta) weights, so any error on that path
 falls back to restarting the server on the new checkpoint, as does a server without the endpoints.
 
-Verification: the log-probs of a fixed probe prompt are read from the server after the refresh.
-If the caller passes `expected` (computed from the new weights, e.g. with `hf_prompt_logprobs` for
-small models, or by the trainer's own forward pass) they must match within `atol`, and must differ
-from the probe before the refresh whenever `expected` does.
+Verification, after an in-place reload: the server tensors that changed must be exactly those the
+trainer changed (`refresh_check.py`, `rollout.server.refresh_check`), and the log-probs of the
+probe prompt are read from the server. If the caller passes `expected` (computed from the new
+weights, e.g. with `hf_prompt_logprobs` for small models, or by the trainer's own forward pass) they
+must match within `atol`, and must differ from the probe before the refresh whenever `expected`
+does. A failed check restarts the server once; the probe must then pass.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class RefreshResult:
     max_abs_diff_expected: Optional[float]  # vs `expected`, when given
     max_abs_diff_before: Optional[float]  # vs the probe before the refresh
     fallback_reason: Optional[str] = None
+    check: Optional[object] = None  # the in-place reload's `refresh_check.CheckResult` (None: off, or restarted)
 
 
 def check_checkpoint(hf_dir: str | Path) -> Path:
@@ -89,31 +92,50 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
     atol: the largest |Δ log-prob| accepted on the probe; default the server config's
     `rollout.server.refresh_atol` (its one source).
     The in-place path is skipped when config.json differs from the served model's (vLLM does not
-    notice a shape change: it reloads what fits and serves garbage), and a restart follows an
-    in-place reload whose probe does not match `expected`.
+    notice a shape change: it reloads what fits and serves garbage). After an in-place reload the
+    tensor check (`rollout.server.refresh_check`, `refresh_check.RefreshCheck`: the server tensors
+    that changed must be those the trainer changed) and the probe (within `atol` of `expected`)
+    must pass; otherwise the server is restarted on `hf_dir` once (a fresh process loads the whole
+    checkpoint) and the probe checked again. Raises `RefreshError` naming what is stale (tensors,
+    probe distance) when that fails too, or when no restart is possible.
     """
+    from megatron_rasft.rollout.refresh_check import (RefreshCheck, export_digests, export_tensor_names,
+                                                       remember_served)
+
     hf_dir = check_checkpoint(hf_dir)
     atol = server.cfg.refresh_atol if atol is None else atol
     client = client or RolloutClient(server, server.cfg, progress=False)
     resume_if_paused(server)
     before = client.prompt_logprobs(probe)[1]
     start = time.monotonic()
-    method, reason = "inplace", None
+    method, reason, check = "inplace", None, None
     try:
         if server.model_dir is not None and not same_architecture(server.model_dir, hf_dir):
             raise ServerError(f"config.json of {hf_dir} differs from the served {server.model_dir}")
+        check = RefreshCheck.begin(server, export_tensor_names(hf_dir), json.loads((hf_dir / "config.json").read_text()),
+                                   server.cfg.refresh_check, server.cfg.refresh_check_tensors)
+        digests = export_digests(hf_dir, check.hf_names) if check is not None else None
         reload_in_place(server, hf_dir)
         after = client.prompt_logprobs(probe)[1]
+        try:
+            check = check.verify(digests) if check is not None else None
+        except RefreshError as e:
+            distance = f"{_max_abs_diff(after, expected):.3g}" if expected is not None else "not measured"
+            raise RefreshError(f"{e}; probe |Δ log-prob| vs the trainer {distance} "
+                               f"(refresh_atol {atol})") from e
         if expected is not None and _max_abs_diff(after, expected) > atol:
-            raise ServerError(f"probe differs from the expected log-probs by "
-                              f"{_max_abs_diff(after, expected):.3g} after the in-place reload")
-    except (ServerError, OSError) as e:
+            raise RefreshError(f"probe differs from the expected log-probs by "
+                               f"{_max_abs_diff(after, expected):.3g} > {atol} after the in-place reload")
+    except (ServerError, OSError, RefreshError) as e:
         if not (allow_restart and server.managed):
-            raise ServerError(f"in-place refresh of {server.url} failed and no restart is possible "
-                              f"({'external server' if not server.managed else 'allow_restart=False'}): {e}") from e
-        method, reason = "restart", str(e)[:300]
+            kind = RefreshError if isinstance(e, RefreshError) else ServerError
+            raise kind(f"in-place refresh of {server.url} failed and no restart is possible "
+                       f"({'external server' if not server.managed else 'allow_restart=False'}): {e}") from e
+        method, reason, check = "restart", str(e)[:600], None
         print(f"[refresh] in-place reload not usable ({reason}); restarting the server on {hf_dir}", flush=True)
         server.restart(hf_dir)
+        # A fresh process serves what it loaded: the next check starts from these weights.
+        remember_served(server, hf_dir, server.cfg.refresh_check, server.cfg.refresh_check_tensors)
         after = client.prompt_logprobs(probe)[1]
     server.model_dir = str(hf_dir)  # a later restart must serve these weights, not the old ones
     seconds = time.monotonic() - start
@@ -125,10 +147,11 @@ def refresh_weights(server: RolloutServer, hf_dir: str | Path, client: Optional[
         diff_expected = _max_abs_diff(after, expected)
         if diff_expected > atol:
             raise RefreshError(f"after refreshing to {hf_dir} the probe log-probs differ from the expected "
-                               f"ones by {diff_expected:.3g} > {atol} ({method}): the new weights are not live")
+                               f"ones by {diff_expected:.3g} > {atol} ({method}"
+                               f"{': ' + reason if reason else ''}): the new weights are not live")
         if _max_abs_diff(expected, before) > atol and diff_before <= atol:
             raise RefreshError(f"probe log-probs did not change after refreshing to {hf_dir} ({method})")
-    return RefreshResult(method, seconds, after, diff_expected, diff_before, reason)
+    return RefreshResult(method, seconds, after, diff_expected, diff_before, reason, check)
 
 
 # Keys of config.json that do not change what the served model computes with its weights.

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
-from megatron_rasft.rollout.vllm_ext import EXTENSION as TIED_RELOAD_EXTENSION
+from megatron_rasft.rollout.vllm_digest import EXTENSION as WORKER_EXTENSION
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Environment every server gets unless the caller's environment already sets it. The dev-mode
@@ -152,8 +152,9 @@ class RolloutServer:
                "--logprobs-mode", "processed_logprobs"]
         if cfg.max_model_len:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
-        # `reload_weights_tied` for the in-place refresh: a plain reload leaves a tied LM head stale on CPU.
-        cmd += ["--worker-extension-cls", TIED_RELOAD_EXTENSION]
+        # `reload_weights_tied` for the in-place refresh (a plain reload leaves a tied LM head stale on
+        # CPU) and `weight_digests` for the refresh check (vllm_digest.py).
+        cmd += ["--worker-extension-cls", WORKER_EXTENSION]
         if self.enforce_eager or (self.enforce_eager is None and not on_gpu):
             cmd.append("--enforce-eager")
         if not on_gpu:

@@ -73,8 +73,11 @@ class RolloutSession:
 
         def refresh():
             res = refresh_weights(self.server, hf_dir, self.client, probe=list(probe), expected=list(expected))
-            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+            tensors = res.check.summary() if res.check is not None else (
+                "restarted" if res.method == "restart" else "tensor check off")
+            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s; {tensors}; "
+                  f"probe |Δ| {res.max_abs_diff_expected:.2e} over {len(probe) - 1} tokens; {self.server.url})",
+                  flush=True)
             return res
 
         res = refresh()

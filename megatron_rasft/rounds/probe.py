@@ -1,8 +1,9 @@
 """What a round needs from the policy, at its window boundary (collective, every rank):
 
 - the export the rollout server is refreshed to (RUN/hf/policy);
-- the refresh probe: a prompt's token ids and their log-probs under that export, by the trainer's
-  own forward pass; the refreshed server must reproduce them (proof that the new weights are live);
+- the refresh probe: a prompt's token ids (new every round) and their log-probs under that export,
+  by the trainer's own forward pass; the refreshed server must reproduce them (with the tensor
+  check of `rollout/refresh_check.py`, proof that the new weights are live);
 - the selection of the window's problems to roll out (`rollout.selection`: `all`, or the
   `released` rule's expert-NLL band with its hard pool, `methods/selection.py`), with the band
   calibrated once per run on the initial model (RUN/rounds/nll_band.json).
@@ -20,6 +21,9 @@ from megatron_rasft.model.provider import unwrap
 from megatron_rasft.parallel.groups import barrier, rank0
 from megatron_rasft.records import RoundStart, write_atomic
 from megatron_rasft.rundir import RunDir, expert_key
+
+
+PROBE_PREFIX = 8  # round-specific tokens in front of the refresh probe (1 in |pool|^8 to repeat)
 
 
 class PolicyProbe:
@@ -44,7 +48,7 @@ class PolicyProbe:
         t0 = time.time()
         hf_dir = self.export()
         export_s = time.time() - t0
-        probe_ids, probe_logp = self.refresh_probe()
+        probe_ids, probe_logp = self.refresh_probe(r)
         sel = self.select(r, problem_ids, step, hard_pool)
         return RoundStart(r, list(problem_ids), str(hf_dir), probe_ids, probe_logp, **sel), export_s
 
@@ -57,13 +61,18 @@ class PolicyProbe:
                      hf_config=self.models.hf_config, tokenizer_dir=self.tokenizer_dir)
         return out
 
-    def refresh_probe(self) -> tuple[list, list]:
-        """(probe token ids, their log-probs under the current policy): the first problem's prompt,
-        cut to seq_length. Collective."""
+    def refresh_probe(self, r: int) -> tuple[list, list]:
+        """(probe token ids, their log-probs under the current policy) for round `r`: a prompt the
+        server has not served before, so that no cached KV of older weights can answer it —
+        PROBE_PREFIX tokens drawn with seed (train.seed, r) from the first prompts' own tokens,
+        then the first problem's prompt; cut to seq_length. Collective."""
         from megatron_rasft.engine.refpass import score
 
-        pid = sorted(self.data.prompt_ids)[0]
-        ids = list(self.data.prompt_ids[pid])[: self.model_cfg.seq_length]
+        pids = sorted(self.data.prompt_ids)
+        pool = sorted({t for pid in pids[:16] for t in self.data.prompt_ids[pid]})
+        rng = random.Random(f"{self.seed}/probe/{r}")
+        prefix = [rng.choice(pool) for _ in range(PROBE_PREFIX)]
+        ids = (prefix + list(self.data.prompt_ids[pids[0]]))[: self.model_cfg.seq_length]
         got = score(unwrap(self.models.policy), [Seq("probe", ids, 0)], self.groups, micro_batch_size=1,
                     seq_length=self.model_cfg.seq_length, pad_id=self.data.pad_id,
                     vocab_size=self.model_cfg.vocab_size)
