@@ -137,9 +137,10 @@ def _overlap_run(tp: int, pp: int, overlap: bool, ckpt: str, mode: str) -> dict:
                 out.register_hook(lambda g: in_flight.append(
                     any(bg.grad_reduce_handle is not None for bg in ddp.bucket_groups)))
         model.embedding.register_forward_hook(on_embedding)
-    start, losses, stale = 0, [], None
+    start, losses, stale, loaded = 0, [], None, None
     if mode == "resume":
         start = checkpoint.load(Path(ckpt) / f"iter_{SAVE_AT:07d}", chunks, optimizer, scheduler)["step"]
+        loaded = {n: p.detach().clone() for n, p in model.named_parameters()}  # the checkpoint's model/
     end = SAVE_AT if mode == "save" else STEPS
     for step in range(start, end):
         for c in chunks:
@@ -160,7 +161,7 @@ def _overlap_run(tp: int, pp: int, overlap: bool, ckpt: str, mode: str) -> dict:
     sync_params(chunks)
     out = dict(losses=losses, params={n: p.detach().clone() for n, p in model.named_parameters()},
                buckets=sum(len(b.buckets) for b in ddp.buffers), bucket_groups=len(ddp.bucket_groups),
-               in_flight=in_flight, stale=stale, first_stage=model.pre_process)
+               in_flight=in_flight, stale=stale, first_stage=model.pre_process, loaded=loaded)
     _teardown()
     return out
 
@@ -170,7 +171,7 @@ def _overlap_suite(layouts: dict, ckpt_root: str) -> dict:
     for name, (tp, pp) in layouts.items():
         ckpt = str(Path(ckpt_root) / name)
         out[name] = dict(plain=_overlap_run(tp, pp, False, ckpt, "all"), overlap=_overlap_run(tp, pp, True, ckpt, "all"))
-        _overlap_run(tp, pp, True, ckpt, "save")
+        out[name]["saved"] = _overlap_run(tp, pp, True, ckpt, "save")
         out[name]["resumed"] = _overlap_run(tp, pp, True, ckpt, "resume")
     return out
 
@@ -257,6 +258,9 @@ def _check_overlap(per_rank: list, layouts: list):
             _assert_same_params(resumed["params"], over["params"], f"{where}: resumed vs uninterrupted")
             torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(over["losses"][SAVE_AT:]),
                                        rtol=0, atol=1e-6)
+            # The checkpoint's weights (model/, what mcore-to-hf exports) are those trained, although
+            # the last step's all-gather was still pending when it was saved.
+            _assert_same_params(resumed["loaded"], res["overlap"][name]["saved"]["params"], f"{where}: checkpoint")
             # The all-gather after a step waits for the next forward (or sync_params).
             assert over["stale"] > 0, where
             if over["first_stage"]:
