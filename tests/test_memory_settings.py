@@ -12,6 +12,7 @@
   several steps equal the plain run's; a run saved and resumed mid-way equals the uninterrupted one.
 - Reference placement `host`: the reference's log-probs and the step's loss equal `device`'s;
   between passes every reference parameter's device storage has size 0.
+- A checkpoint's optimizer state is refused, naming the settings, by a run with another bucket layout.
 
 One spawn of 4 ranks and one of 2 run every configuration, each after a fresh `init_distributed`.
 """
@@ -176,6 +177,23 @@ def _overlap_suite(layouts: dict, ckpt_root: str) -> dict:
     return out
 
 
+def _refused_resume(ckpt: str) -> str:
+    """The error of loading the overlapped run's checkpoint into the plain (one-bucket) layout."""
+    from megatron_rasft.engine import checkpoint
+    from megatron_rasft.engine.optim import build_optimizer
+
+    pcfg = ParallelConfig(use_distributed_optimizer=True)
+    _, _, chunks = _build(pcfg, ModelConfig(**MCFG))
+    optimizer, scheduler = build_optimizer(chunks, OptimConfig(lr=3e-3), pcfg, total_steps=STEPS)
+    try:
+        checkpoint.load(Path(ckpt) / f"iter_{SAVE_AT:07d}", chunks, optimizer, scheduler)
+        message = "loaded"
+    except ValueError as e:
+        message = str(e)
+    _teardown()
+    return message
+
+
 # -- reference placement --------------------------------------------------------------------------------
 
 def _placement_case(placement: str) -> dict:
@@ -229,6 +247,7 @@ def _four_ranks(rank, world, ckpt_root):
 
 def _two_ranks(rank, world, ckpt_root):
     out = {"overlap": _overlap_suite({"dp2": (1, 1)}, ckpt_root)}
+    out["refused"] = _refused_resume(str(Path(ckpt_root) / "dp2"))
     out.update({p: _placement_case(p) for p in ("device", "host")})
     return out
 
@@ -302,6 +321,11 @@ def test_recompute_and_overlap_at_four_ranks(tmp_path):
 def test_overlap_at_dp2_and_host_reference(tmp_path):
     per_rank = spawn(_two_ranks, 2, str(tmp_path), timeout_s=600)
     _check_overlap(per_rank, ["dp2"])
+    # The distributed optimizer's state is saved per bucket: another bucket layout is refused up front
+    # (Megatron itself would fail deep in dist_checkpointing with a shape mismatch).
+    for res in per_rank:
+        assert "saved with another gradient-bucket layout" in res["refused"], res["refused"]
+        assert "parallel.overlap_grad_reduce and parallel.bucket_size" in res["refused"], res["refused"]
     for r, res in enumerate(per_rank):
         dev, host = res["device"], res["host"]
         # Log-probs and the loss that uses them: identical (the same weights, copied bit for bit).
