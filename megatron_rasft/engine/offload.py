@@ -54,4 +54,3 @@ class HostReference:
             yield self.chunks
         finally:
             self.release()
-
