@@ -24,6 +24,9 @@ LOSS_METHODS = ("sft", "dft", "sft_kl", "asft", "profit", "rasft", "grpo")
 PLACEHOLDER_ANSWERS = ("proof", "notfound", "not found", "none", "null", "nan", "n/a", "na", "-", "?",
                        "tbd", "unknown", "no answer", "no solution")
 KL_METHODS = ("sft_kl", "asft")
+# Megatron-Core's recompute_modules that exist in a dense GPT layer (the MoE/MLA ones need layers
+# this project does not build).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 ROUND_METHODS = ("rasft", "grpo")  # the methods that train on rollout rounds (rollout.batches_per_round)
 
 
@@ -82,6 +85,17 @@ class ModelConfig:
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    # Activation recomputation (Megatron-Core's TransformerConfig fields, docs/training.md "Memory
+    # settings"): "selective" recomputes `recompute_modules` of every layer in the backward pass;
+    # "full" recomputes whole layers, `recompute_method` "uniform" (every layer, in units of
+    # `recompute_num_layers`) or "block" (the first `recompute_num_layers` layers of each pipeline stage).
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # full only: uniform | block
+    recompute_num_layers: Optional[int] = None  # full only
+    recompute_modules: Optional[list] = None  # selective only; None = ["core_attn"] (Megatron's default)
+    # Where the frozen reference's weights live between reference passes: "device" (always on the
+    # device) or "host" (host memory, pinned on a GPU; moved to the device for each reference pass).
+    reference_placement: str = "device"  # device | host
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
@@ -103,6 +117,34 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             _one_of("model.rope_scaling.rope_type", kind, ("llama3", "default"))
+        self._check_recompute()
+        _one_of("model.reference_placement", self.reference_placement, ("device", "host"))
+
+    def _check_recompute(self) -> None:
+        if self.recompute_granularity in ("none", ""):
+            self.recompute_granularity = None
+        gran, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        _one_of("model.recompute_granularity", gran, (None, "selective", "full"))
+        if gran == "full":
+            _check(method in ("uniform", "block"),
+                   f"model.recompute_granularity = 'full' needs model.recompute_method = 'uniform' or 'block', "
+                   f"got {method!r}")
+            _check(n is not None and 1 <= n <= self.num_layers,
+                   f"model.recompute_granularity = 'full' needs model.recompute_num_layers in [1, "
+                   f"model.num_layers = {self.num_layers}], got {n!r}")
+        else:
+            _check(method is None and n is None,
+                   f"model.recompute_method and model.recompute_num_layers apply to model.recompute_granularity "
+                   f"= 'full' only (got recompute_granularity = {gran!r}, recompute_method = {method!r}, "
+                   f"recompute_num_layers = {n!r})")
+        if self.recompute_modules is not None:
+            _check(gran == "selective",
+                   f"model.recompute_modules applies to model.recompute_granularity = 'selective' only "
+                   f"(got {gran!r})")
+            bad = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+            _check(isinstance(self.recompute_modules, list) and bool(self.recompute_modules) and not bad,
+                   f"model.recompute_modules must be a non-empty list of {RECOMPUTE_MODULES}, "
+                   f"got {self.recompute_modules!r}")
 
 
 @dataclass(slots=True)
@@ -117,6 +159,12 @@ class ParallelConfig:
     # Timeout of every collective (Megatron-LM's name and default). A rollout round does not count
     # against it: the other ranks wait for rank 0's round without a deadline (parallel/wait.py).
     distributed_timeout_minutes: float = 10.0
+    # Megatron DDP's bucketed gradient reduction issued during the backward pass (instead of after
+    # it), its bucket size (parameters per bucket; None = Megatron's default, max(4e7, 1e6 x DP)),
+    # and the distributed optimizer's parameter all-gather issued during the next forward pass.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: Optional[int] = None
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -126,6 +174,20 @@ class ParallelConfig:
         _check(self.context_parallel_size == 1,
                "parallel.context_parallel_size > 1 is not supported yet (the sequence-level ratio "
                "needs a CP reduction)")
+        _check(self.bucket_size is None or self.bucket_size >= 1,
+               f"parallel.bucket_size must be >= 1 (parameters per bucket) or null, got {self.bucket_size}")
+        # Without overlap Megatron reduces every gradient in one bucket after the backward pass.
+        _check(self.bucket_size is None or self.overlap_grad_reduce,
+               "parallel.bucket_size applies with parallel.overlap_grad_reduce = true only (without it "
+               "Megatron reduces all gradients as one bucket)")
+        # The all-gather of updated parameters exists only with the distributed optimizer, and
+        # Megatron issues it per gradient bucket (Megatron-LM's --overlap-param-gather rule).
+        _check(not self.overlap_param_gather or self.use_distributed_optimizer,
+               "parallel.overlap_param_gather = true needs parallel.use_distributed_optimizer = true (only the "
+               "distributed optimizer all-gathers parameters)")
+        _check(not self.overlap_param_gather or self.overlap_grad_reduce,
+               "parallel.overlap_param_gather = true needs parallel.overlap_grad_reduce = true (the "
+               "all-gather is issued per gradient bucket)")
 
 
 @dataclass(slots=True)
@@ -519,6 +581,13 @@ class RunConfig:
                                                        and (par.virtual_pipeline_model_parallel_size or 1) == 1),
                f"loss.method = {self.loss.method!r} needs the reference logits inside the training step, which "
                f"is supported with parallel.pipeline_model_parallel_size = 1 (and no virtual pipeline) only")
+
+        # The KL methods read the reference's logits inside every training step: it cannot leave
+        # the device between reference passes.
+        _check(self.model.reference_placement == "device" or self.loss.method not in KL_METHODS,
+               f"model.reference_placement = 'host' with loss.method = {self.loss.method!r}: this method uses the "
+               f"frozen reference inside every training step (its KL term), so the reference must stay on the "
+               f"device; set model.reference_placement = 'device'")
 
     @property
     def policy_temperature(self) -> float:

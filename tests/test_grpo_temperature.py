@@ -76,6 +76,7 @@ def _worker(rank, world, tmp):
     from megatron_rasft.model.provider import build_model
     from megatron_rasft.parallel.groups import init_distributed
     from megatron_rasft.train.loop import build_loss_func
+    from megatron_rasft.engine.model import Models
     from megatron_rasft.engine.optim import build_optimizer
     from megatron_rasft.engine.refpass import RefCache
     from megatron_rasft.engine.step import attach_schedule_hooks, forward_backward, global_metrics, \
@@ -96,7 +97,7 @@ def _worker(rank, world, tmp):
     new = {s.key: s for s in seqs}
     # The stream's own π_old pass (the policy at the round boundary) and reference pass, on a stream
     # holding only what those two passes read.
-    stream = SimpleNamespace(cfg=cfg, groups=pgs, models=SimpleNamespace(policy=chunks, reference=[reference]),
+    stream = SimpleNamespace(cfg=cfg, groups=pgs, models=Models(chunks, [reference], None, cfg.model, None, 0),
                              data=SimpleNamespace(pad_id=0, experts={}), times={"old_logp": 0.0, "reference": 0.0},
                              old_cache=RefCache(Path(tmp) / "old_logp"), old_logp={},
                              ref_cache=RefCache(Path(tmp) / "ref_logp"), ref_logp={})

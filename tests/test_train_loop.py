@@ -91,9 +91,15 @@ def test_tp2_and_pp2_runs_match_single_process(tmp_path, init_ckpt):
     rc, out = _train(tmp_path / "one", *sets)
     assert rc == 0, out
     ref = step_losses(tmp_path / "one")
-    for name, layout in {"tp2": "parallel.tensor_model_parallel_size=2",
-                         "pp2": "parallel.pipeline_model_parallel_size=2"}.items():
-        rc, out = _train(tmp_path / name, *sets, layout, nproc=2)
+    # dp2_memory: the memory and overlap settings together (docs/launch.md), through the whole loop:
+    # the reference pass from host memory, the deferred all-gather finished before the windows and
+    # the checkpoint, recomputation in every step.
+    memory = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true", "parallel.bucket_size=5000",
+              "model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1",
+              "model.reference_placement=host"]
+    for name, layout in {"tp2": ["parallel.tensor_model_parallel_size=2"],
+                         "pp2": ["parallel.pipeline_model_parallel_size=2"], "dp2_memory": memory}.items():
+        rc, out = _train(tmp_path / name, *sets, *layout, nproc=2)
         assert rc == 0, out
         got = step_losses(tmp_path / name)
         assert sorted(got) == [1, 2, 3]

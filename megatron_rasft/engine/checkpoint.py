@@ -5,7 +5,8 @@
 - `optim/` holds the optimizer state (`dp_reshardable`, the sharding that resumes on CPU/gloo too)
   and the LR scheduler.
 - `rng_rank*.pt` every rank's CPU/CUDA/Megatron-tracker RNG states; `state.json` the loop state
-  (step, data position, round state) written by rank 0.
+  (step, data position, round state) written by rank 0; `buckets.json` the gradient-bucket layout the
+  optimizer state was saved with (a resume with another layout is refused: `check_bucket_layout`).
 A checkpoint is written to `iter_N.tmp` and renamed when complete; `latest` is updated last, so a
 kill at any moment leaves the previous checkpoint usable.
 """
@@ -67,6 +68,34 @@ def _materialize_optimizer_state(optimizer) -> None:
         inner.zero_grad()
 
 
+def bucket_layout(chunks: list) -> list:
+    """This rank's gradient-bucket layout: per DDP chunk, per buffer, the number of parameters of each
+    bucket (`parallel.bucket_size` and `parallel.overlap_grad_reduce` decide it)."""
+    return [[[len(b.params) for b in buf.buckets] for buf in c.buffers + c.expert_parallel_buffers]
+            for c in chunks if hasattr(c, "buffers")]
+
+
+def check_bucket_layout(path: Path, chunks: list) -> None:
+    """Refuse to load the optimizer state of checkpoint `path` into chunks bucketed differently: the
+    distributed optimizer's state is saved per gradient bucket. Checkpoints written before the file
+    existed, and resumes at another world size (another layout of ranks), are not checked. Raises
+    ValueError naming the settings."""
+    import torch.distributed as dist
+
+    f = Path(path) / "buckets.json"
+    if not f.is_file():
+        return
+    by_rank = json.loads(f.read_text())
+    if len(by_rank) != (dist.get_world_size() if dist.is_initialized() else 1):
+        return
+    saved = by_rank.get(str(rank()))
+    now = bucket_layout(chunks)
+    if saved is not None and saved != now:
+        raise ValueError(f"{path}: the optimizer state was saved with another gradient-bucket layout "
+                         f"(parameters per bucket {saved}, now {now}): resume with that run's "
+                         f"parallel.overlap_grad_reduce and parallel.bucket_size")
+
+
 def latest(ckpt_root: Path) -> Optional[Path]:
     """The newest complete checkpoint, or None."""
     pointer = Path(ckpt_root) / "latest"
@@ -99,15 +128,20 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "optim").mkdir(parents=True)
     barrier()
+    from megatron_rasft.engine.step import sync_params
+
+    sync_params(chunks)  # overlap_param_gather: the last step's all-gather may still be pending
     save_model_as_mcore(unwrap(chunks), tmp / "model", model_config, groups, hf_config=hf_config)
     model_sd = _model_sharded_sd(chunks)
     optim_sd = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPT_META)}
     dist_checkpointing.save(optim_sd, str(tmp / "optim"))
     torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
+    layouts = _gather_objects(bucket_layout(chunks))
     barrier()
     if rank() == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
+        (tmp / "buckets.json").write_text(json.dumps({str(r): lay for r, lay in enumerate(layouts)}))
         replace_dir(tmp, final)
         write_atomic(ckpt_root / "latest", final.name)
         old = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -115,6 +149,17 @@ def save(ckpt_root: Path, step: int, chunks: list, optimizer, scheduler, loop_st
             shutil.rmtree(p, ignore_errors=True)
     barrier()
     return final
+
+
+def _gather_objects(obj) -> list:
+    """`obj` of every rank, by rank (collective; `[obj]` without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _say_if_schedule_differs(sched_sd: dict, scheduler, path: Path) -> None:
@@ -136,6 +181,7 @@ def load(path: Path, chunks: list, optimizer, scheduler) -> dict:
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
 
     path = Path(path)
+    check_bucket_layout(path, chunks)
     _materialize_optimizer_state(optimizer)  # before the weights load: it takes a (zero-grad) step
     load_mcore_into_model(unwrap(chunks), path / "model")
     model_sd = _model_sharded_sd(chunks)

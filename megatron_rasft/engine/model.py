@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megatron_rasft.config import ModelConfig, ParallelConfig
 
+if TYPE_CHECKING:
+    from megatron_rasft.engine.offload import HostReference
+
 # Fields that describe how to run the model rather than what it is: the run config decides them.
 _RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "attention", "fp8", "fp8_recipe",
-                   "fp8_amax_history_len", "fp8_amax_compute_algo")
+                   "fp8_amax_history_len", "fp8_amax_compute_algo", "recompute_granularity", "recompute_method",
+                   "recompute_num_layers", "recompute_modules", "reference_placement")
 
 
 @dataclass
@@ -22,6 +27,20 @@ class Models:
     model_config: ModelConfig
     hf_config: Optional[dict]
     num_params: int  # whole model (all ranks), for MFU
+    # model.reference_placement = "host": the reference's weights in host memory between passes
+    # (engine/offload.py); None: they stay on the device.
+    reference_host: Optional["HostReference"] = None
+
+    @contextmanager
+    def reference_on_device(self):
+        """`with models.reference_on_device() as chunks:` the reference chunks with their weights on
+        the device for the block (the reference pass); with `host` placement they leave it again
+        when the block ends."""
+        if self.reference_host is None:
+            yield self.reference
+        else:
+            with self.reference_host.on_device() as chunks:
+                yield chunks
 
 
 def resolve_model_config(model: ModelConfig, load: Optional[str]) -> tuple[ModelConfig, Optional[dict]]:
@@ -82,10 +101,20 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
             chunk.eval()
             chunk.requires_grad_(False)
     kl_model = ref_chunks[0] if kl_reference else None
+    host = None
+    if ref_chunks is not None and mcfg.reference_placement == "host":
+        if kl_reference:  # RunConfig refuses it; a direct caller gets the same answer
+            raise ValueError("model.reference_placement = 'host' cannot serve a reference used inside every "
+                             "training step (the KL methods)")
+        from megatron_rasft.engine.offload import HostReference
+
+        host = HostReference(ref_chunks)
     local = sum(p.numel() for c in policy for p in c.parameters())
     n = torch.tensor([local], dtype=torch.float64, device=device())
     if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
         dist.all_reduce(n, group=groups.mp)
-    policy = wrap_ddp(policy, use_distributed_optimizer=parallel.use_distributed_optimizer)
+    policy = wrap_ddp(policy, use_distributed_optimizer=parallel.use_distributed_optimizer,
+                      overlap_grad_reduce=parallel.overlap_grad_reduce,
+                      overlap_param_gather=parallel.overlap_param_gather, bucket_size=parallel.bucket_size)
     attach_schedule_hooks(policy)
-    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, int(n.item()))
+    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, int(n.item()), reference_host=host)

@@ -66,11 +66,18 @@ def make_forward_step(loss_func: Callable, groups, ref_model: Optional[torch.nn.
     return forward_step
 
 
-def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, pg_collection=None):
-    """Wrap each model chunk in Megatron DDP (fp32 grad buffers, no overlap: simple and exact)."""
+def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, overlap_grad_reduce: bool = False,
+             overlap_param_gather: bool = False, bucket_size: Optional[int] = None, pg_collection=None):
+    """Wrap each model chunk in Megatron DDP (fp32 grad buffers). Without overlap every gradient is
+    reduced as one bucket after the backward pass; with `overlap_grad_reduce` each bucket of about
+    `bucket_size` parameters (None: Megatron's default) is reduced as soon as its gradients are
+    ready, during the backward pass; with `overlap_param_gather` (distributed optimizer) the updated
+    parameters are all-gathered during the next forward pass (forward pre-hooks; `sync_params`).
+    Chunks after the first (virtual pipeline stages) get one bucket each, as in Megatron-LM."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                            overlap_param_gather=overlap_param_gather, bucket_size=bucket_size,
                                             use_distributed_optimizer=use_distributed_optimizer)
     wrapped = []
     for i, chunk in enumerate(model_chunks):
@@ -80,15 +87,43 @@ def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool, pg_collecti
 
 
 def attach_schedule_hooks(model_chunks: list) -> None:
-    """Tell the schedule how to finalize grads (DP all-reduce, tied-embedding sync, 1/num_tokens)."""
+    """Tell the schedule how to finalize grads (DP reduction, tied-embedding sync, 1/num_tokens) and
+    how to hold back the DP reduction until the last micro-batch (`no_sync`). With
+    `overlap_grad_reduce`, as Megatron-LM's training.py does (its default `align_grad_reduce`), the
+    schedule also starts each chunk's reduction itself (`grad_sync_func`): the first pipeline stage
+    during its last backward, the other stages after their last one. `finalize_model_grads` waits
+    for the reductions (`finish_grad_sync`) before the optimizer reads a gradient."""
     from megatron.core.distributed import finalize_model_grads
 
+    overlap = model_chunks[0].ddp_config.overlap_grad_reduce if hasattr(model_chunks[0], "ddp_config") else False
     for chunk in model_chunks:
         cfg = chunk.config
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.no_sync_func = [c.no_sync for c in model_chunks] if len(model_chunks) > 1 else model_chunks[0].no_sync
-        cfg.grad_sync_func = None
-        cfg.param_sync_func = None
+        grad_sync = [c.start_grad_sync for c in model_chunks]
+        cfg.grad_sync_func = (grad_sync if len(model_chunks) > 1 else grad_sync[0]) if overlap else None
+        cfg.param_sync_func = None  # the parameter all-gather is issued by the forward pre-hooks
+
+
+def _hooked(model_chunks: list) -> list:
+    """The DDP chunks whose parameters are all-gathered by forward pre-hooks (overlap_param_gather)."""
+    return [c for c in model_chunks if getattr(c, "use_forward_hook", False)]
+
+
+def sync_params(model_chunks: list) -> None:
+    """Finish the distributed optimizer's parameter all-gather now, so that every parameter of this
+    rank's chunks holds the last optimizer step's value. With `overlap_param_gather` the all-gather
+    after `optimizer.step()` is only issued by the next forward pass of the policy; whatever reads the
+    weights otherwise (checkpoint save, the export to the rollout server) calls this first. A no-op
+    without overlap, or when the all-gather has already completed (so it may be called freely).
+    Collective over the data-parallel group (every DP rank calls it at the same point)."""
+    for chunk in _hooked(model_chunks):
+        for bucket_group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+            if not bucket_group.param_gather_dispatched:
+                bucket_group.start_param_sync(force_sync=True)  # synchronous all-gather
+            elif bucket_group.param_gather_handle is not None:
+                bucket_group.param_gather_handle.wait()
+                bucket_group.param_gather_handle = None
 
 
 def forward_backward(model_chunks: list, forward_step: Callable, batches: list[dict], *,

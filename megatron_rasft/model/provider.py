@@ -90,6 +90,10 @@ def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
         fp8 = dict(fp8=mcfg.fp8, fp8_recipe=mcfg.fp8_recipe, fp8_amax_history_len=mcfg.fp8_amax_history_len,
                    fp8_amax_compute_algo=mcfg.fp8_amax_compute_algo)
     on_gpu = torch.cuda.is_available()
+    recompute = dict(recompute_granularity=mcfg.recompute_granularity, recompute_method=mcfg.recompute_method,
+                     recompute_num_layers=mcfg.recompute_num_layers)
+    if mcfg.recompute_modules is not None:
+        recompute["recompute_modules"] = list(mcfg.recompute_modules)
     return TransformerConfig(
         num_layers=mcfg.num_layers,
         hidden_size=mcfg.hidden_size,
@@ -127,6 +131,7 @@ def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
         attention_softmax_in_fp32=True,
         use_cpu_initialization=not on_gpu,
         cross_entropy_loss_fusion=False,
+        **recompute,
         **fp8,
     )
 

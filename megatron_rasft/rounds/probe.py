@@ -112,10 +112,11 @@ class PolicyProbe:
         path = self.run.nll_band
         if path.is_file():
             return Band(**json.loads(path.read_text()))
-        initial = self.models.reference or unwrap(self.models.policy)  # no reference: before any step
         ids = sorted(self.data.prompt_ids)
         ids = random.Random(self.seed).sample(ids, min(len(ids), 1000))  # as calibrated (ref)
-        band = Band.calibrate(list(self._score_nll(initial, ids).values()))
+        with self.models.reference_on_device() as reference:  # model.reference_placement
+            initial = reference or unwrap(self.models.policy)  # no reference: before any step
+            band = Band.calibrate(list(self._score_nll(initial, ids).values()))
         if rank0():  # atomic: a run killed mid-write must not find a torn band on resume
             write_atomic(path, json.dumps(asdict(band)))
         barrier()

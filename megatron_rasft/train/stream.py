@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 
 from megatron_rasft.engine.refpass import RefCache, score
+from megatron_rasft.engine.step import sync_params
 from megatron_rasft.model.provider import unwrap
 from megatron_rasft.rounds.coordination import RoundFailed
 from megatron_rasft.rundir import RunDir, is_expert_key
@@ -74,6 +75,9 @@ class TrainingStream:
         """Add windows to `state.queue` until it holds a global batch of groups. Raises
         `RoundFailed` (on every rank) with `state` rewound to before the failed window."""
         while len(state.queue) < self.batch_groups:
+            # A window exports and scores the policy: with overlap_param_gather, finish the last
+            # step's parameter all-gather first (a no-op otherwise).
+            sync_params(self.models.policy)
             stream_pos = (state.epoch, state.cursor)
             try:
                 ids, result, new, ahead = self._next_window(state)
@@ -180,10 +184,11 @@ class TrainingStream:
             return
         t0 = time.time()
         cfg = self.cfg
-        scores = score(self.models.reference, list({s.key: s for s in todo}.values()), self.groups,
-                       micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
-                       pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size,
-                       temperature=cfg.policy_temperature)
+        with self.models.reference_on_device() as reference:  # model.reference_placement
+            scores = score(reference, list({s.key: s for s in todo}.values()), self.groups,
+                           micro_batch_size=cfg.train.schedule.micro_batch_size, seq_length=cfg.model.seq_length,
+                           pad_id=self.data.pad_id, vocab_size=cfg.model.vocab_size,
+                           temperature=cfg.policy_temperature)
         self.ref_cache.save(RunDir.ref_logp_group(window), scores)
         self.ref_logp.update(scores)
         self.times["reference"] += time.time() - t0
