@@ -40,11 +40,26 @@ class RolloutSession:
         `label` prefixes the start-up line (e.g. "[eval] "). Raises `rollout.server.ServerError` when
         no healthy server answers at the URL or the started one does not come up."""
         from megatron_rasft.rollout.client import RolloutClient
-        from megatron_rasft.rollout.server import RolloutServer
+        from megatron_rasft.rollout.server import RolloutServer, ServerError
 
         cfg = cfg or ServerConfig()
         if isinstance(source, RolloutServer):
             return cls(source, RolloutClient(source, cfg, progress=progress), owns=False)
+        if cfg.fleet:
+            from megatron_rasft.rollout.fleet import Fleet
+
+            if cfg.urls:
+                server = Fleet.attach(cfg.urls, cfg, log_file=log_file)
+                print(f"{label}{len(cfg.urls)} external replicas behind vllm-router at {server.url}", flush=True)
+            else:
+                if is_url(source):
+                    raise ServerError(f"rollout.server.replicas = {cfg.replicas} starts replicas on a checkpoint "
+                                      f"folder, not at the URL {source}")
+                server = Fleet.create(source, cfg, log_file=log_file)
+                print(f"{label}starting {cfg.replicas} vLLM replicas on {source} behind vllm-router "
+                      f"({cfg.router_policy}; logs {log_file or 'not kept'}) ...", flush=True)
+                server.start()
+            return cls(server, RolloutClient(server, cfg, progress=progress))
         if is_url(source):
             server = RolloutServer.attach(str(source), cfg)
         else:
@@ -69,13 +84,26 @@ class RolloutSession:
         Also arms the client so that a server which dies and comes back is refreshed again before
         any lost prompt is resubmitted (it comes back on whatever it loads at start-up).
         -> the `RefreshResult`. Raises `RefreshError` / `ServerError` when the weights are not live."""
+        from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.refresh import refresh_weights
 
         def refresh():
-            res = refresh_weights(self.server, hf_dir, self.client, probe=list(probe), expected=list(expected))
-            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
-                  f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
-            return res
+            replicas = getattr(self.server, "replicas", None)
+            if replicas is None:
+                res = refresh_weights(self.server, hf_dir, self.client, probe=list(probe), expected=list(expected))
+                print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                      f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+                return res
+            # A fleet: every replica in turn, each proven by its own probe. No round samples while
+            # this runs (a round is served before its first request), so no round can see two versions.
+            results = []
+            for i, replica in enumerate(replicas):
+                res = refresh_weights(replica, hf_dir, RolloutClient(replica, self.client.cfg, progress=False),
+                                      probe=list(probe), expected=list(expected))
+                print(f"[round] replica {i} serves the step's weights ({res.method}, {res.seconds:.1f}s, "
+                      f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+                results.append(res)
+            return results[0]
 
         res = refresh()
         self.client.on_recover = refresh
