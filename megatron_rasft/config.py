@@ -312,6 +312,9 @@ class SamplingConfig:
         _check(self.top_k >= -1, f"sampling.top_k must be >= -1, got {self.top_k}")
 
 
+ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two", "consistent_hash", "sticky_least_loaded")
+
+
 @dataclass(slots=True)
 class ServerConfig:
     """The vLLM rollout server (`[rollout.server]`): the one the trainer starts on rank 0, or an
@@ -334,6 +337,12 @@ class ServerConfig:
     # whole model on the server twice per refresh (docs/rollout.md, "Refresh check").
     refresh_check: str = "sample"
     refresh_check_tensors: int = 64
+    # A fleet (rollout/fleet.py, docs/rollout.md): `replicas` servers started here behind vllm-router
+    # (whose port is `port`), or external replicas at `urls` behind a router started here.
+    replicas: int = 1
+    urls: list = field(default_factory=list)
+    router_policy: str = "round_robin"  # vllm-router's --policy
+    router_health_interval_s: float = 2.0  # vllm-router's health checks (its default, 60 s, is too slow to notice a death)
 
     def __post_init__(self):
         _check(self.concurrency >= 1, "rollout.server.concurrency must be >= 1")
@@ -341,6 +350,22 @@ class ServerConfig:
         _one_of("rollout.server.refresh_check", self.refresh_check, ("full", "sample", "off"))
         _check(self.refresh_check_tensors >= 1, f"rollout.server.refresh_check_tensors must be >= 1, "
                                                 f"got {self.refresh_check_tensors}")
+        _check(self.replicas >= 1, f"rollout.server.replicas must be >= 1, got {self.replicas}")
+        _one_of("rollout.server.router_policy", self.router_policy, ROUTER_POLICIES)
+        self.urls = list(self.urls)
+        for i, u in enumerate(self.urls):
+            _check(isinstance(u, str) and u.startswith(("http://", "https://")),
+                   f"rollout.server.urls[{i}] must be an http:// or https:// URL, got {u!r}")
+        _check(not (self.url and self.urls), "rollout.server.url attaches to one server and rollout.server.urls to "
+                                             "several: set one of them")
+        _check(not (self.replicas > 1 and (self.url or self.urls)),
+               f"rollout.server.replicas = {self.replicas} starts replicas here; with rollout.server.url or "
+               f"rollout.server.urls (external servers) leave it at 1")
+
+    @property
+    def fleet(self) -> bool:
+        """Whether this is a fleet behind a router (several replicas started here, or `urls`)."""
+        return self.replicas > 1 or bool(self.urls)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import pytest
 
@@ -247,3 +248,23 @@ def test_refresh_falls_back_to_restart_when_shapes_change(vllm_server, tmp_path)
         back = refresh_weights(vllm_server, old_dir, client, probe=PROMPTS[0],
                                expected=hf_prompt_logprobs(old_dir, ids))
     assert back.max_abs_diff_expected <= 1e-2
+
+
+def test_a_server_started_from_a_thread_that_ends_keeps_running():
+    """The kernel ends a server (SIGTERM, PR_SET_PDEATHSIG) when the *thread* that forked it ends:
+    a server restarted from an overlapped round's thread died with that thread. `spawn` forks from
+    one long-lived thread. A `sleep` stands in for the server (the property is the fork's)."""
+    import threading
+
+    from megatron_rasft.rollout.server import spawn
+
+    procs = []
+    t = threading.Thread(target=lambda: procs.append(spawn(["sleep", "30"])))
+    t.start()
+    t.join()
+    try:
+        time.sleep(0.5)  # the signal would be delivered at once
+        assert procs[0].poll() is None, f"the child died with its starting thread (code {procs[0].returncode})"
+    finally:
+        procs[0].kill()
+        procs[0].wait()

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,6 +98,27 @@ def _die_with_parent():
             pass
 
 
+_SPAWNER = None  # the one long-lived thread that starts server processes (`spawn`)
+_SPAWNER_LOCK = threading.Lock()
+
+
+def spawn(cmd: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(cmd, preexec_fn=<die with the parent>, **popen_kwargs)`, run on one
+    long-lived thread of this process.
+
+    Why a thread of its own: the child asks the kernel to SIGTERM it when its parent dies
+    (PR_SET_PDEATHSIG), and the "parent" is the *thread* that forked it. A server started or
+    restarted from a short-lived thread (an overlapped round's thread, a pool's worker) was killed
+    as soon as that thread ended. The spawning thread lives as long as the process."""
+    global _SPAWNER
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-spawn")
+    return _SPAWNER.submit(subprocess.Popen, list(cmd), preexec_fn=_die_with_parent, **popen_kwargs).result()
+
+
 class RolloutServer:
     """A vLLM server for `model_dir`, started by us (`start`) or external (`attach`).
 
@@ -166,7 +188,11 @@ class RolloutServer:
             cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
         return cmd + self.extra_args
 
-    def start(self) -> "RolloutServer":
+    def start(self, wait: bool = True) -> "RolloutServer":
+        """Start the server and wait until /health answers (`rollout.server.startup_timeout_s`).
+        `wait=False` returns once the process runs; call `wait_ready` later (a fleet starts all its
+        replicas at once this way). Raises `ServerError` (port in use, no config.json, exit or
+        timeout during start-up)."""
         if self.proc is not None and self.proc.poll() is None:
             raise ServerError(f"server already running (pid {self.proc.pid}) at {self.url}")
         if not self.managed:
@@ -190,12 +216,17 @@ class RolloutServer:
         env.update(self.env)
         self.url = f"http://{cfg.host}:{self.port}"
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env,
-                                         preexec_fn=_die_with_parent)
+            self.proc = spawn(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         atexit.register(self.stop)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> "RolloutServer":
+        """Wait for a started server's /health (`rollout.server.startup_timeout_s`); stop it and
+        raise `ServerError` if it exits or the time runs out."""
         try:
-            self._wait_ready(cfg.startup_timeout_s)
+            self._wait_ready(self.cfg.startup_timeout_s)
         except BaseException:
             self.stop()
             raise

@@ -40,11 +40,26 @@ class RolloutSession:
         `label` prefixes the start-up line (e.g. "[eval] "). Raises `rollout.server.ServerError` when
         no healthy server answers at the URL or the started one does not come up."""
         from megatron_rasft.rollout.client import RolloutClient
-        from megatron_rasft.rollout.server import RolloutServer
+        from megatron_rasft.rollout.server import RolloutServer, ServerError
 
         cfg = cfg or ServerConfig()
         if isinstance(source, RolloutServer):
             return cls(source, RolloutClient(source, cfg, progress=progress), owns=False)
+        if cfg.fleet:
+            from megatron_rasft.rollout.fleet import Fleet
+
+            if cfg.urls:
+                server = Fleet.attach(cfg.urls, cfg, log_file=log_file)
+                print(f"{label}{len(cfg.urls)} external replicas behind vllm-router at {server.url}", flush=True)
+            else:
+                if is_url(source):
+                    raise ServerError(f"rollout.server.replicas = {cfg.replicas} starts replicas on a checkpoint "
+                                      f"folder, not at the URL {source}")
+                server = Fleet.create(source, cfg, log_file=log_file)
+                print(f"{label}starting {cfg.replicas} vLLM replicas on {source} behind vllm-router "
+                      f"({cfg.router_policy}; logs {log_file or 'not kept'}) ...", flush=True)
+                server.start()
+            return cls(server, RolloutClient(server, cfg, progress=progress))
         if is_url(source):
             server = RolloutServer.attach(str(source), cfg)
         else:
@@ -69,16 +84,27 @@ class RolloutSession:
         Also arms the client so that a server which dies and comes back is refreshed again before
         any lost prompt is resubmitted (it comes back on whatever it loads at start-up).
         -> the `RefreshResult`. Raises `RefreshError` / `ServerError` when the weights are not live."""
+        from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.refresh import refresh_weights
 
         def refresh():
-            res = refresh_weights(self.server, hf_dir, self.client, probe=list(probe), expected=list(expected))
-            tensors = res.check.summary() if res.check is not None else (
-                "restarted" if res.method == "restart" else "tensor check off")
-            print(f"[round] server serves the step's weights ({res.method}, {res.seconds:.1f}s; {tensors}; "
-                  f"probe |Δ| {res.max_abs_diff_expected:.2e} over {len(probe) - 1} tokens; {self.server.url})",
-                  flush=True)
-            return res
+            # One server, or a fleet's every replica in turn, each proven by its own probe and tensor
+            # check. No round samples while this runs (a round is served before its first request),
+            # so no round can see two weight versions.
+            replicas = getattr(self.server, "replicas", None)
+            targets = ([("server", self.server, self.client)] if replicas is None else
+                       [(f"replica {i}", r, RolloutClient(r, self.client.cfg, progress=False))
+                        for i, r in enumerate(replicas)])
+            results = []
+            for name, server, client in targets:
+                res = refresh_weights(server, hf_dir, client, probe=list(probe), expected=list(expected))
+                tensors = res.check.summary() if res.check is not None else (
+                    "restarted" if res.method == "restart" else "tensor check off")
+                print(f"[round] {name} serves the step's weights ({res.method}, {res.seconds:.1f}s; {tensors}; "
+                      f"probe |Δ| {res.max_abs_diff_expected:.2e} over {len(probe) - 1} tokens; {server.url})",
+                      flush=True)
+                results.append(res)
+            return results[0]
 
         res = refresh()
         self.client.on_recover = refresh

@@ -1,0 +1,167 @@
+"""A rollout fleet: two vLLM replicas behind vllm-router, started by the trainer (rollout/fleet.py).
+
+- One RASFT run on a trainer-started fleet of 2 tiny replicas (`round_robin`, so both serve), with
+  replica 1 killed (-9) while it holds a request of round 0 (read from its own /metrics: not a
+  timer). The round completes; the replica is taken out, restarted, refreshed and verified, and put
+  back; every (problem, sample) is written once; and the rollout records and step losses equal
+  those of the same run on one server (the session's, attached). The equality relies on
+  batch-invariant sampling, which holds for these fp32 tiny models on CPU: each problem's K samples
+  are one request with its own seed, so neither the replica nor what else it batches changes them.
+- Bad input: replicas = 0, url with urls, an unreachable replica URL, a port clash, no router binary.
+"""
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_rasft.demo.task import make_problems, write_jsonl
+from megatron_rasft.rollout.server import SERVER_MODULE, http_json
+from megatron_rasft.rundir import RunDir
+from helpers.runs import loop_config, run_train, start_train, step_losses
+
+WINDOW, K = 4, 2
+
+
+def _replicas_of(pid: int) -> list:
+    """(pid, url) of the vLLM servers started by process `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
+        if ppid == pid and SERVER_MODULE in argv:
+            out.append((int(entry), f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"))
+    return out
+
+
+def _running(url: str) -> float:
+    """Requests the replica at `url` is generating now (vLLM's own gauge)."""
+    try:
+        status, body = http_json(f"{url}/metrics", timeout=2.0)
+    except OSError:
+        return 0.0
+    return sum(float(line.split()[-1]) for line in str(body).splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def _records(run: Path, r: int) -> dict:
+    path = run / "rollouts" / f"round_{r:03d}.jsonl"
+    recs = [json.loads(s) for s in path.read_text().splitlines()]
+    keys = [(d["problem_id"], d["sample_index"]) for d in recs]
+    assert len(keys) == len(set(keys)) == WINDOW * K, keys  # each (problem, sample) once
+    return {k: d for k, d in zip(keys, recs)}
+
+
+@pytest.fixture(scope="module")
+def setup(vllm_server, tmp_path_factory):
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("fleet")
+    hf_to_mcore(vllm_server.model_dir, root / "mcore", quiet=True)
+    problems = write_jsonl(make_problems(16, seed=7, min_digits=1, max_digits=2), root / "problems.jsonl")
+    config = loop_config(root / "run.toml", server_url=None, problems=problems,
+                         tokenizer=vllm_server.model_dir, load=root / "mcore", overrides={
+                             "rollout": {"server": {"concurrency": 2, "kv_cache_gib": 0.25, "max_model_len": 512},
+                                         "sampling": {"n": K, "max_tokens": 120}}})
+    yield root, config, vllm_server
+    from megatron_rasft.rollout.refresh import refresh_weights
+
+    refresh_weights(vllm_server, vllm_server.model_dir)  # the one-server run refreshed the session server
+
+
+def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
+    root, config, server = setup
+    one, rc_out = root / "one", None
+    rc, out = run_train(config, one, f"rollout.server.url={server.url}")
+    assert rc == 0, out[-4000:]
+
+    run, console = root / "fleet", root / "fleet.console.log"
+    with open(console, "w") as f:
+        proc = start_train(config, run, "rollout.server.replicas=2", stdout=f)
+    try:
+        deadline = time.time() + 600
+        while len(_replicas_of(proc.pid)) < 2:
+            assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
+            time.sleep(0.2)
+        (pid1, url1) = sorted(_replicas_of(proc.pid))[1]
+        rollouts = run / "rollouts" / "round_000.jsonl"
+        # Replica 1 holds a request of round 0 (the probe's prompt-logprob requests take no
+        # generation slot long enough to be seen here; the round's do).
+        while not (rollouts.is_file() and _running(url1) > 0):
+            assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
+            time.sleep(0.01)
+        os.killpg(pid1, signal.SIGKILL)
+        rc_out = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = console.read_text()
+    assert rc_out == 0, text[-4000:]
+    assert "starting 2 vLLM replicas" in text
+    assert f"replica 1 ({url1}) is being restarted" in text, text[-4000:]
+    # Every refresh proves each replica: rounds 0 and 1, and again after the restart.
+    for i in (0, 1):
+        assert text.count(f"[round] replica {i} serves the step's weights") == 3, text[-4000:]
+    # Both replicas served generation requests (their own access logs).
+    log = RunDir(run).server_log
+    served = [p.read_text().count("POST /v1/completions") for p in (log, log.with_name(f"{log.name}.1"))]
+    assert all(n > 0 for n in served), served
+    for r in (0, 1):
+        want, got = _records(one, r), _records(run, r)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key]["token_ids"] == want[key]["token_ids"], key
+            assert got[key]["text"] == want[key]["text"], key
+    assert step_losses(run) == step_losses(one) and sorted(step_losses(one)) == [1, 2]
+
+
+def test_fleet_settings_are_checked():
+    from megatron_rasft.config import ConfigError, ServerConfig
+
+    for kwargs, msg in [({"replicas": 0}, "rollout.server.replicas must be >= 1, got 0"),
+                        ({"url": "http://a:1", "urls": ["http://b:1"]}, "set one of them"),
+                        ({"replicas": 2, "url": "http://a:1"}, "leave it at 1"),
+                        ({"urls": ["a:1"]}, "rollout.server.urls[0] must be an http:// or https:// URL"),
+                        ({"replicas": 2, "router_policy": "fastest"}, "rollout.server.router_policy must be one of")]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            ServerConfig(**kwargs)
+
+
+def test_cpu_binding_splits_the_cores():
+    from megatron_rasft.rollout.fleet import cpu_binding
+
+    assert [cpu_binding(i, 2, [0, 1, 2, 3, 4])["VLLM_CPU_OMP_THREADS_BIND"] for i in range(2)] == ["0,1,2", "3,4"]
+    assert cpu_binding(1, 2, [6, 7]) == {"VLLM_CPU_OMP_THREADS_BIND": "7", "OMP_NUM_THREADS": "1"}
+    with pytest.raises(ValueError, match="rollout.server.replicas = 3 but this process may use 2 CPU cores"):
+        cpu_binding(0, 3, [0, 1])
+
+
+def test_fleet_bad_input_is_named(tmp_path, monkeypatch):
+    import socket
+    import sys
+
+    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.rollout.fleet import Fleet, Router
+    from megatron_rasft.rollout.server import ServerError
+
+    with pytest.raises(ServerError, match=r"rollout.server.urls\[0\]: no healthy vLLM server at http://127.0.0.1:9"):
+        Fleet.attach(["http://127.0.0.1:9"], ServerConfig(urls=["http://127.0.0.1:9"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServerError, match=f"rollout.server.port {port} on 127.0.0.1 is already in use"):
+            Router(["http://127.0.0.1:9"], ServerConfig(port=port, replicas=2)).start()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ServerError, match="need the `vllm-router` binary, which is not installed"):
+        Router(["http://127.0.0.1:9"], ServerConfig(replicas=2)).start()
