@@ -55,6 +55,11 @@ def vllm_server(tmp_path_factory):
 
     server = start_tiny_server(tmp_path_factory.mktemp("vllm_server"))
     try:
+        from megatron_rasft.rollout.refresh_check import remember_served
+
+        # Trainer subprocesses refresh this server too: what it serves at start is recorded on both
+        # sides, so this process's tensor check skips (not fails) tensors another process changed.
+        remember_served(server, server.model_dir, server.cfg.refresh_check, server.cfg.refresh_check_tensors)
         client = RolloutClient(server, server.cfg, progress=False)
         ids = client.prompt_logprobs(_PROBE)[0]
         server.original = (server.model_dir, ids, hf_prompt_logprobs(server.model_dir, ids))

@@ -400,7 +400,9 @@ class RefreshCheck:
 def remember_served(server: RolloutServer, hf_dir: str | Path, mode: str = "full", tensors: int = 64,
                     timeout_s: float = 600.0) -> None:
     """The server was (re)started on `hf_dir`: remember the trainer digests the next check needs
-    (read now: the next export may replace that folder before the next refresh)."""
+    (read now: the next export may replace that folder before the next refresh), and the server's
+    own digests of those tensors, so that a refresh by another client before our next check (a
+    server shared with other processes) is seen as such and skipped, not taken for a stale one."""
     if mode == "off":
         return
     old = getattr(server, "refresh_served", None)
@@ -408,7 +410,9 @@ def remember_served(server: RolloutServer, hf_dir: str | Path, mode: str = "full
     params = sorted({_param(k) for k in server_digest_keys(server, timeout_s)})
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     groups = tensor_groups(server_name_map(server, export_tensor_names(hf_dir), config, timeout_s), config, params)
-    state.digests = export_digests(hf_dir, sorted({h for g in pick(groups, mode, tensors, state.n) for h in g.hf}))
+    picked = pick(groups, mode, tensors, state.n)
+    state.digests = export_digests(hf_dir, sorted({h for g in picked for h in g.hf}))
+    state.server = server_digests(server, sorted({p for g in picked for p in g.params}), timeout_s)
 
 
 def server_digest_keys(server: RolloutServer, timeout_s: float = 600.0) -> list:
