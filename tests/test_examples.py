@@ -126,6 +126,15 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     steps = _dry_run({**env, "ROLLOUT_NODES": "0"}, "examples/qwen2.5-math-7b.toml")
     assert len(steps) == 1 and _opt(steps[0], "--nodes") == "3"
     assert "rollout.server.url" not in " ".join(steps[0])
+    # Two rollout nodes: a server on each, and the trainer puts a router in front of them (urls).
+    *servers, train = _dry_run({**env, "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "SLURM_NNODES": "4",
+                                "ROLLOUT_NODES": "2"}, "examples/qwen2.5-math-7b.toml")
+    assert [_opt(s, "--nodelist") for s in servers] == ["gpu3", "gpu4"] and _opt(train, "--nodes") == "2"
+    urls = next(a for a in train if a.startswith("rollout.server.urls="))
+    from megatron_rasft.config import load_config
+
+    cfg = load_config("examples/qwen2.5-math-7b.toml", [urls])
+    assert cfg.rollout.server.urls == ["http://gpu3:8000", "http://gpu4:8000"] and cfg.rollout.server.fleet
 
 
 def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):

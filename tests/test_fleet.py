@@ -1,10 +1,12 @@
 """A rollout fleet: two vLLM replicas behind vllm-router, started by the trainer (rollout/fleet.py).
 
-- One RASFT run on a trainer-started fleet of 2 tiny replicas (`round_robin`, so both serve), with
-  replica 1 killed (-9) while it holds a request of round 0 (read from its own /metrics: not a
-  timer). The round completes; the replica is taken out, restarted, refreshed and verified, and put
-  back; every (problem, sample) is written once; and the rollout records and step losses equal
-  those of the same run on one server (the session's, attached). The equality relies on
+- One RASFT run with overlapped rounds on a trainer-started fleet of 2 tiny replicas
+  (`round_robin`, so both serve), with replica 1 killed (-9) while it holds a request of round 1,
+  which runs in the background thread (the kill is read from the replica's own /metrics: not a
+  timer). The round completes; the replica is taken out, restarted (from that thread: it must
+  outlive it and serve round 2), refreshed and verified, and put back; every (problem, sample) is
+  written once; and the rollout records and step losses equal those of the same run on one server
+  (the session's, attached). The equality relies on
   batch-invariant sampling, which holds for these fp32 tiny models on CPU: each problem's K samples
   are one request with its own seed, so neither the replica nor what else it batches changes them.
 - Bad input: replicas = 0, url with urls, an unreachable replica URL, a port clash, no router binary.
@@ -71,7 +73,8 @@ def setup(vllm_server, tmp_path_factory):
     config = loop_config(root / "run.toml", server_url=None, problems=problems,
                          tokenizer=vllm_server.model_dir, load=root / "mcore", overrides={
                              "rollout": {"server": {"concurrency": 2, "kv_cache_gib": 0.25, "max_model_len": 512},
-                                         "sampling": {"n": K, "max_tokens": 120}}})
+                                         "sampling": {"n": K, "max_tokens": 120}, "overlap": True},
+                             "train": {"schedule": {"train_iters": 3}}})
     yield root, config, vllm_server
     from megatron_rasft.rollout.refresh import refresh_weights
 
@@ -93,8 +96,8 @@ def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
             assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
             time.sleep(0.2)
         (pid1, url1) = sorted(_replicas_of(proc.pid))[1]
-        rollouts = run / "rollouts" / "round_000.jsonl"
-        # Replica 1 holds a request of round 0 (the probe's prompt-logprob requests take no
+        rollouts = run / "rollouts" / "round_001.jsonl"
+        # Replica 1 holds a request of round 1 (the probe's prompt-logprob requests take no
         # generation slot long enough to be seen here; the round's do).
         while not (rollouts.is_file() and _running(url1) > 0):
             assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
@@ -108,20 +111,23 @@ def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
     assert rc_out == 0, text[-4000:]
     assert "starting 2 vLLM replicas" in text
     assert f"replica 1 ({url1}) is being restarted" in text, text[-4000:]
-    # Every refresh proves each replica: rounds 0 and 1, and again after the restart.
+    # Every refresh proves each replica: rounds 0, 1 and 2, and again after the restart.
     for i in (0, 1):
-        assert text.count(f"[round] replica {i} serves the step's weights") == 3, text[-4000:]
+        assert text.count(f"[round] replica {i} serves the step's weights") == 4, text[-4000:]
+    assert "[round 1] rollouts of" in text and "(1 server restarts so far)" in text
     # Both replicas served generation requests (their own access logs).
     log = RunDir(run).server_log
     served = [p.read_text().count("POST /v1/completions") for p in (log, log.with_name(f"{log.name}.1"))]
     assert all(n > 0 for n in served), served
-    for r in (0, 1):
+    rounds = sorted(p.name for p in (one / "rollouts").glob("round_*.jsonl"))
+    assert rounds == sorted(p.name for p in (run / "rollouts").glob("round_*.jsonl")) and len(rounds) >= 3, rounds
+    for r in range(len(rounds)):
         want, got = _records(one, r), _records(run, r)
         assert got.keys() == want.keys()
         for key in want:
             assert got[key]["token_ids"] == want[key]["token_ids"], key
             assert got[key]["text"] == want[key]["text"], key
-    assert step_losses(run) == step_losses(one) and sorted(step_losses(one)) == [1, 2]
+    assert step_losses(run) == step_losses(one) and sorted(step_losses(one)) == [1, 2, 3]
 
 
 def test_fleet_settings_are_checked():
