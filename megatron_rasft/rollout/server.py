@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
 from megatron_rasft.rollout.vllm_ext import EXTENSION as TIED_RELOAD_EXTENSION
+from megatron_rasft.rollout.vllm_ext import GLOO_BACKEND
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Environment every server gets unless the caller's environment already sets it. The dev-mode
@@ -154,6 +155,11 @@ class RolloutServer:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
         # `reload_weights_tied` for the in-place refresh: a plain reload leaves a tied LM head stale on CPU.
         cmd += ["--worker-extension-cls", TIED_RELOAD_EXTENSION]
+        if cfg.weight_sync == "transfer":
+            # vLLM's weight-transfer engine (rollout/transfer.py): its built-in nccl one on GPU, our
+            # gloo one on CPU (registered by the extension above). Its endpoints are dev-mode ones.
+            backend = "nccl" if on_gpu else GLOO_BACKEND
+            cmd += ["--weight-transfer-config", json.dumps({"backend": backend})]
         if self.enforce_eager or (self.enforce_eager is None and not on_gpu):
             cmd.append("--enforce-eager")
         if not on_gpu:
