@@ -176,3 +176,85 @@ def test_transfer_tp1_and_tp2pp2_equal_transformers_and_memory_is_one_bucket(tie
     # One bucket (4 MiB) + the largest Megatron tensor (fc1, 6 MiB) twice on TP rank 0 (its TP parts and
     # their concatenation) + 8 MiB of allocator slack; a whole-model gather needs > 90 MiB.
     assert mem["stream"] < 4 * mib + 2 * 6 * mib + 8 * mib, mem
+
+
+_KILLED_TRAINER = r'''
+import sys, threading, time
+from pathlib import Path
+from safetensors.torch import load_file
+from megatron_rasft.config import ServerConfig
+from megatron_rasft.rollout.server import RolloutServer
+from megatron_rasft.rollout.transfer import Bucket, WeightSender, pack
+
+url, hf_dir, ready, timeout_s = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+sd = load_file(str(Path(hf_dir) / "model.safetensors"))
+names = sorted(sd)
+sender = WeightSender(RolloutServer.attach(url, ServerConfig(url=url)), timeout_s)
+sender.begin()
+first = names[: len(names) // 2]
+b = Bucket(0, [], first, [sd[n].dtype for n in first], [list(sd[n].shape) for n in first],
+           sum(sd[n].numel() * sd[n].element_size() for n in first))
+sender.send(b, pack([sd[n] for n in first], b.nbytes, "cpu"))
+assert sender.error is None, sender.error
+rest = names[len(names) // 2:]
+info = {"names": rest, "dtype_names": [str(sd[n].dtype).removeprefix("torch.") for n in rest],
+        "shapes": [list(sd[n].shape) for n in rest]}
+threading.Thread(target=sender._post, args=("/update_weights", {"update_info": info}), daemon=True).start()
+time.sleep(1.0)  # the worker now waits inside /update_weights for the bucket's broadcast
+ready.write_text("mid-transfer")
+time.sleep(600)
+'''
+
+
+def test_trainer_killed_mid_transfer_leaves_server_paused_and_next_trainer_reinitialises(tied, tmp_path):
+    from megatron_rasft.rollout.server import http_json
+    from megatron_rasft.rollout.session import RolloutSession
+
+    server, models, ids, _ = tied
+    script, ready = tmp_path / "trainer.py", tmp_path / "ready"
+    script.write_text(_KILLED_TRAINER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), server.url, str(models[3]), str(ready), str(TIMEOUT_S)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the trainer never reached the middle of its transfer"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    t0 = time.monotonic()
+    # Mixed weights are not served: the engine stays paused (a request gets no answer) and the
+    # worker reports the half-done transfer (once its broadcast failed or timed out: bounded).
+    status, body = http_json(f"{server.url}/is_paused", timeout=10)
+    assert status == 200 and body["is_paused"] is True, body
+    with pytest.raises(OSError):
+        http_json(f"{server.url}/v1/completions", {"model": server.model_name(), "prompt": "Q:1+1;A:",
+                                                   "max_tokens": 2}, timeout=3)
+    session = RolloutSession.open(server.url, _cfg(url=server.url), progress=False)
+    assert session.server.managed is False
+    from megatron_rasft.rollout.transfer import WeightSender
+
+    probe = WeightSender(session.server, 3 * TIMEOUT_S).status()
+    assert probe["complete"] is False and probe["active"] is False, probe
+    assert time.monotonic() - t0 < 3 * TIMEOUT_S + 15  # no hang
+    # The next trainer: a new group, a full transfer (seed 3, from its HF tensors), proven by the probe.
+    from safetensors.torch import load_file
+
+    from megatron_rasft.rollout.transfer import Bucket, pack
+
+    expected = _hf_logprobs(models[3], ids)
+    sender = session.begin_transfer(ids[0])
+    assert sender.dirty and session._before is None  # a server with mixed weights is not probed or resumed
+    sd = load_file(str(models[3] / "model.safetensors"))
+    for chunk in (sorted(sd)[:7], sorted(sd)[7:]):
+        b = Bucket(0, [], chunk, [sd[n].dtype for n in chunk], [list(sd[n].shape) for n in chunk],
+                   sum(sd[n].numel() * sd[n].element_size() for n in chunk))
+        sender.send(b, pack([sd[n] for n in chunk], b.nbytes, "cpu"))
+    res = session.serve("(transferred)", ids[0], expected[0])
+    assert res.method == "transfer"
+    got = [session.client.prompt_logprobs(x)[1] for x in ids]
+    assert _max_diff(got, expected) <= 2e-4
+    assert WeightSender(session.server, TIMEOUT_S).status()["complete"] is True
