@@ -258,3 +258,24 @@ def test_trainer_killed_mid_transfer_leaves_server_paused_and_next_trainer_reini
     got = [session.client.prompt_logprobs(x)[1] for x in ids]
     assert _max_diff(got, expected) <= 2e-4
     assert WeightSender(session.server, TIMEOUT_S).status()["complete"] is True
+
+
+def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_path):
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+    from megatron_rasft.demo.task import make_problems, write_jsonl
+
+    server, models, _, _ = tied
+    hf_to_mcore(models[0], tmp_path / "mcore", quiet=True)
+    problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
+    config = loop_config(tmp_path / "run.toml", server_url=server.url, problems=problems, tokenizer=models[0],
+                         load=tmp_path / "mcore")
+    losses, outs = {}, {}
+    for sync in ("disk", "transfer"):
+        rc, out = run_train(config, tmp_path / sync, f"rollout.server.weight_sync={sync}",
+                            f"rollout.server.transfer_timeout_s={TIMEOUT_S}", timeout_s=600)
+        assert rc == 0, out[-4000:]
+        losses[sync], outs[sync] = step_losses(tmp_path / sync), out
+    assert outs["transfer"].count("server serves the step's weights (transfer") == 2  # both rounds
+    assert "server serves the step's weights (inplace" in outs["disk"]
+    assert len(losses["disk"]) == 2
+    assert losses["transfer"] == pytest.approx(losses["disk"], abs=1e-6), losses
