@@ -165,8 +165,6 @@ def test_transfer_tp1_and_tp2pp2_equal_transformers_and_memory_is_one_bucket(tie
         diff = _max_diff(got, ref)
         assert diff <= 2e-4, f"{label}: server vs transformers max |Δ log-prob| = {diff:.3g}"
         assert _max_diff(ref, before) > 0.5  # the seeds are told apart by far more than the tolerance
-    assert [s["method"] for s in out["stats"]] == ["transfer", "transfer"]
-    assert out["stats"][0]["buckets"] > 5  # 0.05 MiB buckets: the tiny model travels in many
     mem = out["memory"]
     mib = 2**20
     print(f"peak extra RSS: stream {mem['stream'] / mib:.1f} MiB, whole-model gather {mem['whole'] / mib:.1f} MiB, "
@@ -176,6 +174,8 @@ def test_transfer_tp1_and_tp2pp2_equal_transformers_and_memory_is_one_bucket(tie
     # One bucket (4 MiB) + the largest Megatron tensor (fc1, 6 MiB) twice on TP rank 0 (its TP parts and
     # their concatenation) + 8 MiB of allocator slack; a whole-model gather needs > 90 MiB.
     assert mem["stream"] < 4 * mib + 2 * 6 * mib + 8 * mib, mem
+    assert [s["method"] for s in out["stats"]] == ["transfer", "transfer"]
+    assert out["stats"][0]["buckets"] > 5  # 0.05 MiB buckets: the tiny model travels in many
 
 
 _KILLED_TRAINER = r'''
@@ -261,6 +261,9 @@ def test_trainer_killed_mid_transfer_leaves_server_paused_and_next_trainer_reini
 
 
 def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_path):
+    """Overlapped rounds: the first round is synchronous (`Rounds.run_round`), the next ones are
+    started at the window boundary (`Rounds.begin`) and sampled while the step trains, so the
+    transfer must complete from the boundary's weights for the losses to match."""
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
 
@@ -268,14 +271,14 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
     hf_to_mcore(models[0], tmp_path / "mcore", quiet=True)
     problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
     config = loop_config(tmp_path / "run.toml", server_url=server.url, problems=problems, tokenizer=models[0],
-                         load=tmp_path / "mcore")
+                         load=tmp_path / "mcore", overrides={"rollout": {"overlap": True}})
     losses, outs = {}, {}
     for sync in ("disk", "transfer"):
         rc, out = run_train(config, tmp_path / sync, f"rollout.server.weight_sync={sync}",
                             f"rollout.server.transfer_timeout_s={TIMEOUT_S}", timeout_s=600)
         assert rc == 0, out[-4000:]
         losses[sync], outs[sync] = step_losses(tmp_path / sync), out
-    assert outs["transfer"].count("server serves the step's weights (transfer") == 2  # both rounds
+    assert outs["transfer"].count("server serves the step's weights (transfer") >= 2
     assert "server serves the step's weights (inplace" in outs["disk"]
     assert len(losses["disk"]) == 2
     assert losses["transfer"] == pytest.approx(losses["disk"], abs=1e-6), losses
