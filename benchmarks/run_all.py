@@ -27,6 +27,7 @@ RUNS = [
     # First-round solvability of the real model; without --model/--problems it prepares its own (as --smoke).
     ["real_solvability.py", "--smoke"],
     ["bench_overlap.py"],  # sync vs overlapped rounds; pins the server and the trainer to one core each
+    ["bench_refresh.py", "--model", "smollm2"],  # weight refresh, disk vs transfer, per component
 ]
 # Scripts run through another entry of RUNS.
 COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh", "gpu_check.py": "gpu_check.sh"}
