@@ -282,3 +282,23 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
     assert "server serves the step's weights (inplace" in outs["disk"]
     assert len(losses["disk"]) == 2
     assert losses["transfer"] == pytest.approx(losses["disk"], abs=1e-6), losses
+
+
+def test_buckets_are_bounded_per_stage_and_config_is_checked():
+    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.rollout.transfer import pack, plan_buckets, unpack
+
+    f32 = torch.float32
+    stages = [(0, [("a", [("A", (4, 4))], f32), ("b", [("B1", (2, 4)), ("B2", (2, 4))], f32),
+                   ("big", [("G", (64, 4))], f32)]),
+              (2, [("c", [("C", (4,))], f32)])]
+    buckets = plan_buckets(stages, bucket_bytes=128)
+    assert [(b.owner, b.names) for b in buckets] == [(0, ["A", "B1", "B2"]), (0, ["G"]), (2, ["C"])]
+    assert [b.nbytes for b in buckets] == [128, 1024, 16]  # an item larger than a bucket travels alone
+    ts = [torch.randn(4, 4), torch.randn(2, 4), torch.randn(2, 4)]
+    back = unpack(pack(ts, 128, "cpu"), [f32] * 3, [(4, 4), (2, 4), (2, 4)])
+    assert all(torch.equal(a, b) for a, b in zip(ts, back))
+    with pytest.raises(ValueError, match="rollout.server.weight_sync"):
+        ServerConfig(weight_sync="nccl")
+    with pytest.raises(ValueError, match="rollout.server.bucket_mib"):
+        ServerConfig(bucket_mib=0)

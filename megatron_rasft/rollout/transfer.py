@@ -246,9 +246,11 @@ class WeightSender:
         world = 1 + int(self.rpc("transfer_world_size") or 1)
         host = self.server.cfg.host
         port = free_port(host)
-        info = {"master_address": host, "master_port": port, "world_size": world}
+        info = {"master_address": host, "master_port": port, "world_size": world, "rank_offset": 1}
         if self.backend == "gloo":
             info["timeout_s"] = self.timeout_s
+        else:  # vLLM's nccl engine: its unpacked mode receives a bucket's tensors one by one
+            info["packed"] = False
         with ThreadPoolExecutor(max_workers=1) as pool:
             worker = pool.submit(self._post, "/init_weight_transfer_engine", {"init_info": info})
             try:
@@ -264,11 +266,10 @@ class WeightSender:
         if self.backend == "gloo":
             store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout)
             return dist.ProcessGroupGloo(store, 0, world, timeout)
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+        # vLLM's own trainer endpoint of its nccl engine (StatelessProcessGroup + PyNcclCommunicator).
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world)
-        return PyNcclCommunicator(pg, device=torch.cuda.current_device())
+        return trainer_init({"master_address": host, "master_port": port, "world_size": world}, rank=0)
 
     # -- one refresh -------------------------------------------------------------------------
     def begin(self, restart_dir=None) -> None:
