@@ -170,7 +170,7 @@ def test_transfer_tp1_and_tp2pp2_equal_transformers_and_memory_is_one_bucket(tie
     print(f"peak extra RSS: stream {mem['stream'] / mib:.1f} MiB, whole-model gather {mem['whole'] / mib:.1f} MiB, "
           f"model {mem['bytes'] / mib:.1f} MiB, largest tensor {mem['largest'] / mib:.1f} MiB, bucket 4 MiB")
     assert mem["bytes"] > 90 * mib
-    assert mem["whole"] > 0.9 * mem["bytes"]  # the measurement sees a model copy when there is one
+    assert mem["whole"] > 0.8 * mem["bytes"]  # the measurement sees a model copy when there is one
     # One bucket (4 MiB) + the largest Megatron tensor (fc1, 6 MiB) twice on TP rank 0 (its TP parts and
     # their concatenation) + 8 MiB of allocator slack; a whole-model gather needs > 90 MiB.
     assert mem["stream"] < 4 * mib + 2 * 6 * mib + 8 * mib, mem
