@@ -158,7 +158,13 @@ def test_transfer_tp1_and_tp2pp2_equal_transformers_and_memory_is_one_bucket(tie
                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                           tie_word_embeddings=True)
     hf_to_mcore(big, tmp_path / "big-mc", tp=2, pp=2, quiet=True)
-    per_rank = spawn(_transfer_job, 4, server.url, jobs, (2, 2, str(tmp_path / "big-mc"), 4.0), timeout_s=600)
+    # A fixed mmap threshold: every buffer >= 128 KiB is mapped and unmapped, so RSS follows what is
+    # live (glibc's default threshold grows after the first frees and leaves freed buffers resident).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        per_rank = spawn(_transfer_job, 4, server.url, jobs, (2, 2, str(tmp_path / "big-mc"), 4.0), timeout_s=600)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
     out = per_rank[0]
     before = _hf_logprobs(models[0], ids)
     for label, got, ref in zip(("tp1 (x dp4)", "tp2 pp2"), out["logprobs"], refs):
@@ -266,6 +272,7 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
     transfer must complete from the boundary's weights for the losses to match."""
     from megatron_rasft.convert.pipeline import hf_to_mcore
     from megatron_rasft.demo.task import make_problems, write_jsonl
+    from megatron_rasft.rollout.server import http_json
 
     server, models, _, _ = tied
     hf_to_mcore(models[0], tmp_path / "mcore", quiet=True)
@@ -274,6 +281,12 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
                          load=tmp_path / "mcore", overrides={"rollout": {"overlap": True}})
     losses, outs = {}, {}
     for sync in ("disk", "transfer"):
+        # Back to the run's initial weights first: the trainer attaches to this server by URL, and an
+        # attached server gets vLLM's plain reload, which leaves a tied LM head as it was (rollout.md).
+        status, body = http_json(f"{server.url}/collective_rpc", {"method": "reload_weights_tied",
+                                                                "kwargs": {"weights_path": str(models[0])}},
+                                 timeout=120, method="POST")
+        assert status == 200, body
         rc, out = run_train(config, tmp_path / sync, f"rollout.server.weight_sync={sync}",
                             f"rollout.server.transfer_timeout_s={TIMEOUT_S}", timeout_s=600)
         assert rc == 0, out[-4000:]
