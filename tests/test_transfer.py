@@ -276,9 +276,11 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
 
     server, models, _, _ = tied
     hf_to_mcore(models[0], tmp_path / "mcore", quiet=True)
-    problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
+    problems = write_jsonl(make_problems(12, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
+    # 3 steps: round 2 starts at the boundary after step 1, from weights that moved.
     config = loop_config(tmp_path / "run.toml", server_url=server.url, problems=problems, tokenizer=models[0],
-                         load=tmp_path / "mcore", overrides={"rollout": {"overlap": True}})
+                         load=tmp_path / "mcore", overrides={"rollout": {"overlap": True},
+                                                            "train": {"schedule": {"train_iters": 3}}})
     losses, outs = {}, {}
     for sync in ("disk", "transfer"):
         # Back to the run's initial weights first: the trainer attaches to this server by URL, and an
@@ -291,9 +293,9 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
                             f"rollout.server.transfer_timeout_s={TIMEOUT_S}", timeout_s=600)
         assert rc == 0, out[-4000:]
         losses[sync], outs[sync] = step_losses(tmp_path / sync), out
-    assert outs["transfer"].count("server serves the step's weights (transfer") >= 2
+    assert outs["transfer"].count("server serves the step's weights (transfer") == 3
     assert "server serves the step's weights (inplace" in outs["disk"]
-    assert len(losses["disk"]) == 2
+    assert len(losses["disk"]) == 3
     assert losses["transfer"] == pytest.approx(losses["disk"], abs=1e-6), losses
 
 
