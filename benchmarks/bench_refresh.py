@@ -4,10 +4,10 @@ in one process on one box (rollout/refresh.py, rollout/transfer.py; docs/rollout
 One trainer process (Megatron, TP=1, the model loaded from the converted checkpoint, no optimizer)
 and one vLLM server started on the model's HF folder with the weight-transfer engine (gloo on CPU,
 nccl on GPU). Each round, both paths, in turn:
-- disk: the export (`convert.export.export_to_hf`: gather + serialize + write of the safetensors),
-  then the in-place reload (`refresh.reload_in_place`: pause, vLLM reads + loads, prefix-cache
-  reset, resume); "gather+serialize" alone is the same stream with nothing written (`stream_policy`
-  into a sink that drops the buckets), so "write" is the export minus it;
+- disk: the export (`convert.export.export_to_hf`: gather + serialize + write of the safetensors in
+  one pass, timed as one), then the in-place reload (`refresh.reload_in_place`: pause, vLLM reads +
+  loads, prefix-cache reset, resume); "read" is the same files read again into memory by this process
+  (from the page cache, as the server read them), "load" the reload minus it;
 - transfer: `WeightSender.begin` (pause, update session), `stream_policy` (gather + pack on the
   trainer; send = the group broadcast with the worker's concurrent `load_weights`), `end` (the
   worker's finish = layerwise post-processing, prefix-cache reset, resume).
@@ -140,16 +140,17 @@ def run(args, work: Path):
                     p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3)
             t = time.perf_counter()
             if path == "disk":
-                stream_policy([model], mcfg, groups, args.bucket_mib, sink=None)
-                row["disk_gather_serialize_s"] = time.perf_counter() - t
-                t = time.perf_counter()
                 export_to_hf([model], export, mcfg, groups, hf_config=meta["hf_config"], tokenizer_dir=hf)
                 row["disk_export_s"] = time.perf_counter() - t
-                row["disk_write_s"] = max(row["disk_export_s"] - row["disk_gather_serialize_s"], 0.0)
                 t = time.perf_counter()
                 reload_in_place(server, export)
-                row["disk_read_load_s"] = time.perf_counter() - t
-                row["disk_blocked_s"] = row["disk_export_s"] + row["disk_read_load_s"]
+                row["disk_reload_s"] = time.perf_counter() - t
+                row["disk_blocked_s"] = row["disk_export_s"] + row["disk_reload_s"]
+                t = time.perf_counter()  # the read alone, as the server's reload did it (page cache)
+                for f in sorted(export.glob("*.safetensors")):
+                    f.read_bytes()
+                row["disk_read_s"] = time.perf_counter() - t
+                row["disk_load_s"] = max(row["disk_reload_s"] - row["disk_read_s"], 0.0)
             else:
                 sender.begin()
                 row["transfer_begin_s"] = time.perf_counter() - t
