@@ -20,10 +20,12 @@ round of each path the server's log-probs are checked against the trainer's weig
   python benchmarks/bench_refresh.py --model random-1b         # ~1B-shaped random Llama (fp32, ~4.4 GB)
   python benchmarks/bench_refresh.py --model PATH --rounds 3 --bucket-mib 256
   python benchmarks/bench_refresh.py --smoke                   # tiny random model, one round
+  python benchmarks/bench_refresh.py --smoke --server-url URL --model HF_DIR   # attached (the test suite)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -71,10 +73,14 @@ def main() -> int:
     ap.add_argument("--bucket-mib", type=float, default=256.0)
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, one round")
+    ap.add_argument("--server-url", default=None,
+                    help="attach to this running server (started with the weight-transfer engine) serving --model")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model (or --model with --server-url), one round")
     args = ap.parse_args()
     if args.smoke:
-        args.model, args.rounds = "tiny", 1
+        args.rounds = 1
+        if args.server_url is None:
+            args.model = "tiny"
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_rasft.parallel.net import free_port
 
@@ -85,7 +91,7 @@ def main() -> int:
     try:
         results, server = run(args, work)
     finally:
-        if server is not None:
+        if server is not None and server.managed:
             server.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -126,7 +132,10 @@ def run(args, work: Path):
                        startup_timeout_s=1800)
     export = work / "policy"
     export_to_hf([model], export, mcfg, groups, hf_config=meta["hf_config"], tokenizer_dir=hf)
-    server = RolloutServer(export, cfg, log_file=work / "server.log").start()
+    if args.server_url:  # its owner stops it (and puts its weights back)
+        server = RolloutServer.attach(args.server_url, dataclasses.replace(cfg, url=args.server_url))
+    else:
+        server = RolloutServer(export, cfg, log_file=work / "server.log").start()
     client = RolloutClient(server, cfg, progress=False)
     sender = WeightSender(server, cfg.transfer_timeout_s)
     probe = client.prompt_logprobs("Q:12+34;A:46")[0]

@@ -155,11 +155,13 @@ class RolloutServer:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
         # `reload_weights_tied` for the in-place refresh: a plain reload leaves a tied LM head stale on CPU.
         cmd += ["--worker-extension-cls", TIED_RELOAD_EXTENSION]
-        if cfg.weight_sync == "transfer":
-            # vLLM's weight-transfer engine (rollout/transfer.py): its built-in nccl one on GPU, our
-            # gloo one on CPU (registered by the extension above). Its endpoints are dev-mode ones.
-            backend = "nccl" if on_gpu else GLOO_BACKEND
-            cmd += ["--weight-transfer-config", json.dumps({"backend": backend})]
+        # vLLM's weight-transfer engine for `weight_sync = "transfer"` (rollout/transfer.py): its
+        # built-in nccl one on GPU, our gloo one on CPU (registered by the extension above). Every
+        # server we start gets it (it costs an idle object until a trainer opens a group), so a
+        # server started by one job can be refreshed by transfer from another that attaches to it.
+        # Its endpoints are dev-mode ones, like the in-place reload's.
+        backend = "nccl" if on_gpu else GLOO_BACKEND
+        cmd += ["--weight-transfer-config", json.dumps({"backend": backend})]
         if self.enforce_eager or (self.enforce_eager is None and not on_gpu):
             cmd.append("--enforce-eager")
         if not on_gpu:
