@@ -317,3 +317,40 @@ def test_buckets_are_bounded_per_stage_and_config_is_checked():
         ServerConfig(weight_sync="nccl")
     with pytest.raises(ValueError, match="rollout.server.bucket_mib"):
         ServerConfig(bucket_mib=0)
+
+
+def test_aborted_transfer_leaves_server_paused_and_the_next_one_restarts_it(tied):
+    """A leg that fails (here the worker refuses a tensor name) aborts the transfer: `serve` raises,
+    the server we started stays paused, and the next refresh restarts it before a full transfer."""
+    from safetensors.torch import load_file
+
+    from megatron_rasft.rollout.server import http_json
+    from megatron_rasft.rollout.session import RolloutSession
+    from megatron_rasft.rollout.transfer import Bucket, TransferError, pack
+
+    server, models, ids, _ = tied
+    session = RolloutSession.open(server, progress=False)  # the server object itself: one we started
+    sd = load_file(str(models[1] / "model.safetensors"))
+    names = sorted(sd)
+
+    def bucket(ns, rename=None):
+        b = Bucket(0, [], [rename or n for n in ns], [sd[n].dtype for n in ns], [list(sd[n].shape) for n in ns],
+                   sum(sd[n].numel() * sd[n].element_size() for n in ns))
+        return b, pack([sd[n] for n in ns], b.nbytes, "cpu")
+
+    sender = session.begin_transfer(ids[0])
+    sender.send(*bucket(names[:5]))
+    sender.send(*bucket(names[5:6], rename="model.layers.0.no_such.weight"))
+    assert sender.error is not None
+    sender.send(*bucket(names[6:]))  # dropped: the stream goes on without the server
+    with pytest.raises(TransferError, match="aborted"):
+        session.serve("(transferred)", ids[0], _hf_logprobs(models[1], ids[:1])[0])
+    assert http_json(f"{server.url}/is_paused", timeout=10)[1]["is_paused"] is True
+    restarts = server.restarts
+    sender = session.begin_transfer(ids[0])
+    assert server.restarts == restarts + 1  # restarted on its start-up weights, group re-made
+    for ns in (names[:10], names[10:]):
+        sender.send(*bucket(ns))
+    expected = _hf_logprobs(models[1], ids)
+    assert session.serve("(transferred)", ids[0], expected[0]).method == "transfer"
+    assert _max_diff([session.client.prompt_logprobs(x)[1] for x in ids], expected) <= 2e-4
