@@ -29,6 +29,7 @@ RUNS = [
     ["real_solvability.py", "--smoke"],
     ["bench_overlap.py"],  # sync vs overlapped rounds; pins the server and the trainer to one core each
     ["bench_fleet.py"],  # vllm-router: overhead, each policy's spread over 2 replicas, 2 replicas vs 1
+    ["bench_refresh.py", "--model", "smollm2"],  # weight refresh, disk vs transfer, per component
 ]
 # Scripts run through another entry of RUNS.
 COVERED_BY = {"gpu_mfu.py": "gpu_mfu.sh", "gpu_check.py": "gpu_check.sh"}

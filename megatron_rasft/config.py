@@ -343,9 +343,19 @@ class ServerConfig:
     urls: list = field(default_factory=list)
     router_policy: str = "round_robin"  # vllm-router's --policy
     router_health_interval_s: float = 2.0  # vllm-router's health checks (its default, 60 s, is too slow to notice a death)
+    # How a round's weights reach the server (docs/rollout.md, "Weight refresh"): "disk" = export
+    # to RUN/hf/policy and reload in place; "transfer" = stream from the trainer's ranks through
+    # vLLM's weight-transfer API (gloo engine on CPU, nccl on GPU), no export after the first.
+    weight_sync: str = "disk"
+    bucket_mib: float = 256.0  # transfer: the largest bucket of HF tensors sent at once, MiB
+    transfer_timeout_s: float = 300.0  # transfer: every leg's limit (HTTP call, collective, rendezvous)
 
     def __post_init__(self):
         _check(self.concurrency >= 1, "rollout.server.concurrency must be >= 1")
+        _one_of("rollout.server.weight_sync", self.weight_sync, ("disk", "transfer"))
+        _check(self.bucket_mib > 0, f"rollout.server.bucket_mib must be > 0, got {self.bucket_mib}")
+        _check(self.transfer_timeout_s > 0, f"rollout.server.transfer_timeout_s must be > 0, "
+                                            f"got {self.transfer_timeout_s}")
         _check(self.max_retries >= 0, "rollout.server.max_retries must be >= 0")
         _one_of("rollout.server.refresh_check", self.refresh_check, ("full", "sample", "off"))
         _check(self.refresh_check_tensors >= 1, f"rollout.server.refresh_check_tensors must be >= 1, "

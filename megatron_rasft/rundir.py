@@ -17,7 +17,8 @@ Layout (R = round number, three digits):
     RUN/rounds/nll_band.json        the `released` selection's NLL thresholds (computed once)
     RUN/ref_logp/window_NNNNN.pt    frozen-reference log-probs, `{sequence key: [floats]}` per window
     RUN/old_logp/round_RRR.pt       GRPO's π_old: the round's rollouts scored by the policy that sampled them
-    RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round)
+    RUN/hf/policy/                  the policy exported for the rollout server (refreshed each round; with
+                                    weight_sync = transfer written once, the server's start-up weights)
     RUN/ckpt/                       training checkpoints (layout: `engine/checkpoint.py`)
     RUN/metrics.jsonl               one JSON object per optimizer step
     RUN/tensorboard/                optional TensorBoard events

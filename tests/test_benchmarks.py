@@ -32,7 +32,7 @@ SLOW = {"bench_real_model.py", "real_solvability.py", "gpu_check.sh", "gpu_check
 # the same tiny model they would build) instead of starting their own, which saves a server start
 # (20-40 s on this box) each. Starting one is what `make bench` does; the attach path is what the
 # test checks here, and conftest puts the server's original weights back afterwards.
-ATTACH = {"bench_rollout.py", "bench_eval.py", "bench_overlap.py", "bench_fleet.py"}
+ATTACH = {"bench_rollout.py", "bench_eval.py", "bench_overlap.py", "bench_fleet.py", "bench_refresh.py"}
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SCRIPTS])

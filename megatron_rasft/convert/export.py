@@ -25,7 +25,7 @@ from megatron_rasft.records import replace_dir
 from megatron_rasft.parallel.groups import barrier, rank
 
 
-def _stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
+def stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
     """(entries this chunk owns in HF order, {global megatron name: local parameter})."""
     to_global = layout.local_to_global_names(chunk)
     params = {to_global[n]: p for n, p in chunk.named_parameters()}
@@ -37,7 +37,7 @@ def _stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
     return entries, params
 
 
-def _gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
+def gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
     """The full (TP=1) tensor on TP rank 0 (None elsewhere)."""
     if tp_size == 1 or layout.split_kind(name) == "replicated":
         return local.detach() if tp_rank == 0 else None
@@ -70,7 +70,7 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, gro
     tp_group, tp_size, tp_rank = groups.tp, groups.tp_size, groups.tp_rank
     result = None
     if groups.first_replica:
-        per_chunk = [_stage_entries(c, mcfg) for c in chunks]
+        per_chunk = [stage_entries(c, mcfg) for c in chunks]
         ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp_size))
         plan = []
         for entries, params in per_chunk:
@@ -84,7 +84,7 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, gro
             with torch.no_grad():
                 for entries, params in per_chunk:
                     for e in entries:
-                        full = _gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
+                        full = gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
                         if writer is not None:
                             for n, t in e.to_hf(full, ctx).items():
                                 writer.write(n, t.to(target) if target is not None else t)

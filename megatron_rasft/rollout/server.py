@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
 from megatron_rasft.rollout.vllm_digest import EXTENSION as WORKER_EXTENSION
+from megatron_rasft.rollout.vllm_ext import GLOO_BACKEND
 
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 # Environment every server gets unless the caller's environment already sets it. The dev-mode
@@ -177,6 +178,13 @@ class RolloutServer:
         # `reload_weights_tied` for the in-place refresh (a plain reload leaves a tied LM head stale on
         # CPU) and `weight_digests` for the refresh check (vllm_digest.py).
         cmd += ["--worker-extension-cls", WORKER_EXTENSION]
+        # vLLM's weight-transfer engine for `weight_sync = "transfer"` (rollout/transfer.py): its
+        # built-in nccl one on GPU, our gloo one on CPU (registered by the extension above). Every
+        # server we start gets it (it costs an idle object until a trainer opens a group), so a
+        # server started by one job can be refreshed by transfer from another that attaches to it.
+        # Its endpoints are dev-mode ones, like the in-place reload's.
+        backend = "nccl" if on_gpu else GLOO_BACKEND
+        cmd += ["--weight-transfer-config", json.dumps({"backend": backend})]
         if self.enforce_eager or (self.enforce_eager is None and not on_gpu):
             cmd.append("--enforce-eager")
         if not on_gpu:

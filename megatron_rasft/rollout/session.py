@@ -83,9 +83,14 @@ class RolloutSession:
         match `expected` (our own forward pass of those weights; `rollout.refresh.refresh_weights`).
         Also arms the client so that a server which dies and comes back is refreshed again before
         any lost prompt is resubmitted (it comes back on whatever it loads at start-up).
+        With `weight_sync = "transfer"` the weights came by the stream that followed
+        `begin_transfer` (not from `hf_dir`): this finishes that transfer and proves it the same way.
         -> the `RefreshResult`. Raises `RefreshError` / `ServerError` when the weights are not live."""
         from megatron_rasft.rollout.client import RolloutClient
         from megatron_rasft.rollout.refresh import refresh_weights
+
+        if self.server.cfg.weight_sync == "transfer":
+            return self._finish_transfer(probe, expected)
 
         def refresh():
             # One server, or a fleet's every replica in turn, each proven by its own probe and tensor
@@ -109,6 +114,67 @@ class RolloutSession:
         res = refresh()
         self.client.on_recover = refresh
         return res
+
+    # -- weight_sync = "transfer" (rollout/transfer.py) ------------------------------------------
+    sender = None  # the `transfer.WeightSender`, made by the first `begin_transfer`
+    transfer_stream_stats: dict = {}  # the last stream's (`transfer.stream_policy`), for the log line
+
+    def begin_transfer(self, probe: Sequence[int]):
+        """Before the trainer streams new weights: the probe's log-probs now (to see them move),
+        the server paused and vLLM's update session open -> the `WeightSender` to stream into.
+        A server whose worker reports a half-done transfer (an aborted one, possibly by another
+        trainer) is not resumed or probed: ours is restarted, an attached one gets the full
+        transfer. Raises `ServerError` (incl. `transfer.TransferError`)."""
+        import time
+
+        from megatron_rasft.rollout.refresh import resume_if_paused
+        from megatron_rasft.rollout.transfer import WeightSender
+
+        if self.sender is None:
+            self.sender = WeightSender(self.server, self.server.cfg.transfer_timeout_s)
+        if not self.sender.status().get("complete", True):
+            self.sender.dirty = True
+        self._before = None
+        if not self.sender.dirty:
+            resume_if_paused(self.server)
+            self._before = self.client.prompt_logprobs(list(probe))[1]
+        self._t0 = time.monotonic()
+        self.client.on_recover = self._lost_transfer
+        try:
+            self.sender.begin()
+        except Exception:
+            self.sender.dirty = True
+            raise
+        return self.sender
+
+    def _finish_transfer(self, probe, expected):
+        import time
+
+        from megatron_rasft.rollout.server import ServerError
+        from megatron_rasft.rollout.transfer import verify_served
+
+        if self.sender is None or not self.sender.dirty:
+            raise ServerError("weight_sync = transfer: serve() needs the collective stream of every trainer rank "
+                              "first (begin_transfer, stream_policy)")
+        stats = self.sender.end()
+        res = verify_served(self.client, probe, expected, self._before, self.server.cfg.refresh_atol,
+                            time.monotonic() - self._t0)
+        st = self.transfer_stream_stats or {}
+        print(f"[round] server serves the step's weights (transfer, {res.seconds:.1f}s: gather "
+              f"{st.get('gather_s', 0):.2f}s, forward {st.get('forward_s', 0):.2f}s, send {stats['send_s']:.2f}s, "
+              f"finish {stats['finish_s']:.2f}s; {stats['buckets']} buckets, {stats['bytes'] / 2**20:.0f} MiB; "
+              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+        self.client.on_recover = self._lost_transfer
+        return res
+
+    def _lost_transfer(self):
+        """A server that died and came back serves its start-up weights; only a new stream of every
+        trainer rank brings the round's back, and the ranks are elsewhere: the round fails (the
+        loop saves a checkpoint; the next round or `--resume` re-initialises the transfer)."""
+        from megatron_rasft.rollout.server import ServerError
+
+        raise ServerError(f"the rollout server at {self.server.url} restarted on its start-up weights; with "
+                          f"weight_sync = transfer they come back only by a new transfer from every trainer rank")
 
     def close(self) -> None:
         """Stop the server if this session owns it (an attached or handed-in one is left running)."""

@@ -9,11 +9,36 @@ computes logits with a copy packed for oneDNN / the SGL kernel at the first load
 (`dispatch_cpu_unquantized_gemm`, `layer.cpu_linear`), which is never rebuilt, so the server keeps
 the previous output layer. Re-running the tied layers' post-load processing rebuilds the packed copy.
 
-This module is imported by the vLLM worker process only; it imports vLLM lazily.
+It also carries the worker's side of `weight_sync = "transfer"` (`rollout/transfer.py`): it
+registers our gloo weight-transfer engine (`vllm_gloo.py`) with vLLM, which must happen in the
+worker process before it loads the model (vLLM creates the engine in `Worker.load_model`); vLLM
+resolves this extension class before that, so registering on import is in time. And it gives the
+trainer two calls around a transfer: `transfer_status` and `transfer_reset`.
+
+This module is imported by the trainer (for `EXTENSION`) and by the vLLM worker process; it imports
+vLLM lazily, and registers the engine only where vLLM is already loaded (the worker).
 """
 from __future__ import annotations
 
+import sys
+
 EXTENSION = "megatron_rasft.rollout.vllm_ext.TiedWeightsReload"
+GLOO_BACKEND = "megatron_rasft_gloo"  # --weight-transfer-config '{"backend": "megatron_rasft_gloo"}'
+
+
+def register_transfer_engine() -> None:
+    """Register `vllm_gloo.GlooWeightTransferEngine` under GLOO_BACKEND (once per process)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    try:
+        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, "megatron_rasft.rollout.vllm_gloo",
+                                                    "GlooWeightTransferEngine")
+    except ValueError:  # already registered in this process
+        pass
+
+
+if "vllm" in sys.modules:  # the vLLM worker, resolving --worker-extension-cls before load_model
+    register_transfer_engine()
 
 
 def tied_layers(model) -> list:
@@ -36,12 +61,39 @@ class TiedWeightsReload:
         is all it does, so running it again is safe; a quantized layer's processing may not be, and
         is left alone). Returns the number of layers re-processed."""
         from vllm.config import set_current_vllm_config
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
         self.reload_weights(weights_path=weights_path)
-        layers = [m for m in tied_layers(self.model_runner.get_model())
-                  if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod)]
         with set_current_vllm_config(self.vllm_config):
-            for layer in layers:
-                layer.quant_method.process_weights_after_loading(layer)
-        return len(layers)
+            return reprocess_tied_layers(self.model_runner.get_model())
+
+    def transfer_status(self) -> dict:
+        """{"complete": no transfer is half done (the weights are all of one version),
+        "active": vLLM's weight-update session is open, "backend": the engine's class or None}."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        return {"complete": bool(getattr(engine, "complete", True)),
+                "active": bool(getattr(self, "_weight_update_active", False)),
+                "backend": type(engine).__name__ if engine is not None else None}
+
+    def transfer_world_size(self) -> int:
+        """How many workers join the transfer group (tensor × pipeline × data parallel)."""
+        pc = self.vllm_config.parallel_config
+        return pc.world_size * pc.data_parallel_size
+
+    def transfer_reset(self) -> None:
+        """Close a weight-update session left open by a trainer that died mid-transfer (vLLM
+        refuses a new `start_weight_update` while one is open). The weights stay mixed until the
+        full transfer that follows."""
+        self._weight_update_active = False
+
+
+def reprocess_tied_layers(model) -> int:
+    """Re-run the post-load processing of every tied unquantized embedding / LM head layer of
+    `model` (rebuilds the CPU kernel's packed copy of the weight; see the module docstring).
+    Call inside `set_current_vllm_config`. Returns the number of layers re-processed."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    layers = [m for m in tied_layers(model)
+              if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod)]
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+    return len(layers)

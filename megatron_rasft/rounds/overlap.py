@@ -52,7 +52,7 @@ class OverlappedRounds:
         if rank0():
             start = self.rounds.read_start(r)
             print(f"[round {r}] resuming in the background from {run.round_start(r)}", flush=True)
-        self.rounds.coordination.together(r, lambda: self.rounds.refresh_for(start))
+        self.rounds.refresh_together(r, start)
         self._launch(start)
 
     def result(self, r: int) -> tuple[RoundResult, dict]:

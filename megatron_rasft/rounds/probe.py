@@ -33,20 +33,27 @@ class PolicyProbe:
     `ParallelGroups`; data: the `train.data` dataset (`prompt_ids`, `experts`, `pad_id`); run: the
     `RunDir`; model_cfg: the `ModelConfig` (export, seq_length, vocab_size); tokenizer_dir: copied
     into the export; micro_batch_size: of the scoring passes; selection: the `SelectionConfig`;
-    seed: train.seed; train_iters: the run's steps (the `released` band moves with the step).
+    seed: train.seed; train_iters: the run's steps (the `released` band moves with the step);
+    server: the `ServerConfig` (`weight_sync`, `bucket_mib`; None: disk).
     """
 
     def __init__(self, models, groups, data, run: RunDir, model_cfg, *, tokenizer_dir, micro_batch_size: int,
-                 selection, seed: int, train_iters: int):
+                 selection, seed: int, train_iters: int, server=None):
         self.models, self.groups, self.data, self.run, self.model_cfg = models, groups, data, run, model_cfg
         self.tokenizer_dir, self.micro_batch_size = tokenizer_dir, micro_batch_size
         self.selection, self.seed, self.train_iters = selection, seed, train_iters
+        self.transfer = server is not None and server.weight_sync == "transfer"
+        self.bucket_mib = server.bucket_mib if server is not None else 0.0
 
     def start(self, r: int, problem_ids: list, step: int, hard_pool: dict) -> tuple[RoundStart, float]:
         """Round `r` at its window boundary: export, probe, selection (from `step` and `hard_pool`)
-        -> (its `RoundStart`, the export's seconds). Collective."""
+        -> (its `RoundStart`, the export's seconds). Collective. With `weight_sync = "transfer"`
+        the export is written only when there is none yet: it is what a (re)started server loads
+        before the transfer (`push`) brings the round's weights."""
         t0 = time.time()
-        hf_dir = self.export()
+        hf_dir = self.run.policy_export
+        if not (self.transfer and (hf_dir / "config.json").is_file()):
+            hf_dir = self.export()
         export_s = time.time() - t0
         probe_ids, probe_logp = self.refresh_probe(r)
         sel = self.select(r, problem_ids, step, hard_pool)
@@ -60,6 +67,15 @@ class PolicyProbe:
         export_to_hf(unwrap(self.models.policy), out, self.model_cfg, self.groups,
                      hf_config=self.models.hf_config, tokenizer_dir=self.tokenizer_dir)
         return out
+
+    def push(self, sender) -> dict:
+        """The policy into the server by `rollout.transfer.stream_policy`: `sender` (rank 0's
+        `WeightSender`, None elsewhere) receives the buckets. -> the stream's stats. Collective;
+        run at the window boundary, before the next optimizer step (a consistent snapshot)."""
+        from megatron_rasft.rollout.transfer import stream_policy
+
+        return stream_policy(self.models.policy, self.model_cfg, self.groups, self.bucket_mib,
+                             sink=sender.send if sender is not None else None)
 
     def refresh_probe(self, r: int) -> tuple[list, list]:
         """(probe token ids, their log-probs under the current policy) for round `r`: a prompt the

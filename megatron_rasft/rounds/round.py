@@ -50,7 +50,7 @@ class Rounds:
         sched = cfg.train.schedule
         probe = PolicyProbe(models, groups, data, run, cfg.model, tokenizer_dir=cfg.train.data.tokenizer,
                             micro_batch_size=sched.micro_batch_size, selection=cfg.rollout.selection,
-                            seed=cfg.train.seed, train_iters=sched.train_iters)
+                            seed=cfg.train.seed, train_iters=sched.train_iters, server=cfg.rollout.server)
         stages = RoundStages(run, data, cfg.rollout, cfg.weighting, max_len=cfg.model.seq_length + 1,
                              grpo=cfg.grpo if cfg.loss.method == "grpo" else None)
         return cls(run, data, probe, stages, prompt_template=cfg.train.data.prompt_template)
@@ -80,6 +80,7 @@ class Rounds:
         if not self.run.round_result(r).is_file():
             times = stage_times()
             start, times["export"] = self.probe.start(r, problem_ids, step, hard_pool)
+            self.transfer(r, start, times)
             self.coordination.together(r, lambda: self.stages.run_round(start, times))
         return self.read_result(r)
 
@@ -94,8 +95,31 @@ class Rounds:
         t0 = time.time()
         if rank0():
             write_records(self.run.round_start(r), [start])
-        self.coordination.together(r, lambda: self.refresh_for(start))
+        self.refresh_together(r, start)
         return start, {"export": export_s, "refresh": time.time() - t0}
+
+    def refresh_together(self, r: int, start: RoundStart | None) -> None:
+        """Every rank: make the server serve round `r`'s weights (`start` on rank 0, None
+        elsewhere): by transfer from the current weights, or rank 0's reload of the export.
+        Raises RoundFailed on every rank when the server cannot be refreshed. Collective."""
+        if self.probe.transfer:
+            self.transfer(r, start, stage_times())
+        else:
+            self.coordination.together(r, lambda: self.refresh_for(start))
+
+    def transfer(self, r: int, start: RoundStart | None, times: dict) -> None:
+        """`weight_sync = "transfer"`: stream the current weights into the server and prove them
+        with `start`'s probe (rank 0's part: `stages.begin_transfer` / `end_transfer`). Done at
+        the window boundary by every rank before the next step, so the weights cannot move during
+        it. Nothing with `weight_sync = "disk"`. Raises RoundFailed on every rank. Collective."""
+        if not self.probe.transfer:
+            return
+        t0 = time.time()
+        box: dict = {}
+        self.coordination.together(r, lambda: box.update(sender=self.stages.begin_transfer(start)))
+        box["stats"] = self.probe.push(box.get("sender"))
+        self.coordination.together(r, lambda: self.stages.end_transfer(start, box["stats"]))
+        times["refresh"] += time.time() - t0
 
     def refresh_for(self, start: RoundStart) -> None:
         """Rank 0: make the server serve the export of a started round (no server is needed when

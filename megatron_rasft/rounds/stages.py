@@ -61,18 +61,35 @@ class RoundStages:
         """Make the server (started or attached at the first call) serve round `start.round`'s
         export, proven by its probe; nothing when it already does (an overlapped round is served at
         its window boundary). Raises what `RolloutSession.open` / `.serve` raise."""
-        from megatron_rasft.rollout.session import RolloutSession
-
         if self.served_round == start.round:
             return
         t0 = time.time()
+        self._open(start)
+        self.session.serve(start.hf_dir, start.probe_ids, start.probe_logp)
+        self.served_round = start.round
+        times["refresh"] += time.time() - t0
+
+    def _open(self, start: RoundStart) -> None:
+        from megatron_rasft.rollout.session import RolloutSession
+
         if self.session is None:
             sc = self.rollout.server
             self.session = RolloutSession.open(sc.url or start.hf_dir, sc, log_file=self.run.server_log,
                                                label="[round] ")
+
+    def begin_transfer(self, start: RoundStart):
+        """`weight_sync = "transfer"`, before the collective stream: the server (started on the
+        export `start.hf_dir` at the first call) paused and ready -> the `rollout.transfer.WeightSender`
+        the stream feeds. Raises what `RolloutSession.begin_transfer` raises."""
+        self._open(start)
+        return self.session.begin_transfer(start.probe_ids)
+
+    def end_transfer(self, start: RoundStart, stats: dict) -> None:
+        """After the stream: finish the transfer and prove it with the round's probe
+        (`RolloutSession.serve`); the round is then served. `stats`: the stream's."""
+        self.session.transfer_stream_stats = stats
         self.session.serve(start.hf_dir, start.probe_ids, start.probe_logp)
         self.served_round = start.round
-        times["refresh"] += time.time() - t0
 
     def run_round(self, start: RoundStart, times: dict) -> None:
         """The stages of the round `start` describes, up to its records (`times` gets their
