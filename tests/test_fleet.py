@@ -137,7 +137,8 @@ def test_fleet_settings_are_checked():
                         ({"url": "http://a:1", "urls": ["http://b:1"]}, "set one of them"),
                         ({"replicas": 2, "url": "http://a:1"}, "leave it at 1"),
                         ({"urls": ["a:1"]}, "rollout.server.urls[0] must be an http:// or https:// URL"),
-                        ({"replicas": 2, "router_policy": "fastest"}, "rollout.server.router_policy must be one of")]:
+                        ({"replicas": 2, "router_policy": "fastest"}, "rollout.server.router_policy must be one of"),
+                        ({"replicas": 2, "weight_sync": "transfer"}, "a fleet (rollout.server.replicas > 1")]:
         with pytest.raises(ConfigError, match=re.escape(msg)):
             ServerConfig(**kwargs)
 
