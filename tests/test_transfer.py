@@ -354,3 +354,55 @@ def test_aborted_transfer_leaves_server_paused_and_the_next_one_restarts_it(tied
     expected = _hf_logprobs(models[1], ids)
     assert session.serve("(transferred)", ids[0], expected[0]).method == "transfer"
     assert _max_diff([session.client.prompt_logprobs(x)[1] for x in ids], expected) <= 2e-4
+
+
+def test_stale_or_partial_transfer_is_caught_by_the_tensor_check(tied, tmp_path):
+    """`transfer` runs the refresh check too (`refresh_check.RefreshCheck`, the trainer's digests
+    taken from the stream). Weights that moved far less than `refresh_atol` on the probe: a full
+    transfer passes the check (every server tensor changed, as the trainer's did); one that leaves
+    layer 1 unapplied (the trainer streamed it, the server never got it: a stage not sent) is
+    caught and named, although the probe alone cannot tell the two apart."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_rasft.rollout.refresh import RefreshError
+    from megatron_rasft.rollout.session import RolloutSession
+    from megatron_rasft.rollout.transfer import Bucket, pack
+
+    server, models, ids, _ = tied
+    session = RolloutSession.open(server, progress=False)  # the server object itself: one we started
+    base = load_file(str(models[2] / "model.safetensors"))
+    names = sorted(base)
+    gen = torch.Generator().manual_seed(0)
+
+    def nudged(k: int) -> tuple:
+        """models[2]'s weights moved by k × 1e-4 noise, saved as an HF folder -> (state dict, folder)."""
+        sd = {n: t + k * 1e-4 * torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in base.items()}
+        out = tmp_path / f"nudged{k}"
+        shutil.copytree(models[2], out)
+        save_file(sd, str(out / "model.safetensors"))
+        return sd, out
+
+    def transfer(sd, hf_dir, unapplied=()):
+        sender = session.begin_transfer(ids[0])
+        for n in names:
+            b = Bucket(0, [], [n], [sd[n].dtype], [list(sd[n].shape)], sd[n].numel() * sd[n].element_size())
+            buf = pack([sd[n]], b.nbytes, "cpu")
+            if n in unapplied:
+                sender.note(b, buf)  # streamed by the trainer, never applied by the server
+            else:
+                sender.send(b, buf)
+        return session.serve("(transferred)", ids[0], _hf_logprobs(hf_dir, ids[:1])[0])
+
+    transfer(base, models[2])  # the server's weights known from here on (a first check may skip)
+    sd1, dir1 = nudged(1)
+    res = transfer(sd1, dir1)
+    assert res.check is not None and res.check.checked > 0 and res.check.skipped == 0, res.check
+    sd2, dir2 = nudged(2)
+    probe1, probe2 = _hf_logprobs(dir1, ids[:1])[0], _hf_logprobs(dir2, ids[:1])[0]
+    assert _max_diff([probe1], [probe2]) < server.cfg.refresh_atol  # within what the probe accepts
+    layer1 = [n for n in names if ".layers.1." in n]
+    with pytest.raises(RefreshError, match=r"stale or partial: .*layers\.1\."):
+        transfer(sd2, dir2, unapplied=layer1)

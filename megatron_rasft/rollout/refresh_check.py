@@ -397,6 +397,13 @@ class RefreshCheck:
         return {h: old[h] != digests[h] for h in wanted if h in old}
 
 
+def forget_served(server: RolloutServer) -> None:
+    """What `server` serves is unknown (e.g. it is being restarted and fully re-sent): its next
+    check skips every group and learns the trainer digests for the ones after."""
+    old = getattr(server, "refresh_served", None)
+    server.refresh_served = _Served(n=old.n if old is not None else 0, digests=None)
+
+
 def remember_served(server: RolloutServer, hf_dir: str | Path, mode: str = "full", tensors: int = 64,
                     timeout_s: float = 600.0) -> None:
     """The server was (re)started on `hf_dir`: remember the trainer digests the next check needs

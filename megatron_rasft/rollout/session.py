@@ -135,9 +135,17 @@ class RolloutSession:
         if not self.sender.status().get("complete", True):
             self.sender.dirty = True
         self._before = None
+        self._check = None
         if not self.sender.dirty:
             resume_if_paused(self.server)
             self._before = self.client.prompt_logprobs(list(probe))[1]
+            self._check = self._begin_check()
+        else:  # restarted or fully re-sent below: the next check learns what it serves
+            from megatron_rasft.rollout.refresh_check import forget_served
+
+            forget_served(self.server)
+        self.sender.digest_names = set(self._check.hf_names) if self._check is not None else set()
+        self.sender.digests = {}
         self._t0 = time.monotonic()
         self.client.on_recover = self._lost_transfer
         try:
@@ -147,9 +155,25 @@ class RolloutSession:
             raise
         return self.sender
 
+    def _begin_check(self):
+        """The refresh check (`refresh_check.RefreshCheck`) of a transfer into a server whose
+        weights are known: names and config from the folder it was started on (the stream sends
+        the same HF tensors). None when `rollout.server.refresh_check` is off."""
+        import json
+
+        from megatron_rasft.rollout.refresh_check import RefreshCheck, export_tensor_names
+
+        cfg = self.server.cfg
+        start = Path(self.server.model_dir) if self.server.model_dir else None
+        if cfg.refresh_check == "off" or start is None or not (start / "config.json").is_file():
+            return None
+        return RefreshCheck.begin(self.server, export_tensor_names(start), json.loads((start / "config.json").read_text()),
+                                  cfg.refresh_check, cfg.refresh_check_tensors, cfg.transfer_timeout_s)
+
     def _finish_transfer(self, probe, expected):
         import time
 
+        from megatron_rasft.rollout.refresh import RefreshError
         from megatron_rasft.rollout.server import ServerError
         from megatron_rasft.rollout.transfer import verify_served
 
@@ -157,13 +181,22 @@ class RolloutSession:
             raise ServerError("weight_sync = transfer: serve() needs the collective stream of every trainer rank "
                               "first (begin_transfer, stream_policy)")
         stats = self.sender.end()
+        check = None
+        if self._check is not None:
+            unsent = sorted(set(self._check.hf_names) - set(self.sender.digests))
+            if unsent:
+                raise RefreshError(f"the transfer into {self.server.url} is partial: the stream had no tensor(s) "
+                                   f"{unsent[:6]}")
+            check = self._check.verify(self.sender.digests)  # raises RefreshError naming stale tensors
         res = verify_served(self.client, probe, expected, self._before, self.server.cfg.refresh_atol,
                             time.monotonic() - self._t0)
+        res.check = check
         st = self.transfer_stream_stats or {}
+        tensors = check.summary() if check is not None else "tensor check skipped (server weights unknown)"
         print(f"[round] server serves the step's weights (transfer, {res.seconds:.1f}s: gather "
               f"{st.get('gather_s', 0):.2f}s, forward {st.get('forward_s', 0):.2f}s, send {stats['send_s']:.2f}s, "
               f"finish {stats['finish_s']:.2f}s; {stats['buckets']} buckets, {stats['bytes'] / 2**20:.0f} MiB; "
-              f"probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
+              f"{tensors}; probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
         self.client.on_recover = self._lost_transfer
         return res
 

@@ -213,6 +213,10 @@ class WeightSender:
         self.dirty = False
         self.error: Optional[str] = None
         self.stats: dict = {}
+        # The refresh check's trainer side (`refresh_check.RefreshCheck`): the HF tensors whose
+        # digests it needs, and their digests, taken from what the trainer streams (`note`).
+        self.digest_names: set = set()
+        self.digests: dict = {}
 
     # -- control legs ------------------------------------------------------------------------
     def _post(self, path: str, payload: Optional[dict] = None) -> dict:
@@ -298,6 +302,7 @@ class WeightSender:
         """One bucket: `/update_weights` with its names, dtypes and shapes, beside the broadcast of
         its bytes (both block until the other side joins). After a failed leg the remaining buckets
         are dropped (the trainer-side collectives of the stream go on) and `end` raises."""
+        self.note(bucket, buf)
         if self.error is not None:
             return
         t0 = time.perf_counter()
@@ -323,6 +328,17 @@ class WeightSender:
         self.stats["send_s"] += time.perf_counter() - t0
         self.stats["buckets"] += 1
         self.stats["bytes"] += bucket.nbytes
+
+    def note(self, bucket: Bucket, buf: torch.Tensor) -> None:
+        """Record the digests (`refresh_check.tensor_digest`) of the bucket's tensors that the
+        refresh check asked for: the trainer's side of "which tensors changed", taken before the
+        bytes go out, so a bucket the server never applies still counts as changed."""
+        from megatron_rasft.rollout.refresh_check import tensor_digest
+
+        if self.digest_names.intersection(bucket.names):
+            for name, t in zip(bucket.names, unpack(buf, bucket.dtypes, bucket.shapes)):
+                if name in self.digest_names:
+                    self.digests[name] = tensor_digest(t)
 
     def end(self) -> dict:
         """After the stream: finish vLLM's update session (its post-load processing), reset the
