@@ -21,28 +21,11 @@ from pathlib import Path
 import pytest
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.rollout.server import SERVER_MODULE, http_json
+from megatron_rasft.rollout.server import http_json
 from megatron_rasft.rundir import RunDir
-from helpers.runs import loop_config, run_train, start_train, step_losses
+from helpers.runs import loop_config, run_train, start_train, step_losses, vllm_children
 
 WINDOW, K = 4, 2
-
-
-def _replicas_of(pid: int) -> list:
-    """(pid, url) of the vLLM servers started by process `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
-        if ppid == pid and SERVER_MODULE in argv:
-            out.append((int(entry), f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"))
-    return out
 
 
 def _running(url: str) -> float:
@@ -92,10 +75,11 @@ def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
         proc = start_train(config, run, "rollout.server.replicas=2", stdout=f)
     try:
         deadline = time.time() + 600
-        while len(_replicas_of(proc.pid)) < 2:
+        while len(vllm_children(proc.pid)) < 2:
             assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
             time.sleep(0.2)
-        (pid1, url1) = sorted(_replicas_of(proc.pid))[1]
+        pid1, port1 = vllm_children(proc.pid)[1]
+        url1 = f"http://127.0.0.1:{port1}"
         rollouts = run / "rollouts" / "round_001.jsonl"
         # Replica 1 holds a request of round 1 (the probe's prompt-logprob requests take no
         # generation slot long enough to be seen here; the round's do).

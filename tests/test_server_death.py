@@ -11,7 +11,6 @@ tokens, and the kill follows the first complete problem, so that it lands mid-ro
 """
 import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rasft.demo.task import make_problems, write_jsonl
-from megatron_rasft.rollout.server import SERVER_MODULE
-from helpers.runs import loop_config, run_train, start_train, step_losses
+from helpers.runs import loop_config, run_train, start_train, step_losses, vllm_children
 
 WINDOW, K = 8, 2  # problems per round (rollout.batches_per_round 1 × global batch 8), samples per problem
 
@@ -75,23 +73,6 @@ def _kill_when_rollouts_started(proc, run: Path, r: int, kill, console: Path) ->
     return lines
 
 
-def _server_children(pid: int) -> list:
-    """Pids of the vLLM servers started by process `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
-        if ppid == pid and SERVER_MODULE in cmdline:
-            out.append(int(entry))
-    return out
-
-
 def _check_round_kept(run: Path, r: int, before: list) -> None:
     after = _rollout_lines(run, r)
     assert after[:len(before)] == before  # the rollouts written before the kill are kept, unchanged
@@ -107,7 +88,7 @@ def test_trainer_started_server_killed_mid_round_is_restarted(setup):
         proc = start_train(config, run, stdout=f)
     try:
         def kill():
-            (server_pid,) = _server_children(proc.pid)
+            ((server_pid, _),) = vllm_children(proc.pid)
             os.killpg(server_pid, signal.SIGKILL)  # the server and its engine processes
 
         before = _kill_when_rollouts_started(proc, run, 0, kill, console)

@@ -54,20 +54,27 @@ def check_checkpoint(hf_dir: str | Path) -> Path:
 
 
 def reload_in_place(server: RolloutServer, hf_dir: str | Path, timeout_s: float = 600.0) -> None:
-    """pause → reload_weights (`reload_weights_tied` on a server we started: `vllm_ext.py`) →
-    reset_prefix_cache → resume. Raises `ServerError` on any failure (a 404 means the dev endpoints
+    """pause → `reload_weights_tied` (`vllm_ext.py`; on an attached server without it, plain
+    `reload_weights`) → reset_prefix_cache → resume. Raises `ServerError` on any failure (a 404 means the dev endpoints
     are off: start the server with VLLM_SERVER_DEV_MODE=1)."""
     def post(path, payload=None):
         status, body = http_json(f"{server.url}{path}", payload or {}, timeout=timeout_s, method="POST")
         if status != 200:
             raise ServerError(f"POST {path} -> {status}: {body}")
 
-    # Our servers load the worker extension whose reload also rebuilds tied layers (vllm_ext.py); an
-    # attached server may not have it, and a stale tied head there is caught by the probe check.
-    method = "reload_weights_tied" if server.managed else "reload_weights"
+    # Our servers load the worker extension whose reload also rebuilds tied layers (vllm_ext.py). An
+    # attached server is asked for it too (one started by another job of ours has it), and gets the
+    # plain reload only when it refuses: the plain reload leaves a tied head stale on CPU, which the
+    # probe alone let through (0.03 < refresh_atol on a tied tiny model) and the refresh check catches.
+    kwargs = {"weights_path": str(Path(hf_dir).resolve())}
     post("/pause?mode=wait")  # let in-flight requests finish on the old weights
     try:
-        post("/collective_rpc", {"method": method, "kwargs": {"weights_path": str(Path(hf_dir).resolve())}})
+        try:
+            post("/collective_rpc", {"method": "reload_weights_tied", "kwargs": kwargs})
+        except ServerError:
+            if server.managed:
+                raise
+            post("/collective_rpc", {"method": "reload_weights", "kwargs": kwargs})
         post("/reset_prefix_cache")
     finally:
         post("/resume")

@@ -125,3 +125,25 @@ def loop_config(path, *, server_url: str | None, problems, tokenizer, load, over
     merge_tables(values, overrides or {})
     Path(path).write_text(tomli_w.dumps(values))
     return Path(path)
+
+
+def vllm_children(pid: int) -> list:
+    """[(pid, port)] of the vLLM servers that process `pid` started (a trainer's server, or a
+    fleet's replicas), found by their parent pid and command line in /proc."""
+    import re
+
+    from megatron_rasft.rollout.server import SERVER_MODULE
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        ppid = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))
+        if ppid == pid and SERVER_MODULE in argv:
+            out.append((int(entry), int(argv[argv.index("--port") + 1])))
+    return sorted(out)
