@@ -9,6 +9,7 @@ tied embeddings included.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -138,17 +139,21 @@ def tied_server(tmp_path_factory):
 
 
 def test_tied_head_not_rebuilt_is_caught_and_a_normal_refresh_passes(tied_server, tmp_path, monkeypatch):
-    """vLLM's plain `reload_weights` (what an attached server gets) leaves the tied LM head computing
-    with its old packed copy: caught by name; our `reload_weights_tied` passes, tied head included."""
+    """vLLM's plain `reload_weights` (what an attached server without our extension gets) leaves the
+    tied LM head computing with its old packed copy: caught by name; our `reload_weights_tied`
+    passes, tied head included."""
+    from megatron_rasft.rollout.server import http_json
+
     new, ids, expected, client = _small_step(tied_server, tmp_path)
     real_reload = refresh.reload_in_place
 
-    def plain_reload(server, hf_dir, timeout_s=600.0):
-        server.managed = False  # reload_in_place then calls plain `reload_weights`
-        try:
-            real_reload(server, hf_dir, timeout_s)
-        finally:
-            server.managed = True
+    def plain_reload(server, hf_dir, timeout_s=600.0):  # reload_in_place's legs, with the plain reload
+        for path, payload in (("/pause?mode=wait", {}),
+                              ("/collective_rpc", {"method": "reload_weights",
+                                                   "kwargs": {"weights_path": str(Path(hf_dir).resolve())}}),
+                              ("/reset_prefix_cache", {}), ("/resume", {})):
+            status, body = http_json(f"{server.url}{path}", payload, timeout=timeout_s, method="POST")
+            assert status == 200, (path, body)
 
     monkeypatch.setattr(refresh, "reload_in_place", plain_reload)
     with pytest.raises(RefreshError) as err:

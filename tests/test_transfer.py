@@ -15,7 +15,6 @@ must also rebuild the LM head's packed copy), started with the weight-transfer e
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -297,6 +296,18 @@ def test_rasft_run_with_transfer_trains_the_same_losses_as_with_disk(tied, tmp_p
     assert "server serves the step's weights (inplace" in outs["disk"]
     assert len(losses["disk"]) == 3
     assert losses["transfer"] == pytest.approx(losses["disk"], abs=1e-6), losses
+    # With transfer the run leaves its final weights in RUN/hf/policy: the same tensors as an
+    # independent conversion of its last checkpoint.
+    from safetensors.torch import load_file
+
+    from megatron_rasft.convert.pipeline import mcore_to_hf
+
+    run = tmp_path / "transfer"
+    assert f"[round] final policy exported to {run / 'hf' / 'policy'}" in outs["transfer"]
+    mcore_to_hf(run / "ckpt" / "iter_0000003" / "model", tmp_path / "final_hf", hf_config_from=models[0], quiet=True)
+    got, want = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                 for d in (run / "hf" / "policy", tmp_path / "final_hf"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_buckets_are_bounded_per_stage_and_config_is_checked():

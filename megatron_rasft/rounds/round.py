@@ -148,6 +148,15 @@ class Rounds:
     def close(self) -> None:
         self.stages.close()
 
+    def export_final(self) -> None:
+        """With `weight_sync = "transfer"`, RUN/hf/policy holds only the server's start-up weights
+        (the rounds stream theirs): at the end of a run it is rewritten with the final policy, so the
+        run leaves its latest weights in HF form with either path. Collective."""
+        if self.probe.transfer:
+            out = self.probe.export()
+            if rank0():
+                print(f"[round] final policy exported to {out}", flush=True)
+
 
 def _read_one(path, cls):
     """The one record of `path` (written whole by `write_records`, so it ends with a newline). A

@@ -110,6 +110,8 @@ def train(cfg: RunConfig) -> dict:
                                          state.to_json(), groups, model_config=cfg.model,
                                          hf_config=models.hf_config, keep_last=cfg.checkpoint.keep_last)
     stream.close()
+    if stream.rounds is not None:
+        stream.rounds.export_final()
     logger.close()
     return {"step": state.step, "tokens": state.tokens_trained, "checkpoint": str(last_saved), "times": stream.times}
 
