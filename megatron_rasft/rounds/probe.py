@@ -49,7 +49,7 @@ class PolicyProbe:
         """Round `r` at its window boundary: export, probe, selection (from `step` and `hard_pool`)
         -> (its `RoundStart`, the export's seconds). Collective. With `weight_sync = "transfer"`
         the export is written only when there is none yet: it is what a (re)started server loads
-        before the transfer (`push`) brings the round's weights."""
+        before the transfer (`Rounds._push`) brings the round's weights."""
         t0 = time.time()
         hf_dir = self.run.policy_export
         if not (self.transfer and (hf_dir / "config.json").is_file()):
@@ -67,15 +67,6 @@ class PolicyProbe:
         export_to_hf(unwrap(self.models.policy), out, self.model_cfg, self.groups,
                      hf_config=self.models.hf_config, tokenizer_dir=self.tokenizer_dir)
         return out
-
-    def push(self, sender) -> dict:
-        """The policy into the server by `rollout.transfer.stream_policy`: `sender` (rank 0's
-        `WeightSender`, None elsewhere) receives the buckets. -> the stream's stats. Collective;
-        run at the window boundary, before the next optimizer step (a consistent snapshot)."""
-        from megatron_rasft.rollout.transfer import stream_policy
-
-        return stream_policy(self.models.policy, self.model_cfg, self.groups, self.bucket_mib,
-                             sink=sender.send if sender is not None else None)
 
     def refresh_probe(self, r: int) -> tuple[list, list]:
         """(probe token ids, their log-probs under the current policy) for round `r`: a prompt the

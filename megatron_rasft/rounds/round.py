@@ -117,9 +117,18 @@ class Rounds:
         t0 = time.time()
         box: dict = {}
         self.coordination.together(r, lambda: box.update(sender=self.stages.begin_transfer(start)))
-        box["stats"] = self.probe.push(box.get("sender"))
+        box["stats"] = self._push(box.get("sender"))
         self.coordination.together(r, lambda: self.stages.end_transfer(start, box["stats"]))
         times["refresh"] += time.time() - t0
+
+    def _push(self, sender) -> dict:
+        """The policy into the server by `rollout.transfer.stream_policy`: `sender` (rank 0's
+        `WeightSender`, None elsewhere) receives the buckets. -> the stream's stats. Collective."""
+        from megatron_rasft.rollout.transfer import stream_policy
+
+        p = self.probe
+        return stream_policy(p.models.policy, p.model_cfg, p.groups, p.bucket_mib,
+                             sink=sender.send if sender is not None else None)
 
     def refresh_for(self, start: RoundStart) -> None:
         """Rank 0: make the server serve the export of a started round (no server is needed when
