@@ -4,7 +4,8 @@ requests over 2 replicas, and 2 replicas against 1 — all on the same prompts a
 1. Router overhead: the batch sent straight to replica 0 vs through a vllm-router in front of
    replica 0 alone (median of --repeats, alternating; ratio).
 2. Policies on all replicas: for each of --policies, a router over every replica; the share of the
-   batch's requests each replica served (from its own /metrics) and the batch's time. The prompts
+   batch's requests each replica served (from its own /metrics) and the batch's time (median of
+   --repeats; the policies take turns, in a rotating order, after every replica is warmed up). The prompts
    share a chat-template prefix, the case where `cache_aware` can pile work on one replica.
 3. N replicas vs 1: the batch through a round_robin router over all replicas vs over replica 0
    (ratio). On a 2-core box expect about 1: two replicas split the same two cores.
@@ -110,7 +111,8 @@ def main() -> None:
         client = RolloutClient(replicas[0], cfg, progress=False)
         payloads = [client.request_payload(p, sampling, prompt_seed(sampling.seed, i)) for i, p in enumerate(prompts)]
         direct_url = replicas[0].url
-        post_all(direct_url, payloads[: args.concurrency], args.concurrency)  # warm-up
+        for r in replicas:  # warm every replica: a cold one would charge its first batch to whichever policy ran first
+            post_all(r.url, payloads[: args.concurrency], args.concurrency)
 
         # 1. Router overhead on one replica.
         one = router([direct_url], "round_robin")
@@ -121,26 +123,40 @@ def main() -> None:
                 times[name].append(seconds)
         direct_s, router_s = statistics.median(times["direct"]), statistics.median(times["router"])
 
-        # 2. Each policy over every replica: who served what, and how long the batch took.
+        # 2. Each policy over every replica: who served what, and how long the batch took. The
+        # policies take turns within each repeat (the order rotates), so a slow spell on a shared
+        # box lands on all of them; the time is the median over repeats, the share their sum.
         urls = [r.url for r in replicas]
-        policies = {}
-        for policy in [p for p in args.policies.split(",") if p]:
-            rt = router(urls, policy)
-            before = [served(u) for u in urls]
-            seconds, _ = timed(rt.url)
-            after = [served(u) for u in urls]
-            counts = [a - b for a, b in zip(after, before)]
-            policies[policy] = {"seconds": round(seconds, 3),
-                                "share": [round(c / max(sum(counts), 1), 3) for c in counts]}
+        names = [p for p in args.policies.split(",") if p]
+        policy_routers = {policy: router(urls, policy) for policy in names}
+        seconds_by = {policy: [] for policy in names}
+        counts_by = {policy: [0.0] * len(urls) for policy in names}
+        for rep in range(args.repeats):
+            for policy in names[rep % len(names):] + names[: rep % len(names)]:
+                before = [served(u) for u in urls]
+                seconds, _ = timed(policy_routers[policy].url)
+                after = [served(u) for u in urls]
+                seconds_by[policy].append(seconds)
+                counts_by[policy] = [c + a - b for c, a, b in zip(counts_by[policy], after, before)]
+        policies = {policy: {"seconds": round(statistics.median(seconds_by[policy]), 3),
+                             "share": [round(c / max(sum(counts_by[policy]), 1), 3) for c in counts_by[policy]]}
+                    for policy in names}
 
         # 3. All replicas vs one, both through a round_robin router.
         scaling = None
         if len(replicas) > 1:
             all_rt = router(urls, "round_robin")
-            n_s = statistics.median(timed(all_rt.url)[0] for _ in range(args.repeats))
-            one_s = statistics.median(timed(one.url)[0] for _ in range(args.repeats))
+            all_times, one_times = [], []
+            each_times = [[] for _ in urls]  # the batch straight to each replica: are they equally fast?
+            for _ in range(args.repeats):  # alternating, as in 1.
+                all_times.append(timed(all_rt.url)[0])
+                one_times.append(timed(one.url)[0])
+                for i, u in enumerate(urls):
+                    each_times[i].append(timed(u)[0])
+            n_s, one_s = statistics.median(all_times), statistics.median(one_times)
             scaling = {"replicas": len(replicas), "all_s": round(n_s, 3), "one_s": round(one_s, 3),
-                       "one_over_all": round(one_s / n_s, 3)}
+                       "one_over_all": round(one_s / n_s, 3),
+                       "direct_each_s": [round(statistics.median(t), 3) for t in each_times]}
     finally:
         for r in routers:
             r.stop()
@@ -157,7 +173,7 @@ def main() -> None:
         print(f"policy {policy:>14}: {p['seconds']:.2f}s, share per replica {p['share']}")
     if scaling:
         print(f"{scaling['replicas']} replicas vs 1: {scaling['all_s']:.2f}s vs {scaling['one_s']:.2f}s "
-              f"-> speed-up {scaling['one_over_all']:.3f}")
+              f"-> speed-up {scaling['one_over_all']:.3f}; straight to each replica {scaling['direct_each_s']} s")
     print(json.dumps(res))
 
 
