@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 # Fields that describe how to run the model rather than what it is: the run config decides them.
 _RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "attention", "fp8", "fp8_recipe",
                    "fp8_amax_history_len", "fp8_amax_compute_algo", "recompute_granularity", "recompute_method",
-                   "recompute_num_layers", "recompute_modules", "reference_placement")
+                   "recompute_num_layers", "recompute_modules", "reference_placement",
+                   # MoE: the aux-loss weight is a training choice (HF's router_aux_loss_coef is only the
+                   # checkpoint's suggestion); the router's dtype, a numerical one.
+                   "moe_aux_loss_coeff", "moe_router_dtype")
 
 
 @dataclass
@@ -60,6 +63,19 @@ def resolve_model_config(model: ModelConfig, load: Optional[str]) -> tuple[Model
     return dataclasses.replace(ckpt_cfg, **runtime), meta.get("hf_config")
 
 
+def check_moe_layout(mcfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """The checks `RunConfig` makes on [model] × [parallel], for the architecture actually built (a
+    checkpoint's, when one is loaded): experts divisible by EP, no EP on a dense model, sequence
+    parallelism for an MoE model trained with TP > 1. Raises ConfigError naming the fields."""
+    from megatron_rasft.config import ConfigError, check_moe_parallel
+
+    check_moe_parallel(mcfg, parallel)
+    if mcfg.is_moe and parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ConfigError(f"model.num_moe_experts with parallel.tensor_model_parallel_size = "
+                          f"{parallel.tensor_model_parallel_size} needs parallel.sequence_parallel = true (Megatron's "
+                          f"MoE layer refuses to train TP without it)")
+
+
 def _chunks(mcfg, pcfg, pgs):
     """This rank's model chunks, on the run's device and every parameter in the model's dtype (the
     one place a chunk is moved: Megatron builds its local-spec norms on the CPU in fp32)."""
@@ -86,6 +102,7 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
     from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(model, load)
+    check_moe_layout(mcfg, parallel)
     policy = _chunks(mcfg, parallel, groups.collection)
     if load:
         load_mcore_into_model(policy, load)
