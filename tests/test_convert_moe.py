@@ -271,7 +271,7 @@ def _moe_layout_job(rank, world_size, layouts):
     results = []
     for tp, ep, jobs in layouts:
         ps.destroy_model_parallel()
-        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1)
+        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=False)  # eval: Megatron asks for SP with TP only in training
         groups = init_distributed(pcfg)
         out = []
         for mcore_dir, tokens, export_dir, save_dir in jobs:
