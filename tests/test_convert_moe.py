@@ -313,10 +313,10 @@ def _jobs(moe_models, tmp_path, tag, export=False, save=False):
 
 def test_logits_export_and_megatron_save_on_two_ranks(moe_models, tmp_path):
     """One 2-process job: EP=1 (× DP 2), EP=2 and TP=2 (expert TP 2) for both families — logits of
-    the model loaded from the converted checkpoint against transformers; the in-memory export at EP=2
-    and at expert TP=2 bit-exact; a checkpoint saved by Megatron at EP=2 converts back to the original
+    the model loaded from the converted checkpoint against transformers; the in-memory export at each
+    layout bit-exact; a checkpoint saved by Megatron at EP=2 converts back to the original
     HF tensors; an EP=2 checkpoint resharded to EP=1 loads at EP=1."""
-    ep1, refs = _jobs(moe_models, tmp_path, "a")
+    ep1, refs = _jobs(moe_models, tmp_path, "d", export=True)
     ep2, _ = _jobs(moe_models, tmp_path, "a", export=True)
     ep2[1] = ep2[1][:3] + (str(tmp_path / "qwen2_moe-a-saved"),)  # Megatron's own writer, the mixed model
     tp2, _ = _jobs(moe_models, tmp_path, "b", export=True)
@@ -330,7 +330,7 @@ def test_logits_export_and_megatron_save_on_two_ranks(moe_models, tmp_path):
     _check(per_rank, 1, refs, "ep2")
     _check(per_rank, 2, refs, "tp2 (expert tp2)")
     for family, (hf_dir, _, _) in moe_models.items():
-        for tag in "ab":
+        for tag in "abd":
             _assert_same_tensors(hf_dir, tmp_path / f"{family}-{tag}-export")
         assert json.loads((tmp_path / f"{family}-a-export" / "config.json").read_text())["model_type"] == family
     saved = tmp_path / "qwen2_moe-a-saved"
