@@ -220,7 +220,10 @@ def _model_case(layout: str, distopt: bool, ckpt_dir) -> dict:
     grads = {} if distopt else {glob(n): p.main_grad.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     params = {glob(n): p.detach().clone() for n, p in model.named_parameters()}
-    out = dict(logits=logits.detach(), grads=grads, params=params, dp_rank=pgs.dp_rank)
+    from megatron_rasft.engine.model import count_params
+
+    out = dict(logits=logits.detach(), grads=grads, params=params, dp_rank=pgs.dp_rank,
+               num_params=count_params(chunks, pgs))
     if ckpt_dir:
         from pathlib import Path
 
@@ -374,6 +377,8 @@ def test_moe_model_ep2_equals_ep1_in_ddp_with_checkpoint(ranks):
                                                msg=lambda m, n=n, key=key: f"rank {d}: {case}: {key} of {n}: {m}")
         ep2 = r[("model", "ep2")]
         assert all(ep2["grads"][n].abs().sum() > 0 for n in ep2["grads"])
+        # Every expert counted once: the EP=1 model's size (a rank holds all of it there).
+        assert ep2["num_params"] == ep1["num_params"] == sum(t.numel() for t in ep1["params"].values())
         ck = r[("model", "ep2_distopt")]
         assert ck["loaded_step"] == 1
         assert ck["param_diff"] == 0.0 and ck["optim_diff"] == 0.0 and ck["optim_tensors"] > 0, ck
@@ -419,3 +424,19 @@ def test_moe_bad_input_names_the_field():
                       ((2, 3, None), "leave no MoE layer")):
         with pytest.raises(ConfigError, match=msg):
             moe_layer_pattern_from_hf(*args)
+
+
+def test_moe_patch_gates(monkeypatch):
+    """Each Megatron patch applies exactly within its version gate (model/moe_compat.py)."""
+    from packaging.version import Version
+
+    from megatron_rasft.model import moe_compat
+
+    def in_force(v):
+        monkeypatch.setattr(moe_compat, "mcore_version", lambda: Version(v))
+        return {p.name for p in moe_compat.PATCHES if moe_compat._in_gate(p)}
+
+    gemm, move = "moe_utils.te_general_gemm", "moe_utils.maybe_move_tensor_to_cpu"
+    assert in_force("0.16.1") == {gemm, move}
+    assert in_force("0.17.0") == in_force("0.19.2") == {move}
+    assert in_force("0.20.0") == set()
