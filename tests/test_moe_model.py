@@ -285,6 +285,19 @@ def _names(layout: str) -> list:
     return [(n, tuple(p.shape)) for n, p in build_model(ModelConfig(**FULL_MODEL), pcfg).named_parameters()]
 
 
+def _pp2_names() -> list:
+    """`FULL_MODEL`'s parameter names on this rank's stage at PP=2 (one layer per stage)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.groups import init_distributed
+
+    ps.destroy_model_parallel()
+    pcfg = ParallelConfig(pipeline_model_parallel_size=2)
+    init_distributed(pcfg, seed=0)
+    return [n for n, _ in build_model(ModelConfig(**FULL_MODEL), pcfg).named_parameters()]
+
+
 def _job(rank, world, ckpt_dir):
     import time
 
@@ -294,6 +307,7 @@ def _job(rank, world, ckpt_dir):
             out[("layer", layout, router)] = _layer_case(layout, router)
         out[("names", layout)] = _names(layout)
         out[("time", layout)] = time.perf_counter() - t
+    out[("names", "pp2")] = _pp2_names()
     out[("model", "ep1")] = _model_case("ep1", False, None)
     out[("model", "ep2")] = _model_case("ep2", False, None)
     out[("time", "model")] = time.perf_counter() - t
@@ -395,6 +409,11 @@ def test_moe_parameter_names(ranks):
         assert len(experts) == 2 * E // ep, (layout, experts)
         assert "decoder.layers.1.mlp.router.weight" in names and "decoder.layers.0.mlp.linear_fc1.weight" in names
         assert "decoder.layers.1.mlp.shared_experts.gate_weight" in names
+    # PP=2: stage 0 builds the dense layer 0, stage 1 the MoE layer 1 (its local layer 0).
+    first, last = ranks[0][("names", "pp2")], ranks[1][("names", "pp2")]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in first and not any("router" in n for n in first)
+    assert "decoder.layers.0.mlp.router.weight" in last
+    assert sum(".local_experts." in n for n in last) == 2 * E
 
 
 def test_moe_bad_input_names_the_field():
