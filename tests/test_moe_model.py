@@ -158,7 +158,8 @@ def _layer_case(layout: str, router: str) -> dict:
     assert bias is None
     (out * w).sum().backward()
     grads = {n: (*where[n], p.grad.detach().clone()) for n, p in mlp.named_parameters()}
-    return dict(out=out.detach(), x_grad=x.grad.detach(), grads=grads, tp_rank=tp_rank, dp_rank=pgs.dp_rank)
+    return dict(out=out.detach(), x_grad=x.grad.detach(), grads=grads, tp_rank=tp_rank, dp_rank=pgs.dp_rank,
+                ep_size=pgs.ep_size, local_experts=len(mlp.experts.local_experts))
 
 
 def _named_weight(name: str, shape: tuple) -> torch.Tensor:
@@ -344,6 +345,8 @@ def test_moe_layer_matches_float64_reference(ranks, layout, router):
     summed = {}
     for r in ranks:
         res = r[("layer", layout, router)]
+        ep = LAYOUTS[layout][1]
+        assert (res["ep_size"], res["local_experts"]) == (ep, E // ep), (layout, res["ep_size"], res["local_experts"])
         want_out, want_xg = outs[res["dp_rank"]], x64.grad[res["dp_rank"]]
         torch.testing.assert_close(res["out"].double(), want_out.detach(), rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"{layout}/{router}: MoE output: {m}")
