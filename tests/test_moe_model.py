@@ -202,7 +202,8 @@ def _model_case(layout: str, distopt: bool, ckpt_dir) -> dict:
                 p.copy_(_named_weight(glob(n), tuple(p.shape)))
         chunks = wrap_ddp([model], use_distributed_optimizer=distopt)
         attach_schedule_hooks(chunks)
-        opt, sched = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=0.0, adam_eps=1e-6), pcfg,
+        # clip_grad: the global gradient norm must span the expert-parallel ranks' experts too.
+        opt, sched = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1.0, adam_eps=1e-6), pcfg,
                                      total_steps=2)
         return chunks, opt, sched
 
@@ -219,12 +220,12 @@ def _model_case(layout: str, distopt: bool, ckpt_dir) -> dict:
     finalize_model_grads(chunks)
     model = unwrap(chunks)[0]
     grads = {} if distopt else {glob(n): p.main_grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
+    _, grad_norm, _ = opt.step()
     params = {glob(n): p.detach().clone() for n, p in model.named_parameters()}
     from megatron_rasft.engine.model import count_params
 
     out = dict(logits=logits.detach(), grads=grads, params=params, dp_rank=pgs.dp_rank,
-               num_params=count_params(chunks, pgs))
+               num_params=count_params(chunks, pgs), grad_norm=float(grad_norm))
     if ckpt_dir:
         from pathlib import Path
 
@@ -392,6 +393,12 @@ def test_moe_model_ep2_equals_ep1_in_ddp_with_checkpoint(ranks):
                 for n, t in ep2[key].items():
                     torch.testing.assert_close(t, ep1[key][n], rtol=1e-4, atol=1e-6,
                                                msg=lambda m, n=n, key=key: f"rank {d}: {case}: {key} of {n}: {m}")
+            # The norm Megatron clips by: over every parameter once, experts of both EP ranks included
+            # (EP=1 × DP=2 without the distributed optimizer holds every reduced gradient on each rank).
+            want = math.sqrt(sum(float((g.double() ** 2).sum()) for g in ep1["grads"].values()))
+            assert want > 1.0  # so clip_grad = 1 clips
+            assert ep2["grad_norm"] == pytest.approx(want, rel=1e-5), (case, ep2["grad_norm"], want)
+        assert ep1["grad_norm"] == pytest.approx(want, rel=1e-5)
         ep2 = r[("model", "ep2")]
         assert all(ep2["grads"][n].abs().sum() > 0 for n in ep2["grads"])
         # Every expert counted once: the EP=1 model's size (a rank holds all of it there).
