@@ -54,7 +54,8 @@ def released_preset(name: str, value: Any) -> Any:
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families)."""
+    """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families; Qwen2-MoE and
+    Qwen3-MoE with `num_moe_experts`, docs/moe_model.md)."""
 
     num_layers: int = 2
     hidden_size: int = 64

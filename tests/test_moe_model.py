@@ -158,7 +158,8 @@ def _layer_case(layout: str, router: str) -> dict:
     assert bias is None
     (out * w).sum().backward()
     grads = {n: (*where[n], p.grad.detach().clone()) for n, p in mlp.named_parameters()}
-    return dict(out=out.detach(), x_grad=x.grad.detach(), grads=grads, tp_rank=tp_rank, dp_rank=pgs.dp_rank)
+    return dict(out=out.detach(), x_grad=x.grad.detach(), grads=grads, tp_rank=tp_rank, dp_rank=pgs.dp_rank,
+                ep_size=pgs.ep_size, local_experts=len(mlp.experts.local_experts))
 
 
 def _named_weight(name: str, shape: tuple) -> torch.Tensor:
@@ -201,7 +202,8 @@ def _model_case(layout: str, distopt: bool, ckpt_dir) -> dict:
                 p.copy_(_named_weight(glob(n), tuple(p.shape)))
         chunks = wrap_ddp([model], use_distributed_optimizer=distopt)
         attach_schedule_hooks(chunks)
-        opt, sched = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=0.0, adam_eps=1e-6), pcfg,
+        # clip_grad: the global gradient norm must span the expert-parallel ranks' experts too.
+        opt, sched = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1.0, adam_eps=1e-6), pcfg,
                                      total_steps=2)
         return chunks, opt, sched
 
@@ -218,9 +220,12 @@ def _model_case(layout: str, distopt: bool, ckpt_dir) -> dict:
     finalize_model_grads(chunks)
     model = unwrap(chunks)[0]
     grads = {} if distopt else {glob(n): p.main_grad.detach().clone() for n, p in model.named_parameters()}
-    opt.step()
+    _, grad_norm, _ = opt.step()
     params = {glob(n): p.detach().clone() for n, p in model.named_parameters()}
-    out = dict(logits=logits.detach(), grads=grads, params=params, dp_rank=pgs.dp_rank)
+    from megatron_rasft.engine.model import count_params
+
+    out = dict(logits=logits.detach(), grads=grads, params=params, dp_rank=pgs.dp_rank,
+               num_params=count_params(chunks, pgs), grad_norm=float(grad_norm))
     if ckpt_dir:
         from pathlib import Path
 
@@ -282,6 +287,19 @@ def _names(layout: str) -> list:
     return [(n, tuple(p.shape)) for n, p in build_model(ModelConfig(**FULL_MODEL), pcfg).named_parameters()]
 
 
+def _pp2_names() -> list:
+    """`FULL_MODEL`'s parameter names on this rank's stage at PP=2 (one layer per stage)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.groups import init_distributed
+
+    ps.destroy_model_parallel()
+    pcfg = ParallelConfig(pipeline_model_parallel_size=2)
+    init_distributed(pcfg, seed=0)
+    return [n for n, _ in build_model(ModelConfig(**FULL_MODEL), pcfg).named_parameters()]
+
+
 def _job(rank, world, ckpt_dir):
     import time
 
@@ -291,6 +309,7 @@ def _job(rank, world, ckpt_dir):
             out[("layer", layout, router)] = _layer_case(layout, router)
         out[("names", layout)] = _names(layout)
         out[("time", layout)] = time.perf_counter() - t
+    out[("names", "pp2")] = _pp2_names()
     out[("model", "ep1")] = _model_case("ep1", False, None)
     out[("model", "ep2")] = _model_case("ep2", False, None)
     out[("time", "model")] = time.perf_counter() - t
@@ -327,6 +346,8 @@ def test_moe_layer_matches_float64_reference(ranks, layout, router):
     summed = {}
     for r in ranks:
         res = r[("layer", layout, router)]
+        ep = LAYOUTS[layout][1]
+        assert (res["ep_size"], res["local_experts"]) == (ep, E // ep), (layout, res["ep_size"], res["local_experts"])
         want_out, want_xg = outs[res["dp_rank"]], x64.grad[res["dp_rank"]]
         torch.testing.assert_close(res["out"].double(), want_out.detach(), rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"{layout}/{router}: MoE output: {m}")
@@ -372,8 +393,16 @@ def test_moe_model_ep2_equals_ep1_in_ddp_with_checkpoint(ranks):
                 for n, t in ep2[key].items():
                     torch.testing.assert_close(t, ep1[key][n], rtol=1e-4, atol=1e-6,
                                                msg=lambda m, n=n, key=key: f"rank {d}: {case}: {key} of {n}: {m}")
+            # The norm Megatron clips by: over every parameter once, experts of both EP ranks included
+            # (EP=1 × DP=2 without the distributed optimizer holds every reduced gradient on each rank).
+            want = math.sqrt(sum(float((g.double() ** 2).sum()) for g in ep1["grads"].values()))
+            assert want > 1.0  # so clip_grad = 1 clips
+            assert ep2["grad_norm"] == pytest.approx(want, rel=1e-5), (case, ep2["grad_norm"], want)
+        assert ep1["grad_norm"] == pytest.approx(want, rel=1e-5)
         ep2 = r[("model", "ep2")]
         assert all(ep2["grads"][n].abs().sum() > 0 for n in ep2["grads"])
+        # Every expert counted once: the EP=1 model's size (a rank holds all of it there).
+        assert ep2["num_params"] == ep1["num_params"] == sum(t.numel() for t in ep1["params"].values())
         ck = r[("model", "ep2_distopt")]
         assert ck["loaded_step"] == 1
         assert ck["param_diff"] == 0.0 and ck["optim_diff"] == 0.0 and ck["optim_tensors"] > 0, ck
@@ -390,6 +419,11 @@ def test_moe_parameter_names(ranks):
         assert len(experts) == 2 * E // ep, (layout, experts)
         assert "decoder.layers.1.mlp.router.weight" in names and "decoder.layers.0.mlp.linear_fc1.weight" in names
         assert "decoder.layers.1.mlp.shared_experts.gate_weight" in names
+    # PP=2: stage 0 builds the dense layer 0, stage 1 the MoE layer 1 (its local layer 0).
+    first, last = ranks[0][("names", "pp2")], ranks[1][("names", "pp2")]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in first and not any("router" in n for n in first)
+    assert "decoder.layers.0.mlp.router.weight" in last
+    assert sum(".local_experts." in n for n in last) == 2 * E
 
 
 def test_moe_bad_input_names_the_field():
@@ -419,3 +453,19 @@ def test_moe_bad_input_names_the_field():
                       ((2, 3, None), "leave no MoE layer")):
         with pytest.raises(ConfigError, match=msg):
             moe_layer_pattern_from_hf(*args)
+
+
+def test_moe_patch_gates(monkeypatch):
+    """Each Megatron patch applies exactly within its version gate (model/moe_compat.py)."""
+    from packaging.version import Version
+
+    from megatron_rasft.model import moe_compat
+
+    def in_force(v):
+        monkeypatch.setattr(moe_compat, "mcore_version", lambda: Version(v))
+        return {p.name for p in moe_compat.PATCHES if moe_compat._in_gate(p)}
+
+    gemm, move = "moe_utils.te_general_gemm", "moe_utils.maybe_move_tensor_to_cpu"
+    assert in_force("0.16.1") == {gemm, move}
+    assert in_force("0.17.0") == in_force("0.19.2") == {move}
+    assert in_force("0.20.0") == set()

@@ -63,6 +63,26 @@ def resolve_model_config(model: ModelConfig, load: Optional[str]) -> tuple[Model
     return dataclasses.replace(ckpt_cfg, **runtime), meta.get("hf_config")
 
 
+def count_params(chunks: list, groups) -> int:
+    """The whole model's parameter count (all ranks; every expert counted once). TP shards and PP
+    stages are disjoint, DP replicas are not: dense parameters are summed over the model-parallel
+    group (TP × PP). Expert-parallel parameters (Megatron's `allreduce = False`, EP > 1) are split over
+    expert TP × EP × PP ranks instead: summed over that group. Collective when torch.distributed is up."""
+    import torch.distributed as dist
+
+    from megatron_rasft.parallel.placement import device
+
+    dense = sum(p.numel() for c in chunks for p in c.parameters() if getattr(p, "allreduce", True))
+    expert = sum(p.numel() for c in chunks for p in c.parameters() if not getattr(p, "allreduce", True))
+    n = torch.tensor([dense, expert], dtype=torch.float64, device=device())
+    if dist.is_initialized():
+        d, e = n[:1].clone(), n[1:].clone()
+        dist.all_reduce(d, group=groups.mp)
+        dist.all_reduce(e, group=groups.collection.tp_ep_pp)
+        n = torch.cat([d, e])
+    return int(n.sum().item())
+
+
 def check_moe_layout(mcfg: ModelConfig, parallel: ParallelConfig) -> None:
     """The checks `RunConfig` makes on [model] × [parallel], for the architecture actually built (a
     checkpoint's, when one is loaded): experts divisible by EP, no EP on a dense model, sequence
@@ -95,10 +115,7 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
     (the architecture comes from the checkpoint `load` when one is given: `resolve_model_config`);
     kl_reference: the loss needs the reference's logits inside the step (the KL methods; implies
     `reference`; `RunConfig` allows them only without pipeline stages, so there is one chunk)."""
-    import torch.distributed as dist
-
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
-    from megatron_rasft.parallel.placement import device
     from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(model, load)
@@ -126,12 +143,9 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
         from megatron_rasft.engine.offload import HostReference
 
         host = HostReference(ref_chunks)
-    local = sum(p.numel() for c in policy for p in c.parameters())
-    n = torch.tensor([local], dtype=torch.float64, device=device())
-    if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
-        dist.all_reduce(n, group=groups.mp)
+    n_params = count_params(policy, groups)
     policy = wrap_ddp(policy, use_distributed_optimizer=parallel.use_distributed_optimizer,
                       overlap_grad_reduce=parallel.overlap_grad_reduce,
                       overlap_param_gather=parallel.overlap_param_gather, bucket_size=parallel.bucket_size)
     attach_schedule_hooks(policy)
-    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, int(n.item()), reference_host=host)
+    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, n_params, reference_host=host)
