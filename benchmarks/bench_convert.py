@@ -166,7 +166,8 @@ def main() -> int:
                 r = run(direction, src, dst)
                 rows.append(dict(layers=layers, experts=experts or "-", direction=direction, **info, **r))
             shutil.rmtree(hf), shutil.rmtree(mc), shutil.rmtree(back)
-            print(f"[{tag} layers×experts: {info['params'] / 1e9:.2f}B params, {info['model_bytes'] / 1e9:.2f} GB bf16, "
+            print(f"[{tag} layers×experts: {info['params'] / 1e9:.2f}B params, "
+                  f"{info['model_bytes'] / 1e9:.2f} GB bf16, "
                   f"generated in {gen_s:.0f}s, generator peak RSS so far {gen_rss / 2**20:.0f} MiB]", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -88,7 +88,8 @@ def test_moe_config_mapping_and_refusals():
             q3_hf, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], n_routed_experts=8),
         "mixture-of-experts architecture .*mixtral": dict(
             q3_hf, model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=8),
-        "shared_expert_intermediate_size": dict(tiny_moe_config("qwen2_moe").to_dict(), shared_expert_intermediate_size=0),
+        "shared_expert_intermediate_size": dict(tiny_moe_config("qwen2_moe").to_dict(),
+                                                shared_expert_intermediate_size=0),
         "num_experts": dict(q3_hf, num_experts=1),
         "mlp_only_layers": dict(q3_hf, mlp_only_layers=[5]),
         "decoder_sparse_step": dict(q3_hf, decoder_sparse_step=0),
@@ -193,8 +194,8 @@ def test_bad_moe_input_gives_clear_errors(moe_models, tmp_path, capsys):
         "down_proj is missing": variant("fused-half", lambda t: t.pop("model.layers.1.mlp.experts.down_proj")),
         "holds 4 experts but config.json has num_experts = 8": variant(
             "fused-count", edit_config=lambda c: c.update(num_experts=8, num_local_experts=8)),
-        "down_proj has shape": variant("fused-shape", lambda t: t.update(
-            {"model.layers.0.mlp.experts.down_proj": t["model.layers.0.mlp.experts.down_proj"][:, :, :16].contiguous()})),
+        "down_proj has shape": variant("fused-shape", lambda t: t.update({
+            "model.layers.0.mlp.experts.down_proj": t["model.layers.0.mlp.experts.down_proj"][:, :, :16].contiguous()})),
         r"missing, e\.g\. \['model.layers.0.mlp.experts.3.gate_proj.weight'": variant(
             "per-expert-missing", lambda t: t.pop("model.layers.0.mlp.experts.3.gate_proj.weight")),
         "mixture-of-experts architecture .*'olmoe'": variant(
@@ -271,7 +272,8 @@ def _moe_layout_job(rank, world_size, layouts):
     results = []
     for tp, ep, jobs in layouts:
         ps.destroy_model_parallel()
-        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=False)  # eval: Megatron asks for SP with TP only in training
+        # eval only: Megatron's MoE layer asks for sequence parallelism with TP in training only
+        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=False)
         groups = init_distributed(pcfg)
         out = []
         for mcore_dir, tokens, export_dir, save_dir in jobs:
