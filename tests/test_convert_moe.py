@@ -257,7 +257,7 @@ def _megatron_logits(model, tokens: torch.Tensor):
 
 
 def _moe_layout_job(rank, world_size, layouts):
-    """For each (tp, ep, jobs): re-initialise model parallelism, and for each (mcore_dir, tokens,
+    """For each (tp, ep, etp, jobs): re-initialise model parallelism (etp: expert TP, None = tp), and for each (mcore_dir, tokens,
     export_dir, save_dir) build the model, load, forward, export and/or save with Megatron's writer.
     Returns per layout the list of logits (None off the reporting rank)."""
     import multiprocessing
@@ -271,10 +271,11 @@ def _moe_layout_job(rank, world_size, layouts):
     from megatron_rasft.parallel.groups import init_distributed
 
     results = []
-    for tp, ep, jobs in layouts:
+    for tp, ep, etp, jobs in layouts:
         ps.destroy_model_parallel()
         # eval only: Megatron's MoE layer asks for sequence parallelism with TP in training only
-        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=False)
+        pcfg = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                              expert_tensor_parallel_size=etp, sequence_parallel=False)
         groups = init_distributed(pcfg)
         out = []
         for mcore_dir, tokens, export_dir, save_dir in jobs:
@@ -315,7 +316,8 @@ def _jobs(moe_models, tmp_path, tag, export=False, save=False):
 
 
 def test_logits_export_and_megatron_save_on_two_ranks(moe_models, tmp_path):
-    """One 2-process job: EP=1 (× DP 2), EP=2 and TP=2 (expert TP 2) for both families — logits of
+    """One 2-process job: EP=1 (× DP 2), EP=2, TP=2 (expert TP 2) and TP=2 × EP=2 (expert TP 1, the EP
+    group spanning the TP ranks) for both families — logits of
     the model loaded from the converted checkpoint against transformers; the in-memory export at each
     layout bit-exact; a checkpoint saved by Megatron at EP=2 converts back to the original
     HF tensors; an EP=2 checkpoint resharded to EP=1 loads at EP=1."""
@@ -323,17 +325,20 @@ def test_logits_export_and_megatron_save_on_two_ranks(moe_models, tmp_path):
     ep2, _ = _jobs(moe_models, tmp_path, "a", export=True)
     ep2[1] = ep2[1][:3] + (str(tmp_path / "qwen2_moe-a-saved"),)  # Megatron's own writer, the mixed model
     tp2, _ = _jobs(moe_models, tmp_path, "b", export=True)
+    tp2ep2, _ = _jobs(moe_models, tmp_path, "e", export=True)
     hf2 = moe_models["qwen2_moe"][0]
     pipeline.hf_to_mcore(hf2, tmp_path / "r-ep2", ep=2, quiet=True)
     pipeline.reshard(tmp_path / "r-ep2", tmp_path / "r-ep1", ep=1, quiet=True)
     per_rank = spawn(_moe_layout_job, 2, [
-        (1, 1, ep1 + [(str(tmp_path / "r-ep1"), moe_models["qwen2_moe"][2], None, None)]), (1, 2, ep2), (2, 1, tp2)],
+        (1, 1, None, ep1 + [(str(tmp_path / "r-ep1"), moe_models["qwen2_moe"][2], None, None)]), (1, 2, None, ep2),
+        (2, 1, None, tp2), (2, 2, 1, tp2ep2)],
         timeout_s=600)
     _check(per_rank, 0, refs + [("qwen2_moe resharded ep2→ep1", moe_models["qwen2_moe"][1])], "ep1 dp2")
     _check(per_rank, 1, refs, "ep2")
     _check(per_rank, 2, refs, "tp2 (expert tp2)")
+    _check(per_rank, 3, refs, "tp2 x ep2 (expert tp1)")
     for family, (hf_dir, _, _) in moe_models.items():
-        for tag in "abd":
+        for tag in "abde":
             _assert_same_tensors(hf_dir, tmp_path / f"{family}-{tag}-export")
         assert json.loads((tmp_path / f"{family}-a-export" / "config.json").read_text())["model_type"] == family
     saved = tmp_path / "qwen2_moe-a-saved"
@@ -344,10 +349,11 @@ def test_logits_export_and_megatron_save_on_two_ranks(moe_models, tmp_path):
 
 @pytest.mark.slow
 def test_logits_and_export_at_tp2_ep2(moe_models, tmp_path):
-    """Four ranks: TP=2 × EP=2 (expert TP 2) for both families (slow: a 4-process job costs ~1 min
-    of start-up on the 2-core CI box; the 2-rank job above covers EP and expert TP separately)."""
+    """Four ranks: TP=2 × EP=2 with expert TP 2 for both families (slow: a 4-process job costs ~1 min
+    of start-up on the 2-core CI box; the 2-rank job covers TP=2 × EP=2 with expert TP 1, and expert
+    TP 2 at EP=1)."""
     jobs, refs = _jobs(moe_models, tmp_path, "c", export=True)
-    per_rank = spawn(_moe_layout_job, 4, [(2, 2, jobs)], timeout_s=600)
+    per_rank = spawn(_moe_layout_job, 4, [(2, 2, None, jobs)], timeout_s=600)
     _check(per_rank, 0, refs, "tp2 ep2")
     for family, (hf_dir, _, _) in moe_models.items():
         _assert_same_tensors(hf_dir, tmp_path / f"{family}-c-export")
