@@ -1,0 +1,281 @@
+"""Training a mixture-of-experts model (docs/moe.md) on 2 gloo ranks.
+
+- One step of every loss method at expert parallelism 2 equals the step at EP = 1 with the same
+  data-parallel split (DP = 2 both): loss, and every parameter's gradient (router and experts included).
+- The aux (load-balancing) loss: the router's gradient it adds (coefficient α > 0 minus α = 0, same
+  weights and data) equals a float64 hand computation of the documented normalisation, α · ∂/∂W of
+  Σ_m T_m·aux_m / Σ_m T_m, under two loss aggregations with different normalisers (SFT's loss-token
+  count, GRPO seq_mean's sequence count); the reported loss is the method's alone; the logged aux
+  and per-expert load equal the hand computation's.
+- kill -9 and resume at EP = 2 (the `train` command under torchrun) gives the same per-step losses
+  and routing metrics as an uninterrupted run.
+
+Every case of the first two runs in ONE spawned job (2 ranks; both layouts one after the other).
+"""
+import os
+import signal
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_rasft.config import LOSS_METHODS, GRPOConfig, LossConfig, ModelConfig, ParallelConfig
+from helpers.distributed import spawn
+from helpers.runs import run_train, start_train, step_records
+
+ROOT = Path(__file__).resolve().parents[1]
+E, K, SEQ, VOCAB = 4, 2, 16, 250
+MCFG = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+            vocab_size=VOCAB, seq_length=SEQ, max_position_embeddings=64, qk_layernorm=True,
+            make_vocab_size_divisible_by=64, num_moe_experts=E, moe_router_topk=K, moe_ffn_hidden_size=32)
+ALPHA = 0.01  # the aux coefficient of the per-method cases (a fine-tuning value)
+ALPHA_HAND = 0.5  # large, so the aux part of the router's gradient dominates float32 rounding of the rest
+# name -> (LossConfig kwargs, GRPOConfig kwargs, α). The aux cases come in pairs (α, 0).
+CASES = {m: (dict(method=m), {}, ALPHA) for m in LOSS_METHODS}
+SEQ_MEAN = dict(loss_aggregation="seq_mean")
+CASES.update({"aux_sft": (dict(method="sft"), {}, ALPHA_HAND), "aux_sft_0": (dict(method="sft"), {}, 0.0),
+              "aux_seq_mean": (dict(method="grpo"), SEQ_MEAN, ALPHA_HAND),
+              "aux_seq_mean_0": (dict(method="grpo"), SEQ_MEAN, 0.0)})
+LAST_ROUTER = "decoder.layers.1.mlp.router.weight"
+
+
+def _global_batch():
+    """Four one-row micro-batches with different prompt and response lengths (right padding), and
+    every column a method may read (extra columns are ignored by the others)."""
+    g = torch.Generator().manual_seed(7)
+    B = 4
+    tokens = torch.randint(0, VOCAB, (B, SEQ), generator=g)
+    loss_mask = torch.zeros(B, SEQ)
+    for i, (start, end) in enumerate([(3, 16), (6, 9), (2, 5), (10, 12)]):
+        loss_mask[i, start:end] = 1.0
+    cols = dict(tokens=tokens, position_ids=torch.arange(SEQ).expand(B, SEQ).contiguous(),
+                labels=torch.roll(tokens, -1, dims=1), loss_mask=loss_mask,
+                seq_weight=torch.tensor([1.0, 0.3, 0.0, 0.7])[:, None].expand(B, SEQ).contiguous(),
+                ref_logp=-5.5 + 0.3 * torch.randn(B, SEQ, generator=g),
+                old_logp=-5.5 + 0.3 * torch.randn(B, SEQ, generator=g),
+                advantage=torch.tensor([1.0, -0.5, 0.8, -1.2])[:, None].expand(B, SEQ).contiguous())
+    return [{k: v[i:i + 1] for k, v in cols.items()} for i in range(B)]
+
+
+class _TableReference(torch.nn.Module):
+    """The KL methods' reference logits: a fixed random table looked up by token (its architecture
+    is irrelevant to what is tested here, the policy's step at two layouts)."""
+
+    def __init__(self, padded_vocab: int):
+        super().__init__()
+        self.table = torch.randn(padded_vocab, padded_vocab, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, tokens, position_ids, attention_mask):
+        return self.table[tokens]
+
+
+def _global_name(local: str, ep_rank: int, local_experts: int) -> str:
+    """Megatron's local expert j of EP rank r is global expert r·(E/EP) + j."""
+    marker = "local_experts."
+    if marker not in local:
+        return local
+    head, tail = local.split(marker)
+    j, rest = tail.split(".", 1)
+    return f"{head}{marker}{ep_rank * local_experts + int(j)}.{rest}"
+
+
+def _init(name: str, shape) -> torch.Tensor:
+    """A weight determined by its global name alone (the same at every layout)."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=g)
+    if "layernorm" in name or name.endswith("norm.weight"):
+        return 1.0 + 0.1 * x
+    return x * (0.5 if "router" in name else 0.05)  # decisive routing: no near-ties in the top k
+
+
+def _layout(ep: int):
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.engine.moe_routing import MoERouting, routers
+    from megatron_rasft.engine.step import (attach_schedule_hooks, forward_backward, global_metrics,
+                                            make_forward_step, wrap_ddp)
+    from megatron_rasft.loss import LossBatch, loss_normaliser, make_loss_func
+    from megatron_rasft.model.provider import build_model
+    from megatron_rasft.parallel.groups import init_distributed
+
+    pcfg = ParallelConfig(expert_model_parallel_size=ep, use_distributed_optimizer=False)
+    pgs = init_distributed(pcfg, seed=0)
+    model = build_model(ModelConfig(**MCFG), pcfg)
+    ep_rank = ps.get_expert_model_parallel_rank()
+    names = {local: _global_name(local, ep_rank, E // ep) for local, _ in model.named_parameters()}
+    with torch.no_grad():
+        for local, p in model.named_parameters():
+            p.copy_(_init(names[local], p.shape))
+    chunks = wrap_ddp([model], use_distributed_optimizer=False)
+    attach_schedule_hooks(chunks)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    batches = _global_batch()[dp_rank::dp_size]
+    reference = _TableReference(model.output_layer.weight.shape[0])
+
+    captured = []  # (layer, input [T, H]) of every router call of a step
+    for r in routers(chunks):
+        r.register_forward_hook(lambda mod, args, out: captured.append(
+            (mod.layer_number, args[0].detach().reshape(-1, args[0].shape[-1]).double().clone())))
+    out = {"ep_rank": ep_rank, "dp_rank": dp_rank, "cases": {}}
+    for name, (lkw, gkw, alpha) in CASES.items():
+        lcfg, gcfg = LossConfig(**lkw), GRPOConfig(**gkw)
+        routing = MoERouting(chunks, alpha, lambda mb: loss_normaliser(LossBatch.from_microbatch(mb), lcfg, gcfg),
+                             pgs)
+        captured.clear()
+        for c in chunks:
+            c.zero_grad_buffer()
+        routing.begin_step(batches)
+        step = make_forward_step(make_loss_func(lcfg, tp_group=pgs.tp, grpo=gcfg), pgs,
+                                 ref_model=reference if lcfg.needs_ref_logits else None, vocab_size=VOCAB)
+        m = global_metrics(forward_backward(chunks, step, batches, seq_length=SEQ), pgs)
+        m.update(routing.metrics())
+        routing.close()
+        grads = {names[local]: p.main_grad.detach().clone() for local, p in model.named_parameters()}
+        out["cases"][name] = dict(metrics=m, grads=grads, inputs=list(captured),
+                                  megatron_coeff=routing.megatron_coeff)
+    out["router_weights"] = {names[local]: p.detach().double().clone() for local, p in model.named_parameters()
+                             if "router" in local}
+    return out
+
+
+def _job(rank, world):
+    from megatron.core import parallel_state as ps
+
+    results = {}
+    for ep in (1, 2):
+        results[ep] = _layout(ep)
+        ps.destroy_model_parallel()
+        dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return spawn(_job, 2, timeout_s=400)
+
+
+def _merged(ranks, ep, case, key="grads"):
+    """Every parameter's gradient under its global name (each EP rank holds its experts' only)."""
+    out = {}
+    for r in ranks:
+        for n, t in r[ep]["cases"][case][key].items():
+            if n in out:  # replicated (dense, router, or an expert at EP = 1): the same on every rank
+                torch.testing.assert_close(t, out[n], rtol=0, atol=0, msg=lambda m, n=n: f"{case}: {n}: {m}")
+            out[n] = t
+    return out
+
+
+def test_every_method_at_ep2_equals_ep1(ranks):
+    assert [r[2]["ep_rank"] for r in ranks] == [0, 1] and [r[2]["dp_rank"] for r in ranks] == [0, 1]
+    for case in CASES:
+        m1, m2 = ranks[0][1]["cases"][case]["metrics"], ranks[0][2]["cases"][case]["metrics"]
+        assert abs(m2["loss"] - m1["loss"]) <= 1e-5 * max(1.0, abs(m1["loss"])), (case, m1["loss"], m2["loss"])
+        assert m1["tokens"] == m2["tokens"] and m1["moe_load"] == m2["moe_load"], case
+        assert m1["moe_dropped"] == m2["moe_dropped"] == 0, case
+        g1, g2 = _merged(ranks, 1, case), _merged(ranks, 2, case)
+        assert set(g1) == set(g2) and any("local_experts.3." in n for n in g2), case
+        assert any("router" in n for n in g2)
+        for n, want in g1.items():
+            # float32 sums in another order (experts gathered by all-to-all): 1e-5 of the largest entry.
+            torch.testing.assert_close(g2[n], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-9,
+                                       msg=lambda m, n=n: f"{case}: gradient of {n}: {m}")
+            assert float(want.abs().max()) > 0, (case, n)
+
+
+def _hand_aux(W_EH: torch.Tensor, inputs: list) -> tuple:
+    """The documented aux of one layer in float64 plain torch: Σ_m T_m·aux_m / Σ_m T_m with
+    aux_m = E / (k·T_m²) · Σ_e c_e · Σ_t softmax(h_t·Wᵀ)_e, c_e = #{t: e among t's top k}
+    (no gradient). Returns (value, its gradient w.r.t. W, tokens per expert summed over m)."""
+    W = W_EH.clone().requires_grad_()
+    num, den, load = 0.0, 0, torch.zeros(E, dtype=torch.float64)
+    for h_TH in inputs:
+        p_TE = torch.softmax(h_TH @ W.T, dim=-1)
+        top = p_TE.detach().topk(K, dim=-1).indices
+        c_E = torch.nn.functional.one_hot(top, E).sum((0, 1)).double()
+        T = h_TH.shape[0]
+        num = num + T * E / (K * T * T) * (c_E * p_TE.sum(0)).sum()
+        den += T
+        load += c_E
+    value = num / den
+    (grad,) = torch.autograd.grad(value, W)
+    return value.item(), grad, load
+
+
+def test_aux_loss_gradient_is_the_documented_normalisation(ranks):
+    per_layer = {}
+    for case in ("aux_sft", "aux_seq_mean"):
+        got = _merged(ranks, 2, case)[LAST_ROUTER] - _merged(ranks, 2, case + "_0")[LAST_ROUTER]
+        inputs = {1: [], 2: []}
+        for r in ranks:
+            for layer, h in r[2]["cases"][case]["inputs"]:
+                inputs[layer].append(h)
+        assert len(inputs[2]) == 4  # every micro-batch of both data-parallel ranks
+        W = ranks[0][2]["router_weights"][LAST_ROUTER]
+        value, grad, _ = _hand_aux(W, inputs[2])
+        want = ALPHA_HAND * grad.float()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-4 * float(want.abs().max()),
+                                   msg=lambda m: f"{case}: aux gradient of the last router: {m}")
+        # The two normalisers differ (loss tokens vs sequences), the aux gradient does not.
+        coeffs = {r[2]["cases"][case]["megatron_coeff"] for r in ranks}
+        assert len(coeffs) == 1 and coeffs.pop() != ALPHA_HAND, case
+        # The reported loss is the method's alone: the same with and without the aux.
+        m, m0 = ranks[0][2]["cases"][case]["metrics"], ranks[0][2]["cases"][case + "_0"]["metrics"]
+        assert m["loss"] == m0["loss"], case
+        assert m["moe_aux_loss"] > 0 and m0["moe_aux_loss"] == 0
+        # The logged aux (mean over layers) and load (summed over layers) are the hand computation's.
+        hand = [_hand_aux(ranks[0][2]["router_weights"][f"decoder.layers.{i - 1}.mlp.router.weight"], inputs[i])
+                for i in (1, 2)]
+        assert abs(m["moe_aux"] - sum(v for v, _, _ in hand) / 2) < 1e-6, case
+        assert abs(m["moe_aux_loss"] - ALPHA_HAND * sum(v for v, _, _ in hand)) < 1e-6, case
+        assert m["moe_load"] == [int(x) for x in sum(ld for _, _, ld in hand).tolist()], case
+        assert m["moe_aux_per_layer"] == pytest.approx([v for v, _, _ in hand], abs=1e-6)
+        per_layer[case] = m["moe_aux_per_layer"]
+    assert per_layer["aux_sft"] == pytest.approx(per_layer["aux_seq_mean"], abs=1e-9)
+
+
+# -- kill -9 and resume at EP = 2 --------------------------------------------------------------------
+MOE_SETS = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+            "model.moe_aux_loss_coeff=0.01", "parallel.expert_model_parallel_size=2", "loss.method=rasft",
+            "train.schedule.train_iters=6", "checkpoint.save_interval=2", "model.seq_length=32",
+            "train.schedule.global_batch_size=4"]
+
+
+def test_kill_and_resume_at_ep2_is_exact(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = ROOT / "examples" / "tiny_cpu.toml"
+    killed = tmp_path / "killed"
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the uninterrupted run, beside the one killed
+        full_job = pool.submit(run_train, config, tmp_path / "full", *MOE_SETS, nproc=2, timeout_s=600)
+        with open(f"{killed}.console.log", "w") as console:
+            proc = start_train(config, killed, *MOE_SETS, nproc=2, stdout=console)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None:
+                m = killed / "metrics.jsonl"
+                if m.is_file() and len(m.read_text().splitlines()) >= 3:
+                    break
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            rc, out = full_job.result()
+    assert rc == 0, out[-3000:]
+    full = step_records(tmp_path / "full")
+    assert sorted(full) == list(range(1, 7))
+    assert 3 <= len(step_records(killed)) < 6
+    rc, out = run_train(config, killed, *MOE_SETS, "checkpoint.resume=true", nproc=2, timeout_s=600)
+    assert rc == 0, out[-3000:]
+    assert "[resume] from" in out and " aux=" in out
+    resumed = step_records(killed)
+    assert sorted(resumed) == list(range(1, 7))
+    keys = ("loss", "moe_aux", "moe_aux_loss", "moe_load", "moe_load_imbalance", "moe_dropped")
+    for step in full:
+        assert {k: resumed[step][k] for k in keys} == {k: full[step][k] for k in keys}, step
+    first = full[1]
+    # 2 layers × top-2 × the step's tokens (4 sequences × 32 positions) routed, none dropped.
+    assert sum(first["moe_load"]) == 2 * 2 * 4 * 32 and first["moe_dropped"] == 0
+    assert 1.0 <= first["moe_aux"] < 2.0 and first["moe_load_imbalance"] >= 1.0
