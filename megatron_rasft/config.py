@@ -96,6 +96,22 @@ class ModelConfig:
     # Where the frozen reference's weights live between reference passes: "device" (always on the
     # device) or "host" (host memory, pinned on a GPU; moved to the device for each reference pass).
     reference_placement: str = "device"  # device | host
+    # --- Mixture of experts (Qwen3-MoE, Qwen2-MoE; docs/moe.md). num_moe_experts None = dense. ---
+    # Routing (Megatron's TopKRouter, softmax score): the top `moe_router_topk` experts of each token by
+    # router logit; their weights are softmax over the top-k logits (= softmax over all experts,
+    # renormalised over the top k) when `moe_norm_topk_prob` (HF norm_topk_prob = true, Qwen3-MoE), or
+    # the softmax over all experts taken at the top k, not renormalised (false, Qwen2-MoE).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # per-expert intermediate size (HF moe_intermediate_size)
+    moe_shared_expert_intermediate_size: Optional[int] = None  # Qwen2-MoE's shared expert; None = none
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE: shared output × sigmoid(x · w_gate), w_gate [1, H]
+    moe_norm_topk_prob: bool = True
+    # Which layers are MoE: None = every layer; else one 0 (dense, ffn_hidden_size) or 1 (MoE) per
+    # layer (`moe_layer_pattern_from_hf` maps HF's decoder_sparse_step and mlp_only_layers).
+    moe_layer_pattern: Optional[list] = None
+    moe_aux_loss_coeff: float = 0.0  # HF router_aux_loss_coef
+    moe_router_dtype: str = "fp32"  # fp32 | fp64: the router's logits and softmax (Megatron's moe_router_dtype)
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
@@ -119,6 +135,58 @@ class ModelConfig:
             _one_of("model.rope_scaling.rope_type", kind, ("llama3", "default"))
         self._check_recompute()
         _one_of("model.reference_placement", self.reference_placement, ("device", "host"))
+        self._check_moe()
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether this is a mixture-of-experts model (`num_moe_experts` set)."""
+        return self.num_moe_experts is not None
+
+    def _check_moe(self) -> None:
+        moe_only = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_pattern")
+        if not self.is_moe:
+            set_ = [f"model.{n}" for n in moe_only if getattr(self, n) is not None] + \
+                   (["model.moe_shared_expert_gate"] if self.moe_shared_expert_gate else []) + \
+                   (["model.moe_aux_loss_coeff"] if self.moe_aux_loss_coeff else [])
+            _check(not set_, f"{', '.join(set_)} set on a dense model: set model.num_moe_experts (or remove them)")
+            return
+        e, k = self.num_moe_experts, self.moe_router_topk
+        _check(e >= 2, f"model.num_moe_experts must be >= 2 (or null for a dense model), got {e}")
+        _check(1 <= k <= e, f"model.moe_router_topk must be in [1, model.num_moe_experts = {e}], got {k}")
+        # Top-1 with renormalisation gives every token the weight 1 and the router no gradient
+        # (HF's maths); Megatron refuses it too (softmax over one logit).
+        _check(k > 1 or not self.moe_norm_topk_prob,
+               "model.moe_router_topk = 1 with model.moe_norm_topk_prob = true gives every token weight 1 and "
+               "the router no gradient: set moe_norm_topk_prob = false")
+        _check(self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size > 0,
+               f"model.moe_ffn_hidden_size (per-expert intermediate size) must be > 0 on an MoE model, "
+               f"got {self.moe_ffn_hidden_size!r}")
+        sh = self.moe_shared_expert_intermediate_size
+        _check(sh is None or sh > 0, f"model.moe_shared_expert_intermediate_size must be > 0 or null, got {sh!r}")
+        _check(not self.moe_shared_expert_gate or sh is not None,
+               "model.moe_shared_expert_gate = true needs model.moe_shared_expert_intermediate_size")
+        pat = self.moe_layer_pattern
+        if pat is not None:
+            _check(isinstance(pat, list) and len(pat) == self.num_layers and all(v in (0, 1) for v in pat)
+                   and not any(isinstance(v, bool) for v in pat),
+                   f"model.moe_layer_pattern must be a list of model.num_layers = {self.num_layers} values "
+                   f"0 (dense) or 1 (MoE), got {pat!r}")
+            _check(1 in pat, "model.moe_layer_pattern has no MoE layer (all 0): set model.num_moe_experts = null "
+                             "for a dense model")
+        _check(self.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        _one_of("model.moe_router_dtype", self.moe_router_dtype, ("fp32", "fp64"))
+        _check(self.fp8 is None, "model.fp8 with model.num_moe_experts is not supported (the MoE layers are "
+                                 "built with Megatron's SequentialMLP experts, tested without FP8)")
+        bad = [m for m in (self.recompute_modules or []) if m == "mlp"]
+        _check(not bad or pat is not None and 0 in pat,
+               "model.recompute_modules 'mlp' recomputes dense MLPs only, and this MoE model has none")
+
+    def moe_layers(self) -> list:
+        """Per layer, 1 for an MoE layer and 0 for a dense one (all 0 for a dense model)."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        return list(self.moe_layer_pattern) if self.moe_layer_pattern is not None else [1] * self.num_layers
+
 
     def _check_recompute(self) -> None:
         if self.recompute_granularity in ("none", ""):
@@ -147,6 +215,23 @@ class ModelConfig:
                    f"got {self.recompute_modules!r}")
 
 
+def moe_layer_pattern_from_hf(num_layers: int, decoder_sparse_step: int = 1,
+                              mlp_only_layers: Optional[list] = None) -> Optional[list]:
+    """`ModelConfig.moe_layer_pattern` for a Qwen2-MoE / Qwen3-MoE HF config: layer i (from 0) is MoE
+    when i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0 (transformers'
+    Qwen3MoeDecoderLayer / Qwen2MoeDecoderLayer rule). Returns None when every layer is MoE.
+    Raises ConfigError naming the HF field for a step < 1, a layer index out of range, or no MoE layer."""
+    _check(isinstance(decoder_sparse_step, int) and decoder_sparse_step >= 1,
+           f"decoder_sparse_step must be an integer >= 1, got {decoder_sparse_step!r}")
+    only = list(mlp_only_layers or [])
+    bad = [i for i in only if not isinstance(i, int) or not 0 <= i < num_layers]
+    _check(not bad, f"mlp_only_layers has layer indices outside [0, num_hidden_layers = {num_layers}): {bad}")
+    pat = [int(i not in only and (i + 1) % decoder_sparse_step == 0) for i in range(num_layers)]
+    _check(1 in pat, f"decoder_sparse_step = {decoder_sparse_step} and mlp_only_layers = {only} leave no MoE "
+                     f"layer among {num_layers}")
+    return None if all(pat) else pat
+
+
 @dataclass(slots=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
@@ -165,10 +250,19 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     bucket_size: Optional[int] = None
+    # Mixture of experts: the experts of each MoE layer are split over `expert_model_parallel_size`
+    # ranks (tokens reach them by all-to-all), each expert's matrices over `expert_tensor_parallel_size`
+    # ranks (None = tensor_model_parallel_size, Megatron's default). Expert weights are replicated over
+    # world / (ETP × EP × PP) expert-data-parallel ranks.
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
             _check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1")
+        _check(self.expert_tensor_parallel_size is None or self.expert_tensor_parallel_size >= 1,
+               f"parallel.expert_tensor_parallel_size must be >= 1 or null, got {self.expert_tensor_parallel_size}")
         _check(self.distributed_timeout_minutes > 0, "parallel.distributed_timeout_minutes must be > 0")
         _one_of("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
         _check(self.context_parallel_size == 1,
@@ -559,6 +653,24 @@ class EvalConfig:
         _one_of("eval.prompt_template", self.prompt_template, ("chat", "qwen25-math-cot", "plain"))
 
 
+def check_moe_parallel(model: ModelConfig, par: ParallelConfig) -> None:
+    """Refuse a parallel layout the model's experts cannot take: expert parallelism on a dense model,
+    an expert count not divisible by parallel.expert_model_parallel_size, an MoE model with tensor
+    parallelism but no sequence parallelism (Megatron's MoELayer refuses it in training). Raises ConfigError."""
+    ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size
+    if not model.is_moe:
+        _check(ep == 1 and etp is None,
+               f"parallel.expert_model_parallel_size = {ep} / expert_tensor_parallel_size = {etp} on a dense model "
+               f"(model.num_moe_experts is null): set both to their defaults (1, null)")
+        return
+    _check(model.num_moe_experts % ep == 0,
+           f"model.num_moe_experts ({model.num_moe_experts}) is not divisible by parallel.expert_model_parallel_size "
+           f"({ep})")
+    _check(par.tensor_model_parallel_size == 1 or par.sequence_parallel,
+           f"model.num_moe_experts with parallel.tensor_model_parallel_size = {par.tensor_model_parallel_size} needs "
+           f"parallel.sequence_parallel = true (Megatron's MoE layer refuses TP without it in training)")
+
+
 @dataclass(slots=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -620,6 +732,9 @@ class RunConfig:
                                                        and (par.virtual_pipeline_model_parallel_size or 1) == 1),
                f"loss.method = {self.loss.method!r} needs the reference logits inside the training step, which "
                f"is supported with parallel.pipeline_model_parallel_size = 1 (and no virtual pipeline) only")
+
+        if self.checkpoint.load is None:  # else the checkpoint's architecture is checked when it is read
+            check_moe_parallel(self.model, par)
 
         # The KL methods read the reference's logits inside every training step: it cannot leave
         # the device between reference passes.
@@ -701,6 +816,15 @@ RENAMED = {
                  "train.schedule.window_problems")},
 }
 
+# Keys of other trainers that are refused on purpose, with the reason.
+_NO_DROP = ("token dropping is not offered: every token reaches its top-k experts (Megatron's dropless "
+            "alltoall dispatcher), so EP > 1 computes exactly what EP = 1 does")
+REFUSED = {"model.moe_expert_capacity_factor": _NO_DROP, "model.moe_token_dropping": _NO_DROP,
+           "model.moe_pad_expert_input_to_capacity": _NO_DROP,
+           "model.moe_layer_freq": "use model.moe_layer_pattern (one 0/1 per layer; "
+                                   "config.moe_layer_pattern_from_hf maps HF's decoder_sparse_step)",
+           "model.moe_router_pre_softmax": "use model.moe_norm_topk_prob (HF's norm_topk_prob)"}
+
 # Annotation (as written in the dataclasses above) -> the TOML types it accepts.
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
           "dict": (dict,), "tuple": (list, tuple)}
@@ -741,6 +865,7 @@ def _build(cls, values: dict, where: str):
         table = dataclasses.is_dataclass(default)
         if dotted in RENAMED and (f is None or (table and not isinstance(value, dict))):
             raise _renamed(dotted)
+        _check(dotted not in REFUSED, f"{dotted}: {REFUSED.get(dotted)}")
         if f is None:
             raise _unknown(dotted, name, known)
         if table:

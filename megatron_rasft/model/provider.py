@@ -94,6 +94,7 @@ def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
                      recompute_num_layers=mcfg.recompute_num_layers)
     if mcfg.recompute_modules is not None:
         recompute["recompute_modules"] = list(mcfg.recompute_modules)
+    moe = moe_kwargs(mcfg, pcfg)
     return TransformerConfig(
         num_layers=mcfg.num_layers,
         hidden_size=mcfg.hidden_size,
@@ -133,21 +134,80 @@ def transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig):
         cross_entropy_loss_fusion=False,
         **recompute,
         **fp8,
+        **moe,
     )
 
 
-def layer_spec(mcfg: ModelConfig):
-    """The transformer layer's `ModuleSpec`: TE's, or the local one with `model.attention`'s core attention."""
+def moe_kwargs(mcfg: ModelConfig, pcfg: ParallelConfig) -> dict:
+    """The MoE fields of Megatron's `TransformerConfig` for `mcfg` (empty for a dense model).
+
+    Routing maths (megatron/core/transformer/moe/moe_utils.py, `topk_routing_with_score_function`,
+    softmax score): `moe_router_pre_softmax = False` takes the top-k logits and softmaxes over them,
+    which is HF's softmax over all experts renormalised over the top k (`norm_topk_prob = true`);
+    `True` softmaxes over all experts and keeps the top-k probabilities as they are (`false`). No
+    scaling factor, no expert bias, no group-limited routing. Dispatch is the dropless alltoall
+    dispatcher (no capacity factor): EP > 1 computes the same function as EP = 1. Raises
+    ConfigError for a layout the experts cannot take (`config.check_moe_parallel`)."""
+    from megatron_rasft.config import check_moe_parallel
+
+    check_moe_parallel(mcfg, pcfg)
+    if not mcfg.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=mcfg.num_moe_experts,
+        moe_ffn_hidden_size=mcfg.moe_ffn_hidden_size,
+        moe_router_topk=mcfg.moe_router_topk,
+        moe_router_pre_softmax=not mcfg.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype=mcfg.moe_router_dtype,
+        moe_shared_expert_intermediate_size=mcfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=mcfg.moe_shared_expert_gate,
+        moe_layer_freq=mcfg.moe_layers(),
+        moe_aux_loss_coeff=mcfg.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if mcfg.moe_aux_loss_coeff > 0 else "none",
+        moe_token_dispatcher_type="alltoall",
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,  # SequentialMLP: per-expert weights, any backend (see layer_spec)
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=pcfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=pcfg.expert_tensor_parallel_size,
+    )
+
+
+def layer_spec(mcfg: ModelConfig, num_experts: Optional[int] = None):
+    """The transformer layer's `ModuleSpec`: TE's, or the local one with `model.attention`'s core
+    attention; with `num_experts`, an MoE layer (Megatron's MoELayer: TopKRouter, SequentialMLP
+    experts, the shared expert when configured)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    # SequentialMLP (moe_grouped_gemm False) on both backends: the experts' parameters are
+    # `experts.local_experts.{i}.linear_fc{1,2}.weight` whatever the backend (the converter's names).
+    moe = dict(num_experts=num_experts, moe_grouped_gemm=False) if num_experts else {}
     if resolve_impl(mcfg) == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=mcfg.qk_layernorm)
-    spec = specs.get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=mcfg.qk_layernorm, **moe)
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm", **moe)
     if mcfg.attention == "sdpa":
         from megatron_rasft.model.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def block_spec(mcfg: ModelConfig, tcfg, vp_stage: Optional[int], pp_rank: int):
+    """The decoder block of an MoE model: per layer of this pipeline stage (and virtual stage), the
+    MoE layer spec or the dense one (`mcfg.moe_layers()`); the final norm is the one Megatron gives a
+    dense model (`transformer_block.LayerNormImpl`, what it builds for a single layer spec)."""
+    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    dense, moe = layer_spec(mcfg), layer_spec(mcfg, mcfg.num_moe_experts)
+    per_layer = [moe if m else dense for m in mcfg.moe_layers()]
+    offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+    n = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+    norm = LayerNormImpl
+    return TransformerBlockSubmodules(layer_specs=per_layer[offset:offset + n], layer_norm=norm)
 
 
 def _rope_kwargs(mcfg: ModelConfig) -> dict:
@@ -180,13 +240,20 @@ def build_model(mcfg: ModelConfig, pcfg: ParallelConfig, *, pg_collection=None, 
     from megatron.core.models.gpt import GPTModel
 
     tcfg = transformer_config(mcfg, pcfg)
+    spec = layer_spec(mcfg)
+    if mcfg.is_moe:
+        from megatron_rasft.model.moe_compat import apply_moe_patches
+
+        apply_moe_patches()
+        pp_rank = pg_collection.pp.rank() if pg_collection is not None else ps.get_pipeline_model_parallel_rank()
+        spec = block_spec(mcfg, tcfg, vp_stage, pp_rank)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(mcfg),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(mcfg, pcfg.tensor_model_parallel_size),
         max_sequence_length=mcfg.max_position_embeddings,
         pre_process=pre_process,

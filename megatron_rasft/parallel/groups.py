@@ -28,7 +28,12 @@ class ParallelGroups:
 
     tp: tensor-parallel; pp: pipeline; dp: data-parallel (without context parallelism); cp: context;
     dp_cp: data × context (the replicas that hold the same weights); mp: model-parallel (TP × PP).
-    `collection` is Megatron's `ProcessGroupCollection` of the same groups (for `GPTModel`, DDP).
+    `collection` is Megatron's `ProcessGroupCollection` of the same groups (for `GPTModel`, DDP; it
+    carries the expert groups too: `ep`, `expt_tp`, `expt_dp`, `tp_ep`).
+    Mixture of experts: ep: expert-parallel (the ranks an MoE layer's experts are split over, its
+    all-to-all); expt_tp: expert tensor-parallel; expt_dp: expert data-parallel (the replicas that hold
+    the same experts: world / (expert TP × EP × PP) ranks; the expert gradients are reduced over it).
+    On a dense model ep and expt_tp have one rank and expt_dp is dp_cp.
     """
 
     tp: object
@@ -38,6 +43,9 @@ class ParallelGroups:
     dp_cp: object
     mp: object
     collection: object
+    ep: object = None
+    expt_tp: object = None
+    expt_dp: object = None
 
     @property
     def tp_rank(self) -> int:
@@ -69,6 +77,14 @@ class ParallelGroups:
         return dist.get_world_size(self.dp)
 
     @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.ep)
+
+    @property
+    def ep_size(self) -> int:
+        return dist.get_world_size(self.ep)
+
+    @property
     def first_replica(self) -> bool:
         """True on the data × context replica 0 (the one that writes shared files)."""
         return dist.get_rank(self.dp_cp) == 0
@@ -76,9 +92,9 @@ class ParallelGroups:
 
 def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
     """Initialise the default process group from torchrun's env (or a single process) and Megatron's
-    TP/PP/DP/CP groups, every collective with the timeout `pcfg.distributed_timeout_minutes`.
-    Returns them as one `ParallelGroups`. Raises ValueError when the world size
-    is not a multiple of TP × PP × CP, RuntimeError for NCCL without CUDA or for a megatron-core
+    TP/PP/DP/CP groups and the expert groups (EP, expert TP, expert DP), every collective with the
+    timeout `pcfg.distributed_timeout_minutes`. Returns them as one `ParallelGroups`. Raises
+    ValueError when the world size is not a multiple of TP × PP × CP or of expert TP × EP × PP, RuntimeError for NCCL without CUDA or for a megatron-core
     outside the supported range (`compat.check_megatron`)."""
     from megatron_rasft.compat import check_megatron
 
@@ -106,12 +122,21 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
         raise ValueError(f"world size {world} is not divisible by TP×PP×CP = {mp} "
                          f"(tensor {pcfg.tensor_model_parallel_size}, pipeline "
                          f"{pcfg.pipeline_model_parallel_size}, context {pcfg.context_parallel_size})")
+    ep = pcfg.expert_model_parallel_size
+    etp = pcfg.expert_tensor_parallel_size or pcfg.tensor_model_parallel_size
+    expert_mp = etp * ep * pcfg.pipeline_model_parallel_size
+    if world % expert_mp:
+        raise ValueError(f"world size {world} is not divisible by expert TP×EP×PP = {expert_mp} (expert tensor "
+                         f"{etp}, parallel.expert_model_parallel_size {ep}, pipeline "
+                         f"{pcfg.pipeline_model_parallel_size})")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=pcfg.tensor_model_parallel_size,
             pipeline_model_parallel_size=pcfg.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
             context_parallel_size=pcfg.context_parallel_size,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=pcfg.expert_tensor_parallel_size,
             distributed_timeout_minutes=pcfg.distributed_timeout_minutes,
         )
     torch.manual_seed(seed)
@@ -120,7 +145,9 @@ def init_distributed(pcfg: ParallelConfig, seed: int = 1234) -> ParallelGroups:
                           dp=ps.get_data_parallel_group(), cp=ps.get_context_parallel_group(),
                           dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
                           mp=ps.get_model_parallel_group(),
-                          collection=ProcessGroupCollection.use_mpu_process_groups())
+                          collection=ProcessGroupCollection.use_mpu_process_groups(),
+                          ep=ps.get_expert_model_parallel_group(), expt_tp=ps.get_expert_tensor_parallel_group(),
+                          expt_dp=ps.get_expert_data_parallel_group())
 
 
 def destroy_distributed() -> None:
