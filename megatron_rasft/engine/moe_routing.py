@@ -105,6 +105,9 @@ class MoERouting:
         for t in (self._load_LE, self._aux_L, self._tokens_L, self._dropped):
             t.zero_()
         if self.aux_coeff <= 0:
+            self.megatron_coeff = 0.0
+            for r in self.routers:
+                r.config.moe_aux_loss_coeff = 0.0
             return
         n_local = sum(float(self.normaliser(mb)) for mb in batches)
         t_local = sum(mb["tokens"].numel() for mb in batches) / self.tp_sp
