@@ -7,6 +7,12 @@ stage ever holds more than one full tensor, and stages write in parallel. Rank 0
 shards `model-0000k-of-0000n.safetensors` in stage order, writes the index, `config.json`,
 `generation_config.json` and tokenizer files, checks every file, and renames the folder into place.
 The output folder must be on a filesystem every writing rank sees.
+
+Mixture-of-experts models at expert parallelism EP > 1: an MoE layer's experts are spread over the
+EP ranks (and possibly over expert-data-parallel replicas outside the first replica), so every rank
+takes part. Expert by expert, in global order, the one holder with expert-data-parallel rank 0
+gathers that expert's matrix over its expert-tensor-parallel group and sends it point to point to
+the stage's writer (skipped when the holder is the writer): one expert matrix in flight at a time.
 """
 from __future__ import annotations
 
@@ -25,16 +31,70 @@ from megatron_rasft.records import replace_dir
 from megatron_rasft.parallel.groups import barrier, rank
 
 
-def stage_entries(chunk, mcfg: ModelConfig) -> tuple[list, dict]:
-    """(entries this chunk owns in HF order, {global megatron name: local parameter})."""
+def stage_entries(chunk, mcfg: ModelConfig, remote_experts: bool = False) -> tuple[list, dict]:
+    """(entries this chunk owns in HF order, {global megatron name: local parameter}). Experts held
+    by other EP ranks are listed only with `remote_experts` (the export gathers them); otherwise a
+    missing expert is an error like any missing parameter (RuntimeError)."""
     to_global = layout.local_to_global_names(chunk)
     params = {to_global[n]: p for n, p in chunk.named_parameters()}
     layers = sorted({layout.layer_index(g) for g in params if layout.layer_index(g) is not None})
     entries = names.entries(mcfg, layers=layers, pre=chunk.pre_process, post=chunk.post_process)
-    missing = [e.mcore for e in entries if e.mcore not in params]
+    missing = [e.mcore for e in entries if e.mcore not in params and not (remote_experts and e.expert is not None)]
     if missing:
-        raise RuntimeError(f"export: the model has no parameter(s) {missing[:3]} that the config implies")
+        hint = " (experts held by other EP ranks: the weight transfer supports EP = 1 only; export_to_hf " \
+               "gathers them)" if any(layout.expert_index(m) is not None for m in missing) else ""
+        raise RuntimeError(f"export: the model has no parameter(s) {missing[:3]} that the config implies{hint}")
     return entries, params
+
+
+def _expert_roles(chunks, groups) -> list:
+    """Every rank's (pp rank, EP rank, expert-TP rank, expert-DP rank, writes?) — from its MoE
+    layers' own process groups (None where its stage has no MoE layer). Collective."""
+    mine = None
+    for chunk in chunks:
+        for layer in getattr(getattr(chunk, "decoder", None), "layers", []):
+            experts = layout.experts_module(layer)
+            if experts is not None:
+                mine = (groups.pp_rank, experts.ep_group.rank(), experts.tp_group.rank(), experts.dp_group.rank(),
+                        groups.first_replica and groups.tp_rank == 0)
+                break
+        if mine is not None:
+            break
+    if mine is None:
+        mine = (groups.pp_rank, None, None, None, groups.first_replica and groups.tp_rank == 0)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _expert_full(e, params, experts, roles, shape, dtype) -> Optional[torch.Tensor]:
+    """Expert entry `e` (global expert index) as a full tensor on the stage's writer (None elsewhere):
+    the holder with expert-DP rank 0 gathers it over expert TP and sends it to the writer."""
+    me = dist.get_rank()
+    pp, ep_rank, etp_rank, edp_rank, writes = roles[me]
+    owner_ep = e.expert // experts.num_local_experts
+    writer = next(r for r, x in enumerate(roles) if x[0] == pp and x[4])
+    sender = next(r for r, x in enumerate(roles) if x[0] == pp and x[1] == owner_ep and x[2] == 0 and x[3] == 0)
+    full = None
+    if ep_rank == owner_ep and edp_rank == 0:  # the holder's expert-TP group gathers
+        local = params[e.mcore].detach().contiguous()
+        etp_size = experts.tp_group.size()
+        if etp_size == 1:
+            full = local
+        else:
+            parts = [torch.empty_like(local) for _ in range(etp_size)] if etp_rank == 0 else None
+            dist.gather(local, parts, dst=dist.get_global_rank(experts.tp_group, 0), group=experts.tp_group)
+            full = layout.unshard(e.mcore, parts) if etp_rank == 0 else None
+    if sender == writer:
+        return full if me == writer else None
+    if me == sender:
+        dist.send(full.contiguous(), dst=writer)
+        return None
+    if me == writer:
+        full = torch.empty(shape, dtype=dtype, device=next(iter(params.values())).device)
+        dist.recv(full, src=sender)
+        return full
+    return None
 
 
 def gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
@@ -69,22 +129,38 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, gro
     chunks = unwrap(model_chunks)
     tp_group, tp_size, tp_rank = groups.tp, groups.tp_size, groups.tp_rank
     result = None
-    if groups.first_replica:
-        per_chunk = [stage_entries(c, mcfg) for c in chunks]
+    # With experts spread over EP ranks every rank may hold some the writer needs.
+    spread = mcfg.is_moe and dist.is_initialized() and dist.get_world_size() > 1
+    if groups.first_replica or spread:
+        roles = _expert_roles(chunks, groups) if spread else None
+        per_chunk = [stage_entries(c, mcfg, remote_experts=spread) for c in chunks]
         ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp_size))
+        shapes = names.mcore_shapes(ctx)
+        dtype0 = next(chunks[0].parameters()).dtype
         plan = []
         for entries, params in per_chunk:
-            shapes = names.hf_shapes(ctx, entries)
-            plan += [(n, shapes[n], target or params[e.mcore].dtype) for e in entries for n in e.hf]
+            hf_shapes = names.hf_shapes(ctx, entries)
+            plan += [(n, hf_shapes[n], target or params.get(e.mcore, torch.empty((), dtype=dtype0)).dtype)
+                     for e in entries for n in e.hf]
         writer = None
-        if tp_rank == 0:
+        if groups.first_replica and tp_rank == 0:
             writer = hf_io.ShardedWriter(tmp, plan, hf_io.parse_size(max_shard_size),
                                          prefix=f"stage{groups.pp_rank:04d}")
+        experts_of = {}  # global layer -> its SequentialMLP (for the EP layout)
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                if layout.experts_module(layer) is not None:
+                    experts_of[layer.layer_number - 1] = layout.experts_module(layer)
         try:
             with torch.no_grad():
                 for entries, params in per_chunk:
                     for e in entries:
-                        full = gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
+                        if spread and e.expert is not None:
+                            full = _expert_full(e, params, experts_of[e.layer], roles, shapes[e.mcore], dtype0)
+                        elif groups.first_replica:
+                            full = gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
+                        else:
+                            continue
                         if writer is not None:
                             for n, t in e.to_hf(full, ctx).items():
                                 writer.write(n, t.to(target) if target is not None else t)

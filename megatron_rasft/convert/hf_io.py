@@ -3,11 +3,18 @@
 Writing streams because every tensor's name, shape and dtype are known before its data (they are
 planned from the config), so each shard's safetensors header is written first and the tensor
 bytes are appended one by one: peak memory is one tensor, whatever the shard size.
+
+Reading understands both forms of mixture-of-experts weights: the per-expert Hub names
+(`mlp.experts.{j}.{gate,up,down}_proj.weight`, what transformers' `save_pretrained` writes) and
+transformers' fused in-memory tensors (`mlp.experts.gate_up_proj [E, 2I, H]`, rows `[gate; up]` per
+expert, and `mlp.experts.down_proj [E, H, I]`), which are presented under the per-expert names and
+read one expert's matrix at a time (a byte range of the fused tensor).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -22,6 +29,8 @@ _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_FUSED_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+_PER_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.\d+\.(gate|up|down)_proj\.weight$")
 
 
 def parse_size(text: str) -> int:
@@ -93,14 +102,61 @@ class HFCheckpoint:
                 if self.file_of.get(t) != f:
                     raise ValueError(f"{INDEX}: {t} is mapped to {f} but that file does not hold it")
         self._handles: dict = {}
+        # per-expert name -> (fused tensor, element offset, shape)
+        self.views: dict = {}
+        self.views = self._fused_expert_views()
+
+    def _fused_expert_views(self) -> dict:
+        """Per-expert views of fused expert tensors. Raises ValueError when a layer mixes the fused
+        and per-expert forms, has only one of the two fused tensors, or when their shapes disagree
+        with each other or with config.json's `num_experts`."""
+        fused: dict = {}
+        for n in self.file_of:
+            m = _FUSED_RE.match(n)
+            if m:
+                fused.setdefault(m["prefix"], {})[m["kind"]] = n
+        if not fused:
+            return {}
+        per_expert = {m["prefix"] for n in self.file_of if (m := _PER_EXPERT_RE.match(n))}
+        want = self.config.get("num_experts", self.config.get("num_local_experts"))
+        views = {}
+        for prefix, kinds in sorted(fused.items()):
+            if prefix in per_expert:
+                raise ValueError(f"{self.path}: {prefix} has both fused ({', '.join(sorted(kinds.values()))}) and "
+                                 f"per-expert ({prefix}.{{j}}.*_proj.weight) tensors: use one form per layer")
+            if len(kinds) != 2:
+                raise ValueError(f"{self.path}: {next(iter(kinds.values()))} is fused but its partner "
+                                 f"{prefix}.{'down_proj' if 'gate_up_proj' in kinds else 'gate_up_proj'} is missing")
+            gate_up, down = self.shape(kinds["gate_up_proj"]), self.shape(kinds["down_proj"])
+            if len(gate_up) != 3 or gate_up[1] % 2:
+                raise ValueError(f"{self.path}: {kinds['gate_up_proj']} has shape {gate_up}, expected "
+                                 "[num_experts, 2 × moe_intermediate_size, hidden_size]")
+            e, two_i, h = gate_up
+            i = two_i // 2
+            if want is not None and e != want:
+                raise ValueError(f"{self.path}: {kinds['gate_up_proj']} holds {e} experts but config.json has "
+                                 f"num_experts = {want}")
+            if down != (e, h, i):
+                raise ValueError(f"{self.path}: {kinds['down_proj']} has shape {down} but {kinds['gate_up_proj']} "
+                                 f"{gate_up} implies [num_experts, hidden_size, moe_intermediate_size] = {(e, h, i)}")
+            for j in range(e):
+                views[f"{prefix}.{j}.gate_proj.weight"] = (kinds["gate_up_proj"], j * two_i * h, (i, h))
+                views[f"{prefix}.{j}.up_proj.weight"] = (kinds["gate_up_proj"], j * two_i * h + i * h, (i, h))
+                views[f"{prefix}.{j}.down_proj.weight"] = (kinds["down_proj"], j * h * i, (h, i))
+        return views
 
     def names(self) -> list:
-        return list(self.file_of)
+        """Tensor names, fused expert tensors listed under their per-expert names."""
+        fused = {src for src, _, _ in self.views.values()}
+        return [n for n in self.file_of if n not in fused] + list(self.views)
 
     def shape(self, name: str) -> tuple:
+        if name in self.views:
+            return tuple(self.views[name][2])
         return tuple(self.headers[self.file_of[name]][name]["shape"])
 
     def get_dtype(self, name: str) -> torch.dtype:
+        name = self.views[name][0] if name in self.views else name
         return _FROM_ST[self.headers[self.file_of[name]][name]["dtype"]]
 
     @staticmethod
@@ -116,24 +172,31 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with plain file reads (not mmap: mapped pages of every tensor read would
         stay resident and make the peak RSS grow with the model)."""
-        if name not in self.file_of:
+        view = self.views.get(name)
+        source = view[0] if view else name
+        if source not in self.file_of:
             raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
-        f = self.file_of[name]
+        f = self.file_of[source]
         if f not in self._handles:
             handle = open(self.path / f, "rb")
             (n,) = struct.unpack("<Q", handle.read(8))
             self._handles[f] = (handle, 8 + n)
         handle, data_start = self._handles[f]
-        info = self.headers[f][name]
+        info = self.headers[f][source]
+        dtype = _FROM_ST[info["dtype"]]
         begin, end = info["data_offsets"]
+        shape = info["shape"]
+        if view:  # one expert's matrix: a contiguous byte range of the fused tensor
+            item = torch.empty((), dtype=dtype).element_size()
+            begin, shape = begin + view[1] * item, view[2]
+            end = begin + numel(shape) * item
         buf = bytearray(end - begin)
         handle.seek(data_start + begin)
         if handle.readinto(buf) != len(buf):
             raise ValueError(f"{self.path / f}: short read for {name} (file truncated while reading?)")
-        dtype = _FROM_ST[info["dtype"]]
         if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         for handle, _ in self._handles.values():

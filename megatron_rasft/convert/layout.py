@@ -6,7 +6,11 @@ Pure functions on tensors, keyed by the parameter's Megatron name (local or TE s
   i.e. contiguous row chunks.
 - `linear_fc1` (SwiGLU): the full weight is `[gate; up]`; rank r holds `[gate_r; up_r]`.
 - row-parallel (`linear_proj`, `linear_fc2`): split columns (dim 1).
-- everything else (norms, q/k norms) is replicated.
+- everything else (norms, q/k norms, the MoE router, the shared expert's gate) is replicated.
+
+Experts (Megatron's SequentialMLP): expert parallelism (EP = e) gives each EP rank E/e whole experts,
+local expert j on EP rank r being global expert r·E/e + j (`experts_of_rank`); each expert's fc1/fc2
+split over the expert-tensor-parallel ranks exactly as a dense MLP's over TP (same names, same rules).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ _ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "linear_qkv.
 _COLS = ("linear_proj.weight", "linear_fc2.weight")
 _GLU = ("linear_fc1.weight",)
 _LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def split_kind(name: str) -> str:
@@ -65,16 +70,48 @@ def rename_layer(name: str, new_index: int) -> str:
     return _LAYER_RE.sub(f"decoder.layers.{new_index}.", name, count=1)
 
 
+def expert_index(name: str) -> int | None:
+    """j of `...mlp.experts.local_experts.{j}...` (None for a non-expert name)."""
+    m = _EXPERT_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def rename_expert(name: str, new_index: int) -> str:
+    return _EXPERT_RE.sub(f".mlp.experts.local_experts.{new_index}.", name, count=1)
+
+
+def experts_of_rank(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """Global indices of the experts EP rank `ep_rank` holds: local expert j is global expert
+    ep_rank·E/ep_size + j (Megatron's `SequentialMLP.sharded_state_dict` offset). Raises ValueError
+    when `ep_size` does not divide `num_experts`."""
+    if num_experts % ep_size:
+        raise ValueError(f"expert parallelism {ep_size} does not divide num_experts {num_experts}")
+    per = num_experts // ep_size
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+def experts_module(layer):
+    """The SequentialMLP of a TransformerLayer (None for a dense layer)."""
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    return experts if hasattr(experts, "local_experts") else None
+
+
 def local_to_global_names(model) -> dict[str, str]:
-    """Map this pipeline stage's parameter names (local layer numbers) to global names, using each
-    TransformerLayer's 1-based global `layer_number`."""
-    layer_numbers = {}
+    """Map this pipeline stage's parameter names (local layer numbers, local expert numbers) to
+    global names, using each TransformerLayer's 1-based global `layer_number` and each MoE layer's
+    EP rank (`experts_of_rank`)."""
+    layer_numbers, expert_offsets = {}, {}
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         for i, layer in enumerate(decoder.layers):
             layer_numbers[i] = layer.layer_number - 1
+            experts = experts_module(layer)
+            if experts is not None:
+                expert_offsets[i] = experts.ep_group.rank() * experts.num_local_experts
     out = {}
     for name, _ in model.named_parameters():
         idx = layer_index(name)
-        out[name] = name if idx is None else rename_layer(name, layer_numbers[idx])
+        glob = name if idx is None else rename_layer(name, layer_numbers[idx])
+        j = expert_index(name)
+        out[name] = glob if j is None else rename_expert(glob, expert_offsets[idx] + j)
     return out

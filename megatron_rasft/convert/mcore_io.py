@@ -16,6 +16,13 @@ Key names are those of Megatron's sharded state dict, identical for the local an
 Engine spec: `input_layernorm.weight` is stored as `self_attention.linear_qkv.layer_norm_weight`
 and `pre_mlp_layernorm.weight` as `mlp.linear_fc1.layer_norm_weight` (Megatron's local spec maps
 them itself when saving and loading).
+
+Mixture-of-experts models are stored with one key per layer (`decoder.layers.{i}.…`, Megatron's
+"non-homogeneous layers" form, which it uses whenever dense and MoE layers may mix; `sharded_state_dict`
+asks for it for every MoE model so all-MoE and mixed models agree), and the experts of a layer
+stacked on an expert axis: `decoder.layers.{i}.mlp.experts.experts.linear_fc1.weight` is
+`[E, 2I, H]`, expert j at offset j (what `SequentialMLP.sharded_state_dict` maps every EP rank's
+local experts onto). One expert's matrix is one chunk, written and read on its own.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,17 +47,53 @@ _MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version"
 _STORED_AS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
               "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 # Linear layers carry an `_extra_state` (FP8 metadata under TE, None in the local spec) that
-# Megatron saves as a per-layer sharded object; a checkpoint without them does not load strictly.
-_EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+# Megatron saves as a sharded object per layer (and per expert); a checkpoint without them does not
+# load strictly. Every decoder tensor named `<module>.weight` with one of these endings has one.
+_EXTRA_STATE = ("linear_proj.weight", "linear_qkv.weight", "linear_fc1.weight", "linear_fc2.weight")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 
 
-def sharded_key(name: str) -> tuple[str, Optional[int]]:
-    """Megatron parameter name (global layer numbers) → (checkpoint key, layer index or None)."""
+@dataclasses.dataclass(frozen=True)
+class KeyScheme:
+    """How global tensors are keyed in a torch_dist checkpoint: decoder layers stacked on a leading
+    layer axis (`per_layer` False: dense models) or one key per layer (`per_layer` True: MoE models);
+    routed experts on an expert axis of `num_experts`."""
+
+    num_layers: int
+    per_layer: bool = False
+    num_experts: int = 0
+
+    @classmethod
+    def for_model(cls, mcfg: ModelConfig) -> "KeyScheme":
+        return cls(mcfg.num_layers, per_layer=mcfg.is_moe, num_experts=mcfg.num_moe_experts or 0)
+
+
+def sharded_key(name: str, scheme: KeyScheme) -> tuple[str, tuple, tuple]:
+    """Megatron parameter name (global layer and expert numbers) → (checkpoint key, leading offsets,
+    leading global sizes): the tensor is the chunk at `offsets + (0, ...)` of size `(1, ...) + shape`
+    inside the key's global `sizes + shape` (no leading axes outside the decoder layers)."""
     i = layer_index(name)
     if i is None:
-        return name, None
+        return name, (), ()
     rest = name.split(f"decoder.layers.{i}.", 1)[1]
-    return "decoder.layers." + _STORED_AS.get(rest, rest), i
+    rest = _STORED_AS.get(rest, rest)
+    offsets, sizes = ((), ()) if scheme.per_layer else ((i,), (scheme.num_layers,))
+    m = _EXPERT_RE.match(rest)
+    if m:
+        rest = "mlp.experts.experts." + rest[m.end():]
+        offsets, sizes = offsets + (int(m.group(1)),), sizes + (scheme.num_experts,)
+    return (f"decoder.layers.{i}." if scheme.per_layer else "decoder.layers.") + rest, offsets, sizes
+
+
+def extra_state_key(name: str, scheme: KeyScheme) -> Optional[str]:
+    """The DCP key of the `_extra_state` object that goes with decoder tensor `name` (None if it has
+    none): `<module>._extra_state/shard_<offsets>_<sizes>` as Megatron's `ShardedObject.unique_key`."""
+    if layer_index(name) is None or not name.endswith(_EXTRA_STATE):
+        return None
+    key, offsets, sizes = sharded_key(name, scheme)
+    offsets, sizes = offsets or (0,), sizes or (1,)
+    return (f"{key[:-len('.weight')]}._extra_state/shard_{'.'.join(map(str, offsets))}_"
+            f"{'.'.join(map(str, sizes))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,10 +102,13 @@ def sharded_key(name: str) -> tuple[str, Optional[int]]:
 
 
 def write_model_config(out_dir: Path, mcfg: ModelConfig, *, tp: int, pp: int, vpp: Optional[int],
-                       padded_vocab: int, dtype: str, hf_config: Optional[dict]) -> None:
-    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(mcfg),
-            "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                         "virtual_pipeline_model_parallel_size": vpp},
+                       padded_vocab: int, dtype: str, hf_config: Optional[dict], ep: int = 1,
+                       etp: Optional[int] = None) -> None:
+    parallel = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                "virtual_pipeline_model_parallel_size": vpp}
+    if mcfg.is_moe:
+        parallel.update(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(mcfg), "parallel": parallel,
             "padded_vocab_size": padded_vocab, "dtype": dtype, "hf_config": hf_config}
     (Path(out_dir) / MODEL_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -105,7 +152,7 @@ def _extra_state_bytes() -> io.BytesIO:
     return buf
 
 
-def _make_planner(items: list, num_layers: int, produce: Callable, on_tensor: Optional[Callable]):
+def _make_planner(items: list, scheme: KeyScheme, produce: Callable, on_tensor: Optional[Callable]):
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -118,25 +165,23 @@ def _make_planner(items: list, num_layers: int, produce: Callable, on_tensor: Op
             self.by_index: dict = {}
 
         def create_local_plan(self) -> SavePlan:
-            write_items, extra_layers = [], set()
+            write_items, extra = [], []
             for name, shape, dtype in items:
-                key, layer = sharded_key(name)
-                shape = torch.Size(shape)
-                if layer is None:
-                    offsets, sizes, global_size = (0,) * len(shape), shape, shape
-                else:
-                    offsets = (layer,) + (0,) * len(shape)
-                    sizes, global_size = torch.Size((1,) + shape), torch.Size((num_layers,) + shape)
-                    extra_layers.add(layer)
+                key, lead_offsets, lead_sizes = sharded_key(name, scheme)
+                shape = tuple(shape)
+                offsets = lead_offsets + (0,) * len(shape)
+                sizes = (1,) * len(lead_offsets) + shape
+                global_size = lead_sizes + shape
                 index = MetadataIndex(key, torch.Size(offsets))
-                self.by_index[(key, tuple(offsets))] = (name, sizes)
+                self.by_index[(key, tuple(offsets))] = (name, torch.Size(sizes))
                 write_items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
                     chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
                     properties=TensorProperties(dtype=dtype), size=torch.Size(global_size))))
-            for layer in sorted(extra_layers):
-                for module in _EXTRA_STATE:
-                    fqn = f"decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}"
-                    write_items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
+                fqn = extra_state_key(name, scheme)
+                if fqn is not None:
+                    extra.append(fqn)
+            for fqn in sorted(set(extra)):
+                write_items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
             self.plan = SavePlan(write_items)
             return self.plan
 
@@ -152,15 +197,16 @@ def _make_planner(items: list, num_layers: int, produce: Callable, on_tensor: Op
     return LazySavePlanner()
 
 
-def write_checkpoint(out_dir: Path, items: list, num_layers: int, produce: Callable[[str], torch.Tensor],
+def write_checkpoint(out_dir: Path, items: list, scheme: KeyScheme, produce: Callable[[str], torch.Tensor],
                      on_tensor: Optional[Callable] = None) -> None:
-    """Write a torch_dist checkpoint of `items` = [(megatron name, global shape, dtype)];
-    `produce(name)` returns that tensor (already in `dtype`) when the writer needs it."""
+    """Write a torch_dist checkpoint of `items` = [(megatron name, global shape, dtype)] keyed by
+    `scheme` (`KeyScheme.for_model`); `produce(name)` returns that tensor (already in `dtype`) when
+    the writer needs it: one tensor (one expert's matrix) at a time."""
     import torch.distributed.checkpoint as dcp
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    planner = _make_planner(items, num_layers, produce, on_tensor)
+    planner = _make_planner(items, scheme, produce, on_tensor)
     writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, sync_files=False)
     with _unwrapped_errors():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
@@ -193,21 +239,26 @@ class McoreCheckpoint:
         self.metadata = FileSystemReader(str(self.path)).read_metadata()
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if isinstance(v, TensorStorageMetadata)}
+        # Sizes of the leading axes are not needed to read (offsets are), only the form.
+        self.scheme = KeyScheme(0, per_layer=any(re.match(r"decoder\.layers\.\d+\.", k) for k in self.tensors))
         for info in self.metadata.storage_data.values():
             f = self.path / info.relative_path
             if not f.is_file() or f.stat().st_size < info.offset + info.length:
                 raise ValueError(f"{f}: missing or truncated (needs {info.offset + info.length} bytes)")
 
     def shape(self, name: str) -> tuple:
-        """Global shape of a Megatron tensor (without the layer axis)."""
-        key, layer = sharded_key(name)
+        """Global shape of a Megatron tensor (without the layer and expert axes)."""
+        key, offsets, _ = sharded_key(name, self.scheme)
         if key not in self.tensors:
             raise KeyError(f"{self.path}: no tensor {key!r} (for {name})")
         size = tuple(self.tensors[key].size)
-        return size if layer is None else size[1:]
+        if any(o >= s for o, s in zip(offsets, size)):
+            raise KeyError(f"{self.path}: {key} has leading sizes {size[:len(offsets)]}, no index {offsets} "
+                           f"(for {name})")
+        return size[len(offsets):]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[sharded_key(name)[0]].properties.dtype
+        return self.tensors[sharded_key(name, self.scheme)[0]].properties.dtype
 
     def read(self, names: list) -> dict:
         """{name: tensor} for Megatron tensor names whose checkpoint keys are distinct."""
@@ -215,14 +266,11 @@ class McoreCheckpoint:
 
         chunks, dests, out = {}, {}, {}
         for name in names:
-            key, layer = sharded_key(name)
+            key, offsets, _ = sharded_key(name, self.scheme)
             if key in chunks:
                 raise ValueError(f"read(): {name} shares key {key} with another requested tensor")
             shape = self.shape(name)
-            if layer is None:
-                chunks[key] = ((0,) * len(shape), shape)
-            else:
-                chunks[key] = ((layer,) + (0,) * len(shape), (1,) + shape)
+            chunks[key] = (offsets + (0,) * len(shape), (1,) * len(offsets) + shape)
             dests[key] = torch.empty(chunks[key][1], dtype=self.dtype(name))
             out[name] = dests[key]
         with _unwrapped_errors():
@@ -265,10 +313,18 @@ def _chunk_load_planner(chunks: dict):
 
 def sharded_state_dict(model_chunks: list) -> dict:
     """The dist-checkpoint state dict of bare model chunks: `{"model": ...}` for one chunk,
-    `{"model<i>": ...}` per virtual pipeline stage (the keys `load_mcore_into_model` expects)."""
+    `{"model<i>": ...}` per virtual pipeline stage (the keys `load_mcore_into_model` expects).
+    An MoE model is keyed per layer (`KeyScheme`: Megatron's non-homogeneous form, asked for
+    explicitly so the keys do not depend on whether every layer is MoE)."""
+    moe = bool(getattr(model_chunks[0].config, "num_moe_experts", None))
+    meta = {"non_homogeneous_layers": True} if moe else None
+
+    def one(chunk):
+        return chunk.sharded_state_dict(metadata=meta) if moe else chunk.sharded_state_dict()
+
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": one(model_chunks[0])}
+    return {f"model{i}": one(chunk) for i, chunk in enumerate(model_chunks)}
 
 
 def load_mcore_into_model(model_chunks: list, mcore_dir: str | Path) -> None:
@@ -302,8 +358,10 @@ def save_model_as_mcore(model_chunks: list, out_dir: str | Path, model_config: M
     if rank0:
         emb = McoreCheckpoint(out_dir).shape("embedding.word_embeddings.weight")
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(chunks[0].config.params_dtype, "fp32")
+        cfg = chunks[0].config
         write_model_config(out_dir, model_config, tp=groups.tp_size, pp=groups.pp_size,
                            vpp=len(chunks) if len(chunks) > 1 else None, padded_vocab=emb[0],
-                           dtype=dtype, hf_config=hf_config)
+                           dtype=dtype, hf_config=hf_config, ep=getattr(cfg, "expert_model_parallel_size", 1),
+                           etp=getattr(cfg, "expert_tensor_parallel_size", None))
     if dist.is_initialized():
         dist.barrier()

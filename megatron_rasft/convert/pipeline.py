@@ -1,8 +1,9 @@
 """The three conversions (HF → Megatron, Megatron → HF, Megatron → Megatron), streaming.
 
 No model is built and no process group is needed: tensors go from the source files through the
-name map (`names.py`) to the output, one tensor (or one decoder layer) at a time, so peak memory is
-bounded by the largest layer, not by the model. Outputs are written into a temporary folder beside
+name map (`names.py`) to the output, one tensor (or one decoder layer's non-expert tensors; routed
+experts one matrix at a time) at a time, so peak memory is bounded by the largest tensor or layer,
+not by the model or the number of experts. Outputs are written into a temporary folder beside
 the target, verified (every expected tensor, with its shape), then renamed into place; on any error
 the temporary folder is removed and the target is left as it was.
 """
@@ -133,11 +134,14 @@ def _check_hf_tensors(hf: hf_io.HFCheckpoint, ctx: names.MapContext, entries: li
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                dtype: Optional[str] = None, force: bool = False, quiet: bool = False) -> Summary:
-    """HF folder → torch_dist checkpoint + model_config.json (default layout tp/pp/vpp recorded)."""
+                ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, force: bool = False,
+                quiet: bool = False) -> Summary:
+    """HF folder → torch_dist checkpoint + model_config.json (default layout tp/pp/vpp/ep/etp
+    recorded; the tensors themselves are layout-agnostic). Raises ValueError / FileNotFoundError
+    for bad input (names the file, tensor, field or flag) before anything is written."""
     hf = hf_io.HFCheckpoint(hf_dir)
     mcfg = names.model_config_from_hf(hf.config)
-    names.validate_parallel(mcfg, tp, pp, vpp)
+    names.validate_parallel(mcfg, tp, pp, vpp, ep, etp)
     target = _dtype(dtype)
     ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp))
     entries = names.entries(mcfg)
@@ -155,12 +159,13 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1
         return t.to(target) if target is not None else t
 
     with staged_output(Path(out), force) as tmp:
-        mcore_io.write_checkpoint(tmp, items, mcfg.num_layers, produce, on_tensor=progress.update)
+        mcore_io.write_checkpoint(tmp, items, mcore_io.KeyScheme.for_model(mcfg), produce,
+                                  on_tensor=progress.update)
         hf.close()
         _verify_mcore(tmp, items)
         stored = target or src_dtypes[entries[0].mcore]
         mcore_io.write_model_config(tmp, mcfg, tp=tp, pp=pp, vpp=vpp, padded_vocab=ctx.padded_vocab,
-                                    dtype=_dtype_name(stored), hf_config=hf.config)
+                                    dtype=_dtype_name(stored), hf_config=hf.config, ep=ep, etp=etp)
         hf_io.write_side_files(tmp / "hf_extras", hf.config, hf.path)
         (tmp / "hf_extras" / "config.json").unlink()  # model_config.json holds it
     return progress.done(Path(out))
@@ -176,10 +181,12 @@ def _verify_mcore(path: Path, items: list) -> None:
 
 def _layer_groups(entries: list) -> list:
     """Consecutive entries of one layer (or the globals before/after the layers) grouped, so each
-    group reads one DCP slice per key and keeps the HF write order."""
+    group reads one DCP slice per key and keeps the HF write order; every routed expert's matrix is
+    a group of its own (read alone: memory does not grow with the number of experts)."""
     import itertools
 
-    return [list(g) for _, g in itertools.groupby(entries, key=lambda e: e.layer)]
+    return [list(g) for _, g in itertools.groupby(
+        entries, key=lambda e: (e.layer, None) if e.expert is None else (e.layer, e.mcore))]
 
 
 def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config_from: Optional[str | Path] = None,
@@ -226,13 +233,15 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, *, hf_config_from: Optio
 
 
 def reshard(mcore_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-            dtype: Optional[str] = None, force: bool = False, quiet: bool = False) -> Summary:
+            ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, force: bool = False,
+            quiet: bool = False) -> Summary:
     """Rewrite a torch_dist checkpoint for a new default layout: the tensors are layout-agnostic, so
-    this validates the layout, re-pads the vocabulary for the new TP and streams every tensor."""
+    this validates the layout (TP/PP/VPP/EP/expert TP), re-pads the vocabulary for the new TP and
+    streams every tensor (one expert matrix at a time)."""
     mcore_dir = Path(mcore_dir)
     ck = mcore_io.McoreCheckpoint(mcore_dir)
     mcfg, meta = mcore_io.read_model_config(mcore_dir)
-    names.validate_parallel(mcfg, tp, pp, vpp)
+    names.validate_parallel(mcfg, tp, pp, vpp, ep, etp)
     target = _dtype(dtype)
     old_ctx = names.MapContext(mcfg, ck.shape("embedding.word_embeddings.weight")[0])
     ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp))
@@ -250,11 +259,12 @@ def reshard(mcore_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
         return t.to(target) if target is not None else t
 
     with staged_output(Path(out), force) as tmp:
-        mcore_io.write_checkpoint(tmp, items, mcfg.num_layers, produce, on_tensor=progress.update)
+        mcore_io.write_checkpoint(tmp, items, mcore_io.KeyScheme.for_model(mcfg), produce,
+                                  on_tensor=progress.update)
         _verify_mcore(tmp, items)
         stored = target or ck.dtype(entries[0].mcore)
         mcore_io.write_model_config(tmp, mcfg, tp=tp, pp=pp, vpp=vpp, padded_vocab=ctx.padded_vocab,
-                                    dtype=_dtype_name(stored), hf_config=meta.get("hf_config"))
+                                    dtype=_dtype_name(stored), hf_config=meta.get("hf_config"), ep=ep, etp=etp)
         if (mcore_dir / "hf_extras").is_dir():
             shutil.copytree(mcore_dir / "hf_extras", tmp / "hf_extras")
     return progress.done(Path(out))
