@@ -274,3 +274,65 @@ def test_kill_and_resume_at_ep2_is_exact(tmp_path):
     # 2 layers × top-2 × the step's tokens (4 sequences × 32 positions) routed, none dropped.
     assert sum(first["moe_load"]) == 2 * 2 * 4 * 32 and first["moe_dropped"] == 0
     assert 0.5 < first["moe_aux"] < 2.0 and first["moe_load_imbalance"] >= 1.0
+
+
+# -- a RASFT round on a tiny Qwen3-MoE through the real vLLM CPU server, and eval of the export --------
+def test_vllm_cpu_refuses_moe_sizes_it_cannot_serve_before_starting(tmp_path):
+    from helpers.tiny_moe import tiny_moe_config
+
+    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.rollout.server import RolloutServer, ServerError
+
+    tiny_moe_config(hidden_size=48, head_dim=32).save_pretrained(tmp_path)
+    server = RolloutServer(tmp_path, ServerConfig())
+    with pytest.raises(ServerError, match=r"config\.json: hidden_size = 48 is not a multiple of 32"):
+        server.start()
+    assert server.proc is None  # refused before any process started
+
+
+def test_rasft_rounds_on_tiny_qwen3_moe_at_ep2_and_eval_of_the_export(tmp_path):
+    """Two steps with a round before each (export at EP = 2 → in-place refresh of a real vllm-cpu
+    server on the Qwen3-MoE checkpoint → sampling → math-verify → weighting → training), then the
+    benchmark evaluation of the round's export, which the server serves after the last refresh."""
+    import json
+
+    from helpers.runs import loop_config
+    from helpers.tiny import train_tokenizer
+    from helpers.tiny_moe import make_tiny_moe
+
+    from megatron_rasft.cli import main as cli
+    from megatron_rasft.config import ServerConfig
+    from megatron_rasft.convert.pipeline import hf_to_mcore
+    from megatron_rasft.demo.task import make_problems, write_jsonl
+    from megatron_rasft.rollout.server import RolloutServer
+
+    hf = make_tiny_moe(tmp_path / "hf", "qwen3_moe", tokenizer_dir=train_tokenizer(tmp_path / "tok"))
+    hf_to_mcore(hf, tmp_path / "mcore", quiet=True)
+    problems = write_jsonl(make_problems(8, seed=3, min_digits=1, max_digits=2), tmp_path / "problems.jsonl")
+    server = RolloutServer(hf, ServerConfig(kv_cache_gib=0.25, max_model_len=256, concurrency=4),
+                           log_file=tmp_path / "vllm.log").start()
+    try:
+        config = loop_config(tmp_path / "run.toml", server_url=server.url, problems=problems, tokenizer=hf,
+                             load=tmp_path / "mcore",
+                             overrides={"parallel": {"expert_model_parallel_size": 2}})
+        run = tmp_path / "run"
+        rc, out = run_train(config, run, nproc=2, timeout_s=600)
+        assert rc == 0, out[-3000:]
+        assert "[round 1]" in out and "server serves the step's weights (inplace" in out, out[-3000:]
+        records = step_records(run)
+        assert sorted(records) == [1, 2] and all("moe_aux" in r and sum(r["moe_load"]) > 0 for r in records.values())
+        lines = (run / "rollouts" / "round_001.jsonl").read_text().splitlines()
+        assert len(lines) == 4 * 2  # 4 problems × K = 2, sampled from the refreshed MoE weights
+        export = run / "hf" / "policy"
+        exported = json.loads((export / "config.json").read_text())
+        assert exported["model_type"] == "qwen3_moe" and 4 in (exported.get("num_experts"), exported.get("num_local_experts"))
+        evals = tmp_path / "eval"
+        argv = ["eval", "--server-url", server.url, "--tokenizer", str(export), "--set",
+                f"eval.benchmarks=gsm8k", "--set", f"eval.data_dir={ROOT.parent / 'shared' / 'benchmarks'}",
+                "--limit", "2", "--set", "eval.sampling.n=2", "--set", "eval.sampling.max_tokens=12",
+                "--set", "eval.prompt_template=plain", "--out", str(evals), "--no-progress"]
+        assert cli(argv) == 0
+        results = json.loads((evals / "results.json").read_text())
+        assert results["gsm8k"]["count"] == 4 and 0.0 <= results["gsm8k"]["avg@n"] <= 1.0
+    finally:
+        server.stop()
