@@ -16,7 +16,7 @@ COMPAT_TRITON ?= 3.8.0
 CBIN := $(COMPAT_VENV)/bin
 MEGATRON_TESTS ?= tests/test_megatron_parallel.py tests/test_loss.py tests/test_loss_tp.py tests/test_convert.py \
 	tests/test_train_loop.py tests/test_rounds.py tests/test_config_and_provider.py tests/test_demo.py \
-	tests/test_server_death.py tests/test_gpu_check.py
+	tests/test_server_death.py tests/test_gpu_check.py tests/test_moe_model.py
 
 .PHONY: venv demo demo-real test test-all test-compat bench clean
 

@@ -54,7 +54,8 @@ def released_preset(name: str, value: Any) -> Any:
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families)."""
+    """Decoder-only transformer shape (Llama / Qwen2 / Qwen3 / Mistral families; Qwen2-MoE and
+    Qwen3-MoE with `num_moe_experts`, docs/moe_model.md)."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -655,8 +656,7 @@ class EvalConfig:
 
 def check_moe_parallel(model: ModelConfig, par: ParallelConfig) -> None:
     """Refuse a parallel layout the model's experts cannot take: expert parallelism on a dense model,
-    an expert count not divisible by parallel.expert_model_parallel_size, an MoE model with tensor
-    parallelism but no sequence parallelism (Megatron's MoELayer refuses it in training). Raises ConfigError."""
+    an expert count not divisible by parallel.expert_model_parallel_size. Raises ConfigError."""
     ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size
     if not model.is_moe:
         _check(ep == 1 and etp is None,
@@ -666,9 +666,6 @@ def check_moe_parallel(model: ModelConfig, par: ParallelConfig) -> None:
     _check(model.num_moe_experts % ep == 0,
            f"model.num_moe_experts ({model.num_moe_experts}) is not divisible by parallel.expert_model_parallel_size "
            f"({ep})")
-    _check(par.tensor_model_parallel_size == 1 or par.sequence_parallel,
-           f"model.num_moe_experts with parallel.tensor_model_parallel_size = {par.tensor_model_parallel_size} needs "
-           f"parallel.sequence_parallel = true (Megatron's MoE layer refuses TP without it in training)")
 
 
 @dataclass(slots=True)
@@ -735,6 +732,12 @@ class RunConfig:
 
         if self.checkpoint.load is None:  # else the checkpoint's architecture is checked when it is read
             check_moe_parallel(self.model, par)
+        # Megatron's MoELayer refuses to train with TP > 1 and no sequence parallelism (a frozen
+        # model, in eval mode, runs either way); the run's [model] is the checkpoint's architecture
+        # when one is loaded, so the check is repeated where it is read (engine/model.py).
+        _check(not self.model.is_moe or par.tensor_model_parallel_size == 1 or par.sequence_parallel,
+               f"model.num_moe_experts with parallel.tensor_model_parallel_size = {par.tensor_model_parallel_size} "
+               f"needs parallel.sequence_parallel = true (Megatron's MoE layer refuses to train TP without it)")
 
         # The KL methods read the reference's logits inside every training step: it cannot leave
         # the device between reference passes.

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 # Fields that describe how to run the model rather than what it is: the run config decides them.
 _RUNTIME_FIELDS = ("seq_length", "params_dtype", "transformer_impl", "attention", "fp8", "fp8_recipe",
                    "fp8_amax_history_len", "fp8_amax_compute_algo", "recompute_granularity", "recompute_method",
-                   "recompute_num_layers", "recompute_modules", "reference_placement")
+                   "recompute_num_layers", "recompute_modules", "reference_placement",
+                   # MoE: the aux-loss weight is a training choice (HF's router_aux_loss_coef is only the
+                   # checkpoint's suggestion); the router's dtype, a numerical one.
+                   "moe_aux_loss_coeff", "moe_router_dtype")
 
 
 @dataclass
@@ -60,6 +63,39 @@ def resolve_model_config(model: ModelConfig, load: Optional[str]) -> tuple[Model
     return dataclasses.replace(ckpt_cfg, **runtime), meta.get("hf_config")
 
 
+def count_params(chunks: list, groups) -> int:
+    """The whole model's parameter count (all ranks; every expert counted once). TP shards and PP
+    stages are disjoint, DP replicas are not: dense parameters are summed over the model-parallel
+    group (TP × PP). Expert-parallel parameters (Megatron's `allreduce = False`, EP > 1) are split over
+    expert TP × EP × PP ranks instead: summed over that group. Collective when torch.distributed is up."""
+    import torch.distributed as dist
+
+    from megatron_rasft.parallel.placement import device
+
+    dense = sum(p.numel() for c in chunks for p in c.parameters() if getattr(p, "allreduce", True))
+    expert = sum(p.numel() for c in chunks for p in c.parameters() if not getattr(p, "allreduce", True))
+    n = torch.tensor([dense, expert], dtype=torch.float64, device=device())
+    if dist.is_initialized():
+        d, e = n[:1].clone(), n[1:].clone()
+        dist.all_reduce(d, group=groups.mp)
+        dist.all_reduce(e, group=groups.collection.tp_ep_pp)
+        n = torch.cat([d, e])
+    return int(n.sum().item())
+
+
+def check_moe_layout(mcfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """The checks `RunConfig` makes on [model] × [parallel], for the architecture actually built (a
+    checkpoint's, when one is loaded): experts divisible by EP, no EP on a dense model, sequence
+    parallelism for an MoE model trained with TP > 1. Raises ConfigError naming the fields."""
+    from megatron_rasft.config import ConfigError, check_moe_parallel
+
+    check_moe_parallel(mcfg, parallel)
+    if mcfg.is_moe and parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ConfigError(f"model.num_moe_experts with parallel.tensor_model_parallel_size = "
+                          f"{parallel.tensor_model_parallel_size} needs parallel.sequence_parallel = true (Megatron's "
+                          f"MoE layer refuses to train TP without it)")
+
+
 def _chunks(mcfg, pcfg, pgs):
     """This rank's model chunks, on the run's device and every parameter in the model's dtype (the
     one place a chunk is moved: Megatron builds its local-spec norms on the CPU in fp32)."""
@@ -79,13 +115,11 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
     (the architecture comes from the checkpoint `load` when one is given: `resolve_model_config`);
     kl_reference: the loss needs the reference's logits inside the step (the KL methods; implies
     `reference`; `RunConfig` allows them only without pipeline stages, so there is one chunk)."""
-    import torch.distributed as dist
-
     from megatron_rasft.convert.mcore_io import load_mcore_into_model
-    from megatron_rasft.parallel.placement import device
     from megatron_rasft.engine.step import attach_schedule_hooks, wrap_ddp
 
     mcfg, hf_config = resolve_model_config(model, load)
+    check_moe_layout(mcfg, parallel)
     policy = _chunks(mcfg, parallel, groups.collection)
     if load:
         load_mcore_into_model(policy, load)
@@ -109,12 +143,9 @@ def build_policy_and_reference(model: ModelConfig, parallel: ParallelConfig, loa
         from megatron_rasft.engine.offload import HostReference
 
         host = HostReference(ref_chunks)
-    local = sum(p.numel() for c in policy for p in c.parameters())
-    n = torch.tensor([local], dtype=torch.float64, device=device())
-    if dist.is_initialized():  # TP shards and PP stages are disjoint; DP replicas are not
-        dist.all_reduce(n, group=groups.mp)
+    n_params = count_params(policy, groups)
     policy = wrap_ddp(policy, use_distributed_optimizer=parallel.use_distributed_optimizer,
                       overlap_grad_reduce=parallel.overlap_grad_reduce,
                       overlap_param_gather=parallel.overlap_param_gather, bucket_size=parallel.bucket_size)
     attach_schedule_hooks(policy)
-    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, int(n.item()), reference_host=host)
+    return Models(policy, ref_chunks, kl_model, mcfg, hf_config, n_params, reference_host=host)

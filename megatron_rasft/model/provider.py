@@ -198,16 +198,15 @@ def block_spec(mcfg: ModelConfig, tcfg, vp_stage: Optional[int], pp_rank: int):
     """The decoder block of an MoE model: per layer of this pipeline stage (and virtual stage), the
     MoE layer spec or the dense one (`mcfg.moe_layers()`); the final norm is the one Megatron gives a
     dense model (`transformer_block.LayerNormImpl`, what it builds for a single layer spec)."""
-    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     dense, moe = layer_spec(mcfg), layer_spec(mcfg, mcfg.num_moe_experts)
     per_layer = [moe if m else dense for m in mcfg.moe_layers()]
     offset = get_transformer_layer_offset(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
     n = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
-    norm = LayerNormImpl
-    return TransformerBlockSubmodules(layer_specs=per_layer[offset:offset + n], layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=per_layer[offset:offset + n], layer_norm=LayerNormImpl)
 
 
 def _rope_kwargs(mcfg: ModelConfig) -> dict:
