@@ -22,6 +22,7 @@ SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sba
 # optimizer and data settings go through a real step.
 SHRINK = ["model.seq_length=64", 'model.params_dtype="fp32"', 'model.transformer_impl="local"',
           "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+          "parallel.expert_model_parallel_size=1",
           "train.schedule.train_iters=1", "train.schedule.global_batch_size=4", "train.schedule.micro_batch_size=2",
           "rollout.batches_per_round=0", 'train.data.prompt_template="plain"', "checkpoint.save_interval=0"]
 

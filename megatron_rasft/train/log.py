@@ -81,6 +81,10 @@ class Logger:
             extra += f" φ={m['token_factor']:.3f}"
         if "kl" in m:
             extra += f" kl={m['kl']:.4f}"
+        if "moe_aux" in m:  # MoE: load-balancing loss (1 = balanced), worst layer's max/mean expert load
+            extra += f" aux={m['moe_aux']:.3f} imb={m['moe_load_imbalance']:.2f}"
+            if m.get("moe_dropped"):
+                extra += f" dropped={m['moe_dropped']}"
         mfu = f" mfu={m['mfu']:.1%}" if m.get("mfu") is not None else ""
         print(f"step {m['step']:>5}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
               f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s{mfu}{extra} | "

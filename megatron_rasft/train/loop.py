@@ -57,6 +57,7 @@ def train(cfg: RunConfig) -> dict:
     optimizer, scheduler = build_optimizer(models.policy, cfg.train.optim, cfg.parallel, total_steps=sched.train_iters)
     loss_func = build_loss_func(cfg, groups)
     forward_step = make_forward_step(loss_func, groups, ref_model=models.kl_reference, vocab_size=cfg.model.vocab_size)
+    routing = build_moe_routing(cfg, models.policy, groups)  # None for a dense model
     logger = Logger(run, rank0(), tensorboard=log_cfg.tensorboard,
                     wandb_project=log_cfg.wandb_project, config=cfg.to_dict())
     fpt = flops_per_token(models.num_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.model.seq_length)
@@ -84,8 +85,12 @@ def train(cfg: RunConfig) -> dict:
         for chunk in models.policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
+        if routing is not None:
+            routing.begin_step(batches)  # the aux loss's coefficient for this step's normaliser
         m = global_metrics(forward_backward(models.policy, forward_step, batches, seq_length=cfg.model.seq_length),
                            groups)
+        if routing is not None:
+            m.update(routing.metrics())
         if not math.isfinite(m.get("loss", float("nan"))):
             raise NonFiniteLoss(f"non-finite loss ({m.get('loss')}) at step {state.step}; the run stopped "
                                 f"before updating the weights. Last checkpoint: {last_saved or 'none'}")
@@ -184,6 +189,20 @@ def build_loss_func(cfg: RunConfig, groups):
 
     return _nan_tolerant(make_loss_func(cfg.loss, tp_group=groups.tp, grpo=cfg.grpo,
                                         temperature=cfg.policy_temperature))
+
+
+def build_moe_routing(cfg: RunConfig, policy: list, groups):
+    """The step's MoE routing hooks and aux-loss coefficient (`engine.moe_routing.MoERouting`, docs/moe.md)
+    for an MoE `cfg.model`, with the loss normaliser of `cfg.loss` / `cfg.grpo`; None for a dense model."""
+    if not cfg.model.is_moe:
+        return None
+    from megatron_rasft.engine.moe_routing import MoERouting
+    from megatron_rasft.loss import LossBatch, loss_normaliser
+
+    def normaliser(micro_batch: dict):
+        return loss_normaliser(LossBatch.from_microbatch(micro_batch), cfg.loss, cfg.grpo)
+
+    return MoERouting(policy, cfg.model.moe_aux_loss_coeff, normaliser, groups)
 
 
 def _nan_tolerant(loss_func):
