@@ -16,7 +16,6 @@ RUNS = [
     ["bench_loss_kernels.py", "--tokens", "256", "--repeats", "5"],
     ["bench_step.py", "--repeats", "5"],
     ["bench_moe.py", "--repeats", "3"],  # the trainer's MoE step (aux, routing hooks) at EP=2 vs EP=1, dispatch fwd+bwd
-    ["bench_moe_step.py", "--repeats", "5", "--threads", "1"],  # MoE step at EP=2 vs EP=1, dispatch share
     ["bench_recompute.py", "--repeats", "3"],  # recompute full / selective vs none: step time and peak memory
     ["bench_attention.py"],  # one layer's core attention at seq 4096: Megatron's local vs sdpa (~7 GB peak on CPU)
     ["bench_train_vs_hf.py"],
