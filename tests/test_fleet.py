@@ -156,3 +156,54 @@ def test_fleet_bad_input_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ServerError, match="need the `vllm-router` binary, which is not installed"):
         Router(["http://127.0.0.1:9"], ServerConfig(replicas=2)).start()
+
+
+def test_a_replica_back_on_older_weights_is_proven_before_it_serves(vllm_server, tmp_path, capsys):
+    """A replica that dies and comes back on weights older than the round's (restarted from a base
+    export) is refreshed to the round's weights and proven (its tensor check sees the old tensors
+    move to the new ones, and its probe) before the lost prompts are resubmitted: the batch's
+    samples equal those of the round's weights, never the old ones'.
+
+    The fleet is the session's real server behind a real vllm-router; the death is a SIGKILL before
+    the batch (deterministic: every request finds it dead), and the restart is a real one."""
+    import dataclasses
+
+    from megatron_rasft.config import SamplingConfig
+    from megatron_rasft.rollout.client import RolloutClient
+    from megatron_rasft.rollout.fleet import Fleet, Router
+    from megatron_rasft.rollout.refresh import hf_prompt_logprobs
+    from megatron_rasft.rollout.session import RolloutSession
+    from helpers.tiny import reseed_weights
+
+    old = vllm_server.model_dir
+    new = reseed_weights(old, tmp_path / "new", seed=123)
+    cfg = dataclasses.replace(vllm_server.cfg, port=0, replicas=2)  # the router's settings
+    prompts = [f"Q:{a}+{b};A:" for a, b in ((12, 7), (5, 31), (40, 40), (3, 9))]
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=16, seed=11)
+    texts = lambda results: [[c.text for c in comps] for comps in results]  # noqa: E731
+    router = Router([vllm_server.url], cfg).start()
+    try:
+        fleet = Fleet([vllm_server], router, cfg, managed=True)
+        session = RolloutSession(fleet, RolloutClient(fleet, cfg, progress=False), owns=False)
+        on_old = texts(session.generate(prompts, sampling))
+        ids = session.client.prompt_logprobs("Q:77+8;A:")[0]
+        session.serve(new, ids, hf_prompt_logprobs(new, ids))
+        on_new = texts(session.generate(prompts, sampling))
+        assert on_new != on_old  # the two weight versions are told apart by their samples
+        capsys.readouterr()
+
+        vllm_server.model_dir = old  # its start-up folder: the older export
+        os.killpg(vllm_server.proc.pid, signal.SIGKILL)
+        vllm_server.proc.wait(timeout=30)
+        got = texts(session.generate(prompts, sampling))
+    finally:
+        router.stop()
+    out = capsys.readouterr().out
+    assert f"replica 0 ({vllm_server.url}) is being restarted" in out, out
+    assert fleet.restarts == 1 and session.client.stats["restarts"] == 1
+    # The refresh after the restart checked the replica's tensors (it knew they were the old ones),
+    # none skipped, and only then were the prompts resubmitted.
+    line = next(s for s in out.splitlines() if s.startswith("[round] replica 0 serves the step's weights"))
+    assert re.search(r"\(inplace, .*; [1-9]\d* server tensors checked \(\w+\); probe", line), line
+    assert "unchecked" not in line, line
+    assert got == on_new

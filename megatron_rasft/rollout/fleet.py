@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
+from megatron_rasft.rollout.refresh_check import remember_served
 from megatron_rasft.rollout.server import RolloutServer, ServerError, http_json, port_in_use, spawn
 
 SERVED_NAME = "policy"
@@ -258,6 +259,10 @@ class Fleet:
             print(f"[rollout] replica {i} ({replica.url}) is being restarted"
                   f"{' on ' + str(model_dir) if model_dir else ''}", flush=True)
             replica.restart(model_dir)
+            # A fresh process serves the folder it loaded, which may be older than the round's
+            # weights (a base export). Recorded now, the tensor check of the refresh that follows
+            # knows what must move; without it that check skips every tensor of this replica.
+            remember_served(replica, replica.model_dir, self.cfg.refresh_check, self.cfg.refresh_check_tensors)
             if self.router.alive():
                 self.router.add(replica.url)
         if not self.router.alive():
