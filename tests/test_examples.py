@@ -126,15 +126,25 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     steps = _dry_run({**env, "ROLLOUT_NODES": "0"}, "examples/qwen2.5-math-7b.toml")
     assert len(steps) == 1 and _opt(steps[0], "--nodes") == "3"
     assert "rollout.server.url" not in " ".join(steps[0])
-    # Two rollout nodes: a server on each, and the trainer puts a router in front of them (urls).
-    *servers, train = _dry_run({**env, "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "SLURM_NNODES": "4",
-                                "ROLLOUT_NODES": "2"}, "examples/qwen2.5-math-7b.toml")
+    # Two rollout nodes: a server on each, vllm-router on the first of them (a step sharing that node,
+    # in front of both, with the trainer's config and overrides), and the trainer attached to the
+    # router while knowing the replicas (urls, router_url).
+    *servers, router, train = _dry_run({**env, "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "SLURM_NNODES": "4",
+                                        "ROLLOUT_NODES": "2"}, "examples/qwen2.5-math-7b.toml",
+                                       "--set", "rollout.server.router_policy=\"random\"")
     assert [_opt(s, "--nodelist") for s in servers] == ["gpu3", "gpu4"] and _opt(train, "--nodes") == "2"
-    urls = next(a for a in train if a.startswith("rollout.server.urls="))
+    assert router[:2] == ["srun", "--overlap"] and _opt(router, "--nodelist") == "gpu3"
+    cmd = router[router.index(sys.executable):]
+    assert cmd[1:3] == ["-m", "megatron_rasft.rollout.fleet"]
+    assert cmd[cmd.index("--port") + 1] == "8080" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--worker-urls") + 1:cmd.index("--worker-urls") + 3] == ["http://gpu3:8000", "http://gpu4:8000"]
+    assert cmd[cmd.index("--config") + 1] == "examples/qwen2.5-math-7b.toml" and cmd[-1] == 'rollout.server.router_policy="random"'
+    sets = [a for a in train if a.startswith("rollout.server.")]
     from megatron_rasft.config import load_config
 
-    cfg = load_config("examples/qwen2.5-math-7b.toml", [urls])
-    assert cfg.rollout.server.urls == ["http://gpu3:8000", "http://gpu4:8000"] and cfg.rollout.server.fleet
+    cfg = load_config("examples/qwen2.5-math-7b.toml", sets).rollout.server
+    assert cfg.urls == ["http://gpu3:8000", "http://gpu4:8000"] and cfg.router_url == "http://gpu3:8080"
+    assert cfg.fleet and cfg.router_policy == "random"
 
 
 def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):

@@ -122,7 +122,10 @@ def test_fleet_settings_are_checked():
                         ({"replicas": 2, "url": "http://a:1"}, "leave it at 1"),
                         ({"urls": ["a:1"]}, "rollout.server.urls[0] must be an http:// or https:// URL"),
                         ({"replicas": 2, "router_policy": "fastest"}, "rollout.server.router_policy must be one of"),
-                        ({"replicas": 2, "weight_sync": "transfer"}, "a fleet (rollout.server.replicas > 1")]:
+                        ({"replicas": 2, "weight_sync": "transfer"}, "a fleet (rollout.server.replicas > 1"),
+                        ({"router_url": "http://a:1"}, "list the replicas behind it in rollout.server.urls"),
+                        ({"router_url": "a:1", "urls": ["http://b:1"]},
+                         "rollout.server.router_url must be an http:// or https:// URL, got 'a:1'")]:
         with pytest.raises(ConfigError, match=re.escape(msg)):
             ServerConfig(**kwargs)
 
@@ -201,9 +204,76 @@ def test_a_replica_back_on_older_weights_is_proven_before_it_serves(vllm_server,
     out = capsys.readouterr().out
     assert f"replica 0 ({vllm_server.url}) is being restarted" in out, out
     assert fleet.restarts == 1 and session.client.stats["restarts"] == 1
+    assert got == on_new  # not one sample from the older weights it came back on
     # The refresh after the restart checked the replica's tensors (it knew they were the old ones),
     # none skipped, and only then were the prompts resubmitted.
     line = next(s for s in out.splitlines() if s.startswith("[round] replica 0 serves the step's weights"))
     assert re.search(r"\(inplace, .*; [1-9]\d* server tensors checked \(\w+\); probe", line), line
     assert "unchecked" not in line, line
-    assert got == on_new
+
+
+def test_an_external_router_in_front_of_external_replicas(vllm_server, tmp_path):
+    """The SLURM layout's router step (`python -m megatron_rasft.rollout.fleet`, as
+    examples/slurm_rasft.sbatch runs it on the first rollout node) in front of an external replica
+    (the session server behind a proxy, so that it can vanish without being stopped), and the
+    trainer's side attached to it with `rollout.server.router_url` + `urls`: generation goes through
+    the router, control calls to the replica. A router that routes elsewhere, or none, is refused
+    naming the field. When the replica goes away and does not come back within
+    `startup_timeout_s`, generation raises a server error naming that setting: what the round turns
+    into a failed round (a checkpoint, exit 4; tests/test_server_death.py runs that path)."""
+    import subprocess
+    import sys
+
+    from megatron_rasft.config import SamplingConfig, ServerConfig
+    from megatron_rasft.parallel.net import free_port
+    from megatron_rasft.rollout.fleet import Fleet, Router
+    from megatron_rasft.rollout.server import ServerError
+    from megatron_rasft.rollout.session import RolloutSession, server_errors
+    from helpers.proxy import DelayingProxy
+    from helpers.runs import ROOT
+
+    port = free_port()
+    router_url = f"http://127.0.0.1:{port}"
+    with DelayingProxy(vllm_server.url, 0.0) as proxy:
+        log = open(tmp_path / "router.log", "wb")
+        router = subprocess.Popen([sys.executable, "-m", "megatron_rasft.rollout.fleet", "--config",
+                                   str(ROOT / "examples" / "tiny_cpu.toml"), "--host", "127.0.0.1", "--port", str(port),
+                                   "--worker-urls", proxy.url, "--set", "rollout.server.router_health_interval_s=1"],
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            cfg = ServerConfig(urls=[proxy.url], router_url=router_url, startup_timeout_s=3.0, request_timeout_s=60.0)
+            deadline = time.time() + 60
+            while True:
+                try:
+                    session = RolloutSession.open(router_url, cfg, progress=False)
+                    break
+                except ServerError as e:
+                    assert "rollout.server.router_url: no vllm-router answers" in str(e), e
+                    assert router.poll() is None and time.time() < deadline, (tmp_path / "router.log").read_text()
+                    time.sleep(0.5)
+            fleet = session.server
+            assert isinstance(fleet, Fleet) and not fleet.managed and fleet.url == router_url
+            assert [r.url for r in fleet.replicas] == [proxy.url]
+            sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=3)
+            assert [len(c) for c in session.generate(["Q:1+2;A:", "Q:3+4;A:"], sampling)] == [2, 2]
+            assert proxy.delayed_requests == 2  # both went through the router to the replica
+            with pytest.raises(ServerError, match=r"rollout.server.router_url: the router at .* routes to "
+                                                  r"\['http://127.0.0.1:\d+'\], not to rollout.server.urls"):
+                Router.attach(router_url, ["http://127.0.0.1:9"], cfg)
+        except BaseException:
+            router.terminate()
+            raise
+        # The proxy closes here: the replica is gone for good.
+    try:
+        with pytest.raises(server_errors()) as err:
+            session.generate(["Q:5+6;A:"], sampling)
+        assert re.search(rf"external rollout server {re.escape(router_url)} is down and did not come back within 3s "
+                         r"\(rollout.server.startup_timeout_s\)", str(err.value)), err.value
+    finally:
+        router.terminate()
+        router.wait(timeout=10)
+        log.close()
+    text = (tmp_path / "router.log").read_text()
+    assert "--disable-retries" in text and "--policy round_robin" in text, text[:2000]
+    with pytest.raises(ServerError, match=r"rollout.server.router_url: no vllm-router answers at http://127.0.0.1:9"):
+        Router.attach("http://127.0.0.1:9", [vllm_server.url], cfg)

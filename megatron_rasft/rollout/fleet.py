@@ -72,6 +72,24 @@ class Router:
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
         self.url: Optional[str] = None
+        self.external = False
+
+    @classmethod
+    def attach(cls, url: str, worker_urls: Sequence[str], cfg: ServerConfig) -> "Router":
+        """A running `vllm-router` at `url` (`rollout.server.router_url`; not started or stopped
+        here) that must route to exactly `worker_urls` (`rollout.server.urls`). Raises `ServerError`
+        naming the fields when it does not answer or lists other replicas."""
+        router = cls(worker_urls, cfg)
+        router.url, router.external = url.rstrip("/"), True
+        if not router.alive():
+            raise ServerError(f"rollout.server.router_url: no vllm-router answers at {router.url} "
+                              f"(GET /list_workers failed)")
+        listed = sorted(u.rstrip("/") for u in router.workers())
+        wanted = sorted(u.rstrip("/") for u in worker_urls)
+        if listed != wanted:
+            raise ServerError(f"rollout.server.router_url: the router at {router.url} routes to {listed}, "
+                              f"not to rollout.server.urls {wanted}; start it with --worker-urls of exactly those")
+        return router
 
     def command(self, port: int) -> list[str]:
         cfg = self.cfg
@@ -132,9 +150,16 @@ class Router:
             raise ServerError(f"POST {self.url}{path} -> {status}: {body}")
 
     def alive(self) -> bool:
+        """Ours: its process runs. External: it answers /list_workers."""
+        if self.external:
+            try:
+                return http_json(f"{self.url}/list_workers", timeout=5.0)[0] == 200
+            except OSError:
+                return False
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop ours (an external router is left running)."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -178,7 +203,8 @@ class Fleet:
 
     @classmethod
     def attach(cls, urls: Sequence[str], cfg: ServerConfig, log_file: Optional[str | Path] = None) -> "Fleet":
-        """External replicas at `urls` (each must answer /health) behind a router started here."""
+        """External replicas at `urls` (each must answer /health) behind a router started here, or
+        behind the external router at `cfg.router_url` (which must route to exactly `urls`)."""
         replicas = []
         for i, url in enumerate(urls):
             try:
@@ -189,6 +215,8 @@ class Fleet:
         if len(names) > 1:
             raise ServerError(f"rollout.server.urls: the replicas serve different model names {sorted(names)}; "
                               f"start them with the same --served-model-name")
+        if cfg.router_url:
+            return cls(replicas, Router.attach(cfg.router_url, [r.url for r in replicas], cfg), cfg, managed=False)
         log = Path(log_file) if log_file else None
         router = Router([r.url for r in replicas], cfg, log_file=None if log is None else log.with_name(f"{log.name}.router"))
         fleet = cls(replicas, router, cfg, managed=False)
@@ -297,3 +325,36 @@ def _visible_device(i: int) -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = [d for d in visible.split(",") if d.strip()] if visible else None
     return devices[i] if devices else str(i)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m megatron_rasft.rollout.fleet --config RUN.toml --host H --port P --worker-urls U...
+    [--set KEY=VALUE ...]`: run `vllm-router` in the foreground (it replaces this process) with the
+    options a fleet started by the trainer gets, from the config's `[rollout.server]` (policy,
+    health interval, request timeout; retries off). For a router on another node than the trainer
+    (examples/slurm_rasft.sbatch), which then attaches with `rollout.server.router_url`."""
+    import argparse
+
+    from megatron_rasft.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m megatron_rasft.rollout.fleet", description=main.__doc__)
+    ap.add_argument("--config", help="the run's TOML config (its [rollout.server] gives the router's options)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for train")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--worker-urls", nargs="+", required=True, metavar="URL")
+    args = ap.parse_args(argv)
+    import dataclasses
+
+    try:
+        cfg = dataclasses.replace(load_config(args.config, args.set).rollout.server, host=args.host, port=args.port,
+                                  url=None, urls=list(args.worker_urls), router_url=None, replicas=1)
+        cmd = Router(args.worker_urls, cfg).command(args.port)
+    except (ConfigError, ServerError) as e:
+        raise SystemExit(f"error: {e}")
+    print("[router] " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
