@@ -147,6 +147,32 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     assert cfg.fleet and cfg.router_policy == "random"
 
 
+def test_single_node_fleet_dry_run(tiny, tmp_path):
+    """examples/run_single_node.sh with REPLICAS=4: no external server; the trainer sees its 4
+    training GPUs first and the 4 rollout GPUs after them (rank 0 starts a replica on each:
+    rollout/fleet.py `replica_devices`), with rollout.server.replicas = 4; a wrong GPU count is refused."""
+    hf, _, data = tiny
+    (tmp_path / "mcore").mkdir()
+    (tmp_path / "mcore" / "model_config.json").write_text("{}")
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "HF_DIR": str(hf), "DATA": str(data),
+           "MCORE_DIR": str(tmp_path / "mcore"), "RUN_DIR": str(tmp_path / "run"), "TRAIN_GPUS": "0,1,2,3",
+           "ROLLOUT_GPUS": "4,5,6,7", "REPLICAS": "4"}
+    script = [str(EXAMPLES / "run_single_node.sh"), "examples/qwen2.5-math-1.5b.toml"]
+    out = subprocess.run(["bash", *script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [line[2:] for line in out.stderr.splitlines() if line.startswith("+ ")]
+    assert lines[:1] == ["CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"] and len(lines) == 2, lines
+    train = lines[1].split()
+    assert train[:6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "4"], train
+    sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
+    assert sets[-2:] == ["rollout.server.replicas=4", "rollout.server.kv_cache_gib=40"]
+    cfg = load_config(EXAMPLES / "qwen2.5-math-1.5b.toml", sets[-2:])
+    assert cfg.rollout.server.replicas == 4 and cfg.rollout.server.fleet and not cfg.rollout.server.urls
+    bad = subprocess.run(["bash", *script], cwd=ROOT, env={**env, "ROLLOUT_GPUS": "7"}, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "REPLICAS=4 needs one GPU each in ROLLOUT_GPUS (got '7')" in bad.stderr
+
+
 def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):
     """The `bash -c 'exec torchrun ...'` the script hands to srun, run here once per simulated node
     (SLURM_NODEID 0 and 1, 2 processes each, rendezvous on 127.0.0.1): 2 steps with DP = 4 give the

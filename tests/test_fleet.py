@@ -139,6 +139,18 @@ def test_cpu_binding_splits_the_cores():
         cpu_binding(0, 3, [0, 1])
 
 
+def test_replicas_get_the_gpus_after_the_trainers():
+    from megatron_rasft.rollout.fleet import replica_devices
+    from megatron_rasft.rollout.server import ServerError
+
+    # One node, 8 GPUs listed training first: 6 training ranks (LOCAL_WORLD_SIZE), 2 replicas.
+    assert replica_devices(2, ["0", "1", "2", "3", "4", "5", "6", "7"], 6) == ["6", "7"]
+    assert replica_devices(1, ["3", "1"], 1) == ["1"]
+    with pytest.raises(ServerError, match=r"rollout.server.replicas = 2 needs one GPU per replica after the 4 this "
+                                          r"node's training ranks use, but 5 are visible \(0,1,2,3,4\)"):
+        replica_devices(2, ["0", "1", "2", "3", "4"], 4)
+
+
 def test_fleet_bad_input_is_named(tmp_path, monkeypatch):
     import socket
     import sys

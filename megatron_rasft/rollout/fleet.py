@@ -16,6 +16,10 @@ only the prompts that were lost, as it does for a single server.
 
 Every replica serves the model under one name (`SERVED_NAME`), so a replica restarted on a newer
 checkpoint folder still answers requests addressed to the fleet.
+
+A router on another node (`rollout.server.router_url`, e.g. on the first rollout node under SLURM)
+is run with `python -m megatron_rasft.rollout.fleet` (`main`): the same options, from the run's
+config; the trainer attaches to it (`Router.attach`) and still refreshes each replica in `urls`.
 """
 from __future__ import annotations
 
@@ -189,12 +193,11 @@ class Fleet:
         log = Path(log_file) if log_file else None
         replica_cfg = _replica_config(cfg)
         on_gpu = torch.cuda.is_available()
-        if on_gpu and torch.cuda.device_count() < cfg.replicas:
-            raise ServerError(f"rollout.server.replicas = {cfg.replicas} but {torch.cuda.device_count()} GPUs are "
-                              f"visible: one replica per GPU")
+        devices = replica_devices(cfg.replicas, _visible_devices(torch.cuda.device_count()),
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if on_gpu else None
         replicas = []
         for i in range(cfg.replicas):
-            env = {"CUDA_VISIBLE_DEVICES": _visible_device(i)} if on_gpu else cpu_binding(i, cfg.replicas)
+            env = {"CUDA_VISIBLE_DEVICES": devices[i]} if on_gpu else cpu_binding(i, cfg.replicas)
             rlog = None if log is None else (log if i == 0 else log.with_name(f"{log.name}.{i}"))
             replicas.append(RolloutServer(model_dir, replica_cfg, log_file=rlog, env=env,
                                           extra_args=["--served-model-name", SERVED_NAME]))
@@ -321,10 +324,25 @@ def _replica_config(cfg: ServerConfig) -> ServerConfig:
     return dataclasses.replace(cfg, port=0, url=None, replicas=1, urls=[])
 
 
-def _visible_device(i: int) -> str:
+def replica_devices(count: int, visible: Sequence[str], training: int) -> list[str]:
+    """The GPU of each of `count` replicas started by a trainer: the visible GPUs (`visible`, as
+    CUDA_VISIBLE_DEVICES names them) after the first `training`, which this node's training ranks
+    use (rank r of a node trains on visible GPU r: LOCAL_WORLD_SIZE of them). So a one-node run
+    lists its training GPUs first and one GPU per replica after them
+    (examples/run_single_node.sh, REPLICAS). Raises `ServerError` naming the field when too few
+    are visible."""
+    spare = list(visible)[training:]
+    if len(spare) < count:
+        raise ServerError(f"rollout.server.replicas = {count} needs one GPU per replica after the {training} "
+                          f"this node's training ranks use, but {len(visible)} are visible "
+                          f"({','.join(visible) or 'none'}): list the replicas' GPUs after the trainer's in "
+                          f"CUDA_VISIBLE_DEVICES")
+    return spare[:count]
+
+
+def _visible_devices(count: int) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d for d in visible.split(",") if d.strip()] if visible else None
-    return devices[i] if devices else str(i)
+    return [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
