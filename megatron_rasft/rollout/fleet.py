@@ -321,7 +321,7 @@ def _replica_config(cfg: ServerConfig) -> ServerConfig:
     """A replica's own `[rollout.server]`: a free port of its own (the configured port is the router's)."""
     import dataclasses
 
-    return dataclasses.replace(cfg, port=0, url=None, replicas=1, urls=[])
+    return dataclasses.replace(cfg, port=0, url=None, replicas=1, urls=[], router_url=None)
 
 
 def replica_devices(count: int, visible: Sequence[str], training: int) -> list[str]:
