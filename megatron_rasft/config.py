@@ -380,9 +380,10 @@ class ServerConfig:
                f"rollout.server.replicas = {self.replicas} starts replicas here; with rollout.server.url or "
                f"rollout.server.urls (external servers) leave it at 1")
 
-        _check(not (self.weight_sync == "transfer" and (self.replicas > 1 or self.urls)),
-               "rollout.server.weight_sync = 'transfer' streams to one server; a fleet (rollout.server.replicas > 1 "
-               "or rollout.server.urls) is refreshed from the disk export: set weight_sync = 'disk'")
+        _check(not (self.weight_sync == "transfer" and self.urls),
+               "rollout.server.weight_sync = 'transfer' streams to one attached server or to replicas started here "
+               "(rollout.server.replicas); external replicas (rollout.server.urls) are refreshed from the disk "
+               "export: set weight_sync = 'disk'")
 
     @property
     def fleet(self) -> bool:

@@ -64,11 +64,31 @@ def setup(vllm_server, tmp_path_factory):
     refresh_weights(vllm_server, vllm_server.model_dir)  # the one-server run refreshed the session server
 
 
-def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
+@pytest.fixture(scope="module")
+def one_server(setup):
+    """The run on one server (the session's, attached): what the fleet runs must equal."""
     root, config, server = setup
-    one, rc_out = root / "one", None
+    one = root / "one"
     rc, out = run_train(config, one, f"rollout.server.url={server.url}")
     assert rc == 0, out[-4000:]
+    return one
+
+
+def _same_records(run: Path, one: Path) -> None:
+    """Every round of `run` has the records of `one` (token ids and text), each (problem, sample) once."""
+    rounds = sorted(p.name for p in (one / "rollouts").glob("round_*.jsonl"))
+    assert rounds == sorted(p.name for p in (run / "rollouts").glob("round_*.jsonl")) and len(rounds) >= 3, rounds
+    for r in range(len(rounds)):
+        want, got = _records(one, r), _records(run, r)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key]["token_ids"] == want[key]["token_ids"], key
+            assert got[key]["text"] == want[key]["text"], key
+
+
+def test_fleet_round_with_a_replica_killed_equals_one_server(setup, one_server):
+    root, config, server = setup
+    one, rc_out = one_server, None
 
     run, console = root / "fleet", root / "fleet.console.log"
     with open(console, "w") as f:
@@ -103,15 +123,23 @@ def test_fleet_round_with_a_replica_killed_equals_one_server(setup):
     log = RunDir(run).server_log
     served = [p.read_text().count("POST /v1/completions") for p in (log, log.with_name(f"{log.name}.1"))]
     assert all(n > 0 for n in served), served
-    rounds = sorted(p.name for p in (one / "rollouts").glob("round_*.jsonl"))
-    assert rounds == sorted(p.name for p in (run / "rollouts").glob("round_*.jsonl")) and len(rounds) >= 3, rounds
-    for r in range(len(rounds)):
-        want, got = _records(one, r), _records(run, r)
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key]["token_ids"] == want[key]["token_ids"], key
-            assert got[key]["text"] == want[key]["text"], key
+    _same_records(run, one)
     assert step_losses(run) == step_losses(one) and sorted(step_losses(one)) == [1, 2, 3]
+
+
+def test_fleet_refreshed_by_transfer_equals_one_server(setup, one_server):
+    """`weight_sync = "transfer"` into a fleet of 2: every bucket goes to each replica over its own
+    group, each replica is proven (tensor check and probe) at every round, and the records and step
+    losses equal the disk-refreshed run on one server's (the same HF tensors, fp32)."""
+    root, config, _ = setup
+    run = root / "transfer"
+    rc, out = run_train(config, run, "rollout.server.replicas=2", 'rollout.server.weight_sync="transfer"')
+    assert rc == 0, out[-4000:]
+    for i in (0, 1):
+        lines = [s for s in out.splitlines() if s.startswith(f"[round] replica {i} serves the step's weights (transfer")]
+        assert len(lines) >= 3 and all("server tensors checked" in s for s in lines[1:]), out[-4000:]
+    _same_records(run, one_server)
+    assert step_losses(run) == step_losses(one_server)
 
 
 def test_fleet_settings_are_checked():
@@ -122,7 +150,8 @@ def test_fleet_settings_are_checked():
                         ({"replicas": 2, "url": "http://a:1"}, "leave it at 1"),
                         ({"urls": ["a:1"]}, "rollout.server.urls[0] must be an http:// or https:// URL"),
                         ({"replicas": 2, "router_policy": "fastest"}, "rollout.server.router_policy must be one of"),
-                        ({"replicas": 2, "weight_sync": "transfer"}, "a fleet (rollout.server.replicas > 1"),
+                        ({"urls": ["http://b:1"], "weight_sync": "transfer"},
+                         "external replicas (rollout.server.urls) are refreshed from the disk export"),
                         ({"router_url": "http://a:1"}, "list the replicas behind it in rollout.server.urls"),
                         ({"router_url": "a:1", "urls": ["http://b:1"]},
                          "rollout.server.router_url must be an http:// or https:// URL, got 'a:1'")]:
