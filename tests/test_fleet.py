@@ -9,7 +9,16 @@
   (the session's, attached). The equality relies on
   batch-invariant sampling, which holds for these fp32 tiny models on CPU: each problem's K samples
   are one request with its own seed, so neither the replica nor what else it batches changes them.
-- Bad input: replicas = 0, url with urls, an unreachable replica URL, a port clash, no router binary.
+- The same run with `weight_sync = "transfer"` into a fleet of 2 (a group per replica): each
+  replica proven at every round; records and step losses equal the one-server run's.
+- A replica that comes back on weights older than the round's (the session server behind a real
+  router, SIGKILLed, restarted on an older export) is refreshed and proven, tensor check in full,
+  before the lost prompts are resubmitted: the samples are the round's weights', not the old ones'.
+- An external router started by the SLURM script's router step in front of an external replica:
+  generation through it, a router routing elsewhere refused, and a replica that does not come back
+  ends generation with a server error naming `startup_timeout_s`.
+- Bad input: replicas = 0, url with urls, an unreachable replica URL, a port clash, no router binary,
+  router_url without urls, too few GPUs for the replicas.
 """
 import json
 import os
