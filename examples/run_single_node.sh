@@ -19,7 +19,17 @@
 #   ROLLOUT_KV_GIB KV-cache GiB per vLLM engine of the external server [40]
 #   ROLLOUT_TP     tensor-parallel size of one vLLM engine; ROLLOUT_GPUS / ROLLOUT_TP engines serve
 #                  as data-parallel replicas behind one endpoint [1] (examples/rollout_server.sh)
+#   REPLICAS       N > 1: a fleet started by the trainer instead of the external server: N vLLM
+#                  replicas, one per GPU of ROLLOUT_GPUS (give exactly N), behind vllm-router, each
+#                  refreshed, verified and (if it dies) restarted by the trainer's rank 0
+#                  (rollout.server.replicas; docs/rollout.md, "A fleet") [1]
 #   DRY_RUN=1      print the commands instead of running them
+#
+# A fleet on one node of 8 GPUs, 4 training (data-parallel 4) and 4 replicas:
+#   REPLICAS=4 ROLLOUT_GPUS=4,5,6,7 HF_DIR=... DATA=... bash examples/run_single_node.sh examples/qwen2.5-math-1.5b.toml
+# The trainer then sees CUDA_VISIBLE_DEVICES=TRAIN_GPUS,ROLLOUT_GPUS: its ranks train on the first
+# ones and rank 0 starts replica i on the GPU after them (rollout/fleet.py, replica_devices).
+# On CPU (no script needed): --set rollout.server.replicas=2 splits the cores between 2 replicas.
 #
 # Why the split: the loop is synchronous (training waits while a round rolls out), and a round
 # generates up to K × batches_per_round × global_batch_size rollouts, so rollout GPUs matter. Compare
@@ -36,6 +46,7 @@ RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .toml)}
 ROLLOUT_GPUS=${ROLLOUT_GPUS-4,5,6,7}
 ROLLOUT_PORT=${ROLLOUT_PORT:-8000}
 ROLLOUT_KV_GIB=${ROLLOUT_KV_GIB:-40}
+REPLICAS=${REPLICAS:-1}
 
 run() {  # echo, and run unless DRY_RUN=1
     echo "+ $*" >&2
@@ -71,7 +82,15 @@ fi
 
 # -- 2. Rollout server on its own GPUs ----------------------------------------------------------------
 SERVER_ARGS=()
-if [[ -n "$ROLLOUT_GPUS" ]]; then
+TRAINER_GPUS=$TRAIN_GPUS
+if (( REPLICAS > 1 )); then
+    # A fleet the trainer starts: no server here; the replicas' GPUs follow the training ones.
+    n=$(echo "$ROLLOUT_GPUS" | tr , '\n' | grep -c . || true)
+    (( n == REPLICAS )) || { echo "error: REPLICAS=$REPLICAS needs one GPU each in ROLLOUT_GPUS (got '$ROLLOUT_GPUS')" >&2; exit 2; }
+    (( ${ROLLOUT_TP:-1} == 1 )) || { echo "error: the trainer's replicas have one GPU each: ROLLOUT_TP must be 1 with REPLICAS" >&2; exit 2; }
+    TRAINER_GPUS=$TRAIN_GPUS,$ROLLOUT_GPUS
+    SERVER_ARGS=(--set "rollout.server.replicas=$REPLICAS" --set "rollout.server.kv_cache_gib=$ROLLOUT_KV_GIB")
+elif [[ -n "$ROLLOUT_GPUS" ]]; then
     log="$RUN_DIR/logs/rollout_server.log"
     echo "+ CUDA_VISIBLE_DEVICES=$ROLLOUT_GPUS ROLLOUT_TP=${ROLLOUT_TP:-1} KV_GIB=$ROLLOUT_KV_GIB" \
          "bash examples/rollout_server.sh $HF_DIR $ROLLOUT_PORT > $log" >&2
@@ -95,7 +114,8 @@ if [[ -n "$ROLLOUT_GPUS" ]]; then
 fi
 
 # -- 3. Train ----------------------------------------------------------------------------------------
-export CUDA_VISIBLE_DEVICES=$TRAIN_GPUS
+export CUDA_VISIBLE_DEVICES=$TRAINER_GPUS
+echo "+ CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES" >&2
 run torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megatron_rasft train \
     --config "$CONFIG" \
     --set "checkpoint.load=$MCORE_DIR" \

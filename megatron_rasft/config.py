@@ -438,6 +438,9 @@ class ServerConfig:
     urls: list = field(default_factory=list)
     router_policy: str = "round_robin"  # vllm-router's --policy
     router_health_interval_s: float = 2.0  # vllm-router's health checks (its default, 60 s, is too slow to notice a death)
+    # An external vllm-router in front of the `urls` replicas (e.g. on the first rollout node under
+    # SLURM): generation goes through it; refreshes and checks still go to each replica in `urls`.
+    router_url: Optional[str] = None
     # How a round's weights reach the server (docs/rollout.md, "Weight refresh"): "disk" = export
     # to RUN/hf/policy and reload in place; "transfer" = stream from the trainer's ranks through
     # vLLM's weight-transfer API (gloo engine on CPU, nccl on GPU), no export after the first.
@@ -463,13 +466,19 @@ class ServerConfig:
                    f"rollout.server.urls[{i}] must be an http:// or https:// URL, got {u!r}")
         _check(not (self.url and self.urls), "rollout.server.url attaches to one server and rollout.server.urls to "
                                              "several: set one of them")
+        if self.router_url is not None:
+            _check(isinstance(self.router_url, str) and self.router_url.startswith(("http://", "https://")),
+                   f"rollout.server.router_url must be an http:// or https:// URL, got {self.router_url!r}")
+            _check(bool(self.urls), "rollout.server.router_url names an external vllm-router: list the replicas "
+                                    "behind it in rollout.server.urls (each is refreshed and verified directly)")
         _check(not (self.replicas > 1 and (self.url or self.urls)),
                f"rollout.server.replicas = {self.replicas} starts replicas here; with rollout.server.url or "
                f"rollout.server.urls (external servers) leave it at 1")
 
-        _check(not (self.weight_sync == "transfer" and (self.replicas > 1 or self.urls)),
-               "rollout.server.weight_sync = 'transfer' streams to one server; a fleet (rollout.server.replicas > 1 "
-               "or rollout.server.urls) is refreshed from the disk export: set weight_sync = 'disk'")
+        _check(not (self.weight_sync == "transfer" and self.urls),
+               "rollout.server.weight_sync = 'transfer' streams to one attached server or to replicas started here "
+               "(rollout.server.replicas); external replicas (rollout.server.urls) are refreshed from the disk "
+               "export: set weight_sync = 'disk'")
 
     @property
     def fleet(self) -> bool:

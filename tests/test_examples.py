@@ -127,15 +127,51 @@ def test_slurm_dry_run_prints_the_job_steps(tiny, tmp_path):
     steps = _dry_run({**env, "ROLLOUT_NODES": "0"}, "examples/qwen2.5-math-7b.toml")
     assert len(steps) == 1 and _opt(steps[0], "--nodes") == "3"
     assert "rollout.server.url" not in " ".join(steps[0])
-    # Two rollout nodes: a server on each, and the trainer puts a router in front of them (urls).
-    *servers, train = _dry_run({**env, "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "SLURM_NNODES": "4",
-                                "ROLLOUT_NODES": "2"}, "examples/qwen2.5-math-7b.toml")
+    # Two rollout nodes: a server on each, vllm-router on the first of them (a step sharing that node,
+    # in front of both, with the trainer's config and overrides), and the trainer attached to the
+    # router while knowing the replicas (urls, router_url).
+    *servers, router, train = _dry_run({**env, "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "SLURM_NNODES": "4",
+                                        "ROLLOUT_NODES": "2"}, "examples/qwen2.5-math-7b.toml",
+                                       "--set", "rollout.server.router_policy=\"random\"")
     assert [_opt(s, "--nodelist") for s in servers] == ["gpu3", "gpu4"] and _opt(train, "--nodes") == "2"
-    urls = next(a for a in train if a.startswith("rollout.server.urls="))
+    assert router[:2] == ["srun", "--overlap"] and _opt(router, "--nodelist") == "gpu3"
+    cmd = router[router.index(sys.executable):]
+    assert cmd[1:3] == ["-m", "megatron_rasft.rollout.fleet"]
+    assert cmd[cmd.index("--port") + 1] == "8080" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--worker-urls") + 1:cmd.index("--worker-urls") + 3] == ["http://gpu3:8000", "http://gpu4:8000"]
+    assert cmd[cmd.index("--config") + 1] == "examples/qwen2.5-math-7b.toml" and cmd[-1] == 'rollout.server.router_policy="random"'
+    sets = [a for a in train if a.startswith("rollout.server.")]
     from megatron_rasft.config import load_config
 
-    cfg = load_config("examples/qwen2.5-math-7b.toml", [urls])
-    assert cfg.rollout.server.urls == ["http://gpu3:8000", "http://gpu4:8000"] and cfg.rollout.server.fleet
+    cfg = load_config("examples/qwen2.5-math-7b.toml", sets).rollout.server
+    assert cfg.urls == ["http://gpu3:8000", "http://gpu4:8000"] and cfg.router_url == "http://gpu3:8080"
+    assert cfg.fleet and cfg.router_policy == "random"
+
+
+def test_single_node_fleet_dry_run(tiny, tmp_path):
+    """examples/run_single_node.sh with REPLICAS=4: no external server; the trainer sees its 4
+    training GPUs first and the 4 rollout GPUs after them (rank 0 starts a replica on each:
+    rollout/fleet.py `replica_devices`), with rollout.server.replicas = 4; a wrong GPU count is refused."""
+    hf, _, data = tiny
+    (tmp_path / "mcore").mkdir()
+    (tmp_path / "mcore" / "model_config.json").write_text("{}")
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "HF_DIR": str(hf), "DATA": str(data),
+           "MCORE_DIR": str(tmp_path / "mcore"), "RUN_DIR": str(tmp_path / "run"), "TRAIN_GPUS": "0,1,2,3",
+           "ROLLOUT_GPUS": "4,5,6,7", "REPLICAS": "4"}
+    script = [str(EXAMPLES / "run_single_node.sh"), "examples/qwen2.5-math-1.5b.toml"]
+    out = subprocess.run(["bash", *script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [line[2:] for line in out.stderr.splitlines() if line.startswith("+ ")]
+    assert lines[:1] == ["CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7"] and len(lines) == 2, lines
+    train = lines[1].split()
+    assert train[:6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "4"], train
+    sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
+    assert sets[-2:] == ["rollout.server.replicas=4", "rollout.server.kv_cache_gib=40"]
+    cfg = load_config(EXAMPLES / "qwen2.5-math-1.5b.toml", sets[-2:])
+    assert cfg.rollout.server.replicas == 4 and cfg.rollout.server.fleet and not cfg.rollout.server.urls
+    bad = subprocess.run(["bash", *script], cwd=ROOT, env={**env, "ROLLOUT_GPUS": "7"}, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "REPLICAS=4 needs one GPU each in ROLLOUT_GPUS (got '7')" in bad.stderr
 
 
 def test_slurm_training_step_as_two_nodes_matches_one_process(tiny, tmp_path):

@@ -16,6 +16,10 @@ only the prompts that were lost, as it does for a single server.
 
 Every replica serves the model under one name (`SERVED_NAME`), so a replica restarted on a newer
 checkpoint folder still answers requests addressed to the fleet.
+
+A router on another node (`rollout.server.router_url`, e.g. on the first rollout node under SLURM)
+is run with `python -m megatron_rasft.rollout.fleet` (`main`): the same options, from the run's
+config; the trainer attaches to it (`Router.attach`) and still refreshes each replica in `urls`.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Optional, Sequence
 
 from megatron_rasft.config import ServerConfig
 from megatron_rasft.parallel.net import free_port
+from megatron_rasft.rollout.refresh_check import remember_served
 from megatron_rasft.rollout.server import RolloutServer, ServerError, http_json, port_in_use, spawn
 
 SERVED_NAME = "policy"
@@ -71,6 +76,24 @@ class Router:
         self.log_file = Path(log_file) if log_file else None
         self.proc: Optional[subprocess.Popen] = None
         self.url: Optional[str] = None
+        self.external = False
+
+    @classmethod
+    def attach(cls, url: str, worker_urls: Sequence[str], cfg: ServerConfig) -> "Router":
+        """A running `vllm-router` at `url` (`rollout.server.router_url`; not started or stopped
+        here) that must route to exactly `worker_urls` (`rollout.server.urls`). Raises `ServerError`
+        naming the fields when it does not answer or lists other replicas."""
+        router = cls(worker_urls, cfg)
+        router.url, router.external = url.rstrip("/"), True
+        if not router.alive():
+            raise ServerError(f"rollout.server.router_url: no vllm-router answers at {router.url} "
+                              f"(GET /list_workers failed)")
+        listed = sorted(u.rstrip("/") for u in router.workers())
+        wanted = sorted(u.rstrip("/") for u in worker_urls)
+        if listed != wanted:
+            raise ServerError(f"rollout.server.router_url: the router at {router.url} routes to {listed}, "
+                              f"not to rollout.server.urls {wanted}; start it with --worker-urls of exactly those")
+        return router
 
     def command(self, port: int) -> list[str]:
         cfg = self.cfg
@@ -131,9 +154,16 @@ class Router:
             raise ServerError(f"POST {self.url}{path} -> {status}: {body}")
 
     def alive(self) -> bool:
+        """Ours: its process runs. External: it answers /list_workers."""
+        if self.external:
+            try:
+                return http_json(f"{self.url}/list_workers", timeout=5.0)[0] == 200
+            except OSError:
+                return False
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop ours (an external router is left running)."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -163,12 +193,11 @@ class Fleet:
         log = Path(log_file) if log_file else None
         replica_cfg = _replica_config(cfg)
         on_gpu = torch.cuda.is_available()
-        if on_gpu and torch.cuda.device_count() < cfg.replicas:
-            raise ServerError(f"rollout.server.replicas = {cfg.replicas} but {torch.cuda.device_count()} GPUs are "
-                              f"visible: one replica per GPU")
+        devices = replica_devices(cfg.replicas, _visible_devices(torch.cuda.device_count()),
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if on_gpu else None
         replicas = []
         for i in range(cfg.replicas):
-            env = {"CUDA_VISIBLE_DEVICES": _visible_device(i)} if on_gpu else cpu_binding(i, cfg.replicas)
+            env = {"CUDA_VISIBLE_DEVICES": devices[i]} if on_gpu else cpu_binding(i, cfg.replicas)
             rlog = None if log is None else (log if i == 0 else log.with_name(f"{log.name}.{i}"))
             replicas.append(RolloutServer(model_dir, replica_cfg, log_file=rlog, env=env,
                                           extra_args=["--served-model-name", SERVED_NAME]))
@@ -177,7 +206,8 @@ class Fleet:
 
     @classmethod
     def attach(cls, urls: Sequence[str], cfg: ServerConfig, log_file: Optional[str | Path] = None) -> "Fleet":
-        """External replicas at `urls` (each must answer /health) behind a router started here."""
+        """External replicas at `urls` (each must answer /health) behind a router started here, or
+        behind the external router at `cfg.router_url` (which must route to exactly `urls`)."""
         replicas = []
         for i, url in enumerate(urls):
             try:
@@ -188,6 +218,8 @@ class Fleet:
         if len(names) > 1:
             raise ServerError(f"rollout.server.urls: the replicas serve different model names {sorted(names)}; "
                               f"start them with the same --served-model-name")
+        if cfg.router_url:
+            return cls(replicas, Router.attach(cfg.router_url, [r.url for r in replicas], cfg), cfg, managed=False)
         log = Path(log_file) if log_file else None
         router = Router([r.url for r in replicas], cfg, log_file=None if log is None else log.with_name(f"{log.name}.router"))
         fleet = cls(replicas, router, cfg, managed=False)
@@ -258,6 +290,10 @@ class Fleet:
             print(f"[rollout] replica {i} ({replica.url}) is being restarted"
                   f"{' on ' + str(model_dir) if model_dir else ''}", flush=True)
             replica.restart(model_dir)
+            # A fresh process serves the folder it loaded, which may be older than the round's
+            # weights (a base export). Recorded now, the tensor check of the refresh that follows
+            # knows what must move; without it that check skips every tensor of this replica.
+            remember_served(replica, replica.model_dir, self.cfg.refresh_check, self.cfg.refresh_check_tensors)
             if self.router.alive():
                 self.router.add(replica.url)
         if not self.router.alive():
@@ -285,10 +321,58 @@ def _replica_config(cfg: ServerConfig) -> ServerConfig:
     """A replica's own `[rollout.server]`: a free port of its own (the configured port is the router's)."""
     import dataclasses
 
-    return dataclasses.replace(cfg, port=0, url=None, replicas=1, urls=[])
+    return dataclasses.replace(cfg, port=0, url=None, replicas=1, urls=[], router_url=None)
 
 
-def _visible_device(i: int) -> str:
+def replica_devices(count: int, visible: Sequence[str], training: int) -> list[str]:
+    """The GPU of each of `count` replicas started by a trainer: the visible GPUs (`visible`, as
+    CUDA_VISIBLE_DEVICES names them) after the first `training`, which this node's training ranks
+    use (rank r of a node trains on visible GPU r: LOCAL_WORLD_SIZE of them). So a one-node run
+    lists its training GPUs first and one GPU per replica after them
+    (examples/run_single_node.sh, REPLICAS). Raises `ServerError` naming the field when too few
+    are visible."""
+    spare = list(visible)[training:]
+    if len(spare) < count:
+        raise ServerError(f"rollout.server.replicas = {count} needs one GPU per replica after the {training} "
+                          f"this node's training ranks use, but {len(visible)} are visible "
+                          f"({','.join(visible) or 'none'}): list the replicas' GPUs after the trainer's in "
+                          f"CUDA_VISIBLE_DEVICES")
+    return spare[:count]
+
+
+def _visible_devices(count: int) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d for d in visible.split(",") if d.strip()] if visible else None
-    return devices[i] if devices else str(i)
+    return [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m megatron_rasft.rollout.fleet --config RUN.toml --host H --port P --worker-urls U...
+    [--set KEY=VALUE ...]`: run `vllm-router` in the foreground (it replaces this process) with the
+    options a fleet started by the trainer gets, from the config's `[rollout.server]` (policy,
+    health interval, request timeout; retries off). For a router on another node than the trainer
+    (examples/slurm_rasft.sbatch), which then attaches with `rollout.server.router_url`."""
+    import argparse
+
+    from megatron_rasft.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m megatron_rasft.rollout.fleet", description=main.__doc__)
+    ap.add_argument("--config", help="the run's TOML config (its [rollout.server] gives the router's options)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, as for train")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--worker-urls", nargs="+", required=True, metavar="URL")
+    args = ap.parse_args(argv)
+    import dataclasses
+
+    try:
+        cfg = dataclasses.replace(load_config(args.config, args.set).rollout.server, host=args.host, port=args.port,
+                                  url=None, urls=list(args.worker_urls), router_url=None, replicas=1)
+        cmd = Router(args.worker_urls, cfg).command(args.port)
+    except (ConfigError, ServerError) as e:
+        raise SystemExit(f"error: {e}")
+    print("[router] " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

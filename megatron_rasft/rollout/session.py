@@ -27,9 +27,11 @@ class RolloutSession:
     Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, server, client, owns: Optional[bool] = None):
+    def __init__(self, server, client, owns: Optional[bool] = None, name: str = "server"):
         self.server, self.client = server, client
         self.owns = server.managed if owns is None else owns
+        self.name = name  # in the refresh's log lines ("server", or "replica i" of a fleet)
+        self._replica_sessions: Optional[list] = None  # a fleet's, for the transfer (one per replica)
 
     @classmethod
     def open(cls, source, cfg: Optional[ServerConfig] = None, *, log_file: Optional[str | Path] = None,
@@ -90,6 +92,8 @@ class RolloutSession:
         from megatron_rasft.rollout.refresh import refresh_weights
 
         if self.server.cfg.weight_sync == "transfer":
+            if self._replica_sessions is not None:
+                return self._finish_fleet_transfer(probe, expected)
             return self._finish_transfer(probe, expected)
 
         def refresh():
@@ -130,6 +134,8 @@ class RolloutSession:
         from megatron_rasft.rollout.refresh import resume_if_paused
         from megatron_rasft.rollout.transfer import WeightSender
 
+        if getattr(self.server, "replicas", None) is not None:
+            return self._begin_fleet_transfer(probe)
         if self.sender is None:
             self.sender = WeightSender(self.server, self.server.cfg.transfer_timeout_s)
         if not self.sender.status().get("complete", True):
@@ -193,12 +199,34 @@ class RolloutSession:
         res.check = check
         st = self.transfer_stream_stats or {}
         tensors = check.summary() if check is not None else "tensor check skipped (server weights unknown)"
-        print(f"[round] server serves the step's weights (transfer, {res.seconds:.1f}s: gather "
+        print(f"[round] {self.name} serves the step's weights (transfer, {res.seconds:.1f}s: gather "
               f"{st.get('gather_s', 0):.2f}s, forward {st.get('forward_s', 0):.2f}s, send {stats['send_s']:.2f}s, "
               f"finish {stats['finish_s']:.2f}s; {stats['buckets']} buckets, {stats['bytes'] / 2**20:.0f} MiB; "
               f"{tensors}; probe |Δ| {res.max_abs_diff_expected:.2e})", flush=True)
         self.client.on_recover = self._lost_transfer
         return res
+
+    def _begin_fleet_transfer(self, probe: Sequence[int]):
+        """`begin_transfer` for a fleet: each replica through a session of its own (its own
+        `WeightSender`, so its own transfer group; its own probe and refresh check) -> a
+        `FanOutSender` that hands every bucket to each replica in turn."""
+        from megatron_rasft.rollout.client import RolloutClient
+
+        if self._replica_sessions is None:
+            self._replica_sessions = [RolloutSession(r, RolloutClient(r, self.client.cfg, progress=False), owns=False,
+                                                     name=f"replica {i}") for i, r in enumerate(self.server.replicas)]
+        self.client.on_recover = self._lost_transfer
+        return FanOutSender([sub.begin_transfer(probe) for sub in self._replica_sessions])
+
+    def _finish_fleet_transfer(self, probe, expected):
+        """`serve` after a fleet's stream: every replica's transfer finished and proven (its tensor
+        check and probe, one log line each) -> the first replica's `RefreshResult`."""
+        results = []
+        for sub in self._replica_sessions:
+            sub.transfer_stream_stats = self.transfer_stream_stats
+            results.append(sub._finish_transfer(probe, expected))
+        self.client.on_recover = self._lost_transfer
+        return results[0]
 
     def _lost_transfer(self):
         """A server that died and came back serves its start-up weights; only a new stream of every
@@ -219,6 +247,19 @@ class RolloutSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FanOutSender:
+    """The `sink` of a transfer into a fleet (`transfer.stream_policy`): each bucket goes to every
+    replica's `transfer.WeightSender` in turn, each over its own group, so a replaced replica
+    re-initialises only its own group and a slow or dead replica holds up no broadcast to the others."""
+
+    def __init__(self, senders: list):
+        self.senders = senders
+
+    def send(self, bucket, buf) -> None:
+        for sender in self.senders:
+            sender.send(bucket, buf)
 
 
 def server_errors() -> tuple:
