@@ -6,7 +6,10 @@ storage the CPU fused-MoE kernel reads as prepacked (`rollout/vllm_ext.py`), whi
 log-probs by nats. One server, one refresh to a perturbed copy of its checkpoint, with the tensor
 check on in full: the served prompt log-probs equal `transformers`' on the new weights (an
 independent implementation) within 1e-3, every per-expert HF tensor maps to the fused parameter it
-loads into, and the check passes with every tensor group checked (none skipped).
+loads into, and the check passes with every tensor group checked (none skipped). Then the original
+weights go back by the gloo weight transfer (`weight_sync = "transfer"`, whose load is the same
+layerwise reload, `rollout/vllm_gloo.py`), streamed from this process in one bucket: the served
+log-probs equal transformers' on the original weights within 1e-3.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ def test_inplace_refresh_of_tiny_qwen3_moe_serves_transformers_logprobs(tmp_path
 
     hf = make_tiny_moe(tmp_path / "hf", "qwen3_moe", tokenizer_dir=train_tokenizer(tmp_path / "tok"))
     new = _perturbed(hf, tmp_path / "new", eps=0.05)
-    cfg = ServerConfig(kv_cache_gib=0.25, max_model_len=256, refresh_check="full")
+    cfg = ServerConfig(kv_cache_gib=0.25, max_model_len=256, refresh_check="full", weight_sync="transfer",
+                       transfer_timeout_s=60.0)
     server = RolloutServer(hf, cfg, log_file=tmp_path / "server.log").start()
     try:
         client = RolloutClient(server, cfg, progress=False)
@@ -80,5 +84,29 @@ def test_inplace_refresh_of_tiny_qwen3_moe_serves_transformers_logprobs(tmp_path
         assert result.check.checked >= 2 * 2 + 2, result.check  # w13 and w2 groups of both layers at least
         got = client.prompt_logprobs(ids)[1]
         assert max(abs(a - b) for a, b in zip(got, new_hf)) < 1e-3
+
+        _transfer(server, hf, cfg.transfer_timeout_s)
+        got = client.prompt_logprobs(ids)[1]
+        assert max(abs(a - b) for a, b in zip(got, old_hf)) < 1e-3
     finally:
         server.stop()
+
+
+def _transfer(server, hf_dir, timeout_s: float) -> None:
+    """Stream every tensor of the HF checkpoint `hf_dir` into `server` in one bucket through our
+    gloo weight-transfer engine (this process is the trainer's rank 0 and only rank)."""
+    from safetensors.torch import load_file
+
+    from megatron_rasft.rollout.transfer import Bucket, WeightSender, pack
+
+    tensors = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    names = sorted(tensors)
+    bucket = Bucket(owner=0, names=names, dtypes=[tensors[n].dtype for n in names],
+                    shapes=[list(tensors[n].shape) for n in names],
+                    nbytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+    sender = WeightSender(server, timeout_s, backend="gloo")
+    sender.begin()
+    sender.send(bucket, pack([tensors[n] for n in names], bucket.nbytes, "cpu"))
+    sender.end()

@@ -19,7 +19,8 @@ weight update whose tensors are already in kernel layout, and skips the experts'
 checkpoint-layout values are copied into the prepacked storage (same shape, so nothing complains)
 and the kernel reads them as packed. Dropping the kernel before the reload makes the reload take
 the first-load path: kernel built anew, pad and prepack run once on the fresh tensors, the result
-copied into the served storage (`reload_experts_as_first_load`).
+copied into the served storage (`reload_experts_as_first_load`; the gloo weight transfer, whose
+load is the same layerwise reload, does the same: `vllm_gloo.py`).
 
 It also carries the worker's side of `weight_sync = "transfer"` (`rollout/transfer.py`): it
 registers our gloo weight-transfer engine (`vllm_gloo.py`) with vLLM, which must happen in the
@@ -125,22 +126,32 @@ def cpu_moe_layers(model) -> list:
             and isinstance(getattr(m.quant_method.moe_kernel, "fused_experts", None), CPUUnquantizedExperts)]
 
 
+def drop_expert_kernels(model) -> list:
+    """Drop the MoE kernel of every `cpu_moe_layers` layer of `model`, so that the next reload's
+    post-load processing of the layer builds it again and pads / prepacks the fresh expert weights,
+    as at the first load (see the module docstring for why a reload otherwise copies
+    checkpoint-layout weights into the prepacked storage). The kernel holds no weights (it reads
+    them from the layer at each call; a biased layer's kernel refers to the reload's bias tensor,
+    which holds the reloaded values). Returns [(layer, old kernel)] for `restore_expert_kernels`."""
+    dropped = [(layer, layer.quant_method.moe_kernel) for layer in cpu_moe_layers(model)]
+    for layer, _ in dropped:
+        layer.quant_method.moe_kernel = None
+    return dropped
+
+
+def restore_expert_kernels(dropped: list) -> None:
+    """After the reload: a layer of `dropped` the reload did not reach (no kernel built) gets its
+    old kernel back, so a failed reload leaves a model that runs, not one that cannot."""
+    for layer, kernel in dropped:
+        if layer.quant_method.moe_kernel is None:
+            layer.quant_method.moe_kernel = kernel
+
+
 @contextlib.contextmanager
 def reload_experts_as_first_load(model):
-    """Around an in-place reload of `model`: drop the MoE kernel of every `cpu_moe_layers` layer,
-    so that the reload's post-load processing of the layer builds it again and pads / prepacks the
-    fresh expert weights, as at the first load (see the module docstring for why a reload otherwise
-    copies checkpoint-layout weights into the prepacked storage). The kernel holds no weights (it
-    reads them from the layer at each call; a biased layer's kernel refers to the reload's bias
-    tensor, which holds the reloaded values). A layer the reload did not reach gets its old kernel
-    back, so a failed reload leaves a served model, not one that cannot run."""
-    layers = cpu_moe_layers(model)
-    kernels = [layer.quant_method.moe_kernel for layer in layers]
-    for layer in layers:
-        layer.quant_method.moe_kernel = None
+    """`drop_expert_kernels(model)` around an in-place reload, `restore_expert_kernels` after it."""
+    dropped = drop_expert_kernels(model)
     try:
-        yield layers
+        yield [layer for layer, _ in dropped]
     finally:
-        for layer, kernel in zip(layers, kernels):
-            if layer.quant_method.moe_kernel is None:
-                layer.quant_method.moe_kernel = kernel
+        restore_expert_kernels(dropped)
