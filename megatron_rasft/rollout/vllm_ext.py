@@ -18,9 +18,9 @@ fresh tensors in checkpoint layout, but `_setup_kernel` sees a kernel already bu
 weight update whose tensors are already in kernel layout, and skips the experts' step: the
 checkpoint-layout values are copied into the prepacked storage (the same shape when no padding is
 needed, so nothing complains) and the kernel reads them as packed. Dropping the kernel before the
-reload makes the reload take the first-load path: kernel built anew, pad and prepack run once on the fresh tensors, the result
-copied into the served storage (`reload_experts_as_first_load`; the gloo weight transfer, whose
-load is the same layerwise reload, does the same: `vllm_gloo.py`).
+reload makes the reload take the first-load path: kernel built anew, pad and prepack run once on
+the fresh tensors, the result copied into the served storage (`reload_experts_as_first_load`; the
+gloo weight transfer, whose load is the same layerwise reload, does the same: `vllm_gloo.py`).
 
 It also carries the worker's side of `weight_sync = "transfer"` (`rollout/transfer.py`): it
 registers our gloo weight-transfer engine (`vllm_gloo.py`) with vLLM, which must happen in the
