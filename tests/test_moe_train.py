@@ -292,17 +292,17 @@ def test_vllm_cpu_refuses_moe_sizes_it_cannot_serve_before_starting(tmp_path):
     assert server.proc is None  # refused before any process started
 
 
-# `slow`: three vllm-cpu starts (the round's server, its restart after vllm-cpu's in-place reload
-# corrupts the MoE layers (docs/moe.md, "Rollouts"), and eval's): about 4-5 min on a quiet box and
-# 10 min under load, more than the issue's 4-minute allowance for all MoE tests. Run it with
+# `slow`: two vllm-cpu starts (the round's server and eval's) and a 2-rank run: minutes on this box,
+# more than the issue's 4-minute allowance for all MoE tests. The in-place MoE refresh itself is
+# proven against transformers in the suite (tests/test_moe_vllm.py). Run this one with
 # `pytest -m slow tests/test_moe_train.py`.
 @pytest.mark.slow
 def test_rasft_round_on_tiny_qwen3_moe_at_ep2_and_eval_of_the_export(tmp_path):
     """One RASFT step at EP = 2 after a round on a tiny Qwen3-MoE: the trainer exports its weights
     (experts gathered over EP), starts a real vllm-cpu server on the export, samples, verifies with
     math-verify, weighs and trains on the rollouts; then `eval --model` serves the export and scores it.
-    The round's tensor check is off (`rollout.server.refresh_check`): the worker digests do not know
-    vLLM's MoE layers yet (docs/moe.md, "Rollouts")."""
+    The round's server is refreshed in place with the tensor check on (its default), which needs the
+    worker extension's MoE reload (rollout/vllm_ext.py; docs/moe.md, "Rollouts on vllm-cpu")."""
     import json
 
     from helpers.runs import loop_config
@@ -319,7 +319,7 @@ def test_rasft_round_on_tiny_qwen3_moe_at_ep2_and_eval_of_the_export(tmp_path):
     config = loop_config(tmp_path / "run.toml", server_url=None, problems=problems, tokenizer=hf,
                          load=tmp_path / "mcore", overrides={
                              "parallel": {"expert_model_parallel_size": 2},
-                             "rollout": {"server": {"refresh_check": "off", "kv_cache_gib": 0.25,
+                             "rollout": {"server": {"kv_cache_gib": 0.25,
                                                     "max_model_len": 256, "concurrency": 4}},
                              "train": {"schedule": {"train_iters": 1}}})
     run = tmp_path / "run"
