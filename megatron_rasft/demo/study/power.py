@@ -1,0 +1,62 @@
+"""How many held-out problems and seeds detect a given difference, from a pilot's per-problem results
+(`python -m megatron_rasft study power`).
+
+Model of a paired difference d_sp (problem p, seed s): d_sp = δ + a_p + b_s + e_sp, with a_p the
+problem's own effect (the same in every seed), b_s the seed's (training-run) effect, e_sp the rest
+(sampling noise of avg@n, training noise per problem). One pilot seed measures σ² = Var(a) + Var(e)
+(the SD over problems of d) but cannot split it, nor give τ² = Var(b). So two bounds:
+  conservative: SE² = σ² / P + τ² / S     (all of σ² is problem effect, which more seeds do not average)
+  optimistic:   SE² = σ² / (P·S) + τ² / S (all of σ² is noise that every seed redraws)
+and power = Φ(δ/SE − z) + Φ(−δ/SE − z), z = Φ⁻¹(1 − α/2) (the normal approximation of the two-sided
+test; Cohen 1988, ch. 2). τ is not measurable from one seed: it is given as a range.
+"""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+
+
+def se(sigma: float, tau: float, problems: int, seeds: int, conservative: bool = True) -> float:
+    """Standard error of the mean difference over `problems` × `seeds` (module docstring)."""
+    noise = sigma ** 2 / problems if conservative else sigma ** 2 / (problems * seeds)
+    return math.sqrt(noise + tau ** 2 / seeds)
+
+
+def power(delta: float, se_: float, alpha: float = 0.05) -> float:
+    """Probability that a two-sided level-α test rejects when the true difference is `delta`."""
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    phi = NormalDist().cdf
+    return phi(delta / se_ - z) + phi(-delta / se_ - z)
+
+
+def problems_needed(delta: float, sigma: float, tau: float, seeds: int, *, target: float = 0.8,
+                    alpha: float = 0.05, conservative: bool = True, max_problems: int = 100_000):
+    """The smallest number of problems giving `target` power, or None when no number does (τ alone
+    leaves the SE too large)."""
+    for p in range(2, max_problems + 1):
+        if power(delta, se(sigma, tau, p, seeds, conservative), alpha) >= target:
+            return p
+    return None
+
+
+def pilot_sigma(a: dict, b: dict) -> tuple[float, float, int]:
+    """(SD over problems of the difference, the mean difference, problems) of arms `a`, `b` given as
+    {problem id: accuracy} of one seed (their common problems)."""
+    ids = sorted(set(a) & set(b))
+    d = np.array([a[p] - b[p] for p in ids])
+    return float(d.std(ddof=1)), float(d.mean()), len(ids)
+
+
+def table(delta: float, sigma: float, taus: list, seeds_list: list, alpha: float = 0.05) -> list:
+    """Markdown lines: problems needed for 80 % power per τ and seed count, both bounds."""
+    lines = [f"| seeds | τ (points) | problems, conservative | problems, optimistic | power at 200 problems "
+             f"(conservative) |", "|---|---|---|---|---|"]
+    for s in seeds_list:
+        for tau in taus:
+            c = problems_needed(delta, sigma, tau, s, alpha=alpha)
+            o = problems_needed(delta, sigma, tau, s, alpha=alpha, conservative=False)
+            pw = power(delta, se(sigma, tau, 200, s), alpha)
+            lines.append(f"| {s} | {100 * tau:.1f} | {c if c else 'none'} | {o if o else 'none'} | {pw:.2f} |")
+    return lines
