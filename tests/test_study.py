@@ -106,7 +106,7 @@ def test_report_regenerates_the_table_from_summary_files(tmp_path):
             path.write_text(json.dumps(_summary(arm, seed, acc, **extra)))
     proto = tmp_path / "protocol.toml"
     proto.write_text('[study]\nname = "t"\nseeds = [1, 2]\narms = ["sft", "rasft", "sft_tokens"]\n'
-                     'primary = ["rasft", "sft_tokens"]\nsecondary = [["rasft", "sft"]]\n[analysis]\nbootstrap = 500\n')
+                     'primary = ["rasft", "sft_tokens"]\nsecondary = [["rasft", "sft"], ["sft_tokens", "sft"]]\n[analysis]\nbootstrap = 500\n')
     docs = tmp_path / "results.md"
     docs.write_text("# R\nbefore\n<!-- study:t begin -->\nold table\n<!-- study:t end -->\nafter\n")
     assert main(["study", "report", "--protocol", str(proto), "--results", str(res), "--docs", str(docs)]) == 0
@@ -118,7 +118,9 @@ def test_report_regenerates_the_table_from_summary_files(tmp_path):
     assert f"| RASFT − SFT (tokens) | primary | 20 × 2 | {100 * diff:+.1f} |" in text, text
     sft_diff = np.mean([(min(c + 1, 4) if c < 4 else 4) / 4 - max(c - 1, 0) / 4 for c, _ in base.values()])
     assert f"| RASFT − SFT (steps) | secondary | 20 × 2 | {100 * sft_diff:+.1f} |" in text, text
-    assert "| 0.000 | 0.000 | significant at α = 0.05 |" in text  # one secondary: Holm leaves p as it is
+    # Two secondaries: their intervals at 1 − 0.05 / 2, the primary's at 95 %; p = 0 stays 0 under Holm.
+    assert text.count("(97.5 %)") == 2 and text.count("(95.0 %)") == 1, text
+    assert text.count("| 0.000 | 0.000 | significant at α = 0.05 |") == 2, text
     assert "wall time of training, synchronous rounds: 3.00" in text and "CPU-seconds" in text
     acc_sft = np.mean([max(c - 1, 0) / 4 for c, _ in base.values()])
     assert f"| SFT (steps) | 4/4 | {100 * acc_sft:.1f} | {100 * acc_sft:.1f} | {100 * acc_sft:.1f} |" in text

@@ -44,6 +44,7 @@ class Study:
         self.hf = self.out / "models" / "smollm2-135m-instruct"
         self.mcore = self.out / "models" / "smollm2-135m-instruct-mcore"
         self.data = self.out / "data"
+        self.stages_run = 0  # stages actually run (not skipped): a skipped shared part must not skew the ETA
 
     # -- budget -------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
@@ -61,6 +62,7 @@ class Study:
 
             def stop_when():  # only once a checkpoint newer than the one it started from exists
                 return self.over_budget() and latest(ckpt_root) not in (None, at_start)
+        self.stages_run += 1
         usage = run_stage(args, log, tag=name, stop_when=stop_when, out=self.log)
         if usage["stopped"]:
             raise BudgetSpent(f"budget spent: {name} stopped at checkpoint {latest(ckpt_root)}; rerun to resume")
@@ -184,7 +186,7 @@ class Study:
             progress.start("shared")
             self.prepare()
             warm = self.warmup()
-            progress.finish("shared")
+            progress.finish("shared", skipped=self.stages_run == 0)
             for seed, arm in units:
                 name = f"seed_{seed}/{arm}"
                 if (self.results / f"seed_{seed}" / f"{arm}.json").is_file():
