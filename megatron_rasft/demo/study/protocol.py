@@ -105,7 +105,7 @@ def smoke() -> Protocol:
                     data=DataSection(train_per_task=8, test_per_task=3),
                     warmup=WarmupSection(steps=1),
                     arms=ArmsSection(steps=2, global_batch=4, micro_batch=4, k=2, batches_per_round=1,
-                                     max_tokens=24, save_interval=1),
+                                     max_tokens=24, save_interval=2),  # final checkpoint only (disk)
                     eval=EvalSection(n=1, max_tokens=24, limit=4),
                     analysis=AnalysisSection(bootstrap=200))
 

@@ -80,7 +80,7 @@ class Study:
             mix = lambda n: ",".join(f"{t}:{n}" for t in d.tasks)  # noqa: E731
             self._stage([ROOT / "tools" / "make_dataset.py", "--out", self.data, "--train", mix(d.train_per_task),
                          "--test", mix(d.test_per_task), "--seed", d.seed, "--test-seed", d.test_seed], "dataset")
-        if not (self.mcore / "model_config.json").is_file():
+        if not (self.mcore / "model_config.json").is_file() and not self._warmup_done():
             self._stage([ROOT / "tools" / "convert_checkpoint.py", "hf-to-mcore", "--hf-dir", self.hf, "--out",
                          self.mcore, "--quiet", "--force"], "convert")
 
@@ -116,11 +116,23 @@ class Study:
                 usage_file.write_text(json.dumps(usage, indent=1) + "\n")
         return {"invocations": usage, "model": latest(run_dir / "ckpt") / "model"}
 
+    def _warmup_done(self) -> bool:
+        from megatron_rasft.engine.checkpoint import latest
+
+        last = latest(self.out / "warmup" / "ckpt")
+        return last is not None and json.loads((last / "state.json").read_text())["step"] >= self.p.warmup.steps
+
     def warmup(self) -> Path:
-        """The shared SFT warm-up's final model folder (trained once)."""
+        """The shared SFT warm-up's final model folder (trained once). Once it is done, what only it
+        needed goes (unless --keep-checkpoints): its optimizer state (1.6 GB: the arms load the model
+        folder only) and the base model's Megatron conversion (0.5 GB)."""
         run = self.out / "warmup"
         sets = self.train_sets(run, self.mcore, "sft", self.p.warmup.steps, self.p.warmup.seed, rounds=False)
-        return self._train(run, sets, "warmup")["model"]
+        model = self._train(run, sets, "warmup")["model"]
+        if not self.keep:
+            shutil.rmtree(model.parent / "optim", ignore_errors=True)
+            shutil.rmtree(self.mcore, ignore_errors=True)
+        return model
 
     def export(self, mcore_model: Path, dest: Path) -> dict:
         if (dest / "config.json").is_file():
