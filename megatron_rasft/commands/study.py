@@ -24,6 +24,8 @@ def add_arguments(p):
         q.add_argument("--results", help="summaries folder (default: the protocol file's folder)")
     run.add_argument("--out", default="runs/study", help="work folder: models, checkpoints, logs (not tracked)")
     run.add_argument("--budget-hours", type=float, help="start no unit after this; stop a running one at its next checkpoint")
+    run.add_argument("--seeds", help="comma-separated subset of the protocol's seeds (e.g. a rerun of one seed "
+                                     "into another --results folder)")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each arm's checkpoint and export")
     rep.add_argument("--docs", default="docs/results.md", help="file whose study markers receive the tables ('' = none)")
     pw = sub.add_parser("power", help="problems and seeds needed to detect a difference, from pilot results")
@@ -68,6 +70,13 @@ def _main(args) -> int:
     if args.action == "run":
         from megatron_rasft.demo.study import plan
         from megatron_rasft.demo.study.runner import Study
+
+        if args.seeds:
+            wanted = [int(x) for x in args.seeds.split(",")]
+            unknown = sorted(set(wanted) - set(p.study.seeds))
+            if unknown:
+                raise ValueError(f"--seeds {args.seeds}: {unknown} not among the protocol's seeds {p.study.seeds}")
+            p.study.seeds = wanted
 
         print(f"[study] {p.study.name}: {len(p.study.seeds)} seeds × {len(p.study.arms)} arms, planned "
               f"{plan.total_hours(p):.1f} h on a quiet 2-core box; summaries → {results}", flush=True)
