@@ -260,3 +260,28 @@ def test_smoke_study_end_to_end(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "megatron_rasft", "study", "report", "--smoke", "--results", str(res),
                           "--docs", ""], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert rep.returncode == 0 and "| RASFT − SFT (steps) | primary | 4 × 1 |" in rep.stdout, rep.stdout + rep.stderr
+
+
+def test_solvability_histogram():
+    from megatron_rasft.demo.study.power import solvability
+
+    got = solvability({"a/1/0": [0, 4], "a/1/1": [2, 4], "b/1/0": [4, 4], "a/1/2": [2, 4]})
+    assert got == {"a": [1, 0, 2, 0, 0], "b": [0, 0, 0, 0, 1]}
+    with pytest.raises(ValueError, match="a/1/1: 2 samples"):
+        solvability({"a/1/0": [0, 4], "a/1/1": [1, 2]})
+
+
+def test_power_command_on_pilot_summaries(tmp_path, capsys):
+    """`study power` reads a pilot's summaries: the SD over problems of the paired difference, by hand."""
+    from megatron_rasft.cli import main
+
+    a = {f"t/1/{i}": (i % 5, 4) for i in range(10)}
+    b = {f"t/1/{i}": ((i * 3) % 5, 4) for i in range(10)}
+    for arm, acc in (("rasft", a), ("sft", b)):
+        (tmp_path / "seed_0").mkdir(exist_ok=True)
+        (tmp_path / "seed_0" / f"{arm}.json").write_text(json.dumps(_summary(arm, 0, acc)))
+    assert main(["study", "power", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    d = np.array([a[k][0] / 4 - b[k][0] / 4 for k in a])
+    assert f"rasft − sft = {100 * d.mean():+.1f} points over 10 problems, SD over problems {100 * d.std(ddof=1):.1f}" in out
+    assert "| seeds | τ (points) |" in out and "t                10 problems  [2, 2, 2, 2, 2]" in out, out

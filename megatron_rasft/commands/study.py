@@ -104,6 +104,12 @@ def _power(args) -> int:
     for arm in (args.a, args.b):
         if arm not in summaries:
             raise FileNotFoundError(f"{args.results}: no summaries of arm {arm!r} (have {sorted(summaries)})")
+    for arm, by_seed in sorted(summaries.items()):
+        for seed, s in sorted(by_seed.items()):
+            print(f"solvability, {arm} seed {seed} (problems with c of n samples correct, c = 0..n; 0 < c < n):")
+            for task, h in power.solvability(s["problems"]).items():
+                print(f"  {task:<14} {sum(h):>4} problems  {h}  {sum(h[1:-1]) / sum(h):.0%}  accuracy "
+                      f"{sum(c * k for c, k in enumerate(h)) / (sum(h) * (len(h) - 1)):.1%}")
     for seed in sorted(set(summaries[args.a]) & set(summaries[args.b])):
         acc = {arm: {k: c / n for k, (c, n) in summaries[arm][seed]["problems"].items()} for arm in (args.a, args.b)}
         sigma, mean, n = power.pilot_sigma(acc[args.a], acc[args.b])

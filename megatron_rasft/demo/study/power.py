@@ -60,3 +60,16 @@ def table(delta: float, sigma: float, taus: list, seeds_list: list, alpha: float
             pw = power(delta, se(sigma, tau, 200, s), alpha)
             lines.append(f"| {s} | {100 * tau:.1f} | {c if c else 'none'} | {o if o else 'none'} | {pw:.2f} |")
     return lines
+
+
+def solvability(problems: dict) -> dict:
+    """{task: [problems with c of their n samples correct, c = 0..n]} from a summary's
+    {problem id: [correct, samples]} (the task is the id's first `/`-separated part). With n = K this
+    is the spread RASFT adapts to: the problems with 0 < c < n are the partly solved ones."""
+    n = max(s for _, s in problems.values())
+    hist = {}
+    for pid, (c, s) in problems.items():
+        if s != n:
+            raise ValueError(f"problem {pid}: {s} samples, others {n}")
+        hist.setdefault(pid.split("/")[0], [0] * (n + 1))[c] += 1
+    return dict(sorted(hist.items()))
