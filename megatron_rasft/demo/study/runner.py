@@ -60,8 +60,9 @@ class Study:
         if ckpt_root is not None and self.deadline is not None:
             at_start = latest(ckpt_root)
 
-            def stop_when():  # only once a checkpoint newer than the one it started from exists
+            def at_new_checkpoint():  # only once a checkpoint newer than the one it started from exists
                 return self.over_budget() and latest(ckpt_root) not in (None, at_start)
+            stop_when = at_new_checkpoint
         self.stages_run += 1
         usage = run_stage(args, log, tag=name, stop_when=stop_when, out=self.log)
         if usage["stopped"]:
@@ -98,11 +99,11 @@ class Study:
                 f"train.schedule.train_iters={steps}", f"train.seed={seed}",
                 f"checkpoint.save_interval={save_interval}", "checkpoint.keep_last=1"]
 
-    def _train(self, run_dir: Path, sets: list, name: str) -> dict:
+    def _train(self, run_dir: Path, sets: list, name: str) -> Path:
+        """Train (or continue) the run in `run_dir` to its last step; returns its final model folder.
+        Each invocation's usage is appended to RUN/study_usage.json ["train"]."""
         from megatron_rasft.engine.checkpoint import latest
 
-        usage_file = run_dir / "study_usage.json"
-        usage = json.loads(usage_file.read_text()) if usage_file.is_file() else []
         steps = int(next(s for s in sets if s.startswith("train.schedule.train_iters=")).split("=")[1])
         done = latest(run_dir / "ckpt")
         if done is None or json.loads((done / "state.json").read_text())["step"] < steps:
@@ -110,17 +111,28 @@ class Study:
             for s in sets:
                 args += ["--set", s]
             try:
-                usage.append(self._stage(args, name, ckpt_root=run_dir / "ckpt"))
-            finally:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                usage_file.write_text(json.dumps(usage, indent=1) + "\n")
-        return {"invocations": usage, "model": latest(run_dir / "ckpt") / "model"}
+                usage = self._stage(args, name, ckpt_root=run_dir / "ckpt")
+            except BudgetSpent:
+                self._usage(run_dir, "train", {"stopped_at_budget": True}, append=True)
+                raise
+            self._usage(run_dir, "train", usage, append=True)
+        return latest(run_dir / "ckpt") / "model"
 
-    def _warmup_done(self) -> bool:
-        from megatron_rasft.engine.checkpoint import latest
-
-        last = latest(self.out / "warmup" / "ckpt")
-        return last is not None and json.loads((last / "state.json").read_text())["step"] >= self.p.warmup.steps
+    @staticmethod
+    def _usage(run_dir: Path, key: str, value=None, append: bool = False) -> dict:
+        """RUN/study_usage.json ({"train": [usage per invocation], "export": usage, "eval": usage}):
+        read it, and record `value` under `key` first when given (so a resumed unit keeps the usage
+        of the stages an earlier call ran)."""
+        path = run_dir / "study_usage.json"
+        table = json.loads(path.read_text()) if path.is_file() else {"train": []}
+        if value is not None:
+            if append:
+                table[key].append(value)
+            else:
+                table[key] = value
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(table, indent=1) + "\n")
+        return table
 
     def warmup(self) -> Path:
         """The shared SFT warm-up's final model folder (trained once). Once it is done, what only it
@@ -128,7 +140,7 @@ class Study:
         folder only) and the base model's Megatron conversion (0.5 GB)."""
         run = self.out / "warmup"
         sets = self.train_sets(run, self.mcore, "sft", self.p.warmup.steps, self.p.warmup.seed, rounds=False)
-        model = self._train(run, sets, "warmup")["model"]
+        model = self._train(run, sets, "warmup")
         if not self.keep:
             shutil.rmtree(model.parent / "optim", ignore_errors=True)
             shutil.rmtree(self.mcore, ignore_errors=True)
@@ -156,36 +168,41 @@ class Study:
 
     # -- one unit -----------------------------------------------------------------------------------
     def unit(self, seed: int, arm: str, warm: Path) -> dict:
-        """Train, export and evaluate ARM for SEED; write RESULTS/seed_S/ARM.json; returns the summary."""
+        """Train, export and evaluate ARM for SEED; write RESULTS/seed_S/ARM.json; returns the summary.
+
+        Once the export exists the checkpoints are deleted (unless --keep-checkpoints) and a rerun
+        goes straight to the evaluation (which resumes where it stopped)."""
         dest = self.results / f"seed_{seed}" / f"{arm}.json"
-        name = f"seed_{seed}/{arm}"
+        name, method = f"seed_{seed}/{arm}", METHOD[arm]
         run = self.out / f"seed_{seed}" / arm
-        steps, train = 0, {"invocations": []}
-        method = METHOD[arm]
+        steps = 0
         if method is None:  # the warm-up itself, evaluated with this seed's draws
-            model = warm
+            hf_out = self.out / "hf" / "warmup"
+            self.export(warm, hf_out)
         else:
             steps = self.p.arms.steps
             if arm == "sft_tokens":
                 steps = token_matched_steps(read_summary(self.results / f"seed_{seed}" / "sft.json"),
                                             read_summary(self.results / f"seed_{seed}" / "rasft.json"), steps)
-            sets = self.train_sets(run, warm, method, steps, seed, rounds=method in ("rasft", "grpo"),
-                                   overlap=arm == "rasft_overlap", save_interval=self.p.arms.save_interval)
-            train = self._train(run, sets, f"{name} train")
-            model = train["model"]
-        hf_out = self.out / "hf" / f"seed_{seed}_{arm}"
-        export = self.export(model, hf_out) if method is not None else {}
-        if method is None:
-            hf_out = self.out / "hf" / "warmup"
-            export = self.export(model, hf_out)
+            hf_out = self.out / "hf" / f"seed_{seed}_{arm}"
+            if not (hf_out / "config.json").is_file():
+                sets = self.train_sets(run, warm, method, steps, seed, rounds=method in ("rasft", "grpo"),
+                                       overlap=arm == "rasft_overlap", save_interval=self.p.arms.save_interval)
+                model = self._train(run, sets, f"{name} train")
+                self._usage(run, "export", self.export(model, hf_out))
+                if not self.keep:
+                    shutil.rmtree(run / "ckpt", ignore_errors=True)
         ev_dir = self.out / "eval" / f"seed_{seed}" / arm
         ev = self.evaluate(hf_out, ev_dir, seed, name)
-        summary = build_summary(self.p, seed, arm, steps, run if method else None, ev_dir, train["invocations"],
-                                export, ev, commit=_commit())
+        if method is not None and ev:
+            self._usage(run, "eval", ev)
+        usage = self._usage(run) if method is not None else {"train": [], "eval": ev}
+        summary = build_summary(self.p, seed, arm, steps, run if method else None, ev_dir,
+                                [u for u in usage["train"] if "wall_s" in u], usage.get("export", {}),
+                                usage.get("eval", {}), commit=_commit())
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(summary, indent=1) + "\n")
         if not self.keep and method is not None:
-            shutil.rmtree(run / "ckpt", ignore_errors=True)
             shutil.rmtree(hf_out, ignore_errors=True)
         return summary
 
