@@ -52,7 +52,7 @@ def pilot_sigma(a: dict, b: dict) -> tuple[float, float, int]:
 def table(delta: float, sigma: float, taus: list, seeds_list: list, alpha: float = 0.05) -> list:
     """Markdown lines: problems needed for 80 % power per τ and seed count, both bounds."""
     lines = ["| seeds | τ (points) | problems, conservative | problems, optimistic | power at 200 problems "
-             f"(conservative) |", "|---|---|---|---|---|"]
+             "(conservative) |", "|---|---|---|---|---|"]
     for s in seeds_list:
         for tau in taus:
             c = problems_needed(delta, sigma, tau, s, alpha=alpha)
