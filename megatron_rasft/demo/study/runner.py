@@ -199,7 +199,7 @@ class Study:
         usage = self._usage(run) if method is not None else {"train": [], "eval": ev}
         summary = build_summary(self.p, seed, arm, steps, run if method else None, ev_dir,
                                 [u for u in usage["train"] if "wall_s" in u], usage.get("export", {}),
-                                usage.get("eval", {}), commit=_commit())
+                                usage.get("eval", {}), commit=_commit(), test_file=self.data / "test.jsonl")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(summary, indent=1) + "\n")
         if not self.keep and method is not None:

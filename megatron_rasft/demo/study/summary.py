@@ -21,14 +21,19 @@ from pathlib import Path
 STAGE_KEYS = ("export", "refresh", "rollout", "verify", "reference", "train", "round_wait")
 
 
-def per_problem_counts(eval_dir: Path, benchmark: str = "heldout") -> dict:
-    """problem id -> [correct samples, samples] from EVAL/samples/<benchmark>.jsonl."""
+def per_problem_counts(eval_dir: Path, test_file: Path, benchmark: str = "heldout") -> dict:
+    """problem id -> [correct samples, samples] from EVAL/samples/<benchmark>.jsonl. The evaluation
+    names a problem by its 0-based line in the benchmark file; the summary uses that line's own `id`
+    (`task/seed/index`), so that the task is readable and files of different studies do not mix."""
     from megatron_rasft.records import EvalSample, read_records
 
+    ids = [json.loads(line)["id"] for line in Path(test_file).read_text().splitlines() if line.strip()]
     counts = defaultdict(lambda: [0, 0])
     for s in read_records(Path(eval_dir) / "samples" / f"{benchmark}.jsonl", EvalSample):
-        counts[s.id][0] += int(bool(s.correct))
-        counts[s.id][1] += 1
+        if not s.id.isdigit() or int(s.id) >= len(ids):
+            raise ValueError(f"{eval_dir}: sample id {s.id!r} is not a line of {test_file} ({len(ids)} lines)")
+        counts[ids[int(s.id)]][0] += int(bool(s.correct))
+        counts[ids[int(s.id)]][1] += 1
     return dict(counts)
 
 
@@ -62,11 +67,11 @@ def _rounds(run_dir: Path, k: int) -> list:
 
 
 def build_summary(p, seed: int, arm: str, steps: int, run_dir: Path | None, eval_dir: Path, invocations: list,
-                  export: dict, evaluation: dict, *, commit: str) -> dict:
+                  export: dict, evaluation: dict, *, commit: str, test_file: Path) -> dict:
     """The summary dict of one unit (see the module docstring). `invocations`: `run_stage` usages of
     the training stage (one per call; several after a resume); `export`, `evaluation`: theirs ({} when
-    the stage's output already existed)."""
-    problems = per_problem_counts(eval_dir)
+    the stage's output already existed); `test_file`: the held-out problems evaluated."""
+    problems = per_problem_counts(eval_dir, test_file)
     records = _train_records(run_dir) if run_dir is not None else []
     last = records[-1] if records else {}
     from megatron_rasft.demo.study.protocol import METHOD
