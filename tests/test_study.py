@@ -136,6 +136,8 @@ def test_report_regenerates_the_table_from_summary_files(tmp_path):
     ('[study]\narms = ["sft_tokens", "sft", "rasft"]\nprimary = ["rasft", "sft"]\n', "sft_tokens needs sft and rasft"),
     ('[study]\narms = ["sft", "rasft"]\nprimary = ["rasft", "dft"]\nsecondary = []\n', "is not a pair of two listed"),
     ('[data]\ntest_seed = 10\n', "data.test_seed"),
+    ('[study]\narms = ["sft", "rasft"]\nprimary = ["rasft", "sft"]\nsecondary = []\nfirst_seed_only = ["sft"]\n',
+     "compares a first-seed-only (cost) arm"),
 ])
 def test_protocol_refuses_bad_input_naming_file_and_key(tmp_path, body, message, capsys):
     from megatron_rasft.cli import main
@@ -215,6 +217,8 @@ def test_run_skips_finished_units_and_stops_on_budget(tmp_path, monkeypatch):
 
     p = protocol.smoke()
     p.study.seeds = [1, 2]
+    p.study.arms = ["sft", "rasft", "rasft_overlap"]
+    p.study.first_seed_only = ["rasft_overlap"]
     res = tmp_path / "res"
     (res / "seed_1").mkdir(parents=True)
     (res / "seed_1" / "sft.json").write_text("{}")
@@ -230,7 +234,7 @@ def test_run_skips_finished_units_and_stops_on_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.Study, "unit", unit)
     logs = []
     assert runner.Study(p, tmp_path / "out", res, log=lambda s, flush=True: logs.append(s)).run() == 0
-    assert ran == [(1, "rasft"), (2, "sft"), (2, "rasft")]
+    assert ran == [(1, "rasft"), (2, "sft"), (2, "rasft"), (1, "rasft_overlap")]  # the cost arm last, once
     assert any("seed_1/sft: already done, skipped" in s for s in logs) and any("run ETA" in s for s in logs)
     (res / "seed_2" / "rasft.json").unlink()
     ran.clear()

@@ -78,7 +78,8 @@ def _main(args) -> int:
                 raise ValueError(f"--seeds {args.seeds}: {unknown} not among the protocol's seeds {p.study.seeds}")
             p.study.seeds = wanted
 
-        print(f"[study] {p.study.name}: {len(p.study.seeds)} seeds × {len(p.study.arms)} arms, planned "
+        print(f"[study] {p.study.name}: {len(p.study.units())} units ({len(p.study.seeds)} seeds × "
+              f"{len(p.study.arms) - len(p.study.first_seed_only)} arms + {len(p.study.first_seed_only)} cost arm(s)), planned "
               f"{plan.total_hours(p):.1f} h on a quiet 2-core box; summaries → {results}", flush=True)
         return Study(p, args.out, results, budget_hours=args.budget_hours, keep_checkpoints=args.keep_checkpoints).run()
     from megatron_rasft.demo.study import report

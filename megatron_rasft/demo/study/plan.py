@@ -44,4 +44,4 @@ def plan(p, units: list) -> dict:
 
 def total_hours(p) -> float:
     """The protocol's planned box time, hours."""
-    return (shared_seconds(p) + len(p.study.seeds) * sum(unit_seconds(p, a) for a in p.study.arms)) / 3600
+    return (shared_seconds(p) + sum(unit_seconds(p, a) for _, a in p.study.units())) / 3600

@@ -1,6 +1,7 @@
 """A study's protocol: one TOML file (committed before any main run) read into `Protocol`.
 
-  [study]     name, seeds, arms (run in this order within a seed), primary (A, B), secondary [[A, B], ...]
+  [study]     name, seeds, arms (run in this order within a seed), primary (A, B), secondary [[A, B], ...],
+              first_seed_only (cost arms: the first seed only, run last)
   [data]      tasks, train_per_task, test_per_task, seed, test_seed
   [warmup]    steps, seed
   [arms]      steps, lr, global_batch, micro_batch, k, batches_per_round, max_tokens, save_interval
@@ -35,6 +36,14 @@ class StudySection:
     arms: list = field(default_factory=lambda: ["warmup", "sft", "rasft", "sft_tokens"])
     primary: list = field(default_factory=lambda: ["rasft", "sft_tokens"])
     secondary: list = field(default_factory=lambda: [["rasft", "sft"]])
+    # Cost-only arms: run for the first seed only, after every other unit (the budget goes to the
+    # seeds of the compared arms first); in no comparison.
+    first_seed_only: list = field(default_factory=list)
+
+    def units(self) -> list:
+        """[(seed, arm)] in run order: seed by seed, then the first-seed-only arms."""
+        return ([(s, a) for s in self.seeds for a in self.arms if a not in self.first_seed_only] +
+                [(self.seeds[0], a) for a in self.arms if a in self.first_seed_only])
 
 
 @dataclass
@@ -139,10 +148,14 @@ def validate(p: Protocol) -> Protocol:
                f"{w}: study.arms", "sft_tokens needs sft and rasft listed before it (its steps come from their tokens)")
     _check(p.study.seeds and all(isinstance(s, int) for s in p.study.seeds) and len(set(p.study.seeds)) ==
            len(p.study.seeds), f"{w}: study.seeds", "a non-empty list of distinct integers")
+    for arm in p.study.first_seed_only:
+        _check(arm in p.study.arms, f"{w}: study.first_seed_only", f"{arm!r} is not in study.arms")
     pairs = [p.study.primary] + list(p.study.secondary)
     for pair in pairs:
         _check(isinstance(pair, list) and len(pair) == 2 and set(pair) <= set(p.study.arms) and pair[0] != pair[1],
                f"{w}: study.primary/secondary", f"{pair!r} is not a pair of two listed arms")
+        _check(not set(pair) & set(p.study.first_seed_only), f"{w}: study.primary/secondary",
+               f"{pair!r} compares a first-seed-only (cost) arm")
     from megatron_rasft.demo.real_model.problems import TASKS
 
     for t in p.data.tasks:

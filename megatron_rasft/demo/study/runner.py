@@ -209,7 +209,7 @@ class Study:
     def run(self) -> int:
         """Every unit not yet done, in protocol order (seed by seed); 0 when all are done, 3 when the
         budget stopped it (rerun the same command to continue)."""
-        units = [(s, a) for s in self.p.study.seeds for a in self.p.study.arms]
+        units = self.p.study.units()
         progress = Progress(plan_mod.plan(self.p, units), tag="study", out=self.log)
         try:
             progress.start("shared")
