@@ -134,6 +134,12 @@ class Study:
             path.write_text(json.dumps(table, indent=1) + "\n")
         return table
 
+    def _warmup_done(self) -> bool:
+        from megatron_rasft.engine.checkpoint import latest
+
+        last = latest(self.out / "warmup" / "ckpt")
+        return last is not None and json.loads((last / "state.json").read_text())["step"] >= self.p.warmup.steps
+
     def warmup(self) -> Path:
         """The shared SFT warm-up's final model folder (trained once). Once it is done, what only it
         needed goes (unless --keep-checkpoints): its optimizer state (1.6 GB: the arms load the model
