@@ -289,3 +289,6 @@ def test_power_command_on_pilot_summaries(tmp_path, capsys):
     d = np.array([a[k][0] / 4 - b[k][0] / 4 for k in a])
     assert f"rasft − sft = {100 * d.mean():+.1f} points over 10 problems, SD over problems {100 * d.std(ddof=1):.1f}" in out
     assert "| seeds | τ (points) |" in out and "t                10 problems  [2, 2, 2, 2, 2]" in out, out
+    # The sampling noise by hand: the unbiased variance of a mean of 4 Bernoulli draws, both arms, averaged.
+    var_e = np.mean([sum((c / 4) * (1 - c / 4) / 3 for c in (a[k][0], b[k][0])) for k in a])
+    assert f"sampling noise (σ_e, measured per problem): {100 * np.sqrt(var_e):.1f} points" in out, out

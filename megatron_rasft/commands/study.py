@@ -116,6 +116,9 @@ def _power(args) -> int:
         sigma, mean, n = power.pilot_sigma(acc[args.a], acc[args.b])
         print(f"seed {seed}: {args.a} − {args.b} = {100 * mean:+.1f} points over {n} problems, SD over problems "
               f"{100 * sigma:.1f} points (SE {100 * sigma / n ** 0.5:.1f})")
+        sigma_e = power.sampling_variance(summaries[args.a][seed]["problems"], summaries[args.b][seed]["problems"]) ** 0.5
+        print(f"of which the evaluation's sampling noise (σ_e, measured per problem): {100 * sigma_e:.1f} points; "
+              f"the rest (σ_a): {100 * max(sigma ** 2 - sigma_e ** 2, 0) ** 0.5:.1f} points")
         print(f"\nProblems needed for 80 % power to detect {100 * args.delta:.0f} points (two-sided α = {args.alpha}):\n")
-        print("\n".join(power.table(args.delta, sigma, [0.0, 0.01, 0.02], [1, 3, 5], args.alpha)), flush=True)
+        print("\n".join(power.table(args.delta, sigma, [0.0, 0.01, 0.02], [1, 3, 5], args.alpha, sigma_e)), flush=True)
     return 0
