@@ -3,7 +3,7 @@
   [study]     name, seeds, arms (run in this order within a seed), primary (A, B), secondary [[A, B], ...],
               first_seed_only (cost arms: the first seed only, run last)
   [data]      tasks, train_per_task, test_per_task, seed, test_seed
-  [warmup]    steps, seed
+  [warmup]    steps, seed, lr
   [arms]      steps, lr, global_batch, micro_batch, k, batches_per_round, max_tokens, save_interval
   [eval]      n, max_tokens, limit, temperature
   [analysis]  bootstrap, alpha, correction ("holm")
@@ -59,6 +59,7 @@ class DataSection:
 class WarmupSection:
     steps: int = 20
     seed: int = 0
+    lr: float = 5e-5  # `make demo-real`'s warm-up
 
 
 @dataclass

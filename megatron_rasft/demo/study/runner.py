@@ -119,7 +119,7 @@ class Study:
         return latest(run_dir / "ckpt") / "model"
 
     @staticmethod
-    def _usage(run_dir: Path, key: str, value=None, append: bool = False) -> dict:
+    def _usage(run_dir: Path, key: str | None = None, value=None, append: bool = False) -> dict:
         """RUN/study_usage.json ({"train": [usage per invocation], "export": usage, "eval": usage}):
         read it, and record `value` under `key` first when given (so a resumed unit keeps the usage
         of the stages an earlier call ran)."""
@@ -145,7 +145,8 @@ class Study:
         needed goes (unless --keep-checkpoints): its optimizer state (1.6 GB: the arms load the model
         folder only) and the base model's Megatron conversion (0.5 GB)."""
         run = self.out / "warmup"
-        sets = self.train_sets(run, self.mcore, "sft", self.p.warmup.steps, self.p.warmup.seed, rounds=False)
+        sets = self.train_sets(run, self.mcore, "sft", self.p.warmup.steps, self.p.warmup.seed, rounds=False,
+                               lr=self.p.warmup.lr)
         model = self._train(run, sets, "warmup")
         if not self.keep:
             shutil.rmtree(model.parent / "optim", ignore_errors=True)
