@@ -292,3 +292,71 @@ def test_power_command_on_pilot_summaries(tmp_path, capsys):
     # The sampling noise by hand: the unbiased variance of a mean of 4 Bernoulli draws, both arms, averaged.
     var_e = np.mean([sum((c / 4) * (1 - c / 4) / 3 for c in (a[k][0], b[k][0])) for k in a])
     assert f"sampling noise (σ_e, measured per problem): {100 * np.sqrt(var_e):.1f} points" in out, out
+
+
+def test_units_build_summaries_from_their_stage_outputs(tmp_path, monkeypatch):
+    """The unit logic around the stages (the stages themselves run in the slow smoke test): with a
+    stand-in for `run_stage` that writes what each command writes (a checkpoint with its step,
+    metrics lines, an export's config.json, graded samples), a seed's sft, rasft and sft_tokens
+    units give summaries with the problems' own ids, the loss tokens summed, the token-matched step
+    count from their ratio, and each arm's checkpoints deleted once exported."""
+    from megatron_rasft.demo.study import protocol, runner
+    from megatron_rasft.records import EvalSample, write_records
+
+    p = protocol.smoke()
+    p.study.arms = ["sft", "rasft", "sft_tokens"]
+    out, res = tmp_path / "out", tmp_path / "res"
+    (out / "data").mkdir(parents=True)
+    ids = ["chain_sum/2000000/0", "leg_counting/2000000/0", "chain_sum/2000000/1"]
+    (out / "data" / "test.jsonl").write_text("".join(json.dumps({"id": i, "question": "q", "answer": "1"}) + "\n"
+                                                     for i in ids))
+    tokens = {"sft": 100, "rasft": 175, "sft_tokens": 100}
+    calls = []
+
+    def fake_stage(args, log, *, tag, stop_when=None, out=print):
+        args = [str(a) for a in args]
+        calls.append(tag)
+        if "train" in args:
+            sets = dict(a.split("=", 1) for a in args if "=" in a)
+            run, steps = Path(sets["train.run_dir"]), int(sets["train.schedule.train_iters"])
+            arm = run.name
+            ck = run / "ckpt" / f"iter_{steps:07d}"
+            (ck / "model").mkdir(parents=True)
+            (ck / "state.json").write_text(json.dumps({"step": steps}))
+            (run / "ckpt" / "latest").write_text(ck.name)
+            with (run / "metrics.jsonl").open("w") as f:
+                for s in range(1, steps + 1):
+                    f.write(json.dumps({"kind": "train", "step": s, "tokens": tokens.get(arm, 50),
+                                        "time_train": 2.0 * s}) + "\n")
+        elif "mcore-to-hf" in args:
+            dest = Path(args[args.index("--out") + 1])
+            dest.mkdir(parents=True)
+            (dest / "config.json").write_text("{}")
+        elif "eval" in args:
+            dest = Path(args[args.index("--out") + 1])
+            arm = dest.name
+            write_records(dest / "samples" / "heldout.jsonl",
+                          [EvalSample("heldout", str(i), j, "p", "c", None, (i + j + (arm == "rasft")) % 2 == 0, "")
+                           for i in range(3) for j in range(2)])
+            (dest / "results.json").write_text("{}")
+        return {"exit": 0, "stopped": False, "wall_s": 10.0, "cpu_s_main": 15.0, "cpu_s_vllm": 5.0,
+                "load1_mean": 1.0}
+
+    monkeypatch.setattr(runner, "run_stage", fake_stage)
+    warm = tmp_path / "warm" / "model"
+    study = runner.Study(p, out, res, log=lambda s, flush=True: None)
+    for arm in p.study.arms:
+        study.unit(1, arm, warm)
+    sft, ras, tok = (json.loads((res / "seed_1" / f"{a}.json").read_text()) for a in p.study.arms)
+    assert sorted(sft["problems"]) == sorted(ids) and sft["problems"]["chain_sum/2000000/0"] == [1, 2]
+    assert ras["problems"]["leg_counting/2000000/0"] == [1, 2] and ras["loss_tokens"] == 2 * 175
+    assert tok["steps"] == round(2 * 175 / 100) == 4 and tok["loss_tokens"] == 4 * 100
+    assert sft["time"]["train_wall_s"] == 10.0 and sft["time"]["eval_wall_s"] == 10.0 and sft["time"]["stages"]["train"] == 4.0
+    assert not (out / "seed_1" / "rasft" / "ckpt").exists() and not (out / "hf" / "seed_1_rasft").exists()
+    # A rerun of a unit whose export and evaluation exist trains nothing.
+    calls.clear()
+    (res / "seed_1" / "sft.json").unlink()
+    (out / "hf" / "seed_1_sft").mkdir(parents=True)
+    (out / "hf" / "seed_1_sft" / "config.json").write_text("{}")
+    again = study.unit(1, "sft", warm)
+    assert calls == [] and again["problems"] == sft["problems"] and again["time"]["train_wall_s"] == 10.0
