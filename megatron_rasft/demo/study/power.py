@@ -58,6 +58,8 @@ def problems_needed(delta: float, sigma: float, tau: float, seeds: int, *, targe
                     alpha: float = 0.05, conservative: bool = True, max_problems: int = 100_000):
     """The smallest number of problems giving `target` power, or None when no number does (τ alone
     leaves the SE too large)."""
+    if tau > 0 and power(delta, tau / math.sqrt(seeds), alpha) < target:
+        return None  # the SE cannot fall below τ/√S however many problems
     for p in range(2, max_problems + 1):
         if power(delta, se(sigma, tau, p, seeds, conservative), alpha) >= target:
             return p
@@ -75,6 +77,8 @@ def pilot_sigma(a: dict, b: dict) -> tuple[float, float, int]:
 def problems_needed_split(delta: float, sigma_a: float, sigma_e: float, tau: float, seeds: int, *,
                           target: float = 0.8, alpha: float = 0.05, max_problems: int = 100_000):
     """As `problems_needed`, under the measured split (`se_split`)."""
+    if tau > 0 and power(delta, tau / math.sqrt(seeds), alpha) < target:
+        return None
     for p in range(2, max_problems + 1):
         if power(delta, se_split(sigma_a, sigma_e, tau, p, seeds), alpha) >= target:
             return p
