@@ -260,7 +260,7 @@ def test_smoke_study_end_to_end(tmp_path):
     assert ras["time"]["train_cpu_s_vllm"] > 0 and sft["time"]["train_cpu_s_vllm"] == 0
     assert not (out / "seed_1" / "rasft" / "ckpt").exists()  # deleted once its summary is written
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert r2.returncode == 0 and r2.stdout.count("already done, skipped") == 2, r2.stdout
+    assert r2.returncode == 0 and r2.stdout.count("already done, skipped") == 3, r2.stdout  # shared + 2 units
     rep = subprocess.run([sys.executable, "-m", "megatron_rasft", "study", "report", "--smoke", "--results", str(res),
                           "--docs", ""], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert rep.returncode == 0 and "| RASFT − SFT (steps) | primary | 4 × 1 |" in rep.stdout, rep.stdout + rep.stderr
