@@ -87,8 +87,9 @@ def _main(args) -> int:
     summaries = report.load_summaries(results)
     if not summaries:
         raise FileNotFoundError(f"{results}: no seed_*/ARM.json summaries")
-    text = report.render(p, summaries, "python -m megatron_rasft " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-                         if sys.argv[1:2] == ["study"] else "python -m megatron_rasft study report")
+    # The command as typed (`python -m megatron_rasft study report ...`); the plain form when called in-process.
+    text = report.render(p, summaries, "python -m megatron_rasft " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                         if sys.argv[1:3] == ["study", "report"] else "python -m megatron_rasft study report")
     (results / "report.md").write_text(text)
     if args.docs:
         report.splice(args.docs, p.study.name, text)
