@@ -199,6 +199,11 @@ def test_stage_runner_counts_cpu_and_stops_the_whole_tree(tmp_path):
     assert u["exit"] == 0 and not u["stopped"] and echoed == ["   [a] step 1/1"]
     # 0.8 CPU-seconds of loops plus two interpreters' start; a process's last 0.2 s may be missed.
     assert 0.6 < u["cpu_s_main"] < 2.5 and u["cpu_s_vllm"] == 0.0, u
+    # A child of a process whose command line names vllm (as the server's engine core, started by
+    # multiprocessing, is) counts as the server's.
+    server = f"import subprocess, sys  # vllm\nsubprocess.run([sys.executable, '-c', {busy!r}])\n"
+    u = run_stage(["-c", server], tmp_path / "v.log", tag="v", interval_s=0.2)
+    assert u["cpu_s_vllm"] > 0.3 and u["cpu_s_main"] < 0.3, u
     pid_file = tmp_path / "child.pid"
     forever = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
                f"open({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(600)\n")

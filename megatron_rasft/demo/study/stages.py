@@ -21,7 +21,13 @@ ECHO_PREFIXES = ("step", "[round", "[resume", "done", "error", "[data", "Traceba
 
 
 def _is_vllm(p) -> bool:
-    return "vllm" in " ".join(p.cmdline()) or "VLLM" in p.name() or "EngineCore" in p.name()
+    """The process or one of its ancestors is the vLLM server (its engine core and worker start as
+    plain `multiprocessing` children and take their VLLM:: names only later, so they are classified
+    by their ancestry, afresh at every sample)."""
+    for q in [p] + p.parents():
+        if "vllm" in " ".join(q.cmdline()) or "VLLM" in q.name() or "EngineCore" in q.name():
+            return True
+    return False
 
 
 def _terminate_tree(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -84,8 +90,7 @@ def run_stage(args: list, log: Path, *, tag: str, stop_when: Optional[Callable[[
             for p in procs:
                 try:
                     t = p.cpu_times()
-                    group = cpu[p.pid][0] if p.pid in cpu else ("vllm" if _is_vllm(p) else "main")
-                    cpu[p.pid] = (group, t.user + t.system)
+                    cpu[p.pid] = ("vllm" if _is_vllm(p) else "main", t.user + t.system)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
             loads.append(os.getloadavg()[0])
