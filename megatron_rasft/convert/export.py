@@ -41,8 +41,8 @@ def stage_entries(chunk, mcfg: ModelConfig, remote_experts: bool = False) -> tup
     entries = names.entries(mcfg, layers=layers, pre=chunk.pre_process, post=chunk.post_process)
     missing = [e.mcore for e in entries if e.mcore not in params and not (remote_experts and e.expert is not None)]
     if missing:
-        hint = " (experts held by other EP ranks: the weight transfer supports EP = 1 only; export_to_hf " \
-               "gathers them)" if any(layout.expert_index(m) is not None for m in missing) else ""
+        hint = " (experts held by other EP ranks: `StageTensors` lists and gathers them)" \
+            if any(layout.expert_index(m) is not None for m in missing) else ""
         raise RuntimeError(f"export: the model has no parameter(s) {missing[:3]} that the config implies{hint}")
     return entries, params
 
@@ -97,6 +97,54 @@ def _expert_full(e, params, experts, roles, shape, dtype) -> Optional[torch.Tens
     return None
 
 
+class StageTensors:
+    """This rank's part in making its pipeline stage's full (TP=1, EP=1) Megatron tensors, entry by
+    entry, on the stage's writer (its TP rank 0 in the first data-parallel replica): shared by the
+    disk export (`export_to_hf`) and the weight transfer (`rollout/transfer.py`).
+
+    Collective over the world at construction (with experts spread, the roles are all-gathered) and
+    in `full` (the stage's ranks call it for the same entries in the same order). `spread`: an MoE
+    model in a multi-rank job, where every rank takes part (its experts may be the only copy the
+    writer can get); otherwise only the first replica does (`takes_part`).
+    per_chunk: [(entries in HF order, {global megatron name: local parameter})] per model chunk
+    (empty where the rank takes no part); ctx: the name map's `MapContext`; shapes: every Megatron
+    tensor's global shape."""
+
+    def __init__(self, chunks: list, mcfg: ModelConfig, groups):
+        self.groups = groups
+        self.spread = bool(mcfg.is_moe and dist.is_initialized() and dist.get_world_size() > 1)
+        self.takes_part = groups.first_replica or self.spread
+        self.writes = groups.first_replica and groups.tp_rank == 0
+        self.roles = _expert_roles(chunks, groups) if self.spread else None
+        self.per_chunk = [stage_entries(c, mcfg, remote_experts=self.spread) for c in chunks] \
+            if self.takes_part else []
+        self.ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, groups.tp_size))
+        self.shapes = names.mcore_shapes(self.ctx)
+        self.dtype0 = next(chunks[0].parameters()).dtype
+        self.experts_of = {}  # global layer -> its SequentialMLP (for the EP layout)
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                if layout.experts_module(layer) is not None:
+                    self.experts_of[layer.layer_number - 1] = layout.experts_module(layer)
+
+    def dtype(self, e, params: dict) -> torch.dtype:
+        """Entry `e`'s dtype (an expert held elsewhere: the model's, as every parameter's)."""
+        p = params.get(e.mcore)
+        return p.dtype if p is not None else self.dtype0
+
+    def full(self, e, params: dict) -> Optional[torch.Tensor]:
+        """Entry `e` as the full tensor on the stage's writer, None elsewhere. `params`: the dict
+        of the chunk `e` came from (or a union of this rank's chunks'). An expert comes from its
+        holder with expert-DP rank 0 (gathered over expert TP, sent point to point); any other
+        tensor is gathered over TP within the first replica."""
+        if self.spread and e.expert is not None:
+            return _expert_full(e, params, self.experts_of[e.layer], self.roles, self.shapes[e.mcore], self.dtype0)
+        if self.groups.first_replica:
+            g = self.groups
+            return gather_full(e.mcore, params[e.mcore], g.tp, g.tp_size, g.tp_rank)
+        return None
+
+
 def gather_full(name: str, local: torch.Tensor, tp_group, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
     """The full (TP=1) tensor on TP rank 0 (None elsewhere)."""
     if tp_size == 1 or layout.split_kind(name) == "replicated":
@@ -127,42 +175,25 @@ def export_to_hf(model_chunks: list, out_dir: str | Path, mcfg: ModelConfig, gro
     barrier()
 
     chunks = unwrap(model_chunks)
-    tp_group, tp_size, tp_rank = groups.tp, groups.tp_size, groups.tp_rank
     result = None
     # With experts spread over EP ranks every rank may hold some the writer needs.
-    spread = mcfg.is_moe and dist.is_initialized() and dist.get_world_size() > 1
-    if groups.first_replica or spread:
-        roles = _expert_roles(chunks, groups) if spread else None
-        per_chunk = [stage_entries(c, mcfg, remote_experts=spread) for c in chunks]
-        ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, tp_size))
-        shapes = names.mcore_shapes(ctx)
-        dtype0 = next(chunks[0].parameters()).dtype
+    src = StageTensors(chunks, mcfg, groups)
+    if src.takes_part:
         plan = []
-        for entries, params in per_chunk:
-            hf_shapes = names.hf_shapes(ctx, entries)
-            plan += [(n, hf_shapes[n], target or params.get(e.mcore, torch.empty((), dtype=dtype0)).dtype)
-                     for e in entries for n in e.hf]
+        for entries, params in src.per_chunk:
+            hf_shapes = names.hf_shapes(src.ctx, entries)
+            plan += [(n, hf_shapes[n], target or src.dtype(e, params)) for e in entries for n in e.hf]
         writer = None
-        if groups.first_replica and tp_rank == 0:
+        if src.writes:
             writer = hf_io.ShardedWriter(tmp, plan, hf_io.parse_size(max_shard_size),
                                          prefix=f"stage{groups.pp_rank:04d}")
-        experts_of = {}  # global layer -> its SequentialMLP (for the EP layout)
-        for chunk in chunks:
-            for layer in chunk.decoder.layers:
-                if layout.experts_module(layer) is not None:
-                    experts_of[layer.layer_number - 1] = layout.experts_module(layer)
         try:
             with torch.no_grad():
-                for entries, params in per_chunk:
+                for entries, params in src.per_chunk:
                     for e in entries:
-                        if spread and e.expert is not None:
-                            full = _expert_full(e, params, experts_of[e.layer], roles, shapes[e.mcore], dtype0)
-                        elif groups.first_replica:
-                            full = gather_full(e.mcore, params[e.mcore], tp_group, tp_size, tp_rank)
-                        else:
-                            continue
+                        full = src.full(e, params)
                         if writer is not None:
-                            for n, t in e.to_hf(full, ctx).items():
+                            for n, t in e.to_hf(full, src.ctx).items():
                                 writer.write(n, t.to(target) if target is not None else t)
                         del full
         finally:

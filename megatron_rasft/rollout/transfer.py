@@ -4,13 +4,17 @@ the trainer's ranks into the running vLLM server through vLLM's weight-transfer 
 Two halves:
 
 - `stream_policy` (collective, every trainer rank): the policy as Hugging Face tensors, made by the
-  converter's own per-tensor transforms (`convert.export.stage_entries` / `gather_full` and the name
-  map's `Entry.to_hf`: one name map for the export and the transfer). Within the first data-parallel
-  replica, each pipeline stage's TP shards are gathered to its TP rank 0 one tensor at a time, packed
-  into flat byte buckets of at most `rollout.server.bucket_mib` (a tensor larger than that travels
-  alone), and every stage other than the first sends its buckets to trainer rank 0 over the
-  trainer's own process group. Rank 0 hands each bucket to the sender. The trainer therefore holds
-  at most one bucket plus one gathered tensor beyond its parameters, never a model copy.
+  converter's own per-tensor transforms (`convert.export.StageTensors` and the name map's
+  `Entry.to_hf`: one name map and one gather for the export and the transfer). Within the first
+  data-parallel replica, each pipeline stage's TP shards are gathered to its TP rank 0 one tensor at
+  a time, packed into flat byte buckets of at most `rollout.server.bucket_mib` (a tensor larger than
+  that travels alone), and every stage other than the first sends its buckets to trainer rank 0
+  over the trainer's own process group. Rank 0 hands each bucket to the sender. The trainer
+  therefore holds at most one bucket plus one gathered tensor beyond its parameters, never a model
+  copy. Mixture-of-experts models at EP > 1: every rank takes part, as in the disk export; expert
+  by expert, in global order, the holder with expert-DP rank 0 gathers the matrix over expert TP and
+  sends it point to point to the stage's TP rank 0, which packs it into the bucket like any tensor
+  (ranks that hold no expert of a bucket only skip it).
 - `WeightSender` (trainer rank 0 only): the transfer group with the server's worker(s) and the HTTP
   control legs `/pause` → `/start_weight_update` → per bucket `/update_weights` (concurrent with the
   group broadcast of the bucket) → `/finish_weight_update` → `/reset_prefix_cache` → `/resume`.
@@ -86,21 +90,18 @@ def plan_buckets(stages: list, bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def _plan(chunks, mcfg, groups, bucket_bytes: int) -> tuple[list, list]:
-    """(buckets, this rank's per-chunk (entries, params)). Collective over the world: every stage's
-    TP rank 0 in the first replica tells the others what it holds."""
+def _plan(src, groups, bucket_bytes: int) -> list:
+    """The buckets, from `src` (`convert.export.StageTensors`). Collective over the world: every
+    stage's TP rank 0 in the first replica tells the others what it writes (experts held by other
+    EP ranks included)."""
     from megatron_rasft.convert import names
-    from megatron_rasft.convert.export import stage_entries
-    from megatron_rasft.model.provider import padded_vocab_size
 
-    per_chunk = [stage_entries(c, mcfg) for c in chunks] if groups.first_replica else []
     mine = None
-    if groups.first_replica and groups.tp_rank == 0:
-        ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, groups.tp_size))
+    if src.writes:
         items = []
-        for entries, params in per_chunk:
-            shapes = names.hf_shapes(ctx, entries)
-            items += [(e.mcore, [(n, shapes[n]) for n in e.hf], params[e.mcore].dtype) for e in entries]
+        for entries, params in src.per_chunk:
+            shapes = names.hf_shapes(src.ctx, entries)
+            items += [(e.mcore, [(n, shapes[n]) for n in e.hf], src.dtype(e, params)) for e in entries]
         mine = (groups.pp_rank, _rank(), items)
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
@@ -108,7 +109,7 @@ def _plan(chunks, mcfg, groups, bucket_bytes: int) -> tuple[list, list]:
     else:
         everyone = [mine]
     stages = sorted((s for s in everyone if s is not None), key=lambda s: s[0])
-    return plan_buckets([(owner, items) for _, owner, items in stages], bucket_bytes), per_chunk
+    return plan_buckets([(owner, items) for _, owner, items in stages], bucket_bytes)
 
 
 def _rank() -> int:
@@ -147,28 +148,27 @@ def stream_policy(model_chunks: list, mcfg, groups, bucket_mib: float,
 
     model_chunks: this rank's (wrapped) model chunks; mcfg: the `ModelConfig`; groups: the run's
     `ParallelGroups`. Raises RuntimeError when the model lacks a parameter its config implies."""
-    from megatron_rasft.convert import names
-    from megatron_rasft.convert.export import gather_full
-    from megatron_rasft.model.provider import padded_vocab_size, unwrap
+    from megatron_rasft.convert.export import StageTensors
+    from megatron_rasft.model.provider import unwrap
 
     chunks = unwrap(model_chunks)
-    buckets, per_chunk = _plan(chunks, mcfg, groups, int(bucket_mib * 2**20))
-    ctx = names.MapContext(mcfg, padded_vocab_size(mcfg, groups.tp_size))
-    params = {n: p for _, ps in per_chunk for n, p in ps.items()}
-    by_name = {e.mcore: e for entries, _ in per_chunk for e in entries}
+    src = StageTensors(chunks, mcfg, groups)
+    buckets = _plan(src, groups, int(bucket_mib * 2**20))
+    params = {n: p for _, ps in src.per_chunk for n, p in ps.items()}
+    by_name = {e.mcore: e for entries, _ in src.per_chunk for e in entries}
     me, device = _rank(), next(chunks[0].parameters()).device
     stats = {"buckets": len(buckets), "bytes": sum(b.nbytes for b in buckets),
              "gather_s": 0.0, "forward_s": 0.0, "sink_s": 0.0}
     with torch.no_grad():
         for b in buckets:
             buf = None
-            if b.mcore[0] in params:  # this stage's bucket: every TP rank of it gathers
+            if b.mcore[0] in by_name:  # this stage's bucket: each of its ranks takes part (`StageTensors.full`)
                 t0 = time.perf_counter()
                 hf = []
                 for name in b.mcore:
-                    full = gather_full(name, params[name], groups.tp, groups.tp_size, groups.tp_rank)
+                    full = src.full(by_name[name], params)
                     if full is not None:
-                        hf += list(by_name[name].to_hf(full, ctx).values())
+                        hf += list(by_name[name].to_hf(full, src.ctx).values())
                     del full
                 if me == b.owner:
                     buf = pack(hf, b.nbytes, device)
