@@ -13,6 +13,7 @@ EP ranks (and possibly over expert-data-parallel replicas outside the first repl
 takes part. Expert by expert, in global order, the one holder with expert-data-parallel rank 0
 gathers that expert's matrix over its expert-tensor-parallel group and sends it point to point to
 the stage's writer (skipped when the holder is the writer): one expert matrix in flight at a time.
+`StageTensors` holds that part of the work; the weight transfer (`rollout/transfer.py`) uses it too.
 """
 from __future__ import annotations
 
