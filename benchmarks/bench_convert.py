@@ -36,14 +36,19 @@ def make_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab: int, h
     plan = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        plan += [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
-                 (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                 (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-                 (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
-                 (p + "post_attention_layernorm.weight", (hidden,)), (p + "mlp.gate_proj.weight", (ffn, hidden)),
+        plan += _attention_plan(p, hidden, heads, kv_heads, head_dim)
+        plan += [(p + "post_attention_layernorm.weight", (hidden,)), (p + "mlp.gate_proj.weight", (ffn, hidden)),
                  (p + "mlp.up_proj.weight", (ffn, hidden)), (p + "mlp.down_proj.weight", (hidden, ffn))]
     plan += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return _write_random(out, cfg, plan)
+
+
+def _attention_plan(p: str, hidden: int, heads: int, kv_heads: int, head_dim: int) -> list:
+    """(name, shape) of one layer's input norm and q/k/v/o projections, HF names under prefix `p`."""
+    return [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, heads * head_dim))]
 
 
 def make_moe_checkpoint(out: Path, layers: int, hidden: int, moe_ffn: int, experts: int, vocab: int, heads: int,
@@ -59,11 +64,8 @@ def make_moe_checkpoint(out: Path, layers: int, hidden: int, moe_ffn: int, exper
     plan = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        plan += [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
-                 (p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                 (p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-                 (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
-                 (p + "self_attn.q_norm.weight", (head_dim,)), (p + "self_attn.k_norm.weight", (head_dim,)),
+        plan += _attention_plan(p, hidden, heads, kv_heads, head_dim)
+        plan += [(p + "self_attn.q_norm.weight", (head_dim,)), (p + "self_attn.k_norm.weight", (head_dim,)),
                  (p + "post_attention_layernorm.weight", (hidden,)), (p + "mlp.gate.weight", (experts, hidden))]
         for j in range(experts):
             plan += [(p + f"mlp.experts.{j}.gate_proj.weight", (moe_ffn, hidden)),

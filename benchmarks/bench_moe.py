@@ -45,48 +45,37 @@ class _Clock:
         self.open: list = []
 
 
-class _Exit(torch.autograd.Function):
-    """Identity; in backward, the moment the gradient enters the dispatcher call."""
+class _Mark(torch.autograd.Function):
+    """Identity; in backward, stamps the gradient's passage at a dispatcher call's boundary: at its
+    output (`entering=True`: the gradient enters the call) or at its input (it leaves the call)."""
 
     @staticmethod
-    def forward(ctx, x, clock):
-        ctx.clock = clock
+    def forward(ctx, x, clock, entering):
+        ctx.clock, ctx.entering = clock, entering
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.clock.open.append(time.perf_counter())
-        return g, None
-
-
-class _Enter(torch.autograd.Function):
-    """Identity; in backward, the moment the gradient leaves the dispatcher call."""
-
-    @staticmethod
-    def forward(ctx, x, clock):
-        ctx.clock = clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.clock.open:
+        if ctx.entering:
+            ctx.clock.open.append(time.perf_counter())
+        elif ctx.clock.open:
             ctx.clock.bwd += time.perf_counter() - ctx.clock.open.pop()
-        return g, None
+        return g, None, None
 
 
 def _timed(fn, clock: _Clock):
     def wrapped(x, *args, **kwargs):
         track = torch.is_tensor(x) and x.requires_grad
         if track:
-            x = _Enter.apply(x, clock)
+            x = _Mark.apply(x, clock, False)
         t0 = time.perf_counter()
         out = fn(x, *args, **kwargs)
         clock.fwd += time.perf_counter() - t0
         if track:
             if isinstance(out, tuple) and torch.is_tensor(out[0]) and out[0].requires_grad:
-                out = (_Exit.apply(out[0], clock), *out[1:])
+                out = (_Mark.apply(out[0], clock, True), *out[1:])
             elif torch.is_tensor(out) and out.requires_grad:
-                out = _Exit.apply(out, clock)
+                out = _Mark.apply(out, clock, True)
         return out
 
     return wrapped
