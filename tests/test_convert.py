@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_rasft.convert import hf_io, names, pipeline
-from helpers.distributed import spawn
+from helpers.distributed import megatron_logits, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 250
@@ -243,36 +243,6 @@ def test_cli_round_trip(models, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _megatron_logits(model_chunks, tokens: torch.Tensor, mcfg) -> torch.Tensor | None:
-    """Full-vocab fp32 logits [b, s, Vp] on the last pipeline stage's TP rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_rasft.engine.step import forward_backward
-
-    captured = []
-    tp_group = ps.get_tensor_model_parallel_group()
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        out = model(batch["tokens"], batch["position_ids"], None)
-
-        def loss_func(logits_BSv):
-            parts = [torch.empty_like(logits_BSv) for _ in range(dist.get_world_size(tp_group))]
-            dist.all_gather(parts, logits_BSv.contiguous(), group=tp_group)
-            captured.append(torch.cat(parts, dim=-1))
-            return logits_BSv.sum() * 0, torch.tensor(1, dtype=torch.int), {}
-
-        return out, loss_func
-
-    b, s = tokens.shape
-    batch = {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s).contiguous()}
-    with torch.no_grad():
-        forward_backward(model_chunks, forward_step, [batch], seq_length=s, forward_only=True)
-    last = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    return captured[0] if last and captured else None
-
-
 def _layout_job(rank, world_size, layouts):
     """For each (tp, pp, jobs) in turn (model parallelism re-initialised in between; spare ranks are
     data-parallel replicas), and each (mcore_dir, tokens, export_dir, save_dir) of `jobs`: build the
@@ -297,7 +267,7 @@ def _layout_job(rank, world_size, layouts):
             mcfg.transformer_impl = "local"
             model = build_model(mcfg, pcfg).eval()
             load_mcore_into_model([model], mcore_dir)
-            logits = _megatron_logits([model], tokens, mcfg)
+            logits = megatron_logits([model], tokens)
             out.append(logits if ps.get_data_parallel_rank() == 0 else None)
             if export_dir is not None:
                 export_to_hf([model], export_dir, mcfg, groups, hf_config=meta["hf_config"],

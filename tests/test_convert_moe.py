@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_rasft.convert import hf_io, names, pipeline
-from helpers.distributed import spawn
+from helpers.distributed import megatron_logits, spawn
 from helpers.tiny_moe import fuse_experts, make_tiny_moe, tiny_moe_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,37 +225,6 @@ def test_bad_moe_input_gives_clear_errors(moe_models, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def _megatron_logits(model, tokens: torch.Tensor):
-    """Full-vocab fp32 logits [b, s, Vp] on the last stage's TP rank 0 of the first replica (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_rasft.engine.step import forward_backward
-
-    captured = []
-    tp_group = ps.get_tensor_model_parallel_group()
-
-    def forward_step(data_iterator, model_):
-        batch = next(data_iterator)
-        out = model_(batch["tokens"], batch["position_ids"], None)
-
-        def loss_func(logits_BSv):
-            parts = [torch.empty_like(logits_BSv) for _ in range(dist.get_world_size(tp_group))]
-            dist.all_gather(parts, logits_BSv.contiguous(), group=tp_group)
-            captured.append(torch.cat(parts, dim=-1))
-            return logits_BSv.sum() * 0, torch.tensor(1, dtype=torch.int), {}
-
-        return out, loss_func
-
-    b, s = tokens.shape
-    batch = {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s).contiguous()}
-    with torch.no_grad():
-        forward_backward([model], forward_step, [batch], seq_length=s, forward_only=True)
-    keep = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-        and ps.get_data_parallel_rank() == 0
-    return captured[0] if keep and captured else None
-
-
 def _moe_layout_job(rank, world_size, layouts):
     """For each (tp, ep, etp, jobs): re-initialise model parallelism (etp: expert TP, None = tp), and for each (mcore_dir, tokens,
     export_dir, save_dir) build the model, load, forward, export and/or save with Megatron's writer.
@@ -283,7 +252,7 @@ def _moe_layout_job(rank, world_size, layouts):
             mcfg.transformer_impl = "local"
             model = build_model(mcfg, pcfg).eval()
             load_mcore_into_model([model], mcore_dir)
-            out.append(_megatron_logits(model, tokens))
+            out.append(megatron_logits([model], tokens, first_replica_only=True))
             if export_dir is not None:
                 export_to_hf([model], export_dir, mcfg, groups, hf_config=meta["hf_config"],
                              tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")

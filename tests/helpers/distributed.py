@@ -87,3 +87,38 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
                 p.kill()
                 p.join()
     return [out[r] for r in range(world_size)]
+
+
+def megatron_logits(model_chunks: list, tokens: torch.Tensor, first_replica_only: bool = False):
+    """Full-vocab fp32 logits [b, s, Vp] of `model_chunks` (this rank's Megatron chunks, after
+    `init_distributed`) on `tokens` [b, s], through Megatron's forward-only schedule; the TP shards are
+    all-gathered. Returned on the last pipeline stage's TP rank 0 (of data-parallel rank 0 only with
+    `first_replica_only`), None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rasft.engine.step import forward_backward
+
+    captured = []
+    tp_group = ps.get_tensor_model_parallel_group()
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], None)
+
+        def loss_func(logits_BSv):
+            parts = [torch.empty_like(logits_BSv) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(parts, logits_BSv.contiguous(), group=tp_group)
+            captured.append(torch.cat(parts, dim=-1))
+            return logits_BSv.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+        return out, loss_func
+
+    b, s = tokens.shape
+    batch = {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s).contiguous()}
+    with torch.no_grad():
+        forward_backward(model_chunks, forward_step, [batch], seq_length=s, forward_only=True)
+    keep = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    if first_replica_only:
+        keep = keep and ps.get_data_parallel_rank() == 0
+    return captured[0] if keep and captured else None
