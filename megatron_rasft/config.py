@@ -895,20 +895,26 @@ def _build(cls, values: dict, where: str):
         raise
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    """The `RunConfig` of a parsed TOML dict. Raises ConfigError (one line, naming the key) for an
-    unknown, renamed or ill-typed key, or a value a rule refuses."""
-    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
-    built = {}
+def build_sections(cls, data: dict, *, skip: tuple = ()) -> dict:
+    """The keyword arguments of dataclass `cls`, whose fields (less `skip`) are config dataclasses,
+    built from a parsed TOML dict {section: table}: every section of `cls` is built (an absent one
+    from its defaults). Raises ConfigError (one line, naming the key) for an unknown section, an
+    unknown, renamed or ill-typed key, or a value a rule refuses. Shared by `RunConfig` and the
+    study protocol (`demo/study/protocol.py`)."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.name not in skip}
     for name, value in data.items():
         if name not in sections:
             close = difflib.get_close_matches(name, list(sections), n=1, cutoff=0.6)
             raise ConfigError(f"unknown section [{name}]" + (f" (did you mean [{close[0]}]?)" if close else
                                                               f" (known: {', '.join(sections)})"))
         _check(isinstance(value, dict), f"{name} must be a table ([{name}]), got {value!r}")
-    for name, factory in sections.items():
-        built[name] = _build(type(factory()), dict(data.get(name, {})), name)
-    return RunConfig(**built)
+    return {name: _build(type(factory()), dict(data.get(name, {})), name) for name, factory in sections.items()}
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """The `RunConfig` of a parsed TOML dict. Raises ConfigError (one line, naming the key) for an
+    unknown, renamed or ill-typed key, or a value a rule refuses."""
+    return RunConfig(**build_sections(RunConfig, data))
 
 
 def _parse_value(text: str) -> Any:

@@ -129,10 +129,10 @@ def test_report_regenerates_the_table_from_summary_files(tmp_path):
 
 @pytest.mark.parametrize("body, message", [
     ('[study]\narms = ["sft", "rasft", "nope"]\n', "unknown arm 'nope'"),
-    ('[study]\nseeds = "1"\n', "study.seeds: expected list"),
-    ('[arms]\nsteps = 2.5\n', "arms.steps: expected int"),
-    ('[arms]\nstep = 2\n', "arms.step: unknown key"),
-    ('[evaluation]\nn = 2\n', "[evaluation]: unknown section"),
+    ('[study]\nseeds = "1"\n', "study.seeds must be a list, got '1'"),
+    ('[arms]\nsteps = 2.5\n', "arms.steps must be an int, got 2.5"),
+    ('[arms]\nstep = 2\n', "unknown key arms.step (did you mean arms.steps?)"),
+    ('[evaluation]\nn = 2\n', "unknown section [evaluation] (known: study, data, warmup, arms, eval, analysis)"),
     ('[study]\narms = ["sft_tokens", "sft", "rasft"]\nprimary = ["rasft", "sft"]\n', "sft_tokens needs sft and rasft"),
     ('[study]\narms = ["sft", "rasft"]\nprimary = ["rasft", "dft"]\nsecondary = []\n', "is not a pair of two listed"),
     ('[data]\ntest_seed = 10\n', "data.test_seed"),

@@ -125,18 +125,6 @@ def _check(ok: bool, where: str, message: str) -> None:
         raise ProtocolError(f"{where}: {message}")
 
 
-def _fill(section_cls, table: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(section_cls)}
-    default = section_cls()
-    for key, value in table.items():
-        _check(key in fields, f"{where}.{key}", f"unknown key (known: {', '.join(fields)})")
-        want = type(getattr(default, key))
-        ok = isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))
-        _check(ok and not (want is int and isinstance(value, bool)), f"{where}.{key}",
-               f"expected {want.__name__}, got {value!r}")
-    return section_cls(**{k: (float(v) if isinstance(getattr(default, k), float) else v) for k, v in table.items()})
-
-
 def validate(p: Protocol) -> Protocol:
     """Refuse a protocol that cannot run; returns `p`."""
     w = p.source
@@ -177,18 +165,15 @@ def validate(p: Protocol) -> Protocol:
 
 def load(path: str | Path) -> Protocol:
     """The protocol in TOML file `path` (unset keys: the dataclasses' defaults). Raises ProtocolError
-    naming the file and key, FileNotFoundError."""
+    naming the file and key (the type and key checks are `config.build_sections`', as for a run's
+    config), FileNotFoundError."""
+    from megatron_rasft.config import ConfigError, build_sections
+
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
+        sections = build_sections(Protocol, tomllib.loads(path.read_text()), skip=("source",))
     except tomllib.TOMLDecodeError as e:
         raise ProtocolError(f"{path}: not valid TOML ({e})") from None
-    sections = {f.name: f.type for f in dataclasses.fields(Protocol) if f.name != "source"}
-    kwargs = {}
-    for name, value in table.items():
-        _check(name in sections, f"{path}: [{name}]", f"unknown section (known: {', '.join(sections)})")
-        _check(isinstance(value, dict), f"{path}: [{name}]", "must be a table")
-        cls = {"study": StudySection, "data": DataSection, "warmup": WarmupSection, "arms": ArmsSection,
-               "eval": EvalSection, "analysis": AnalysisSection}[name]
-        kwargs[name] = _fill(cls, value, f"{path}: {name}")
-    return validate(Protocol(**kwargs, source=str(path)))
+    except ConfigError as e:
+        raise ProtocolError(f"{path}: {e}") from None
+    return validate(Protocol(**sections, source=str(path)))
