@@ -215,6 +215,26 @@ def test_stage_runner_counts_cpu_and_stops_the_whole_tree(tmp_path):
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
+def test_keep_seeds_leaves_the_cost_arms_on_the_protocols_first_seed():
+    """`study run --seeds` (a rerun of one seed): the cost arms run for the protocol's first seed only,
+    so a subset without it has none, and a subset with it keeps them on that seed (expected lists by hand)."""
+    from megatron_rasft.demo.study import protocol
+
+    def section():
+        return protocol.StudySection(seeds=[1, 2, 3], arms=["warmup", "sft", "rasft", "sft_tokens", "rasft_overlap"],
+                                     first_seed_only=["warmup", "rasft_overlap"])
+
+    s = section()
+    s.keep_seeds([2])
+    assert s.units() == [(2, "sft"), (2, "rasft"), (2, "sft_tokens")]
+    s = section()
+    s.keep_seeds([3, 1])
+    assert s.units() == [(1, "sft"), (1, "rasft"), (1, "sft_tokens"), (3, "sft"), (3, "rasft"), (3, "sft_tokens"),
+                         (1, "warmup"), (1, "rasft_overlap")]
+    with pytest.raises(ValueError, match=r"--seeds 2,7: \[7\] not among the protocol's seeds \[1, 2, 3\]"):
+        section().keep_seeds([2, 7])
+
+
 def test_run_skips_finished_units_and_stops_on_budget(tmp_path, monkeypatch):
     """Resumability and the budget, around the units (the units themselves are the slow test's): a unit
     whose summary exists is skipped; with the budget spent no unit starts and the exit code is 3."""

@@ -72,11 +72,7 @@ def _main(args) -> int:
         from megatron_rasft.demo.study.runner import Study
 
         if args.seeds:
-            wanted = [int(x) for x in args.seeds.split(",")]
-            unknown = sorted(set(wanted) - set(p.study.seeds))
-            if unknown:
-                raise ValueError(f"--seeds {args.seeds}: {unknown} not among the protocol's seeds {p.study.seeds}")
-            p.study.seeds = wanted
+            p.study.keep_seeds([int(x) for x in args.seeds.split(",")])
 
         print(f"[study] {p.study.name}: {len(p.study.units())} units ({len(p.study.seeds)} seeds × "
               f"{len(p.study.arms) - len(p.study.first_seed_only)} arms + {len(p.study.first_seed_only)} cost arm(s)), planned "

@@ -45,6 +45,19 @@ class StudySection:
         return ([(s, a) for s in self.seeds for a in self.arms if a not in self.first_seed_only] +
                 [(self.seeds[0], a) for a in self.arms if a in self.first_seed_only])
 
+    def keep_seeds(self, wanted: list) -> None:
+        """Keep only the seeds in `wanted`, in the protocol's order (`study run --seeds`, e.g. a rerun of
+        one seed). The first-seed-only (cost) arms belong to the protocol's first seed: they are dropped
+        when it is not kept, not moved onto another seed. ValueError naming seeds the protocol lacks."""
+        unknown = sorted(set(wanted) - set(self.seeds))
+        if unknown:
+            raise ValueError(f"--seeds {','.join(map(str, wanted))}: {unknown} not among the protocol's seeds "
+                             f"{self.seeds}")
+        if self.seeds[0] not in wanted:
+            self.arms = [a for a in self.arms if a not in self.first_seed_only]
+            self.first_seed_only = []
+        self.seeds = [s for s in self.seeds if s in wanted]
+
 
 @dataclass
 class DataSection:
