@@ -247,7 +247,7 @@ def _layout_job(rank, world_size, layouts):
     """For each (tp, pp, jobs) in turn (model parallelism re-initialised in between; spare ranks are
     data-parallel replicas), and each (mcore_dir, tokens, export_dir, save_dir) of `jobs`: build the
     model, load, forward, export to HF and/or save with save_model_as_mcore. Returns, per layout,
-    the logits of each job on the last stage's TP rank 0 (None elsewhere)."""
+    the logits of each job on the last stage's TP rank 0 of the first replica (None elsewhere)."""
     from megatron.core import parallel_state as ps
 
     from megatron_rasft.config import ParallelConfig
@@ -267,8 +267,7 @@ def _layout_job(rank, world_size, layouts):
             mcfg.transformer_impl = "local"
             model = build_model(mcfg, pcfg).eval()
             load_mcore_into_model([model], mcore_dir)
-            logits = megatron_logits([model], tokens)
-            out.append(logits if ps.get_data_parallel_rank() == 0 else None)
+            out.append(megatron_logits([model], tokens, first_replica_only=True))
             if export_dir is not None:
                 export_to_hf([model], export_dir, mcfg, groups, hf_config=meta["hf_config"],
                              tokenizer_dir=Path(mcore_dir) / "hf_extras", max_shard_size="50KB")
