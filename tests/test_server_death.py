@@ -56,15 +56,21 @@ def _complete_problems(lines: list) -> int:
     return sum(len(s) == K for s in per.values())
 
 
-def _kill_when_rollouts_started(proc, run: Path, r: int, kill, console: Path) -> list:
-    """Wait until the first problem of round `r` is written, run `kill`, and return the rollout file's
-    lines as they stand once the kill has taken effect."""
+def _kill_when_rollouts_started(proc, run: Path, r: int, server_pgid, console: Path) -> list:
+    """Wait until the first problem of round `r` is written, kill the server's process group
+    (`server_pgid()`: its id, or None while the server is not up yet) with SIGKILL, and return the
+    rollout file's lines as they stand once the kill has taken effect. The group is looked up
+    before the trigger: scanning /proc took 2.6 s on a busy CI box, time enough for the round to
+    finish before the kill."""
     deadline = time.time() + 600
-    while len(_rollout_lines(run, r)) < K:
+    pgid, looked = None, 0.0
+    while len(_rollout_lines(run, r)) < K or pgid is None:
         assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
+        if pgid is None and time.monotonic() - looked > 0.5:  # a /proc scan is slow: not every tick
+            pgid, looked = server_pgid(), time.monotonic()
         time.sleep(0.02)
     seen = time.monotonic()
-    kill()
+    os.killpg(pgid, signal.SIGKILL)  # the server and its engine processes
     killed_after_s = time.monotonic() - seen
     time.sleep(1.0)  # a result that arrived just before the kill is written by now
     lines = _rollout_lines(run, r)
@@ -87,11 +93,12 @@ def test_trainer_started_server_killed_mid_round_is_restarted(setup):
     with open(console, "w") as f:
         proc = start_train(config, run, stdout=f)
     try:
-        def kill():
-            ((server_pid, _),) = vllm_children(proc.pid)
-            os.killpg(server_pid, signal.SIGKILL)  # the server and its engine processes
+        def server_pgid():
+            children = vllm_children(proc.pid)  # the server leads its own process group
+            assert len(children) <= 1, children
+            return children[0][0] if children else None
 
-        before = _kill_when_rollouts_started(proc, run, 0, kill, console)
+        before = _kill_when_rollouts_started(proc, run, 0, server_pgid, console)
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
@@ -115,8 +122,7 @@ def test_external_server_that_does_not_come_back_stops_with_a_checkpoint(setup):
     with open(console, "w") as f:
         proc = start_train(config, run, *sets, "rollout.server.startup_timeout_s=5", stdout=f)
     try:
-        before = _kill_when_rollouts_started(proc, run, 1, lambda: os.killpg(server.proc.pid, signal.SIGKILL),
-                                             console)
+        before = _kill_when_rollouts_started(proc, run, 1, lambda: server.proc.pid, console)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:

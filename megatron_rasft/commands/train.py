@@ -28,21 +28,32 @@ def main(args) -> int:
     if args.resume:
         cfg = cfg.replaced(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
 
+    from megatron_rasft.parallel.groups import destroy_distributed
     from megatron_rasft.rounds.coordination import RoundFailed
     from megatron_rasft.rundir import StaleRunDir
     from megatron_rasft.train.loop import NonFiniteLoss, train
 
+    # destroy_distributed: every rank gets there together (a finished run, or an error each rank
+    # raises at the same point: a NaN step, a failed round, a stale run directory), so the groups
+    # are torn down while the interpreter is whole. Left to interpreter exit, gloo's worker threads
+    # can still own tensors then, and the process aborts (SIGABRT, "terminate called without an
+    # active exception") instead of returning its exit code. Any other exception leaves the groups
+    # alone: a rank that raised alone must not wait on its peers.
     try:
         out = train(cfg)
     except StaleRunDir as e:  # a run directory or checkpoint of an older format: one line, as for a bad config
         if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # every rank reads the same files; one says it
             error(e)
+        destroy_distributed()
         return 2
     except NonFiniteLoss as e:
         error(e)
+        destroy_distributed()
         return 3
     except RoundFailed as e:  # the rollout server died and did not come back; a checkpoint was saved
         error(e)
+        destroy_distributed()
         return 4
+    destroy_distributed()
     print(f"done: {out['step']} steps, {out['tokens']} tokens; checkpoint {out['checkpoint']}", flush=True)
     return 0
