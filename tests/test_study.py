@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -337,7 +338,7 @@ def test_units_build_summaries_from_their_stage_outputs(tmp_path, monkeypatch):
     (out / "data" / "test.jsonl").write_text("".join(json.dumps({"id": i, "question": "q", "answer": "1"}) + "\n"
                                                      for i in ids))
     tokens = {"sft": 100, "rasft": 175, "sft_tokens": 100}
-    calls = []
+    calls, export_text = [], ["{}"]
 
     def fake_stage(args, log, *, tag, stop_when=None, out=print):
         args = [str(a) for a in args]
@@ -357,7 +358,7 @@ def test_units_build_summaries_from_their_stage_outputs(tmp_path, monkeypatch):
         elif "mcore-to-hf" in args:
             dest = Path(args[args.index("--out") + 1])
             dest.mkdir(parents=True)
-            (dest / "config.json").write_text("{}")
+            (dest / "config.json").write_text(export_text[0])
         elif "eval" in args:
             dest = Path(args[args.index("--out") + 1])
             arm = dest.name
@@ -386,3 +387,14 @@ def test_units_build_summaries_from_their_stage_outputs(tmp_path, monkeypatch):
     (out / "hf" / "seed_1_sft" / "config.json").write_text("{}")
     again = study.unit(1, "sft", warm)
     assert calls == [] and again["problems"] == sft["problems"] and again["time"]["train_wall_s"] == 10.0
+    # Training redone to another model: the old model's evaluation folder is not reused (nor resumed from).
+    (res / "seed_1" / "sft.json").unlink()
+    shutil.rmtree(out / "seed_1" / "sft")
+    export_text[0] = '{"changed": true}'
+    logs = []
+    study.log = lambda s, flush=True: logs.append(s)
+    (out / "eval" / "seed_1" / "sft" / "stale_marker").write_text("")
+    study.unit(1, "sft", warm)
+    assert calls == ["seed_1/sft train", "export seed_1_sft", "eval seed_1/sft"], calls
+    assert not (out / "eval" / "seed_1" / "sft" / "stale_marker").exists()
+    assert any("holds the evaluation of another export" in s for s in logs), logs

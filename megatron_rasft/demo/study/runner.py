@@ -4,6 +4,8 @@
   OUT/warmup/, OUT/hf/warmup/       the shared SFT warm-up, the start point of every arm, and its export
   OUT/seed_S/ARM/                   one arm's training run (`train --resume`: a killed one continues
                                     from its last checkpoint, saved every arms.save_interval steps)
+  OUT/eval/seed_S/ARM/              its evaluation (resumable); evaluated_export.json names the export's
+                                    SHA-256, and a folder of another export is evaluated again, not reused
   RESULTS/seed_S/ARM.json           the unit's evaluation summary (tracked); its presence means "done"
 
 A unit is train → export → evaluate → summary; when the summary is written the arm's checkpoints and
@@ -163,8 +165,19 @@ class Study:
         """avg@n on the first eval.limit held-out problems; the per-problem sampling seeds depend on the
         study seed only, so every arm of a seed is evaluated on the same draws (paired)."""
         e = self.p.eval
+        digest = export_digest(hf_model)
+        mark = dest / "evaluated_export.json"
+        seen = json.loads(mark.read_text())["sha256"] if mark.is_file() else None
+        if dest.exists() and seen != digest:
+            # A unit whose training was redone (its summary deleted, the code changed) must not pair its
+            # new model with the old model's samples: the eval command would resume from those.
+            self.log(f"[study] {name}: {dest} holds the evaluation of another export "
+                     f"({(seen or 'unrecorded')[:12]} ≠ {digest[:12]}); evaluating again", flush=True)
+            shutil.rmtree(dest)
         if (dest / "results.json").is_file():
             return {}
+        dest.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"model": str(hf_model), "sha256": digest}) + "\n")
         return self._stage(["-m", "megatron_rasft", "eval", "--model", hf_model,
                             "--set", f"eval.benchmarks=heldout={self.data / 'test.jsonl'}", "--limit", e.limit,
                             "--set", f"eval.sampling.n={e.n}", "--set", f"eval.sampling.temperature={e.temperature}",
@@ -237,6 +250,25 @@ class Study:
             self.log(f"[study] {e}; rerun the same command to continue", flush=True)
             return 3
         return 0
+
+
+def export_digest(hf_model: Path) -> str:
+    """SHA-256 over an HF export folder's files (names and bytes, in name order): which model an
+    evaluation folder holds samples of. ~1 s per GB.
+
+    Raises FileNotFoundError when the folder is missing."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(f for f in Path(hf_model).rglob("*") if f.is_file())
+    if not Path(hf_model).is_dir():
+        raise FileNotFoundError(f"export {hf_model} does not exist")
+    for f in files:
+        h.update(str(f.relative_to(hf_model)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _commit() -> str:
