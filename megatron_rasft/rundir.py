@@ -37,8 +37,9 @@ from typing import Optional
 
 
 class StaleRunDir(ValueError):
-    """A run directory (or one of its checkpoints) written in a format this version no longer reads;
-    the package converts none: the run starts in a new run directory."""
+    """A run directory (or one of its checkpoints) written in a format this version no longer reads,
+    or holding cached values computed under settings the resumed run does not use (log-probs at
+    another temperature); the package converts none: the run starts in a new run directory."""
 
 
 @dataclass(frozen=True)

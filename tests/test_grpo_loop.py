@@ -309,6 +309,11 @@ def test_kill_mid_round_resumes_exactly(setup):
     want = step_losses(root / "ref")
     assert min(abs(x) for x in want.values()) > 1e-3, want
     assert step_losses(run) == want
+    # Resumed at another sampling temperature: π_old and π_ref on disk were scored at T = 1 (other
+    # numbers than at T = 0.7), so the run is refused before any step rather than mixing them.
+    rc, out = run_train(config, run, "checkpoint.resume=true", "rollout.sampling.temperature=0.7")
+    assert rc == 2 and "log-probs scored at temperature 1, this run's policy temperature is 0.7" in out, out[-3000:]
+    assert step_losses(run) == want
 
 
 def test_kl_seq_mean_unscaled_filtered_run_recomputed_in_float64(setup):

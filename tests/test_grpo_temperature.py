@@ -99,8 +99,8 @@ def _worker(rank, world, tmp):
     # holding only what those two passes read.
     stream = SimpleNamespace(cfg=cfg, groups=pgs, models=Models(chunks, [reference], None, cfg.model, None, 0),
                              data=SimpleNamespace(pad_id=0, experts={}), times={"old_logp": 0.0, "reference": 0.0},
-                             old_cache=RefCache(Path(tmp) / "old_logp"), old_logp={},
-                             ref_cache=RefCache(Path(tmp) / "ref_logp"), ref_logp={})
+                             old_cache=RefCache(Path(tmp) / "old_logp", temperature=cfg.policy_temperature), old_logp={},
+                             ref_cache=RefCache(Path(tmp) / "ref_logp", temperature=cfg.policy_temperature), ref_logp={})
     TrainingStream._old_logp_pass(stream, 0, new)
     TrainingStream._reference_pass(stream, 0, [], new)
     grpo_seqs = [replace(s, old_logp=stream.old_logp[s.key], ref_logp=stream.ref_logp[s.key], advantage=a)
@@ -169,3 +169,18 @@ def test_bad_temperature_raises(bad):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         compute_loss(LossBatch(labels_BS=labels, loss_mask_BS=mask, old_logp_BS=torch.zeros(2, 6),
                                advantage_BS=torch.ones(2, 6)), logits, cfg=LossConfig(method="grpo"), temperature=bad)
+
+
+def test_ref_cache_refuses_values_scored_at_another_temperature(tmp_path):
+    """RefCache records the temperature of its first saved group; reopening it at another one raises
+    StaleRunDir naming the folder and both temperatures; a cache from before the record is taken."""
+    from megatron_rasft.engine.refpass import RefCache
+    from megatron_rasft.rundir import StaleRunDir
+
+    root = tmp_path / "old_logp"
+    RefCache(root, temperature=0.7).save("round_000", {"k": torch.tensor([-1.0, -2.0])})
+    assert RefCache(root, temperature=0.7).load_all()["k"].tolist() == [-1.0, -2.0]
+    with pytest.raises(StaleRunDir, match=rf"{root}: log-probs scored at temperature 0.7, this run's policy temperature is 1 "):
+        RefCache(root, temperature=1.0)
+    (root / RefCache.META).unlink()  # written by a version that did not record it
+    assert RefCache(root, temperature=1.0).load("round_000")["k"].tolist() == [-1.0, -2.0]

@@ -8,6 +8,7 @@ Used for the frozen reference (ref_logp for the ratio r_s, cached on disk per se
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_rasft.data.batching import Seq, make_rows, stack_microbatches
 from megatron_rasft.records import write_atomic
+from megatron_rasft.rundir import StaleRunDir
 
 
 def _logprob_loss_func(tp_group, temperature: float = 1.0):
@@ -86,11 +88,29 @@ def _share(local: dict) -> dict:
 
 
 class RefCache:
-    """Reference log-probs on disk: one `torch.save`d dict per group (each window's experts, each
-    round's rollouts), so every sequence is scored once, when it is first needed."""
+    """Reference (or π_old) log-probs on disk: one `torch.save`d dict per group (each window's
+    experts, each round's rollouts), so every sequence is scored once, when it is first needed.
 
-    def __init__(self, root: Path):
+    `temperature`: the T of the softmax(logits / T) they are scored under (`RunConfig.policy_temperature`),
+    recorded in ROOT/scored_with.json with the first group saved. Values scored at another T are
+    other numbers for the same keys, so a run resumed with another T (a changed `loss.method` or GRPO
+    `rollout.sampling.temperature`) is refused rather than mixing them.
+
+    Raises `rundir.StaleRunDir` (at construction) when ROOT holds values scored at another T."""
+
+    META = "scored_with.json"
+
+    def __init__(self, root: Path, *, temperature: float):
         self.root = Path(root)
+        self.temperature = float(temperature)
+        meta = self.root / self.META
+        if meta.is_file():  # caches written before it was recorded have none: taken as they are
+            old = json.loads(meta.read_text())["temperature"]
+            if old != self.temperature:
+                raise StaleRunDir(f"{self.root}: log-probs scored at temperature {old:g}, this run's policy "
+                                  f"temperature is {self.temperature:g} (loss.method or rollout.sampling.temperature "
+                                  f"changed since they were scored); resume with the run's settings or start a new "
+                                  f"run directory")
 
     def load_all(self) -> dict:
         merged: dict = {}
@@ -108,4 +128,7 @@ class RefCache:
     def save(self, group: str, values: dict) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
             return
+        meta = self.root / self.META
+        if not meta.is_file():
+            write_atomic(meta, json.dumps({"temperature": self.temperature}) + "\n")
         write_atomic(self.path(group), lambda f: torch.save(values, f))

@@ -47,10 +47,10 @@ class TrainingStream:
         if self.grpo:
             self.times["old_logp"] = 0.0
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
-        self.ref_cache = RefCache(run.ref_logp)
+        self.ref_cache = RefCache(run.ref_logp, temperature=cfg.policy_temperature)
         self.ref_logp: dict = self.ref_cache.load_all() if cfg.needs_ref_logp else {}
         # GRPO's π_old log-probs of every round's rollouts, scored at the round boundary.
-        self.old_cache = RefCache(run.old_logp)
+        self.old_cache = RefCache(run.old_logp, temperature=cfg.policy_temperature)
         self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
         if cfg.rollout.batches_per_round > 0:  # RunConfig refuses it for the methods without rounds
