@@ -398,3 +398,37 @@ def test_units_build_summaries_from_their_stage_outputs(tmp_path, monkeypatch):
     assert calls == ["seed_1/sft train", "export seed_1_sft", "eval seed_1/sft"], calls
     assert not (out / "eval" / "seed_1" / "sft" / "stale_marker").exists()
     assert any("holds the evaluation of another export" in s for s in logs), logs
+
+
+def test_compare_reruns_flags_one_changed_problem(tmp_path, capsys):
+    """`study compare`: equal outcomes (times and dates may differ) give exit 0; one problem's count
+    changed, or a round's histogram, gives exit 1 and names the unit."""
+    from megatron_rasft.cli import main
+
+    acc = {f"t/1/{i}": (i % 5, 4) for i in range(10)}
+    first, rerun = tmp_path / "first", tmp_path / "rerun"
+    for folder, wall in ((first, 100.0), (rerun, 250.0)):
+        for arm in ("sft", "rasft"):
+            s = _summary(arm, 2, acc)
+            s["time"] = {"train_wall_s": wall}
+            s["rounds"] = [{"round": 0, "hist": {"t": [1, 2, 3, 0, 4]}, "rollouts_added": 7,
+                            "stage_times": {"rollout": wall}}] if arm == "rasft" else []
+            (folder / "seed_2").mkdir(parents=True, exist_ok=True)
+            (folder / "seed_2" / f"{arm}.json").write_text(json.dumps(s))
+    assert main(["study", "compare", "--results", str(first), "--rerun", str(rerun)]) == 0
+    out = capsys.readouterr().out
+    assert "| seed 2 RASFT | 50.0000 % | 50.0000 % | 0 of 10 |" in out and "1 equal | yes |" in out, out
+    assert out.rstrip().endswith(f"identical: {rerun} against {first}"), out
+    s = json.loads((rerun / "seed_2" / "sft.json").read_text())
+    s["problems"]["t/1/3"] = [2, 4]
+    (rerun / "seed_2" / "sft.json").write_text(json.dumps(s))
+    assert main(["study", "compare", "--results", str(first), "--rerun", str(rerun)]) == 1
+    out = capsys.readouterr().out
+    assert "| seed 2 SFT (steps) | 50.0000 % | 50.0000 % | 1 of 10 |" in out and "| no |" in out, out
+    assert "NOT identical" in out
+    (rerun / "seed_2" / "sft.json").write_text((first / "seed_2" / "sft.json").read_text())
+    r = json.loads((rerun / "seed_2" / "rasft.json").read_text())
+    r["rounds"][0]["hist"]["t"] = [2, 1, 3, 0, 4]
+    (rerun / "seed_2" / "rasft.json").write_text(json.dumps(r))
+    assert main(["study", "compare", "--results", str(first), "--rerun", str(rerun)]) == 1
+    assert "| differ | no |" in capsys.readouterr().out

@@ -4,12 +4,16 @@
   python -m megatron_rasft study run --smoke --out DIR --results DIR     # tiny settings, minutes
   python -m megatron_rasft study report --protocol results/study/protocol.toml
   python -m megatron_rasft study power --results results/pilot --a rasft --b sft
+  python -m megatron_rasft study compare --results results/study --rerun DIR   # a rerun reproduces them?
 
 `run` is resumable: a finished arm × seed (its RESULTS/seed_S/ARM.json exists) is skipped, a killed
 one continues from its last checkpoint. It exits 3 when --budget-hours stopped it (rerun to go on).
 `report` regenerates the tables from the committed summaries and writes them into docs/results.md.
+`compare` checks a rerun (`run --seeds S --results DIR` on the same commit) against the summaries: exit
+0 when every rerun unit's outcome (accuracy, per-problem counts, loss tokens, rounds) is identical, 1
+when one differs.
 """
-HELP = "the real-model study: run the protocol's arms × seeds (resumable, budgeted), report, power"
+HELP = "the real-model study: run the protocol's arms × seeds (resumable, budgeted), report, power, compare"
 
 from megatron_rasft.commands import error
 
@@ -28,6 +32,9 @@ def add_arguments(p):
                                      "into another --results folder)")
     run.add_argument("--keep-checkpoints", action="store_true", help="keep each arm's checkpoint and export")
     rep.add_argument("--docs", default="docs/results.md", help="file whose study markers receive the tables ('' = none)")
+    cmp_ = sub.add_parser("compare", help="a rerun's summaries against the first run's: identical outcomes?")
+    cmp_.add_argument("--results", required=True, help="the first run's summaries folder (results/study)")
+    cmp_.add_argument("--rerun", required=True, help="the rerun's summaries folder (its `run --results`)")
     pw = sub.add_parser("power", help="problems and seeds needed to detect a difference, from pilot results")
     pw.add_argument("--results", required=True, help="the pilot's summaries folder (one seed)")
     pw.add_argument("--a", default="rasft")
@@ -66,6 +73,8 @@ def _main(args) -> int:
 
     if args.action == "power":
         return _power(args)
+    if args.action == "compare":
+        return _compare(args)
     p, results = _protocol(args)
     if args.action == "run":
         from megatron_rasft.demo.study import plan
@@ -119,3 +128,18 @@ def _power(args) -> int:
         print(f"\nProblems needed for 80 % power to detect {100 * args.delta:.0f} points (two-sided α = {args.alpha}):\n")
         print("\n".join(power.table(args.delta, sigma, [0.0, 0.01, 0.02], [1, 3, 5], args.alpha, sigma_e)), flush=True)
     return 0
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from megatron_rasft.demo.study import report
+
+    first, rerun = report.load_summaries(Path(args.results)), report.load_summaries(Path(args.rerun))
+    for folder, found in ((args.results, first), (args.rerun, rerun)):
+        if not found:
+            raise FileNotFoundError(f"{folder}: no seed_*/ARM.json summaries")
+    lines, same = report.compare_reruns(first, rerun)
+    print("\n".join(lines))
+    print(f"\n{'identical' if same else 'NOT identical'}: {args.rerun} against {args.results}", flush=True)
+    return 0 if same else 1

@@ -139,3 +139,47 @@ def splice(doc: Path, name: str, text: str) -> None:
     head, rest = body.split(begin, 1)
     _, tail = rest.split(end, 1)
     Path(doc).write_text(f"{head}{begin}\n{text}{end}{tail}")
+
+
+# What a rerun of a unit on the same commit must reproduce exactly; times, dates and the commit are not.
+OUTCOME_KEYS = ("steps", "lr", "loss_tokens", "accuracy", "problems")
+
+
+def _rounds_outcome(summary: dict) -> list:
+    return [{"round": r["round"], "hist": r["hist"], "rollouts_added": r["rollouts_added"]}
+            for r in summary.get("rounds") or []]
+
+
+def compare_reruns(first: dict, rerun: dict) -> tuple[list, bool]:
+    """A rerun's summaries against the first run's, unit by unit (`load_summaries` dicts), on what a
+    rerun must reproduce exactly: steps, lr, loss tokens, accuracy, every problem's correct-sample
+    count and each round's solvability histogram and rollouts added (not times, dates or the commit).
+    Returns (markdown table lines, whether every unit of the rerun is in the first run and equal).
+
+    Raises ValueError when the two share no unit."""
+    order = list(NAMES)
+    units = sorted(((arm, seed) for arm in rerun for seed in rerun[arm]),
+                   key=lambda u: (u[1], order.index(u[0]) if u[0] in order else len(order), u[0]))
+    shared = [(arm, seed) for arm, seed in units if seed in first.get(arm, {})]
+    if not shared:
+        raise ValueError(f"no unit in common: the rerun has {units}, the first run "
+                         f"{sorted((a, s) for a in first for s in first[a])}")
+    lines = ["| unit | accuracy (first) | accuracy (rerun) | problems differing | loss tokens (first, rerun) | "
+             "rounds | identical |", "|---|---|---|---|---|---|---|"]
+    same_all = len(shared) == len(units)
+    for arm, seed in units:
+        if (arm, seed) not in shared:
+            lines.append(f"| seed {seed} {NAMES.get(arm, arm)} | — | {_pct(rerun[arm][seed]['accuracy'])} | "
+                         f"not in the first run | | | no |")
+            continue
+        a, b = first[arm][seed], rerun[arm][seed]
+        pa, pb = a["problems"], b["problems"]
+        differing = sum(pa.get(k) != pb.get(k) for k in set(pa) | set(pb))
+        rounds_same = _rounds_outcome(a) == _rounds_outcome(b)
+        same = all(a.get(k) == b.get(k) for k in OUTCOME_KEYS) and rounds_same
+        same_all &= same
+        rounds = f"{len(a.get('rounds') or [])} equal" if rounds_same else "differ"
+        lines.append(f"| seed {seed} {NAMES.get(arm, arm)} | {100 * a['accuracy']:.4f} % | {100 * b['accuracy']:.4f} % | "
+                     f"{differing} of {len(set(pa) | set(pb))} | {a.get('loss_tokens')}, {b.get('loss_tokens')} | "
+                     f"{rounds if a.get('rounds') or b.get('rounds') else '—'} | {'yes' if same else 'no'} |")
+    return lines, same_all
