@@ -432,3 +432,33 @@ def test_compare_reruns_flags_one_changed_problem(tmp_path, capsys):
     (rerun / "seed_2" / "rasft.json").write_text(json.dumps(r))
     assert main(["study", "compare", "--results", str(first), "--rerun", str(rerun)]) == 1
     assert "| differ | no |" in capsys.readouterr().out
+
+
+def test_a_training_stage_stopped_by_the_budget_keeps_its_usage(tmp_path, monkeypatch):
+    """A training invocation stopped at a checkpoint by the budget raises BudgetSpent and its measured
+    usage is recorded, so the resumed unit's training time is that of both invocations."""
+    from megatron_rasft.demo.study import protocol, runner
+
+    def fake_stage(args, log, *, tag, stop_when=None, out=print):
+        sets = dict(str(a).split("=", 1) for a in args if "=" in str(a))
+        run = Path(sets["train.run_dir"])
+        stopped = stop_when is not None
+        step = 2 if stopped else int(sets["train.schedule.train_iters"])
+        ck = run / "ckpt" / f"iter_{step:07d}"
+        (ck / "model").mkdir(parents=True, exist_ok=True)
+        (ck / "state.json").write_text(json.dumps({"step": step}))
+        (run / "ckpt" / "latest").write_text(ck.name)
+        return {"exit": 0, "stopped": stopped, "wall_s": 7.0 if stopped else 10.0, "cpu_s_main": 1.0,
+                "cpu_s_vllm": 0.0, "load1_mean": 1.0}
+
+    monkeypatch.setattr(runner, "run_stage", fake_stage)
+    p = protocol.smoke()
+    run = tmp_path / "out" / "seed_1" / "sft"
+    study = runner.Study(p, tmp_path / "out", tmp_path / "res", budget_hours=1.0, log=lambda s, flush=True: None)
+    sets = study.train_sets(run, tmp_path / "warm", "sft", 4, 1, rounds=False)
+    with pytest.raises(runner.BudgetSpent, match="stopped at checkpoint"):
+        study._train(run, sets, "seed_1/sft train")
+    study.deadline = None
+    assert study._train(run, sets, "seed_1/sft train") == run / "ckpt" / "iter_0000004" / "model"
+    train = json.loads((run / "study_usage.json").read_text())["train"]
+    assert [u.get("wall_s") for u in train] == [7.0, 10.0] and train[0]["stopped_at_budget"], train

@@ -32,7 +32,12 @@ CONFIG = ROOT / "examples" / "smollm2_cpu.toml"
 
 
 class BudgetSpent(Exception):
-    """The time budget ran out: the study stopped between units or at a checkpoint."""
+    """The time budget ran out: the study stopped between units or at a checkpoint. `usage`: the
+    stopped stage's measured usage (`stages.run_stage`), None between units."""
+
+    def __init__(self, message: str, usage: dict | None = None):
+        super().__init__(message)
+        self.usage = usage
 
 
 class Study:
@@ -68,7 +73,8 @@ class Study:
         self.stages_run += 1
         usage = run_stage(args, log, tag=name, stop_when=stop_when, out=self.log)
         if usage["stopped"]:
-            raise BudgetSpent(f"budget spent: {name} stopped at checkpoint {latest(ckpt_root)}; rerun to resume")
+            raise BudgetSpent(f"budget spent: {name} stopped at checkpoint {latest(ckpt_root)}; rerun to resume",
+                              usage)
         if usage["exit"] != 0:
             raise RuntimeError(f"{name} failed (exit {usage['exit']}); log {log}:\n{log_tail(log)}")
         return usage
@@ -114,8 +120,9 @@ class Study:
                 args += ["--set", s]
             try:
                 usage = self._stage(args, name, ckpt_root=run_dir / "ckpt")
-            except BudgetSpent:
-                self._usage(run_dir, "train", {"stopped_at_budget": True}, append=True)
+            except BudgetSpent as e:
+                # Its time counts: the unit's training wall and CPU-seconds are those of every invocation.
+                self._usage(run_dir, "train", {**(e.usage or {}), "stopped_at_budget": True}, append=True)
                 raise
             self._usage(run_dir, "train", usage, append=True)
         return latest(run_dir / "ckpt") / "model"
