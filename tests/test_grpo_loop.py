@@ -313,6 +313,7 @@ def test_kill_mid_round_resumes_exactly(setup):
     # numbers than at T = 0.7), so the run is refused before any step rather than mixing them.
     rc, out = run_train(config, run, "checkpoint.resume=true", "rollout.sampling.temperature=0.7")
     assert rc == 2 and "log-probs scored at temperature 1, this run's policy temperature is 0.7" in out, out[-3000:]
+    assert "[resume] from" not in out  # refused before the checkpoint's weights were loaded
     assert step_losses(run) == want
 
 

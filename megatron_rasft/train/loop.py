@@ -8,6 +8,7 @@ Runs the same under `torchrun` on GPUs (NCCL) and in one or several CPU processe
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -33,6 +34,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron_rasft.parallel.groups import init_distributed, rank0
     from megatron_rasft.engine.model import build_policy_and_reference
     from megatron_rasft.engine.optim import build_optimizer
+    from megatron_rasft.engine.refpass import RefCache
     from megatron_rasft.engine.step import forward_backward, global_metrics, make_forward_step
     from megatron_rasft.train.stream import TrainingStream
 
@@ -40,6 +42,13 @@ def train(cfg: RunConfig) -> dict:
     sched, log_cfg, run = cfg.train.schedule, cfg.train.logging, RunDir(cfg.train.run_dir)
     groups = init_distributed(cfg.parallel, seed=cfg.train.seed)
     _check_batch(sched, groups.dp_size)
+    # A resumed run's files of another format or temperature are refused before any weights load
+    # (minutes for a large model), every rank at once.
+    last = checkpoint.latest(run.ckpt) if cfg.checkpoint.resume else None
+    resumed = LoopState.from_json(json.loads((last / "state.json").read_text()), where=last / "state.json") \
+        if last is not None else None
+    for cache in (run.ref_logp, run.old_logp):
+        RefCache(cache, temperature=cfg.policy_temperature)
     models = build_policy_and_reference(cfg.model, cfg.parallel, cfg.checkpoint.load, groups,
                                         reference=cfg.needs_ref_logp, kl_reference=cfg.loss.needs_ref_logits)
     cfg = _with_model(cfg, models.model_config)  # the architecture trained; the caller's cfg is left as it is
@@ -65,8 +74,9 @@ def train(cfg: RunConfig) -> dict:
 
     # -- resume --------------------------------------------------------------------------------
     state = LoopState()
-    if cfg.checkpoint.resume and (last := checkpoint.latest(run.ckpt)) is not None:
-        state = LoopState.from_json(checkpoint.load(last, models.policy, optimizer, scheduler), where=last / "state.json")
+    if resumed is not None:
+        checkpoint.load(last, models.policy, optimizer, scheduler)
+        state = resumed
         if rank0():
             print(f"[resume] from {last} at step {state.step}", flush=True)
     stream = TrainingStream(cfg, run, data, models, groups, state)
