@@ -142,7 +142,7 @@ def linear_run(mech):
     run = mech["root"] / "linear"
     rc, out = run_train(mech["config"], run, "train.schedule.train_iters=1")
     assert rc == 0, out
-    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "ref_logp").iterdir()}
+    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run / "ref_logp").glob("*.pt")}
     rc, out2 = run_train(mech["config"], run, "checkpoint.resume=true")
     assert rc == 0, out2
     assert "[resume] from" in out2
@@ -171,7 +171,7 @@ def _check_rasft_steps(mech, run: Path) -> dict:
     # the run's cached reference log-probs.
     seqs, a_expert = _window(run, 1, mech["problems"], tok)
     cache = {}
-    for f in sorted((run / "ref_logp").iterdir()):
+    for f in sorted((run / "ref_logp").glob("*.pt")):
         cache.update(torch.load(f))
     ref_lp = [torch.tensor(cache[key], dtype=torch.float64) for key, *_ in seqs]
     policy_lp = _logprobs64(run / "hf" / "policy", [s[1] for s in seqs])
@@ -217,7 +217,7 @@ def test_reference_pass_scores_with_the_initial_model_once_and_resume_reuses_it(
 
     run, first = linear_run
     tok = AutoTokenizer.from_pretrained(mech["start"])
-    files = sorted((run / "ref_logp").iterdir())
+    files = sorted((run / "ref_logp").glob("*.pt"))
     assert [f.name for f in files] == ["window_00000.pt", "window_00001.pt"]
     per_file = [torch.load(f) for f in files]
     keys = [k for d in per_file for k in d]
