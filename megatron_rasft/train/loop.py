@@ -47,8 +47,7 @@ def train(cfg: RunConfig) -> dict:
     last = checkpoint.latest(run.ckpt) if cfg.checkpoint.resume else None
     resumed = LoopState.from_json(json.loads((last / "state.json").read_text()), where=last / "state.json") \
         if last is not None else None
-    for cache in (run.ref_logp, run.old_logp):
-        RefCache(cache, temperature=cfg.policy_temperature)
+    ref_cache, old_cache = (RefCache(root, temperature=cfg.policy_temperature) for root in (run.ref_logp, run.old_logp))
     models = build_policy_and_reference(cfg.model, cfg.parallel, cfg.checkpoint.load, groups,
                                         reference=cfg.needs_ref_logp, kl_reference=cfg.loss.needs_ref_logits)
     cfg = _with_model(cfg, models.model_config)  # the architecture trained; the caller's cfg is left as it is
@@ -79,7 +78,7 @@ def train(cfg: RunConfig) -> dict:
         state = resumed
         if rank0():
             print(f"[resume] from {last} at step {state.step}", flush=True)
-    stream = TrainingStream(cfg, run, data, models, groups, state)
+    stream = TrainingStream(cfg, run, data, models, groups, state, ref_cache=ref_cache, old_cache=old_cache)
 
     # -- the loop ------------------------------------------------------------------------------
     t_loop, steps_done, last_saved = time.time(), 0, None

@@ -32,7 +32,8 @@ class TrainingStream:
     `ParallelGroups`. `times` accumulates seconds per stage (export, refresh, rollout, verify, reference, train:
     the loop adds the last). Collective: every rank calls `fill` and `take` in the same order."""
 
-    def __init__(self, cfg, run: RunDir, data, models, groups, state: LoopState):
+    def __init__(self, cfg, run: RunDir, data, models, groups, state: LoopState, *, ref_cache: RefCache,
+                 old_cache: RefCache):
         sched = cfg.train.schedule
         self.cfg, self.data, self.models, self.groups = cfg, data, models, groups
         self.batch_groups = sched.global_batch_size
@@ -47,10 +48,12 @@ class TrainingStream:
         if self.grpo:
             self.times["old_logp"] = 0.0
         # Reference log-probs: every sequence is scored once, when its window (or round) arrives.
-        self.ref_cache = RefCache(run.ref_logp, temperature=cfg.policy_temperature)
+        # `ref_cache`, `old_cache`: RUN/ref_logp and RUN/old_logp, opened (and their temperature checked)
+        # by the loop before any weights load.
+        self.ref_cache = ref_cache
         self.ref_logp: dict = self.ref_cache.load_all() if cfg.needs_ref_logp else {}
         # GRPO's π_old log-probs of every round's rollouts, scored at the round boundary.
-        self.old_cache = RefCache(run.old_logp, temperature=cfg.policy_temperature)
+        self.old_cache = old_cache
         self.old_logp: dict = self.old_cache.load_all() if self.grpo else {}
         self.rounds = None
         if cfg.rollout.batches_per_round > 0:  # RunConfig refuses it for the methods without rounds

@@ -169,7 +169,7 @@ def compare_reruns(first: dict, rerun: dict) -> tuple[list, bool]:
     same_all = len(shared) == len(units)
     for arm, seed in units:
         if (arm, seed) not in shared:
-            lines.append(f"| seed {seed} {NAMES.get(arm, arm)} | — | {_pct(rerun[arm][seed]['accuracy'])} | "
+            lines.append(f"| seed {seed} {NAMES.get(arm, arm)} | — | {100 * rerun[arm][seed]['accuracy']:.4f} % | "
                          f"not in the first run | | | no |")
             continue
         a, b = first[arm][seed], rerun[arm][seed]

@@ -266,11 +266,10 @@ def export_digest(hf_model: Path) -> str:
     Raises FileNotFoundError when the folder is missing."""
     import hashlib
 
-    h = hashlib.sha256()
-    files = sorted(f for f in Path(hf_model).rglob("*") if f.is_file())
     if not Path(hf_model).is_dir():
         raise FileNotFoundError(f"export {hf_model} does not exist")
-    for f in files:
+    h = hashlib.sha256()
+    for f in sorted(f for f in Path(hf_model).rglob("*") if f.is_file()):
         h.update(str(f.relative_to(hf_model)).encode() + b"\0")
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
